@@ -1,0 +1,317 @@
+"""Decoder-only transformers of McLeish et al.: standard, with input injection, and looped (one block, r passes).
+
+One parameterisation covers all three (spec §4): a block of `layers` post-LN layers is applied `recurrences`
+times. `shared=True` reuses the block's weights on every pass (the looped transformer, run with `lax.scan`);
+`shared=False` gives every pass its own weights (stacked and scanned). The embedded input e is added to the state
+before the first pass and, with `input_injection`, before every pass. Standard = layers L, recurrences 1;
+standard with input injection = layers 1, recurrences L, shared False; looped b×r = layers b, recurrences r.
+
+The model is a pure `init(rng) -> params` / `apply(params, tokens, ...)` pair built from Linen modules; the
+recurrence lives outside Linen so the progressive loss can cut gradients and skip passes with plain JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from core_jax.attention import Attention, KVCache, xavier
+from arith_jax.tokenizer import DIGIT_IDS
+
+POSITION_KINDS = ("abacus", "learned", "fire", "rope")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    width: int = 1024
+    ffn: int = 2048               # GLU: dense_in to `ffn`, halves are value and gate
+    heads: int = 16
+    layers: int = 16              # layers in the (recurrent) block
+    recurrences: int = 1          # passes through the block in training
+    shared: bool = True           # one block reused on every pass (looped) vs. weights per pass
+    input_injection: bool = False  # add e before every pass, not only the first
+    positions: tuple[str, ...] = ("abacus",)  # any of abacus, learned, fire, rope; () = NoPE
+    abacus_max_k: int = 100       # training offset k ~ U{0..max_k}
+    abacus_k_per_row: bool = False  # original: one k per batch; per row trains every position in every batch
+    table_size: int = 512         # rows of the Abacus / learned position tables
+    max_backprop: int | None = None  # progressive loss: at most this many passes with gradient (default T//2)
+    progressive: bool = True      # progressive loss for looped models (n no-grad passes, then k with grad)
+    init_noise: float = 0.02      # std of the initial state in training (0 in evaluation)
+    scan_unroll: int = 1          # lax.scan unroll over passes (CPU: unrolling pays, see BENCHMARKS.md)
+    dtype: str = "float32"        # compute dtype: float32 or bfloat16 (params stay float32)
+
+    def __post_init__(self):
+        bad = [p for p in self.positions if p not in POSITION_KINDS]
+        if bad:
+            raise ValueError(f"unknown position kind {bad[0]!r}; choose from {POSITION_KINDS} (empty = NoPE)")
+        if "abacus" in self.positions and "learned" in self.positions:
+            raise ValueError("abacus and learned absolute positions share the embedding slot; pick one")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+        if self.recurrences < 1 or self.layers < 1:
+            raise ValueError("layers and recurrences must be >= 1")
+
+    @property
+    def backprop(self) -> int:
+        return self.max_backprop or max(self.recurrences // 2, 1)
+
+    @property
+    def looped(self) -> bool:
+        return self.shared and self.recurrences > 1
+
+
+def abacus_ids(tokens_BxL: jnp.ndarray) -> jnp.ndarray:
+    """Index of each digit within its own number, from 1; 0 for every non-digit (spec §3.1)."""
+    is_digit = (tokens_BxL >= DIGIT_IDS[0]) & (tokens_BxL <= DIGIT_IDS[-1])
+    idx = jnp.arange(tokens_BxL.shape[1])[None, :]
+    last_non_digit = jax.lax.cummax(jnp.where(is_digit, -1, idx), axis=1)
+    return jnp.where(is_digit, idx - last_non_digit, 0).astype(jnp.int32)
+
+
+def _dtype(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _gain(cfg: ModelConfig) -> float:
+    return (8 * cfg.layers * cfg.recurrences) ** -0.25
+
+
+class GluFFN(nn.Module):
+    hidden: int
+    gain: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(self.hidden, use_bias=False, kernel_init=xavier(self.gain), dtype=self.dtype, name="dense_in")(x)
+        value, gate = jnp.split(h, 2, axis=-1)
+        h = value * nn.gelu(gate, approximate=False)
+        return nn.Dense(x.shape[-1], use_bias=False, kernel_init=xavier(self.gain), dtype=self.dtype,
+                        name="dense_out")(h)
+
+
+def _norm(name):
+    return nn.LayerNorm(epsilon=1e-12, dtype=jnp.float32, name=name)
+
+
+class Layer(nn.Module):
+    """Post-LN: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, pos_Q, cache=None, cache_index=None):
+        cfg, dtype = self.cfg, _dtype(self.cfg.dtype)
+        attn = Attention(cfg.heads, rope="rope" in cfg.positions, fire="fire" in cfg.positions,
+                         v_gain=_gain(cfg), out_gain=_gain(cfg), dtype=dtype, name="attn")
+        a, cache = attn(x, q_pos_Q=pos_Q, causal=True, cache=cache, cache_index=cache_index)
+        x = _norm("norm1")(x + a)
+        x = _norm("norm2")(x + GluFFN(cfg.ffn, _gain(cfg), dtype, name="ffn")(x))
+        return x.astype(dtype), cache
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, pos_Q, caches=None, cache_index=None):
+        new = []
+        for i in range(self.cfg.layers):
+            c = None if caches is None else KVCache(caches.k_BxSxHxD[i], caches.v_BxSxHxD[i])
+            x, c = Layer(self.cfg, name=f"layer{i}")(x, pos_Q, c, cache_index)
+            new.append(c)
+        if caches is None:
+            return x, None
+        return x, KVCache(jnp.stack([c.k_BxSxHxD for c in new]), jnp.stack([c.v_BxSxHxD for c in new]))
+
+
+class Embed(nn.Module):
+    """e = LayerNorm(word[id] + pos[abacus id or absolute index]); row 0 of the Abacus table serves non-digits."""
+
+    cfg: ModelConfig
+    vocab_size: int
+
+    @nn.compact
+    def __call__(self, tokens_BxQ, abacus_BxQ, pos_Q):
+        cfg = self.cfg
+        init = nn.initializers.normal(cfg.width ** -0.5)
+        x = nn.Embed(self.vocab_size, cfg.width, embedding_init=init, name="word")(tokens_BxQ)
+        if "abacus" in cfg.positions:
+            x = x + nn.Embed(cfg.table_size, cfg.width, embedding_init=init, name="abacus")(abacus_BxQ)
+        if "learned" in cfg.positions:
+            x = x + nn.Embed(cfg.table_size, cfg.width, embedding_init=init, name="learned")(pos_Q)[None]
+        return _norm("norm")(x)
+
+
+class Head(nn.Module):
+    """GLU FFN -> LayerNorm -> untied adapter -> untied decoder (spec §4.1 output path)."""
+
+    cfg: ModelConfig
+    vocab_size: int
+
+    @nn.compact
+    def __call__(self, h):
+        cfg, dtype = self.cfg, _dtype(self.cfg.dtype)
+        h = GluFFN(cfg.ffn, _gain(cfg), dtype, name="ffn")(h)
+        h = _norm("norm")(h)
+        h = nn.Dense(cfg.width, use_bias=False, kernel_init=xavier(_gain(cfg)), dtype=dtype, name="adapter")(h)
+        return nn.Dense(self.vocab_size, use_bias=False, kernel_init=xavier(_gain(cfg)), dtype=dtype,
+                        name="decoder")(h).astype(jnp.float32)
+
+
+class ArithModel:
+    """Pure init/apply around the Linen pieces; holds no parameters itself."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.embed = Embed(cfg, vocab_size)
+        self.block = Block(cfg)
+        self.head = Head(cfg, vocab_size)
+
+    # ---------------------------------------------------------------- parameters
+    def init(self, rng) -> dict:
+        cfg = self.cfg
+        r_embed, r_block, r_head = jax.random.split(rng, 3)
+        tok = jnp.zeros((1, 4), jnp.int32)
+        pos = jnp.arange(4)
+        x = jnp.zeros((1, 4, cfg.width), jnp.float32)
+        params = {"embed": self.embed.init(r_embed, tok, tok, pos)["params"],
+                  "head": self.head.init(r_head, x)["params"]}
+        if cfg.shared:
+            params["block"] = self.block.init(r_block, x, pos)["params"]
+        else:
+            rngs = jax.random.split(r_block, cfg.recurrences)
+            params["block"] = jax.vmap(lambda r: self.block.init(r, x, pos)["params"])(rngs)
+        return params
+
+    def num_params(self, params) -> int:
+        return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
+
+    # ---------------------------------------------------------------- forward
+    def init_cache(self, batch: int, length: int, recurrences: int | None = None) -> KVCache:
+        cfg = self.cfg
+        passes = recurrences or cfg.recurrences
+        shape = (passes, cfg.layers, batch, length, cfg.heads, cfg.width // cfg.heads)
+        dtype = _dtype(cfg.dtype)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def apply(self, params, tokens_BxQ, *, abacus_BxQ=None, start: int | jnp.ndarray = 0, rng=None,
+              train: bool = False, recurrences: int | None = None, cache: KVCache | None = None):
+        """Logits [B, Q, vocab] for tokens at absolute positions start..start+Q-1.
+
+        With `cache` (from `init_cache`), the tokens' keys/values are written at `start` and (logits, cache) is
+        returned. In training, `rng` drives the Abacus offset, the initial-state noise and the progressive loss.
+        """
+        cfg = self.cfg
+        B, Q = tokens_BxQ.shape
+        pos_Q = start + jnp.arange(Q)
+        if abacus_BxQ is None:
+            abacus_BxQ = abacus_ids(tokens_BxQ)
+        if train and "abacus" in cfg.positions and cfg.abacus_max_k > 0:
+            rng, r_k = jax.random.split(rng)
+            shape = (B, 1) if cfg.abacus_k_per_row else (1, 1)
+            k = jax.random.randint(r_k, shape, 0, cfg.abacus_max_k + 1)
+            abacus_BxQ = jnp.where(abacus_BxQ > 0, abacus_BxQ + k, 0)
+        abacus_BxQ = jnp.minimum(abacus_BxQ, cfg.table_size - 1)  # callers validate lengths against the table
+
+        e = self.embed.apply({"params": params["embed"]}, tokens_BxQ, abacus_BxQ, pos_Q).astype(_dtype(cfg.dtype))
+        if train and cfg.init_noise > 0:
+            rng, r_h = jax.random.split(rng)
+            h = cfg.init_noise * jax.random.normal(r_h, e.shape, jnp.float32).astype(e.dtype)
+        else:
+            h = jnp.zeros_like(e)
+
+        if train and cfg.looped and cfg.progressive:
+            h = self._progressive(params["block"], h, e, pos_Q, rng)
+            new_cache = None
+        else:
+            passes = recurrences or cfg.recurrences
+            if not cfg.shared and passes != cfg.recurrences:
+                raise ValueError(f"a model with separate weights per pass runs exactly {cfg.recurrences} passes; "
+                                 f"only looped (shared) models can change recurrences at test time")
+            h, new_cache = self._passes(params["block"], h, e, pos_Q, passes, cache, start)
+        logits = self.head.apply({"params": params["head"]}, h)
+        return logits if cache is None else (logits, new_cache)
+
+    def _step(self, block_params, h, e, pos_Q, i, cache=None, cache_index=None):
+        """One pass: inject e (always on the first pass), then the block."""
+        inject = jnp.logical_or(i == 0, self.cfg.input_injection)
+        x = jnp.where(inject, h + e, h)
+        return self.block.apply({"params": block_params}, x, pos_Q, cache, cache_index)
+
+    def _passes(self, block_params, h, e, pos_Q, passes, cache, start):
+        cfg = self.cfg
+
+        def body(h, xs):
+            i, p, c = xs
+            h, c = self._step(block_params if cfg.shared else p, h, e, pos_Q, i, c, start)
+            return h, c
+
+        xs = (jnp.arange(passes), None if cfg.shared else block_params, cache)
+        h, new_cache = jax.lax.scan(body, h, xs, unroll=min(cfg.scan_unroll, passes))
+        return h, new_cache
+
+    def _progressive(self, block_params, h, e, pos_Q, rng):
+        """n ~ U{0..T-1} passes without gradient, then k ~ U{1..min(T-n, B)} with gradient (spec §5.2, α = 1).
+
+        Both scans have static length (T and B); `lax.cond` skips the passes beyond n and k, so only n + k passes
+        are computed and only the last k are differentiated, as in the original.
+        """
+        cfg = self.cfg
+        T, Bp = cfg.recurrences, cfg.backprop
+        r_n, r_k = jax.random.split(rng)
+        n = jax.random.randint(r_n, (), 0, T)
+        k = jax.random.randint(r_k, (), 1, jnp.minimum(T - n, Bp) + 1)
+
+        def make_body(limit, offset):
+            def body(h, i):
+                h = jax.lax.cond(i < limit, lambda h: self._step(block_params, h, e, pos_Q, i + offset)[0],
+                                 lambda h: h, h)
+                return h, None
+            return body
+
+        h, _ = jax.lax.scan(make_body(n, 0), h, jnp.arange(T), unroll=min(cfg.scan_unroll, T))
+        h = jax.lax.stop_gradient(h)
+        h, _ = jax.lax.scan(make_body(k, n), h, jnp.arange(Bp), unroll=min(cfg.scan_unroll, Bp))
+        return h
+
+    # ---------------------------------------------------------------- loss
+    def loss(self, params, batch: dict, rng) -> tuple[jnp.ndarray, dict]:
+        """Mean cross-entropy over answer tokens + EOS (mask[:, 1:]), as the original's mask_before_equals."""
+        tokens, mask = batch["tokens"], batch["mask"]
+        logits = self.apply(params, tokens[:, :-1], rng=rng, train=True)
+        targets, m = tokens[:, 1:], mask[:, 1:].astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        denom = jnp.maximum(m.sum(), 1.0)
+        loss = (nll * m).sum() / denom
+        correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+        tok_acc = (correct * m).sum() / denom
+        seq_acc = jnp.mean(jnp.all((correct >= 1.0) | (m == 0), axis=1).astype(jnp.float32))
+        return loss, {"token_acc": tok_acc, "seq_acc": seq_acc}
+
+
+def count_params_formula(cfg: ModelConfig, vocab_size: int) -> int:
+    """Parameter count from the config alone (for configs too large to instantiate in tests)."""
+    H, F = cfg.width, cfg.ffn
+    layer = 4 * H * H + H * F + (F // 2) * H + 4 * H
+    if "fire" in cfg.positions:
+        layer += 32 + 32 + 32 * cfg.heads + cfg.heads + 2
+    blocks = cfg.layers * (1 if cfg.shared else cfg.recurrences)
+    head = H * F + (F // 2) * H + 2 * H + H * H + H * vocab_size
+    embed = vocab_size * H + 2 * H
+    if "abacus" in cfg.positions or "learned" in cfg.positions:
+        embed += cfg.table_size * H
+    return blocks * layer + head + embed
+
+
+def describe(cfg: ModelConfig) -> str:
+    kind = ("looped" if cfg.looped else "standard w/ II" if cfg.input_injection and cfg.recurrences > 1
+            else "standard")
+    pos = "+".join(cfg.positions) or "nope"
+    return f"{kind} {cfg.layers}x{cfg.recurrences}, width {cfg.width}, {pos}"
+

@@ -1,0 +1,104 @@
+"""Multi-head attention shared by both packages: self/cross, causal and padding masks, RoPE, FIRE, KV cache.
+
+The KV cache is an explicit pytree passed in and returned (not a Flax 'cache' collection), so it can be threaded
+through `lax.scan` over the passes of a looped model and through a decoding loop without mutable state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from core_jax.positions import FireBias, apply_rope
+
+NEG_INF = -1e30
+
+
+class KVCache(NamedTuple):
+    """Keys/values of every slot of a fixed-length buffer; slots at or past the write index are garbage."""
+
+    k_BxSxHxD: jnp.ndarray
+    v_BxSxHxD: jnp.ndarray
+
+    @classmethod
+    def zeros(cls, batch: int, length: int, num_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
+        shape = (batch, length, num_heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def xavier(gain: float = 1.0):
+    """Xavier-normal with a gain (the deepnorm-style init of the Abacus code)."""
+    return nn.initializers.variance_scaling(gain * gain, "fan_avg", "normal")
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention with fp32 scores/softmax.
+
+    Call with `x_BxQxD` (queries) and optionally `kv_BxKxD` (cross-attention). Positions are 1-D; with a cache,
+    the Q new tokens are written at slots [index, index+Q) and queries attend to all slots up to their own.
+    Returns (y_BxQxD, new_cache or None).
+    """
+
+    num_heads: int
+    use_bias: bool = False
+    rope: bool = False
+    rope_base: float = 10000.0
+    fire: bool = False
+    v_gain: float = 1.0
+    out_gain: float = 1.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxQxD, kv_BxKxD=None, *, q_pos_Q=None, k_pos_K=None, causal: bool = False,
+                 kv_mask_BxK=None, cache: KVCache | None = None, cache_index=None):
+        d_model = x_BxQxD.shape[-1]
+        if d_model % self.num_heads:
+            raise ValueError(f"model width {d_model} is not divisible by num_heads={self.num_heads}")
+        head_dim = d_model // self.num_heads
+        dense = lambda name, gain: nn.DenseGeneral((self.num_heads, head_dim), use_bias=self.use_bias,
+                                                   kernel_init=xavier(gain), dtype=self.dtype, name=name)
+        source = x_BxQxD if kv_BxKxD is None else kv_BxKxD
+        q = dense("query", 1.0)(x_BxQxD)
+        k = dense("key", 1.0)(source)
+        v = dense("value", self.v_gain)(source)
+
+        n_q = x_BxQxD.shape[1]
+        if q_pos_Q is None:
+            start = 0 if cache_index is None else cache_index
+            q_pos_Q = start + jnp.arange(n_q)
+        if cache is None and k_pos_K is None:
+            k_pos_K = q_pos_Q if kv_BxKxD is None else jnp.arange(source.shape[1])
+
+        if self.rope:
+            q = apply_rope(q, q_pos_Q, self.rope_base)
+            k = apply_rope(k, q_pos_Q if kv_BxKxD is None else k_pos_K, self.rope_base)
+
+        new_cache = None
+        if cache is not None:
+            if kv_BxKxD is not None:
+                raise ValueError("the KV cache is for self-attention; cache cross-attention keys outside")
+            idx = (0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(cache.k_BxSxHxD, k.astype(cache.k_BxSxHxD.dtype), idx)
+            v_all = jax.lax.dynamic_update_slice(cache.v_BxSxHxD, v.astype(cache.v_BxSxHxD.dtype), idx)
+            new_cache = KVCache(k_all, v_all)
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+            k_pos_K = jnp.arange(k.shape[1])
+
+        scores_BxHxQxK = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        scores_BxHxQxK = scores_BxHxQxK / jnp.sqrt(jnp.float32(head_dim))
+        if self.fire:
+            scores_BxHxQxK = scores_BxHxQxK + FireBias(self.num_heads, name="fire")(q_pos_Q, k_pos_K)[None]
+        allowed = jnp.ones((1, 1, n_q, k.shape[1]), bool)
+        if causal:
+            allowed = allowed & (k_pos_K[None, :] <= q_pos_Q[:, None])[None, None]
+        if kv_mask_BxK is not None:
+            allowed = allowed & kv_mask_BxK[:, None, None, :].astype(bool)
+        scores_BxHxQxK = jnp.where(allowed, scores_BxHxQxK, NEG_INF)
+        probs = jax.nn.softmax(scores_BxHxQxK, axis=-1).astype(v.dtype)
+        out_BxQxHxD = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        y = nn.DenseGeneral(d_model, axis=(-2, -1), use_bias=self.use_bias, kernel_init=xavier(self.out_gain),
+                            dtype=self.dtype, name="out")(out_BxQxHxD)
+        return y, new_cache

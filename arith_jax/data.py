@@ -1,0 +1,249 @@
+"""On-the-fly arithmetic data in the original's formats (spec sections 1, 6 and 8).
+
+Every batch is a pure function of (config, step): the training loop can resume from a step number
+alone, and two runs with the same seed see the same data. All numbers are Python ints or digit
+strings, so operands of hundreds of digits never overflow.
+
+Formats (digits least-significant first, one character per token, EOS appended by `make_batch`):
+    add   rev(a)+rev(b)=rev(a+b)          e.g. 123+4567 -> "321+7654=0964"
+    mul   rev(a)xrev(b)=rev(a*b)
+    sort  A:rev(n1),B:rev(n2),...=labels sorted by value (stable), e.g. "A:21,B:5=B,A"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+import numpy as np
+
+from arith_jax.tokenizer import EOS, PAD, SORT_VOCAB_LABELS, TASKS, Tokenizer
+
+_OPERATOR = {"add": "+", "mul": "x"}
+_EVAL_STREAM = 0xE7A1  # extra seed word: evaluation problems never share a random stream with training
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to train on.
+
+    add/mul: each operand has min_len..max_len digits. sort: arrays of 1..max_count numbers whose
+    maximum digit count D runs over min_len..max_len (each number then has 1..D digits, as the original).
+    """
+
+    task: str = "add"
+    max_len: int = 10
+    max_count: int = 10
+    min_len: int = 1
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {TASKS}")
+        if not 1 <= self.min_len <= self.max_len:
+            raise ValueError(f"need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
+        if self.task == "sort" and not 1 <= self.max_count <= len(SORT_VOCAB_LABELS):
+            raise ValueError(f"sort max_count must be in 1..{len(SORT_VOCAB_LABELS)}, got {self.max_count}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+    @property
+    def seq_len(self) -> int:
+        """Fixed padded length = the longest possible sample + EOS (64 for add n=20, 63 for mul n=15,
+        150 for sort 10x10), like the original's per-dataset padding."""
+        n, m = self.max_len, self.max_count
+        return {"add": 3 * n + 4, "mul": 4 * n + 3, "sort": m * (n + 5)}[self.task]
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.for_task(self.task)
+
+
+def length_cells(cfg: DataConfig) -> list[tuple[int, int]]:
+    """The bucket cycle, in the original's loop order (first length outer).
+
+    add/mul: (len_a, len_b) operand lengths; sort: (max digits D, array length L), the eval grid's axes.
+    """
+    first = range(cfg.min_len, cfg.max_len + 1)
+    second = range(1, cfg.max_count + 1) if cfg.task == "sort" else first
+    return [(i, j) for i in first for j in second]
+
+
+def sample_problems(cfg: DataConfig, step: int) -> list[tuple[str, str]]:
+    """(prompt ending in '=', answer without EOS) for each row of batch `step`.
+
+    Global sample g = step * batch_size + row takes cell g mod n_cells, so every cell gets exactly
+    the same count over each full cycle, as the original's bucket method.
+    """
+    rng = np.random.default_rng([cfg.seed, step])
+    cells = length_cells(cfg)
+    g0 = step * cfg.batch_size
+    return [_problem(cfg.task, rng, *cells[(g0 + r) % len(cells)]) for r in range(cfg.batch_size)]
+
+
+def make_batch(cfg: DataConfig, step: int) -> dict[str, np.ndarray]:
+    """tokens int32[B, seq_len] = prompt + answer + EOS, right-padded with PAD;
+    mask float32[B, seq_len] = 1 exactly on the answer tokens and the EOS (the loss targets)."""
+    rows = [encode_sample(cfg.task, p, a, cfg.seq_len) for p, a in sample_problems(cfg, step)]
+    return {"tokens": np.stack([t for t, _ in rows]), "mask": np.stack([m for _, m in rows])}
+
+
+def encode_sample(task: str, prompt: str, answer: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """One training row: (tokens int32[seq_len], loss mask float32[seq_len]), see `make_batch`."""
+    ids = Tokenizer.for_task(task).encode(prompt + answer) + [EOS]
+    if len(ids) > seq_len:
+        raise ValueError(f"sample of {len(ids)} tokens does not fit seq_len {seq_len}: {prompt + answer!r}")
+    tokens = np.full(seq_len, PAD, np.int32)
+    tokens[: len(ids)] = ids
+    mask = np.zeros(seq_len, np.float32)
+    mask[len(prompt) : len(ids)] = 1.0
+    return tokens, mask
+
+
+def format_problem(task: str, a: int | str, b: int | str) -> tuple[str, str]:
+    """Hand-made add/mul problem in model order: (prompt, answer), e.g. 123+4567 -> ("321+7654=", "0964")."""
+    if task not in _OPERATOR:
+        raise ValueError(f"format_problem supports 'add' and 'mul', not {task!r}")
+    a, b = str(a), str(b)
+    result = int(a) + int(b) if task == "add" else int(a) * int(b)
+    return _prompt(task, a, b), str(result)[::-1]
+
+
+def _prompt(task: str, a: str, b: str) -> str:
+    return f"{a[::-1]}{_OPERATOR[task]}{b[::-1]}="
+
+
+def format_sort_problem(labels: Sequence[str], numbers: Sequence[int | str]) -> tuple[str, str]:
+    """Hand-made sort problem: ("A:21,B:5=", "B,A") for labels AB and numbers 12, 5.
+    Ties keep their input order (Python's stable sort, as the original)."""
+    numbers = [str(x) for x in numbers]
+    prompt = ",".join(f"{lab}:{num[::-1]}" for lab, num in zip(labels, numbers, strict=True)) + "="
+    order = sorted(range(len(numbers)), key=lambda k: int(numbers[k]))
+    return prompt, ",".join(labels[k] for k in order)
+
+
+# --- sampling -------------------------------------------------------------------------------------
+
+
+def _problem(task: str, rng: np.random.Generator, len_a: int, len_b: int) -> tuple[str, str]:
+    if task == "sort":
+        return _sort_problem(rng, max_digits=len_a, count=len_b)
+    return format_problem(task, _random_number(rng, len_a), _random_number(rng, len_b))
+
+
+def _random_number(rng: np.random.Generator, n_digits: int) -> str:
+    """Uniform on [10^(n-1), 10^n - 1]: exactly n digits, leading digit nonzero, never 0."""
+    low = np.zeros(n_digits, np.int64)
+    low[0] = 1
+    return _digits_to_str(rng.integers(low, 10))
+
+
+def _digits_to_str(digits: np.ndarray) -> str:
+    return (np.asarray(digits, np.uint8) + ord("0")).tobytes().decode("ascii")
+
+
+def _sort_problem(rng: np.random.Generator, max_digits: int, count: int) -> tuple[str, str]:
+    """`count` numbers, each with a digit count uniform in 1..max_digits, labelled by a cyclic window
+    of the 99 collision-free labels (the original's `uniform_distribution_sort_basic`)."""
+    n_labels = len(SORT_VOCAB_LABELS)
+    if not 1 <= count <= n_labels:
+        raise ValueError(f"sort array length must be in 1..{n_labels}, got {count}")
+    start = int(rng.integers(0, n_labels))
+    labels = [SORT_VOCAB_LABELS[(start + k) % n_labels] for k in range(count)]
+    n_digits = rng.integers(1, max_digits + 1, size=count)
+    low = np.zeros((count, max_digits), np.int64)
+    low[:, 0] = 1
+    digits = rng.integers(low, 10)
+    return format_sort_problem(labels, [_digits_to_str(digits[k, : n_digits[k]]) for k in range(count)])
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+
+def make_eval_cell(task: str, len_a: int, len_b: int, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """n problems of one grid cell: prompts int32[n, P] (each ending in '=') and expected answers in
+    model order, without EOS.
+
+    add/mul: len_a, len_b are exact operand lengths, so all prompts have the same length.
+    sort: len_a = max digits, len_b = array length; prompt lengths differ, so shorter ones are
+    LEFT-padded with PAD (strip them with `row[row != PAD]`, PAD never occurs inside a prompt).
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    rng = np.random.default_rng([seed, _EVAL_STREAM, TASKS.index(task), len_a, len_b])
+    problems = [_problem(task, rng, len_a, len_b) for _ in range(n)]
+    tok = Tokenizer.for_task(task)
+    width = max((len(p) for p, _ in problems), default=0)
+    prompts = np.full((n, width), PAD, np.int32)
+    for row, (prompt, _) in enumerate(problems):
+        prompts[row, width - len(prompt) :] = tok.encode(prompt)
+    return prompts, [answer for _, answer in problems]
+
+
+def answer_length(task: str, len_a: int, len_b: int) -> int:
+    """Most tokens to generate for a cell: the longest possible answer plus its EOS."""
+    if task == "add":
+        return max(len_a, len_b) + 2
+    if task == "mul":
+        return len_a + len_b + 1
+    if task == "sort":
+        return 2 * len_b  # len_b labels, len_b - 1 commas, EOS
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+# --- user-facing problems -------------------------------------------------------------------------
+
+_USER_OPERATORS = {"+": "add", "*": "mul", "x": "mul", "X": "mul", "×": "mul"}
+_UNSUPPORTED_OPERATORS = set("-−/÷:^%")
+
+
+def parse_problem(text: str, max_operand_len: int | None = None) -> tuple[str, str]:
+    """Ordinary notation ("123+456", "12*34", "12x34", spaces around the operator allowed) to
+    (task, model prompt), e.g. ("add", "321+654="). Leading zeros are dropped ("007" is 7).
+
+    Raises ValueError with a one-line message naming what is wrong, so a CLI can print it as is.
+    """
+    s = text.strip()
+    if not s:
+        raise ValueError("empty problem")
+    for c in s:
+        if not (c in "0123456789" or c.isspace() or c in _USER_OPERATORS or c in _UNSUPPORTED_OPERATORS):
+            raise ValueError(f"invalid character {c!r} in problem {s!r}")
+    operators = [c for c in s if c in _USER_OPERATORS or c in _UNSUPPORTED_OPERATORS]
+    if not operators:
+        raise ValueError(f"missing operator in problem {s!r}; expected e.g. '123+456' or '12*34'")
+    for c in operators:
+        if c in _UNSUPPORTED_OPERATORS:
+            raise ValueError(f"unsupported operator {c!r} in problem {s!r}; use '+', '*' or 'x'")
+    if len(operators) > 1:
+        raise ValueError(f"expected exactly one operator in problem {s!r}, found {len(operators)}")
+    op = operators[0]
+    operands = [part.strip() for part in s.split(op)]
+    for part in operands:
+        if not part:
+            raise ValueError(f"missing operand in problem {s!r}")
+        if re.search(r"\s", part):
+            raise ValueError(f"space inside operand {part!r} in problem {s!r}")
+    a, b = (part.lstrip("0") or "0" for part in operands)
+    if max_operand_len is not None:
+        for x in (a, b):
+            if len(x) > max_operand_len:
+                raise ValueError(
+                    f"operand {x!r} has {len(x)} digits; the limit is {max_operand_len} digits (in {s!r})"
+                )
+    task = _USER_OPERATORS[op]
+    return task, _prompt(task, a, b)
+
+
+def format_answer(task: str, model_answer: str) -> str:
+    """A model's add/mul answer (least-significant digit first) in ordinary digit order.
+
+    Raises ValueError when the model's output is not a number, rather than printing garbage.
+    """
+    if task not in _OPERATOR:
+        raise ValueError(f"format_answer supports 'add' and 'mul', not {task!r}")
+    if not re.fullmatch(r"[0-9]+", model_answer):
+        raise ValueError(f"model answer {model_answer!r} is not a number")
+    return model_answer[::-1]

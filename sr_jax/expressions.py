@@ -1,0 +1,417 @@
+"""Symbolic expressions as prefix token sequences.
+
+One representation serves the generator, the tokenizer, the JAX interpreter and refinement: a tuple of prefix
+tokens where operators and variables are strings (``"add"``, ``"x_0"``) and constants are Python floats.
+Conversions to/from sympy, infix text and LaTeX live here, plus a float64 numpy evaluator that is the reference
+semantics for the JAX interpreter (IEEE behaviour: ``log`` of a negative is NaN, ``1/0`` is inf, never an error).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Callable, Iterable, Sequence, Union
+
+import numpy as np
+import sympy
+
+Token = Union[str, float]
+
+MAX_VARIABLES = 10
+VARIABLES = tuple(f"x_{i}" for i in range(MAX_VARIABLES))
+_VAR_RE = re.compile(r"^x_(\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Operator:
+    """One operator: arity, numpy function, sympy constructor, infix and LaTeX templates."""
+
+    name: str
+    arity: int
+    np_fn: Callable
+    sympy_fn: Callable
+    infix: str  # format string with {0}, {1}
+    latex: str
+
+
+def _np_inv(a):
+    return np.divide(1.0, a)
+
+
+OPERATORS: dict[str, Operator] = {
+    op.name: op
+    for op in [
+        Operator("add", 2, np.add, lambda a, b: a + b, "({0} + {1})", "\\left({0} + {1}\\right)"),
+        Operator("sub", 2, np.subtract, lambda a, b: a - b, "({0} - {1})", "\\left({0} - {1}\\right)"),
+        Operator("mul", 2, np.multiply, lambda a, b: a * b, "({0} * {1})", "\\left({0} \\cdot {1}\\right)"),
+        Operator("div", 2, np.divide, lambda a, b: a / b, "({0} / {1})", "\\frac{{{0}}}{{{1}}}"),
+        Operator("pow", 2, np.power, lambda a, b: a**b, "({0} ** {1})", "\\left({0}\\right)^{{{1}}}"),
+        Operator("inv", 1, _np_inv, lambda a: 1 / a, "(1 / {0})", "\\frac{{1}}{{{0}}}"),
+        Operator("abs", 1, np.abs, sympy.Abs, "abs({0})", "\\left|{0}\\right|"),
+        Operator("sqrt", 1, np.sqrt, sympy.sqrt, "sqrt({0})", "\\sqrt{{{0}}}"),
+        Operator("log", 1, np.log, sympy.log, "log({0})", "\\log{{\\left({0}\\right)}}"),
+        Operator("exp", 1, np.exp, sympy.exp, "exp({0})", "e^{{{0}}}"),
+        Operator("sin", 1, np.sin, sympy.sin, "sin({0})", "\\sin{{\\left({0}\\right)}}"),
+        Operator("cos", 1, np.cos, sympy.cos, "cos({0})", "\\cos{{\\left({0}\\right)}}"),
+        Operator("tan", 1, np.tan, sympy.tan, "tan({0})", "\\tan{{\\left({0}\\right)}}"),
+        Operator("arcsin", 1, np.arcsin, sympy.asin, "arcsin({0})", "\\arcsin{{\\left({0}\\right)}}"),
+        Operator("arccos", 1, np.arccos, sympy.acos, "arccos({0})", "\\arccos{{\\left({0}\\right)}}"),
+        Operator("arctan", 1, np.arctan, sympy.atan, "arctan({0})", "\\arctan{{\\left({0}\\right)}}"),
+        Operator("pow2", 1, np.square, lambda a: a**2, "({0} ** 2)", "\\left({0}\\right)^{{2}}"),
+        Operator("pow3", 1, lambda a: a * a * a, lambda a: a**3, "({0} ** 3)", "\\left({0}\\right)^{{3}}"),
+    ]
+}
+BINARY_OPERATORS = tuple(n for n, o in OPERATORS.items() if o.arity == 2)
+UNARY_OPERATORS = tuple(n for n, o in OPERATORS.items() if o.arity == 1)
+_INFIX_FUNCTIONS = {"abs", "sqrt", "log", "exp", "sin", "cos", "tan", "arcsin", "arccos", "arctan"}
+
+
+def variable_index(token: str) -> int | None:
+    """Index of a variable token ``x_i`` (0 <= i < 10), else None."""
+    m = _VAR_RE.match(token)
+    if m is None:
+        return None
+    i = int(m.group(1))
+    return i if i < MAX_VARIABLES and token == f"x_{i}" else None
+
+
+def _check_token(tok, position: int) -> Token:
+    if isinstance(tok, (bool, np.bool_)):
+        raise ValueError(f"token {tok!r} at position {position} is a bool, not an operator, variable or number")
+    if isinstance(tok, (int, float, np.integer, np.floating)):
+        return float(tok)
+    if not isinstance(tok, str):
+        raise ValueError(f"token {tok!r} at position {position} has unsupported type {type(tok).__name__}")
+    if tok in OPERATORS or variable_index(tok) is not None:
+        return tok
+    try:
+        return float(tok)
+    except ValueError:
+        raise ValueError(
+            f"unknown symbol {tok!r} at position {position}; expected one of the operators "
+            f"{sorted(OPERATORS)}, a variable x_0..x_{MAX_VARIABLES - 1}, or a number"
+        ) from None
+
+
+class Expression:
+    """An expression as a validated prefix sequence; floats are constants.
+
+    ``Expression(["add", 1.5, "mul", 2.0, "x_0"])`` is 1.5 + 2*x_0. Numeric strings are accepted as constants.
+    Construction checks that the sequence is exactly one complete tree and names the offending token otherwise.
+    """
+
+    __slots__ = ("tokens", "_hash")
+
+    def __init__(self, tokens: Iterable):
+        toks = tuple(_check_token(t, i) for i, t in enumerate(tokens))
+        if not toks:
+            raise ValueError("empty token sequence: an expression needs at least one token")
+        need = 1
+        for i, t in enumerate(toks):
+            if need == 0:
+                raise ValueError(
+                    f"malformed prefix sequence: token {t!r} at position {i} follows an already complete expression "
+                    f"(the tree ended at position {i - 1})"
+                )
+            need += (OPERATORS[t].arity if isinstance(t, str) and t in OPERATORS else 0) - 1
+        if need > 0:
+            raise ValueError(
+                f"malformed prefix sequence: incomplete expression, {need} operand(s) missing after the last token "
+                f"{toks[-1]!r}"
+            )
+        self.tokens: tuple[Token, ...] = toks
+        self._hash = None
+
+    # ----- basic structure -------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Expression) and self.tokens == other.tokens
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(self.tokens)
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"Expression({self.infix()!r})"
+
+    @property
+    def n_nodes(self) -> int:
+        """Complexity as in the original: prefix node count, a float constant counts as one node."""
+        return len(self.tokens)
+
+    @property
+    def constants(self) -> np.ndarray:
+        return np.array([t for t in self.tokens if isinstance(t, float)], dtype=np.float64)
+
+    @property
+    def variables(self) -> tuple[int, ...]:
+        return tuple(sorted({variable_index(t) for t in self.tokens if isinstance(t, str) and t.startswith("x_")}))
+
+    @property
+    def n_variables_needed(self) -> int:
+        """Smallest input width D that can evaluate this expression (max variable index + 1)."""
+        v = self.variables
+        return v[-1] + 1 if v else 0
+
+    def with_constants(self, values: Sequence[float]) -> "Expression":
+        """Same structure with the constants replaced, in prefix order."""
+        values = [float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+        n = sum(isinstance(t, float) for t in self.tokens)
+        if len(values) != n:
+            raise ValueError(f"expression has {n} constants, got {len(values)} values")
+        it = iter(values)
+        return Expression([next(it) if isinstance(t, float) else t for t in self.tokens])
+
+    def skeleton(self) -> tuple:
+        """Prefix tokens with every constant replaced by ``"CONSTANT"`` (used for deduplication)."""
+        return tuple("CONSTANT" if isinstance(t, float) else t for t in self.tokens)
+
+    # ----- tree walking ----------------------------------------------------------------------------------------
+    def _fold(self, leaf: Callable[[Token], object], node: Callable[[str, list], object]):
+        """Bottom-up fold over the prefix sequence using an explicit stack (no recursion limit)."""
+        stack: list = []
+        for t in reversed(self.tokens):
+            if isinstance(t, str) and t in OPERATORS:
+                ar = OPERATORS[t].arity
+                args = [stack.pop() for _ in range(ar)]
+                stack.append(node(t, args))
+            else:
+                stack.append(leaf(t))
+        return stack[0]
+
+    # ----- numpy evaluation ------------------------------------------------------------------------------------
+    def evaluate_numpy(self, x_NxD: np.ndarray) -> np.ndarray:
+        """float64 reference evaluation on (N, D) points; out-of-domain gives NaN/inf (IEEE), never raises."""
+        x = np.asarray(x_NxD, dtype=np.float64)
+        if x.ndim != 2:
+            raise ValueError(f"x must have shape (N, D), got shape {x.shape}")
+        need = self.n_variables_needed
+        if need > x.shape[1]:
+            raise ValueError(f"expression uses x_{need - 1} but x has only {x.shape[1]} columns")
+        n = x.shape[0]
+
+        def leaf(t):
+            if isinstance(t, float):
+                return np.full(n, t)
+            return x[:, variable_index(t)]
+
+        with np.errstate(all="ignore"):
+            return self._fold(leaf, lambda op, a: OPERATORS[op].np_fn(*a))
+
+    # ----- sympy -----------------------------------------------------------------------------------------------
+    def to_sympy(self) -> sympy.Expr:
+        """sympy expression (constants as sympy.Float with full float64 precision; sympy may simplify)."""
+        syms = {v: sympy.Symbol(v, real=True) for v in VARIABLES}
+
+        def leaf(t):
+            return sympy.Float(t, 17) if isinstance(t, float) else syms[t]
+
+        return self._fold(leaf, lambda op, a: OPERATORS[op].sympy_fn(*a))
+
+    @classmethod
+    def from_sympy(cls, expr) -> "Expression":
+        """Convert a sympy expression over symbols x_0..x_9 (n-ary Add/Mul become nested binary nodes)."""
+        return cls(_sympy_to_prefix(sympy.sympify(expr)))
+
+    # ----- text ------------------------------------------------------------------------------------------------
+    def infix(self) -> str:
+        """Fully parenthesised infix text that ``Expression.from_infix`` parses back to the same tokens."""
+
+        def leaf(t):
+            if isinstance(t, float):
+                r = repr(t)
+                return f"({r})" if r.startswith("-") else r
+            return t
+
+        return self._fold(leaf, lambda op, a: OPERATORS[op].infix.format(*a))
+
+    def latex(self) -> str:
+        def leaf(t):
+            if isinstance(t, float):
+                return _latex_float(t)
+            return f"x_{{{variable_index(t)}}}"
+
+        return self._fold(leaf, lambda op, a: OPERATORS[op].latex.format(*a))
+
+    @classmethod
+    def from_infix(cls, text: str) -> "Expression":
+        """Parse infix text (+ - * / **, functions abs sqrt log exp sin cos tan arcsin arccos arctan, x_i, numbers).
+
+        ``1 / e`` with the integer literal 1 is ``inv``; ``e ** 2`` / ``e ** 3`` with integer literals are
+        pow2/pow3; any other power is ``pow``. Unary minus on a number gives a negative constant, on anything
+        else ``mul(-1.0, e)``.
+        """
+        return cls(_InfixParser(text).parse())
+
+
+def _latex_float(v: float) -> str:
+    if v == 0 or (1e-3 <= abs(v) < 1e4):
+        s = repr(v)
+    else:
+        m, e = f"{v:.16e}".split("e")
+        m = m.rstrip("0").rstrip(".")
+        s = f"{m} \\cdot 10^{{{int(e)}}}"
+    return f"\\left({s}\\right)" if v < 0 else s
+
+
+def _sympy_to_prefix(e) -> list:
+    if isinstance(e, sympy.Symbol):
+        if variable_index(e.name) is None:
+            raise ValueError(f"unknown symbol {e.name!r} in sympy expression; only x_0..x_9 are supported")
+        return [e.name]
+    if e.is_Number or e.is_NumberSymbol:
+        v = complex(e)
+        if v.imag != 0:
+            raise ValueError(f"complex constant {e} cannot be represented")
+        return [float(v.real)]
+    if isinstance(e, sympy.Add) or isinstance(e, sympy.Mul):
+        name = "add" if isinstance(e, sympy.Add) else "mul"
+        args = list(e.args)
+        out = _sympy_to_prefix(args[0])
+        for a in args[1:]:
+            out = [name] + out + _sympy_to_prefix(a)
+        return out
+    if isinstance(e, sympy.Pow):
+        base, ex = e.args
+        if ex == 2:
+            return ["pow2"] + _sympy_to_prefix(base)
+        if ex == 3:
+            return ["pow3"] + _sympy_to_prefix(base)
+        if ex == -1:
+            return ["inv"] + _sympy_to_prefix(base)
+        if ex == sympy.Rational(1, 2):
+            return ["sqrt"] + _sympy_to_prefix(base)
+        return ["pow"] + _sympy_to_prefix(base) + _sympy_to_prefix(ex)
+    funcs = {sympy.Abs: "abs", sympy.log: "log", sympy.exp: "exp", sympy.sin: "sin", sympy.cos: "cos",
+             sympy.tan: "tan", sympy.asin: "arcsin", sympy.acos: "arccos", sympy.atan: "arctan"}
+    for f, name in funcs.items():
+        if isinstance(e, f):
+            if len(e.args) != 1:
+                raise ValueError(f"{name} with {len(e.args)} arguments is not supported")
+            return [name] + _sympy_to_prefix(e.args[0])
+    raise ValueError(f"sympy node {type(e).__name__} ({e}) has no equivalent operator in this library")
+
+
+class _InfixParser:
+    """Small recursive-descent parser; precedence: + - < * / < unary - < ** (right associative)."""
+
+    _TOKEN_RE = re.compile(r"\s*(?:(\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)|(\d+)|(inf|nan)"
+                           r"|([A-Za-z_][A-Za-z_0-9]*)|(\*\*|[-+*/(),]))")
+
+    def __init__(self, text: str):
+        self.text = text
+        self.toks: list[tuple[str, str, int]] = []
+        pos = 0
+        text = text.rstrip()
+        while pos < len(text):
+            m = self._TOKEN_RE.match(text, pos)
+            if m is None or m.end() == pos:
+                raise ValueError(f"cannot parse infix text at character {pos}: {text[pos:pos + 20]!r}")
+            kind = ("float", "int", "float", "name", "punct")[next(i for i, g in enumerate(m.groups()) if g)]
+            self.toks.append((kind, m.group(m.lastindex), m.start(m.lastindex)))
+            pos = m.end()
+        self.i = 0
+
+    def _peek(self):
+        return self.toks[self.i] if self.i < len(self.toks) else ("end", "", len(self.text))
+
+    def _next(self):
+        t = self._peek()
+        self.i += 1
+        return t
+
+    def _expect(self, value):
+        t = self._next()
+        if t[1] != value:
+            raise ValueError(f"expected {value!r} at character {t[2]} of {self.text!r}, found {t[1] or 'end'!r}")
+
+    def parse(self) -> list:
+        out = self._sum()
+        t = self._peek()
+        if t[0] != "end":
+            raise ValueError(f"unexpected {t[1]!r} at character {t[2]} of {self.text!r}")
+        return out
+
+    def _sum(self):
+        left = self._product()
+        while self._peek()[1] in ("+", "-"):
+            op = "add" if self._next()[1] == "+" else "sub"
+            left = [op] + left + self._product()
+        return left
+
+    def _product(self):
+        left = self._unary()
+        while self._peek()[1] in ("*", "/"):
+            sym = self._next()[1]
+            right = self._unary()
+            if sym == "/" and left == ["__int__", 1.0]:
+                left = ["inv"] + right
+            else:
+                left = ["mul" if sym == "*" else "div"] + _num(left) + right
+        return _num(left)
+
+    def _unary(self):
+        if self._peek()[1] == "-":
+            self._next()
+            operand = _num(self._unary())
+            if len(operand) == 1 and isinstance(operand[0], float):
+                return [-operand[0]]
+            return ["mul", -1.0] + operand
+        if self._peek()[1] == "+":
+            self._next()
+            return self._unary()
+        return self._power()
+
+    def _power(self):
+        base = self._atom()
+        if self._peek()[1] == "**":
+            self._next()
+            ex = self._unary_power()
+            if ex == ["__int__", 2.0]:
+                return ["pow2"] + _num(base)
+            if ex == ["__int__", 3.0]:
+                return ["pow3"] + _num(base)
+            return ["pow"] + _num(base) + _num(ex)
+        return base
+
+    def _unary_power(self):
+        if self._peek()[1] == "-":
+            self._next()
+            operand = _num(self._unary_power())
+            if len(operand) == 1 and isinstance(operand[0], float):
+                return [-operand[0]]
+            return ["mul", -1.0] + operand
+        return self._power()
+
+    def _atom(self):
+        kind, val, pos = self._next()
+        if kind == "int":
+            return ["__int__", float(val)]
+        if kind == "float":
+            return [float(val)]
+        if val == "(":
+            inner = self._sum()
+            self._expect(")")
+            return inner
+        if kind == "name":
+            if variable_index(val) is not None:
+                return [val]
+            if val in _INFIX_FUNCTIONS or val in ("inv", "pow2", "pow3"):
+                self._expect("(")
+                arg = _num(self._sum())
+                self._expect(")")
+                return [val] + arg
+            if val in ("pi", "e"):
+                return [math.pi if val == "pi" else math.e]
+            raise ValueError(f"unknown symbol {val!r} at character {pos} of {self.text!r}")
+        raise ValueError(f"unexpected {val or 'end of text'!r} at character {pos} of {self.text!r}")
+
+
+def _num(toks: list) -> list:
+    """Turn a pending integer literal marker into an ordinary float constant."""
+    if toks and toks[0] == "__int__":
+        return [toks[1]]
+    return toks

@@ -226,7 +226,7 @@ class ArithModel:
             h = jnp.zeros_like(e)
 
         if train and cfg.looped and cfg.progressive:
-            h = self._progressive(params["block"], h, e, pos_Q, rng)
+            h = self.progressive_passes(params["block"], h, e, pos_Q, *self.sample_progressive(rng))
             new_cache = None
         else:
             passes = recurrences or cfg.recurrences
@@ -255,17 +255,22 @@ class ArithModel:
         h, new_cache = jax.lax.scan(body, h, xs, unroll=min(cfg.scan_unroll, passes))
         return h, new_cache
 
-    def _progressive(self, block_params, h, e, pos_Q, rng):
-        """n ~ U{0..T-1} passes without gradient, then k ~ U{1..min(T-n, B)} with gradient (spec §5.2, α = 1).
+    def sample_progressive(self, rng) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """n ~ U{0..T-1} passes without gradient, then k ~ U{1..min(T-n, B)} with gradient (spec §5.2, α = 1)."""
+        T, Bp = self.cfg.recurrences, self.cfg.backprop
+        r_n, r_k = jax.random.split(rng)
+        n = jax.random.randint(r_n, (), 0, T)
+        k = jax.random.randint(r_k, (), 1, jnp.minimum(T - n, Bp) + 1)
+        return n, k
+
+    def progressive_passes(self, block_params, h, e, pos_Q, n, k):
+        """Runs n passes, cuts the gradient, runs k more.
 
         Both scans have static length (T and B); `lax.cond` skips the passes beyond n and k, so only n + k passes
         are computed and only the last k are differentiated, as in the original.
         """
         cfg = self.cfg
         T, Bp = cfg.recurrences, cfg.backprop
-        r_n, r_k = jax.random.split(rng)
-        n = jax.random.randint(r_n, (), 0, T)
-        k = jax.random.randint(r_k, (), 1, jnp.minimum(T - n, Bp) + 1)
 
         def make_body(limit, offset):
             def body(h, i):

@@ -17,7 +17,7 @@ from arith_jax.tokenizer import EOS, PAD
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(model: ArithModel, max_new: int, recurrences: int | None, use_cache: bool):
+def _compiled(model: ArithModel, max_new: int, recurrences: int | None, use_cache: bool, stop_at_eos: bool):
     def pick(logits_BxV):
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
 
@@ -35,7 +35,7 @@ def _compiled(model: ArithModel, max_new: int, recurrences: int | None, use_cach
 
         def cond(carry):
             t, _, done, _ = carry
-            return (t < max_new) & ~jnp.all(done)
+            return (t < max_new) & ~(stop_at_eos & jnp.all(done))
 
         def body(carry):
             t, out, done, cache = carry
@@ -56,7 +56,7 @@ def _compiled(model: ArithModel, max_new: int, recurrences: int | None, use_cach
 
         def cond(carry):
             t, _, done = carry
-            return (t < max_new) & ~jnp.all(done)
+            return (t < max_new) & ~(stop_at_eos & jnp.all(done))
 
         def body(carry):
             t, out, done = carry
@@ -74,7 +74,11 @@ def _compiled(model: ArithModel, max_new: int, recurrences: int | None, use_cach
 
 
 def greedy_decode(model: ArithModel, params, prompts_BxP, max_new: int, *, recurrences: int | None = None,
-                  use_cache: bool = True) -> np.ndarray:
-    """Generated token ids [B, max_new] (EOS included, PAD after it)."""
-    fn = _compiled(model, int(max_new), recurrences, bool(use_cache))
+                  use_cache: bool = True, stop_at_eos: bool = True) -> np.ndarray:
+    """Generated token ids [B, max_new] (EOS included, PAD after it).
+
+    `stop_at_eos=False` always runs max_new steps (for benchmarks, where an untrained model's early EOS would
+    flatter the timing).
+    """
+    fn = _compiled(model, int(max_new), recurrences, bool(use_cache), bool(stop_at_eos))
     return np.asarray(fn(params, jnp.asarray(prompts_BxP, jnp.int32)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,9 @@ from arith_jax.data import answer_length, format_answer, parse_problem
 from arith_jax.evaluate import solve_prompts
 from arith_jax.train import load_trained
 
+INVALID = "?"  # the answer reported when the model generated no number
 DEFAULT_MODEL = Path(__file__).parent / "pretrained" / "add_small"
+log = logging.getLogger(__name__)
 _TASK_NAMES = {"add": "addition", "mul": "multiplication", "sort": "sorting"}
 
 
@@ -59,11 +62,12 @@ class Solver:
                              batch_size=self.batch_size, recurrences=self.recurrences)
         out = []
         for text, g in zip(problems, gens):
+            raw = tok.decode(g.tolist())
             try:
-                out.append(format_answer(self.task, tok.decode(g.tolist())))
-            except ValueError:
-                raise ValueError(f"the model produced no number for {text.strip()!r} (raw output "
-                                 f"{tok.decode(g.tolist())!r})") from None
+                out.append(format_answer(self.task, raw))
+            except ValueError:  # the model wrote something that is not a number: say so, keep the others
+                log.warning("the model produced no number for %r (raw output %r)", text.strip(), raw)
+                out.append(INVALID)
         return out
 
 

@@ -116,7 +116,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--maxiter", type=int, default=100)
     ap.add_argument("--tol", type=float, default=1e-5)
-    ap.add_argument("--linesearch", default="zoom")
+    ap.add_argument("--linesearch", default="backtracking")
+    ap.add_argument("--maxls", type=int, default=10)
     ap.add_argument("--loss-tol", type=float, default=1e-4, help="ours counts as matching if <= scipy + this")
     args = ap.parse_args(argv)
 
@@ -126,10 +127,12 @@ def main(argv=None):
 
     cands, x, y = build_problem(args.n)
     t0 = time.perf_counter()
-    sr_jax.refine(cands, x, y, maxiter=args.maxiter, tol=args.tol, linesearch=args.linesearch)
+    sr_jax.refine(cands, x, y, maxiter=args.maxiter, tol=args.tol, linesearch=args.linesearch,
+                  maxls=args.maxls)
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = sr_jax.refine(cands, x, y, maxiter=args.maxiter, tol=args.tol, linesearch=args.linesearch)
+    res = sr_jax.refine(cands, x, y, maxiter=args.maxiter, tol=args.tol, linesearch=args.linesearch,
+                  maxls=args.maxls)
     ours_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -144,7 +147,8 @@ def main(argv=None):
                   max_iterations=int(np.max(res.n_iterations)), frac_converged=float(np.mean(res.converged)))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
           f"{jax.default_backend()}, date {datetime.date.today().isoformat()}")
-    print(f"command: python benchmarks/refine.py --n {args.n} --maxiter {args.maxiter} --linesearch {args.linesearch}")
+    print(f"command: python benchmarks/refine.py --n {args.n} --maxiter {args.maxiter} --linesearch {args.linesearch} "
+          f"--maxls {args.maxls}")
     print("| candidates | compile+first call (s) | sr_jax.refine 2nd call (s) | scipy BFGS one by one (s) "
           "| speed-up | scipy s/candidate | ours <= scipy (+tol) | median loss ours / scipy |")
     print("|---|---|---|---|---|---|---|---|")

@@ -82,7 +82,7 @@ def _batch_value_and_grad(sig, arrays, consts, x, y, w, vary):
     return l, g
 
 
-def _make_solver(sig, maxiter: int, tol: float, linesearch: str, implicit: bool):
+def _make_solver(sig, maxiter: int, tol: float, linesearch: str, implicit: bool, maxls: int = 30):
     e_b = sig.n_expressions
 
     @custom_vmap
@@ -106,8 +106,18 @@ def _make_solver(sig, maxiter: int, tol: float, linesearch: str, implicit: bool)
         l, g = _batch_value_and_grad(sig, arrays, consts, x, y, w, vary)
         return jax.vmap(_mask_value)(l[idx], g[idx], active), (True, True)
 
-    solver = jaxopt.BFGS(fun=cand_vg, value_and_grad=True, maxiter=maxiter, tol=tol, linesearch=linesearch,
-                         implicit_diff=False, jit=True)
+    solver = jaxopt.BFGS(fun=cand_vg, value_and_grad=True, maxiter=maxiter, tol=tol,
+                         linesearch="backtracking" if linesearch == "armijo" else linesearch,
+                         maxls=maxls, implicit_diff=False, jit=True, linesearch_init="max")
+    if linesearch == "armijo":
+        # halving Armijo backtracking from step 1: few evaluations per iteration for every lane
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ls = jaxopt.BacktrackingLineSearch(fun=solver._value_and_grad_with_aux, value_and_grad=True,
+                                               has_aux=True, maxiter=maxls, condition="armijo",
+                                               decrease_factor=0.5, max_stepsize=1.0, jit=True)
+        solver.linesearch_solver = ls
+        solver.run_ls = ls.run
 
     def solve(c0, idx, active, arrays, x, y, w, vary):
         run = jax.vmap(solver.run, in_axes=(0, 0, 0, None, None, None, None, None))
@@ -135,9 +145,9 @@ def _mask_value(l, g, active):
 
 
 @functools.lru_cache(maxsize=32)
-def _refine_program(sig, maxiter: int, tol: float, linesearch: str, implicit: bool, x64: bool):
+def _refine_program(sig, maxiter: int, tol: float, linesearch: str, maxls: int, implicit: bool, x64: bool):
     """Jitted (datasets-vmapped) refinement for one tape signature; cached so a same-bucket batch reuses it."""
-    solve = _make_solver(sig, maxiter, tol, linesearch, implicit)
+    solve = _make_solver(sig, maxiter, tol, linesearch, implicit, maxls)
 
     def one_dataset(arrays, c0, real, x, y, w):
         vary = jnp.sum(w * (y - jnp.sum(w * y) / jnp.sum(w)) ** 2) / jnp.sum(w)
@@ -203,13 +213,17 @@ def _as_datasets(expressions, X, y):
     return exprs, xs, ys, multi
 
 
-def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5, linesearch: str = "zoom",
-           implicit_diff: bool = True, dtype=None) -> RefineResult:
+def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5,
+           linesearch: str = "backtracking", maxls: int = 10, implicit_diff: bool = True,
+           dtype=None) -> RefineResult:
     """Refine the constants of every candidate with BFGS on MSE / var(y), all in one jitted call.
 
     ``expressions``: candidates (Expression or prefix lists) whose numbers are the initial constants; for several
     datasets a list of candidate lists, with X a list of (N_b, D) arrays or a (B, N, D) array and y likewise.
-    ``maxiter``/``tol`` bound the BFGS iterations / gradient norm (scipy's gtol default is 1e-5).
+    ``maxiter``/``tol`` bound the BFGS iterations / gradient norm (scipy's gtol default is 1e-5); ``linesearch``
+    and ``maxls`` are jaxopt's line search and its iteration cap. Under vmap every line search runs as long as the
+    slowest candidate's, so a short backtracking search is the fast default ("zoom" is more robust, slower and
+    compiles about twice as long).
     float32 by default, float64 when ``jax_enable_x64`` is on.
     """
     exprs, xs, ys, multi = _as_datasets(expressions, X, y)
@@ -221,8 +235,8 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5
     yb = jnp.asarray(np.stack([np.concatenate([v, np.repeat(v[:1], n_b - len(v))]) for v in ys]), dtype)
     wb = jnp.asarray(np.stack([np.arange(n_b) < len(v) for v in ys]), dtype)
     real = jnp.asarray(np.stack([np.arange(tape.signature.n_expressions) < n for n in tape.n_expressions]))
-    program = _refine_program(tape.signature, int(maxiter), float(tol), linesearch, bool(implicit_diff),
-                              bool(jax.config.jax_enable_x64))
+    program = _refine_program(tape.signature, int(maxiter), float(tol), linesearch, int(maxls),
+                              bool(implicit_diff), bool(jax.config.jax_enable_x64))
     out = jax.device_get(program(arrays, c0, real, xb, yb, wb))
     per = []
     for b, n in enumerate(tape.n_expressions):
@@ -241,7 +255,7 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5
 
 
 def make_refine_fn(expressions: Sequence, n_features: int, *, maxiter: int = 100, tol: float = 1e-5,
-                   linesearch: str = "zoom", dtype=None):
+                   linesearch: str = "backtracking", maxls: int = 10, dtype=None):
     """A pure, jittable, differentiable ``f(X_NxD, y_N) -> (constants_ExP, losses_E)`` for fixed candidates.
 
     Gradients w.r.t. X and y flow through implicit differentiation of the BFGS solution. X must be finite; every
@@ -252,7 +266,7 @@ def make_refine_fn(expressions: Sequence, n_features: int, *, maxiter: int = 100
     arrays, c0 = itp.device_arrays(tape, dtype)
     arrays = jax.tree_util.tree_map(lambda a: a[0], arrays)
     sig = tape.signature
-    solve = _make_solver(sig, int(maxiter), float(tol), linesearch, True)
+    solve = _make_solver(sig, int(maxiter), float(tol), linesearch, True, int(maxls))
     n_real = tape.n_expressions[0]
 
     def f(x, y):

@@ -1,0 +1,106 @@
+"""Training throughput (tokens/s) of arith configs, and model-FLOPs utilisation where the peak is known.
+
+    python benchmarks/arith_train.py configs/arith_add_small.yaml configs/arith_add_looped_1x16.yaml [--steps 20]
+
+Tokens = batch × padded length per step. Model FLOPs count what the progressive loss actually computes: the
+expected n + k forward passes and 2k backward passes (exact expectation over the (n, k) distribution), plus
+attention; MFU divides by the chip's dense peak (H100 SXM bf16: 989 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from arith_jax.config import ArithConfig  # noqa: E402
+from arith_jax.data import make_batch  # noqa: E402
+from arith_jax.train import build_model  # noqa: E402
+from common import machine_line, timeit  # noqa: E402
+from core_jax import sharding as shd  # noqa: E402
+from core_jax.config import load_config  # noqa: E402
+from core_jax.optim import make_optimizer  # noqa: E402
+from core_jax.train import init_state, make_train_step  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+
+
+def expected_passes(cfg) -> tuple[float, float]:
+    """(E[forward passes], E[differentiated passes]) per step under the progressive loss."""
+    T, B = cfg.recurrences, cfg.backprop
+    if not (cfg.looped and cfg.progressive):
+        return float(T), float(T)
+    fwd = grad = 0.0
+    for n in range(T):
+        ks = range(1, min(T - n, B) + 1)
+        for k in ks:
+            fwd += (n + k) / (T * len(ks))
+            grad += k / (T * len(ks))
+    return fwd, grad
+
+
+def step_flops(cfg: ArithConfig) -> float:
+    m, S, Bt = cfg.model, cfg.data.seq_len - 1, cfg.data.batch_size
+    H, F = m.width, m.ffn
+    per_token_layer = 2 * (4 * H * H + H * F + (F // 2) * H) + 2 * 2 * S * H / 2  # causal: half the scores
+    fwd, grad = expected_passes(m)
+    layer_flops = per_token_layer * m.layers * (fwd + 2 * grad)
+    head = 2 * (H * F + (F // 2) * H + H * H + H * 19) * 3
+    return Bt * S * (layer_flops + head)
+
+
+def bench(path: str, steps: int, overrides: list[str]) -> dict:
+    cfg = load_config(ArithConfig, path, overrides)
+    model = build_model(cfg)
+    mesh = shd.data_mesh()
+    tx = make_optimizer(cfg.train.optim, cfg.train.steps)
+    repl = shd.replicated(mesh)
+    state = jax.jit(lambda: init_state(cfg.train, model.init, tx), out_shardings=repl)()
+    step = jax.jit(make_train_step(model.loss, tx), in_shardings=(repl, shd.batch_sharding(mesh)),
+                   out_shardings=(repl, repl), donate_argnums=0)
+    batches = [shd.shard_batch(make_batch(cfg.data, i), mesh) for i in range(4)]
+    box = {"state": state, "i": 0}
+
+    def run():
+        for _ in range(steps):
+            box["state"], metrics = step(box["state"], batches[box["i"] % 4])
+            box["i"] += 1
+        jax.block_until_ready(metrics["loss"])
+
+    sec = timeit(run, warmup=1, repeat=3) / steps
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    flops = step_flops(cfg)
+    kind = jax.devices()[0].device_kind
+    peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
+    return {"config": Path(path).name + (" " + " ".join(overrides) if overrides else ""),
+            "params_M": model.num_params(box["state"].params) / 1e6, "batch": cfg.data.batch_size,
+            "seq_len": cfg.data.seq_len, "steps_per_s": 1 / sec, "tokens_per_s": tokens / sec,
+            "tflops": flops / sec / 1e12,
+            "mfu": (flops / sec / peak) if (peak and cfg.model.dtype == "bfloat16") else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("configs", nargs="+")
+    ap.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
+    ap.add_argument("--set", action="append", default=[], help="override for every config")
+    args = ap.parse_args()
+    print(f"machine: {machine_line()}")
+    print("| config | params (M) | batch × len | steps/s | tokens/s | model TFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|")
+    for path in args.configs:
+        r = bench(path, args.steps, args.set)
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"| {r['config']} | {r['params_M']:.2f} | {r['batch']}×{r['seq_len']} | {r['steps_per_s']:.2f} | "
+              f"{r['tokens_per_s']:,.0f} | {r['tflops']:.2f} | {mfu} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+import jax
+import jax.numpy as jnp
+import mpmath
+import numpy as np
+import pytest
+import sympy
+from hypothesis import given, settings, strategies as st
+
+from sr_jax import evaluate
+from sr_jax.expressions import VARIABLES, Expression
+from sr_jax.generator import sample
+from sr_jax.interpreter import COMPILE_COUNTER, compile_tape
+
+
+@pytest.fixture(scope="module")
+def x64():
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", False)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.integers(0, 10**6), min_size=1, max_size=4))
+def test_matches_sympy_float64(x64, seeds):
+    samples = [sample(s) for s in seeds]
+    d = max(s.x_NxD.shape[1] for s in samples)
+    x = samples[0].x_NxD[:6]
+    x = np.concatenate([x, np.zeros((6, d - x.shape[1]))], axis=1) if x.shape[1] < d else x
+    samples = [s for s in samples if np.isfinite(s.expression.evaluate_numpy(x)).all()]
+    if not samples:
+        return
+    out = np.asarray(evaluate([s.expression for s in samples], x))
+    assert out.dtype == np.float64
+    syms = [sympy.Symbol(v, real=True) for v in VARIABLES[:d]]
+    mpmath.mp.dps = 40
+    for s, row in zip(samples, out):
+        f = sympy.lambdify(syms, s.expression.to_sympy(), modules="mpmath")
+        ref = np.array([complex(f(*[mpmath.mpf(float(v)) for v in pt])) for pt in x])
+        assert np.all(np.abs(ref.imag) <= 1e-9 * np.abs(ref.real) + 1e-12)
+        np.testing.assert_allclose(row, ref.real, rtol=1e-7, atol=1e-9 * np.abs(ref.real).max())
+
+
+def test_batched_equals_one_by_one_and_numpy():
+    samples = [sample([11, i]) for i in range(12)]
+    x = np.random.default_rng(0).standard_normal((50, 10))
+    exprs = [s.expression for s in samples]
+    batch = np.asarray(evaluate(exprs, x))
+    assert batch.shape == (12, 50)
+    for e, row in zip(exprs, batch):
+        single = np.asarray(evaluate([e], x))[0]
+        np.testing.assert_array_equal(np.isfinite(row), np.isfinite(single))
+        np.testing.assert_allclose(row, single, rtol=1e-6, equal_nan=True)
+        ref = e.evaluate_numpy(x)
+        ok = np.isfinite(ref) & (np.abs(ref) < 1e30)
+        np.testing.assert_allclose(row[ok], ref[ok], rtol=2e-3, atol=1e-4 * max(1.0, np.abs(ref[ok]).max(initial=0)))
+
+
+def test_out_of_domain_is_consistent_nan_inf():
+    x = np.array([[-1.0, 0.0], [0.0, 2.0], [4.0, -3.0]])
+    exprs = [["log", "x_0"], ["inv", "x_1"], ["div", "x_0", "x_1"], ["sqrt", "x_0"], ["arcsin", "x_1"],
+             ["pow", "x_0", 0.5], ["exp", "mul", 1000.0, "x_0"]]
+    got = np.asarray(evaluate(exprs, x))
+    ref = np.stack([Expression(e).evaluate_numpy(x) for e in exprs])
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_array_equal(np.isposinf(got), np.isposinf(ref))
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(ref))
+
+
+def test_second_batch_of_same_bucket_does_not_recompile():
+    x = np.random.default_rng(1).standard_normal((40, 3))
+    a = [["add", 1.0, "mul", 2.0, "sin", "x_0"], ["mul", "x_1", "exp", "x_2"], ["sub", "x_0", 3.5]]
+    b = [["add", -4.0, "mul", 0.5, "sin", "x_2"], ["mul", "x_0", "exp", "x_1"], ["sub", "x_2", 1.5]]
+    sig_a = compile_tape([a], 3).signature
+    assert compile_tape([b], 3).signature == sig_a
+    evaluate(a, x)
+    n = COMPILE_COUNTER["evaluate"]
+    out = np.asarray(evaluate(b, x[:37]))  # other expressions, other N in the same bucket
+    assert COMPILE_COUNTER["evaluate"] == n
+    np.testing.assert_allclose(out[1], x[:37, 0] * np.exp(x[:37, 1]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("x, exprs, msg", [
+    (np.array([[np.nan, 1.0]]), [["x_0"]], "NaN or inf"),
+    (np.ones(5), [["x_0"]], "shape \\(N, D\\)"),
+    (np.ones((5, 1)), [["x_3"]], "uses x_3 but X has only 1 columns"),
+    (np.ones((5, 1)), [["sin", "q"]], "unknown symbol 'q'"),
+    (np.ones((5, 1)), [], "no expressions"),
+])
+def test_bad_inputs(x, exprs, msg):
+    with pytest.raises(ValueError, match=msg):
+        evaluate(exprs, x)
+
+
+def test_gradient_wrt_constants_is_finite_and_correct():
+    from sr_jax.interpreter import device_arrays, run_tape
+
+    x = np.linspace(-1, 1, 16)[:, None]
+    tape = compile_tape([[["add", 0.3, "mul", 2.0, "sin", "x_0"], ["log", "mul", 1.0, "x_0"]]], 1)
+    arrays, c = device_arrays(tape, jnp.float32)
+    arrays = jax.tree_util.tree_map(lambda a: a[0], arrays)
+
+    def loss(c):
+        p = run_tape(tape.signature, arrays, c, jnp.asarray(x, jnp.float32))
+        return jnp.sum(jnp.where(jnp.isfinite(p), p, 0.0))
+
+    g = np.asarray(jax.grad(loss)(c[0]))
+    assert np.isfinite(g).all()
+    np.testing.assert_allclose(g[0, :2], [16.0, np.sin(x[:, 0]).sum()], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,88 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sr_jax import Expression, make_refine_fn, refine
+from sr_jax.interpreter import COMPILE_COUNTER
+
+RNG = np.random.default_rng(0)
+X = RNG.standard_normal((60, 2))
+Y = 1.5 + 2.0 * np.sin(0.7 * X[:, 0]) - 0.3 * X[:, 1]
+TRUE = Expression(["add", 1.5, "add", "mul", 2.0, "sin", "mul", 0.7, "x_0", "mul", -0.3, "x_1"])
+
+
+def perturbed(scale, seed):
+    r = np.random.default_rng(seed)
+    return TRUE.with_constants(TRUE.constants * (1 + scale * r.uniform(-1, 1, len(TRUE.constants))))
+
+
+def test_recovers_known_constants_from_perturbed_starts():
+    cands = [perturbed(0.2, s) for s in range(4)] + [Expression(["log", "x_0"])]
+    res = refine(cands, X, Y, maxiter=100, linesearch="zoom", maxls=20)
+    assert res.failed.tolist() == [False] * 4 + [True]  # log of negative x -> failed, batch unaffected
+    for e, l in zip(res.expressions[:4], res.losses[:4]):
+        assert l < 1e-6
+        np.testing.assert_allclose(e.constants, TRUE.constants, rtol=2e-3, atol=2e-3)
+    assert np.isinf(res.losses[4]) and res.expressions[4] == cands[4]
+    assert (res.losses[:4] <= res.initial_losses[:4]).all()
+
+
+def test_batched_equals_one_by_one():
+    cands = [perturbed(0.3, s) for s in range(3)] + [Expression(["add", 0.1, "mul", 0.2, "x_1"])]
+    batch = refine(cands, X, Y, linesearch="zoom", maxls=20)
+    for i, c in enumerate(cands):
+        one = refine([c], X, Y, linesearch="zoom", maxls=20)
+        np.testing.assert_allclose(batch.losses[i], one.losses[0], rtol=1e-3, atol=1e-6)
+
+
+def test_never_worse_than_start_and_no_recompile():
+    cands = [Expression(["add", 1.5, "mul", 2.0, "x_0"]), Expression(["mul", 3.0, "cos", "x_1"])]
+    r1 = refine(cands, X, Y)
+    n = COMPILE_COUNTER["refine"]
+    cands2 = [Expression(["add", -1.0, "mul", 0.5, "x_1"]), Expression(["mul", 1.0, "cos", "x_0"])]
+    r2 = refine(cands2, X[:50], Y[:50])  # same bucket: no new program
+    assert COMPILE_COUNTER["refine"] == n
+    for r in (r1, r2):
+        assert (r.losses <= r.initial_losses + 1e-7).all()
+
+
+def test_several_datasets_vmap():
+    X2 = RNG.standard_normal((60, 2))
+    Y2 = -2.0 + 0.5 * X2[:, 1]
+    lin = Expression(["add", 0.0, "mul", 1.0, "x_1"])
+    res = refine([[perturbed(0.1, 0), lin], [lin, perturbed(0.1, 1)]], np.stack([X, X2]), np.stack([Y, Y2]),
+                 linesearch="zoom", maxls=20)
+    assert res.losses[0][0] < 1e-6 and res.losses[1][0] < 1e-6
+    np.testing.assert_allclose(res.expressions[1][0].constants, [-2.0, 0.5], atol=1e-3)
+
+
+def test_float64(monkeypatch):
+    jax.config.update("jax_enable_x64", True)
+    try:
+        res = refine([perturbed(0.1, 3)], X, Y, linesearch="zoom", maxls=20)
+        assert res.losses[0] < 1e-12
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def test_gradient_through_refinement_matches_least_squares():
+    """Implicit differentiation: d(refined constants)/dy for a linear model equals pinv(A)."""
+    f = make_refine_fn([Expression(["add", 0.3, "mul", 0.2, "x_1"])], 2, linesearch="zoom", maxls=20)
+    y = jnp.asarray(Y, jnp.float32)
+    jac = np.asarray(jax.jacobian(lambda yy: f(X, yy)[0][0, :2])(y))
+    a = np.stack([np.ones(len(Y)), X[:, 1]], axis=1)
+    np.testing.assert_allclose(jac, np.linalg.pinv(a), atol=2e-4)
+    g = np.asarray(jax.grad(lambda xx: f(xx, y)[1].sum())(jnp.asarray(X, jnp.float32)))
+    assert np.isfinite(g).all() and np.abs(g).max() > 0
+
+
+@pytest.mark.parametrize("x, y, msg", [
+    (np.ones((5, 1)), np.array([1.0, 2, 3, np.nan, 4]), "y contains NaN"),
+    (np.ones((5, 1)), np.ones(4), "5 rows but y has 4"),
+    (np.ones((5, 1)), np.ones((5, 2)), "shape \\(N,\\)"),
+    (np.full((5, 1), np.inf), np.ones(5), "X contains NaN or inf"),
+])
+def test_bad_inputs(x, y, msg):
+    with pytest.raises(ValueError, match=msg):
+        refine([Expression(["mul", 1.0, "x_0"])], x, y)

@@ -43,7 +43,7 @@ class Checkpointer:
         steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        abstract = jax.tree_util.tree_map(_with_sharding, target)
         errors = []
         for s in steps:
             try:
@@ -60,6 +60,16 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _with_sharding(x):
+    """Abstract leaf with a sharding: leaves without one land on the local default device, so a checkpoint
+    written on a GPU loads on a CPU-only machine."""
+    sds = ocp.utils.to_shape_dtype_struct(x)
+    if getattr(sds, "sharding", None) is None:
+        sds = jax.ShapeDtypeStruct(sds.shape, sds.dtype,
+                                   sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    return sds
 
 
 def read_meta(directory: str | Path, step: int | None = None) -> tuple[dict, int]:

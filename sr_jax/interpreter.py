@@ -6,14 +6,14 @@ every node. Here the whole batch is compiled on the host into one *tape*:
 * a value buffer ``V`` of shape (slots, N): slot 0 holds a safe value (0.5) used by padding, slot 1 is a trash
   slot padding writes to, then one slot per input column, one per constant (``consts`` is an input array, so
   refinement can differentiate w.r.t. it), and one per internal node;
-* for every operator, the list of its nodes sorted by height (leaves have height 0), as (output slot, argument
-  slots) index arrays. Level by level, each operator is applied to a fixed-size *window* of its own list that starts
-  at the first node of that level: gather arguments -> apply -> scatter into ``V``. A window may run into nodes of
-  higher levels; those get garbage that is overwritten at their own level before anyone reads them. So an operator
-  only ever runs on (a padded window of) its own nodes.
+* internal nodes grouped by (height, group): at each height one "cheap" group holds add/sub/mul/div/inv/abs/
+  pow2/pow3 nodes (a per-node select among a few flops, cheaper than more gathers), and every transcendental
+  operator (sqrt, log, exp, sin, cos, tan, arcsin, arccos, arctan, pow) present at that height gets its own group,
+  so a transcendental is computed only for nodes that use it. Each group: gather arguments -> apply -> scatter.
+* reverse mode is a hand-written reverse tape (custom_vjp) with one in-place cotangent buffer.
 
-Every array length is rounded up to a bucket (powers of two and 1.5x powers of two), and the static structure is
-``TapeSignature`` (bucketed sizes + per-operator window/list lengths). A second batch with the same signature reuses
+Every size is rounded up to a bucket (powers of two and 1.5x powers of two), and the static structure is
+``TapeSignature`` (bucketed sizes + the (height, group, capacity) list). A second batch with the same signature reuses
 the compiled program; ``COMPILE_COUNTER`` counts traces. Operator derivatives are where-guarded (zero where the
 value or the derivative is non-finite), so NaN/inf of one candidate never leaks into anyone's gradient.
 """

@@ -8,6 +8,7 @@ prompt length and decoded in fixed-size batches, so a whole grid compiles once p
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def solve_prompts(model: ArithModel, params, prompts: list[np.ndarray], max_new:
         groups[len(p)].append(i)
     results: list[np.ndarray | None] = [None] * len(prompts)
     total = sum(-(-len(ix) // batch_size) for ix in groups.values())
-    with tqdm(total=total, disable=not progress, desc=desc, dynamic_ncols=True) as bar:
+    with tqdm(total=total, disable=not progress, desc=desc, dynamic_ncols=True,
+              mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
         for length in sorted(groups):
             idx = groups[length]
             new = -(-max(max_new[i] for i in idx) // 4) * 4  # round up: fewer distinct shapes to compile

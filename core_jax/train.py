@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -112,7 +113,7 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     history: list[dict] = []
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or jax.process_index() != 0,
-               desc="train", dynamic_ncols=True)
+               desc="train", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
     t0 = time.perf_counter()
     try:
         for step in range(start, end):

@@ -30,7 +30,6 @@ import numpy as np
 from .expressions import OPERATORS, Expression, variable_index
 
 COMPILE_COUNTER = {"evaluate": 0, "refine": 0}
-_SAFE, _TRASH, _FIRST_FEATURE = 0, 1, 2
 _OP_ORDER = tuple(OPERATORS)  # fixed operator order for signatures
 
 
@@ -60,29 +59,63 @@ def _cheap_fwd(a, b, code):
 
 
 # ----- host-side compilation ---------------------------------------------------------------------------------------
+# Group order inside a level: the binary groups first (their second arguments are gathered, nobody else's).
+_BINARY_GROUPS = ("cheap", "pow")
+_UNARY_GROUPS = tuple(o for o in OPERATORS if o not in CHEAP_OPS and o != "pow")
+_GROUP_ORDER = {g: i for i, g in enumerate(_BINARY_GROUPS + _UNARY_GROUPS)}
+
+
 @dataclasses.dataclass(frozen=True)
 class TapeSignature:
     """Static structure of a compiled batch: everything that, if changed, needs a new XLA program.
 
-    ``groups`` is ((level, group, offset, capacity), ...): at each level, one group holds the cheap arithmetic
-    nodes ("cheap") and every transcendental operator present at that level gets its own group, padded to a
-    bucketed capacity; offset/capacity index the flat node arrays.
+    ``levels`` is one entry per level (node height 1, 2, ...): a tuple of (group, capacity), binary groups first.
+    At each level one "cheap" group holds the add/sub/mul/div/inv/abs/pow2/pow3 nodes and every other operator
+    present gets its own group, padded to a bucketed capacity. ``n_const_slots``: constant leaves of the whole batch
+    (bucketed); ``n_feature_uses``: variable leaves (bucketed, only used for d/dX).
     """
 
     n_datasets: int
     n_features: int
     n_expressions: int  # bucketed
     n_consts: int  # constants per expression, bucketed
-    n_internal: int  # internal-node slots, bucketed
-    groups: tuple
+    n_const_slots: int
+    n_feature_uses: int
+    levels: tuple
 
-    @property
-    def n_slots(self) -> int:
-        return _FIRST_FEATURE + self.n_features + self.n_expressions * self.n_consts + self.n_internal
+    @functools.cached_property
+    def layout(self):
+        """Per level: (node_lo, node_hi, binary_lo, binary_hi, ((group, lo, hi), ...)) in node/binary row numbers."""
+        out, node, binr = [], 0, 0
+        for groups in self.levels:
+            lo, blo, gl = node, binr, []
+            for g, cap in groups:
+                gl.append((g, node, node + cap))
+                node += cap
+                if g in _BINARY_GROUPS:
+                    binr += cap
+            out.append((lo, node, blo, binr, tuple(gl)))
+        return tuple(out)
 
     @property
     def n_nodes_padded(self) -> int:
-        return sum(g[3] for g in self.groups)
+        return sum(c for groups in self.levels for _, c in groups)
+
+    @property
+    def n_binary(self) -> int:
+        return sum(c for groups in self.levels for g, c in groups if g in _BINARY_GROUPS)
+
+    @property
+    def const_base(self) -> int:  # value-buffer rows: 0 safe value, features, constant slots, nodes
+        return 1 + self.n_features
+
+    @property
+    def node_base(self) -> int:
+        return self.const_base + self.n_const_slots
+
+    @property
+    def n_slots(self) -> int:
+        return self.node_base + self.n_nodes_padded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +123,7 @@ class Tape:
     """Host-compiled batch (numpy arrays with a leading dataset axis) plus its static signature."""
 
     signature: TapeSignature
-    arrays: dict  # out, a1, a2, code: (B, n_nodes_padded); roots: (B, E_b)
+    arrays: dict  # int32 index arrays, leading dataset axis (see _fill)
     consts: np.ndarray  # (B, E_b, P_b) initial constants
     n_consts: np.ndarray  # (B, E_b) real constants per expression
     n_expressions: tuple  # real expressions per dataset
@@ -116,75 +149,172 @@ def _check_expressions(expressions, n_features: int, where: str = "") -> list[Ex
     return out
 
 
-def _layout(exprs: list[Expression], n_features: int, e_b: int, p_b: int):
-    """Per-dataset internal nodes grouped by (level, group) as (out, a1, a2, code), roots and constants."""
-    const_base = _FIRST_FEATURE + n_features
-    int_base = const_base + e_b * p_b
-    groups: dict = {}
-    roots = np.zeros(e_b, np.int32)
-    consts = np.zeros((e_b, p_b))
-    n_consts = np.zeros(e_b, np.int32)
-    n_int = 0
+@dataclasses.dataclass
+class _Parsed:
+    """One dataset's expressions as a forest: nodes, leaves and parent links (every value has exactly one user)."""
+
+    nodes: list  # (group, code, level, child refs)
+    consts: list  # (expr, index in expr, value)
+    features: list  # feature index per variable leaf
+    roots: list  # ref per expression
+    n_consts: list
+
+    def counts(self):
+        c: dict = {}
+        for g, _, lv, _ in self.nodes:
+            c[(lv, g)] = c.get((lv, g), 0) + 1
+        return c
+
+
+def _parse(exprs: list[Expression]) -> _Parsed:
+    p = _Parsed([], [], [], [], [])
     for i, e in enumerate(exprs):
         n_c = sum(isinstance(t, float) for t in e.tokens)
         j = n_c  # constants are numbered in prefix order; the walk below is reversed
-        stack = []  # (slot, level)
+        stack = []  # refs: ("c", k) | ("x", k) | ("n", k), with the height
         for t in reversed(e.tokens):
             if isinstance(t, float):
                 j -= 1
-                consts[i, j] = t
-                stack.append((const_base + i * p_b + j, 0))
+                p.consts.append((i, j, t))
+                stack.append((("c", len(p.consts) - 1), 0))
             elif t in OPERATORS:
                 args = [stack.pop() for _ in range(OPERATORS[t].arity)]
                 level = 1 + max(a[1] for a in args)
-                slot = int_base + n_int
-                n_int += 1
-                a2 = args[1][0] if len(args) > 1 else _SAFE
-                key = (level, "cheap" if t in _CHEAP_CODE else t)
-                groups.setdefault(key, []).append((slot, args[0][0], a2, _CHEAP_CODE.get(t, 0)))
-                stack.append((slot, level))
+                g = "cheap" if t in _CHEAP_CODE else t
+                p.nodes.append((g, _CHEAP_CODE.get(t, 0), level, [a[0] for a in args]))
+                stack.append((("n", len(p.nodes) - 1), level))
             else:
-                stack.append((_FIRST_FEATURE + variable_index(t), 0))
-        roots[i] = stack[0][0]
-        n_consts[i] = n_c
-    return groups, roots, consts, n_consts, n_int
+                p.features.append(variable_index(t))
+                stack.append((("x", len(p.features) - 1), 0))
+        p.roots.append(stack[0][0])
+        p.n_consts.append(n_c)
+    return p
 
 
-_GROUP_ORDER = {g: i for i, g in enumerate(("cheap",) + tuple(o for o in OPERATORS if o not in CHEAP_OPS))}
+def _fits(sig: TapeSignature, key, n_cs: int, n_fu: int, counts: dict) -> bool:
+    if (sig.n_datasets, sig.n_features, sig.n_expressions, sig.n_consts) != key:
+        return False
+    if sig.n_const_slots < n_cs or sig.n_feature_uses < n_fu:
+        return False
+    for (lv, g), c in counts.items():
+        if lv > len(sig.levels) or dict(sig.levels[lv - 1]).get(g, 0) < c:
+            return False
+    return True
+
+
+_SIGNATURES: list = []  # recently used signatures, newest first (see compile_tape)
 
 
 def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, min_expressions: int = 1) -> Tape:
-    """Compile B lists of expressions (one per dataset) into one padded tape with a common signature."""
+    """Compile B lists of expressions (one per dataset) into one padded tape with a common signature.
+
+    Shapes come from a small set: sizes are bucketed with some slack, and a batch that fits a recently used
+    signature (same datasets/features/expression and constant buckets, every group within capacity, at most 2x the
+    padded work of a fresh one) reuses it, so a second batch of the same bucket reuses the compiled program.
+    """
     multi = len(expressions_per_dataset) > 1
     dsets = [_check_expressions(list(ex), n_features, f" of dataset {b}" if multi else "")
              for b, ex in enumerate(expressions_per_dataset)]
     e_b = bucket(max(len(d) for d in dsets), max(min_expressions, 1))
     p_b = bucket(max(len(e.constants) for d in dsets for e in d), 1)
-    layouts = [_layout(d, n_features, e_b, p_b) for d in dsets]
-    n_int_b = bucket(max(l[4] for l in layouts) + 1)
-    keys = sorted({k for l in layouts for k in l[0]}, key=lambda k: (k[0], _GROUP_ORDER[k[1]]))
-    groups, offset = [], 0
-    for level, g in keys:
-        cap = bucket(max(len(l[0].get((level, g), ())) for l in layouts), 4)
-        groups.append((level, g, offset, cap))
-        offset += cap
-    sig = TapeSignature(len(dsets), n_features, e_b, p_b, n_int_b, tuple(groups))
-    b_n = len(dsets)
-    out = np.full((b_n, offset), _TRASH, np.int32)
-    a1 = np.full((b_n, offset), _SAFE, np.int32)
-    a2 = np.full((b_n, offset), _SAFE, np.int32)
-    code = np.zeros((b_n, offset), np.int32)
-    for b, lay in enumerate(layouts):
-        for level, g, off, cap in groups:
-            lst = lay[0].get((level, g), [])
-            if lst:
-                arr = np.array(lst, np.int32).T
-                out[b, off:off + len(lst)], a1[b, off:off + len(lst)] = arr[0], arr[1]
-                a2[b, off:off + len(lst)], code[b, off:off + len(lst)] = arr[2], arr[3]
-    arrays = {"out": out, "a1": a1, "a2": a2, "code": code, "roots": np.stack([l[1] for l in layouts])}
-    consts = np.stack([l[2] for l in layouts])
-    n_consts = np.stack([l[3] for l in layouts])
+    parsed = [_parse(d) for d in dsets]
+    need_cs = max(len(p.consts) for p in parsed)
+    need_fu = max(len(p.features) for p in parsed)
+    counts: dict = {}
+    for p in parsed:
+        for k, c in p.counts().items():
+            counts[k] = max(counts.get(k, 0), c)
+    key = (len(dsets), n_features, e_b, p_b)
+    n_lv = max([k[0] for k in counts], default=0)
+    slack = lambda c: bucket(c + (c + 3) // 4, 4)  # noqa: E731
+    fresh = TapeSignature(*key, slack(need_cs + 1), slack(need_fu + 1), tuple(
+        tuple((g, slack(counts[(lv, g)])) for g in sorted({k[1] for k in counts if k[0] == lv}, key=_GROUP_ORDER.get))
+        for lv in range(1, n_lv + 1)))
+    sig = next((s for s in _SIGNATURES if _fits(s, key, need_cs, need_fu, counts)
+                and s.n_nodes_padded <= 2 * fresh.n_nodes_padded + 64), fresh)
+    if sig in _SIGNATURES:
+        _SIGNATURES.remove(sig)
+    _SIGNATURES.insert(0, sig)
+    del _SIGNATURES[32:]
+    filled = [_fill(sig, p) for p in parsed]
+    arrays = {k: np.stack([f[0][k] for f in filled]) for k in filled[0][0]}
+    consts = np.zeros((len(dsets), e_b, p_b))
+    for b, p in enumerate(parsed):
+        for i, j, v in p.consts:
+            consts[b, i, j] = v
+    n_consts = np.zeros((len(dsets), e_b), np.int32)
+    for b, p in enumerate(parsed):
+        n_consts[b, : len(p.n_consts)] = p.n_consts
     return Tape(sig, arrays, consts, n_consts, tuple(len(d) for d in dsets), tuple(tuple(d) for d in dsets))
+
+
+def _fill(sig: TapeSignature, p: _Parsed):
+    """Index arrays for one dataset.
+
+    Value buffer V rows: 0 safe value 0.5, 1..D features, constant slots, node slots (padded layout order).
+    Cotangent buffer C rows: 0 zero, 1..E_b the output cotangents, then node slots.
+    Multiplier buffer M rows: 0 ones, then d node/d arg0 per node, then d node/d arg1 per binary row.
+    Every value has exactly one user (the expressions are trees), so the reverse pass is a gather, not a scatter:
+    cotangent(child) = C[par] * M[mul].
+    """
+    lay = sig.layout
+    n_nodes, e_b = sig.n_nodes_padded, sig.n_expressions
+    # place nodes: slot (node row) and binary row per node
+    cursor = {}
+    for li, (lo, hi, blo, bhi, groups) in enumerate(lay):
+        b = blo
+        for g, glo, ghi in groups:
+            cursor[(li + 1, g)] = [glo, b if g in _BINARY_GROUPS else -1]
+            if g in _BINARY_GROUPS:
+                b += ghi - glo
+    row = np.zeros(len(p.nodes), np.int64)
+    brow = np.full(len(p.nodes), -1, np.int64)
+    for k, (g, _, lv, _) in enumerate(p.nodes):
+        cur = cursor[(lv, g)]
+        row[k], brow[k] = cur[0], cur[1]
+        cur[0] += 1
+        if cur[1] >= 0:
+            cur[1] += 1
+    def vrow(ref):
+        kind, k = ref
+        if kind == "n":
+            return sig.node_base + row[k]
+        return sig.const_base + k if kind == "c" else 1 + p.features[k]
+
+    a1 = np.zeros(n_nodes, np.int32)
+    a2 = np.zeros(sig.n_binary, np.int32)
+    code = np.zeros(n_nodes, np.int32)
+    node_par = np.zeros(n_nodes, np.int32)
+    node_mul = np.zeros(n_nodes, np.int32)
+    c_par = np.zeros(sig.n_const_slots, np.int32)
+    c_mul = np.zeros(sig.n_const_slots, np.int32)
+    c_idx = np.zeros(sig.n_const_slots, np.int32)
+    f_par = np.zeros(sig.n_feature_uses, np.int32)
+    f_mul = np.zeros(sig.n_feature_uses, np.int32)
+    f_id = np.zeros(sig.n_feature_uses, np.int32)
+    roots = np.zeros(e_b, np.int32)
+
+    def link(ref, par, mul):
+        kind, k = ref
+        arr = {"n": (node_par, node_mul), "c": (c_par, c_mul), "x": (f_par, f_mul)}[kind]
+        idx = row[k] if kind == "n" else k
+        arr[0][idx], arr[1][idx] = par, mul
+
+    for k, (g, c, lv, args) in enumerate(p.nodes):
+        a1[row[k]] = vrow(args[0])
+        code[row[k]] = c
+        link(args[0], 1 + e_b + row[k], 1 + row[k])
+        if len(args) > 1:
+            a2[brow[k]] = vrow(args[1])
+            link(args[1], 1 + e_b + row[k], 1 + n_nodes + brow[k])
+    for i, ref in enumerate(p.roots):
+        roots[i] = vrow(ref)
+        link(ref, 1 + i, 0)
+    for k, (i, j, _) in enumerate(p.consts):
+        c_idx[k] = i * sig.n_consts + j
+    f_id[: len(p.features)] = p.features
+    return dict(a1=a1, a2=a2, code=code, roots=roots, node_par=node_par, node_mul=node_mul, c_par=c_par,
+                c_mul=c_mul, c_idx=c_idx, f_par=f_par, f_mul=f_mul, f_id=f_id), None
 
 
 # ----- device-side evaluation --------------------------------------------------------------------------------------
@@ -227,53 +357,70 @@ _RAW_DERIVS = {
 }
 
 
-def _forward_buffer(sig: TapeSignature, arrays, consts_ExP, x_NxD):
+def _forward(sig: TapeSignature, arrays, consts_ExP, x_NxD):
+    """Value buffer V plus, per level, the gathered arguments (kept for the reverse pass)."""
     dtype = x_NxD.dtype
     n = x_NxD.shape[0]
-    v = jnp.concatenate([
-        jnp.full((1, n), 0.5, dtype),
-        jnp.zeros((1, n), dtype),
-        x_NxD.T,
-        jnp.broadcast_to(consts_ExP.reshape(-1, 1).astype(dtype), (sig.n_expressions * sig.n_consts, n)),
-        jnp.full((sig.n_internal, n), 0.5, dtype),
-    ])
-    for level, g, off, cap in sig.groups:
-        sl = slice(off, off + cap)
-        vals = _group_apply(g, v[arrays["a1"][sl]], v[arrays["a2"][sl]], arrays["code"][sl])
-        v = v.at[arrays["out"][sl]].set(vals, mode="promise_in_bounds")
-    return v
+    cvals = consts_ExP.reshape(-1).astype(dtype)[arrays["c_idx"]]
+    v = jnp.concatenate([jnp.full((1, n), 0.5, dtype), x_NxD.T, jnp.broadcast_to(cvals[:, None], (cvals.shape[0], n)),
+                         jnp.zeros((sig.n_nodes_padded, n), dtype)])
+    saved = []
+    for lo, hi, blo, bhi, groups in sig.layout:
+        a = v[arrays["a1"][lo:hi]]  # one gather per level for the first arguments ...
+        b = v[arrays["a2"][blo:bhi]] if bhi > blo else None  # ... and one for the binary groups' second ones
+        outs = []
+        for g, glo, ghi in groups:
+            s = slice(glo - lo, ghi - lo)
+            bb = b[glo - lo:ghi - lo] if g in _BINARY_GROUPS else None
+            outs.append(_group_apply(g, a[s], bb, arrays["code"][glo:ghi]))
+        out = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
+        v = jax.lax.dynamic_update_slice_in_dim(v, out, sig.node_base + lo, axis=0)  # static offset: in place
+        saved.append((a, b, out))
+    return v, saved
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def run_tape(sig: TapeSignature, arrays, consts_ExP, x_NxD):
     """Traced evaluation for ONE dataset (arrays without the dataset axis): returns (E_b, N) predictions.
 
-    Reverse mode uses a hand-written reverse tape (one cotangent buffer updated in place, group by group in
-    reverse order); autodiff of the forward scatters would materialise a full-size cotangent per gather.
+    Reverse mode is hand-written: every value has exactly one user, so each level's cotangents are one gather of
+    the users' cotangents times one gather of local derivatives (no scatter into a big buffer).
     """
-    return _forward_buffer(sig, arrays, consts_ExP, x_NxD)[arrays["roots"]]
+    return _forward(sig, arrays, consts_ExP, x_NxD)[0][arrays["roots"]]
 
 
 def _run_tape_fwd(sig, arrays, consts_ExP, x_NxD):
-    v = _forward_buffer(sig, arrays, consts_ExP, x_NxD)
-    return v[arrays["roots"]], (v, arrays)
+    v, saved = _forward(sig, arrays, consts_ExP, x_NxD)
+    return v[arrays["roots"]], (saved, arrays, consts_ExP.shape)
 
 
 def _run_tape_bwd(sig, res, ct_ExN):
-    v, arrays = res
-    ct = jnp.zeros_like(v).at[arrays["roots"]].add(ct_ExN.astype(v.dtype))
-    for level, g, off, cap in reversed(sig.groups):
-        sl = slice(off, off + cap)
-        o, i1, i2 = arrays["out"][sl], arrays["a1"][sl], arrays["a2"][sl]
-        ct_o = ct[o]
-        da, db = _group_derivs(g, v[i1], v[i2], v[o], arrays["code"][sl])
-        ct = ct.at[i1].add(ct_o * da)
-        if db is not None:
-            ct = ct.at[i2].add(ct_o * db)
-    f0 = _FIRST_FEATURE
-    ct_x = ct[f0:f0 + sig.n_features].T
-    c0 = f0 + sig.n_features
-    ct_c = ct[c0:c0 + sig.n_expressions * sig.n_consts].sum(axis=1).reshape(sig.n_expressions, sig.n_consts)
+    saved, arrays, cshape = res
+    dtype = saved[0][0].dtype if saved else ct_ExN.dtype
+    ct_ExN = ct_ExN.astype(dtype)
+    n = ct_ExN.shape[1]
+    das, dbs = [], []
+    for (lo, hi, blo, bhi, groups), (a, b, out) in zip(sig.layout, saved):
+        for g, glo, ghi in groups:
+            s = slice(glo - lo, ghi - lo)
+            bb = b[glo - lo:ghi - lo] if g in _BINARY_GROUPS else None
+            da, db = _group_derivs(g, a[s], bb, out[s], arrays["code"][glo:ghi])
+            das.append(da)
+            if g in _BINARY_GROUPS:
+                dbs.append(db)
+    # materialise the multipliers once (without the barrier XLA fuses this concatenate into the gathers below
+    # and recomputes every derivative per gathered element)
+    m = jax.lax.optimization_barrier(jnp.concatenate([jnp.ones((1, n), dtype)] + das + dbs))
+    node_m = m[arrays["node_mul"]]
+    c = jnp.concatenate([jnp.zeros((1, n), dtype), ct_ExN, jnp.zeros((sig.n_nodes_padded, n), dtype)])
+    base = 1 + sig.n_expressions
+    for lo, hi, _, _, _ in reversed(sig.layout):
+        ct = c[arrays["node_par"][lo:hi]] * node_m[lo:hi]
+        c = jax.lax.dynamic_update_slice_in_dim(c, ct, base + lo, axis=0)
+    ct_cs = jnp.sum(c[arrays["c_par"]] * m[arrays["c_mul"]], axis=1)
+    ct_c = jnp.zeros(cshape[0] * cshape[1], dtype).at[arrays["c_idx"]].add(ct_cs).reshape(cshape)
+    ct_f = c[arrays["f_par"]] * m[arrays["f_mul"]]
+    ct_x = jax.ops.segment_sum(ct_f, arrays["f_id"], num_segments=sig.n_features).T
     int_ct = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, jax.dtypes.float0), arrays)
     return int_ct, ct_c, ct_x
 

@@ -37,6 +37,8 @@ class ModelConfig:
     positions: tuple[str, ...] = ("abacus",)  # any of abacus, learned, fire, rope; () = NoPE
     abacus_max_k: int = 100       # training offset k ~ U{0..max_k}
     abacus_k_per_row: bool = False  # original: one k per batch; per row trains every position in every batch
+    abacus_train_ids: str = "shift"  # "shift": ids k+1..k+L (original); "subset": the i-th digit of every number
+                                     # gets the i-th id of a sorted random subset of 1..max_k+L (per row)
     table_size: int = 512         # rows of the Abacus / learned position tables
     max_backprop: int | None = None  # progressive loss: at most this many passes with gradient (default T//2)
     progressive: bool = True      # progressive loss for looped models (n no-grad passes, then k with grad)
@@ -52,6 +54,8 @@ class ModelConfig:
             raise ValueError("abacus and learned absolute positions share the embedding slot; pick one")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+        if self.abacus_train_ids not in ("shift", "subset"):
+            raise ValueError(f"abacus_train_ids must be 'shift' or 'subset', got {self.abacus_train_ids!r}")
         if self.recurrences < 1 or self.layers < 1:
             raise ValueError("layers and recurrences must be >= 1")
 
@@ -213,9 +217,7 @@ class ArithModel:
             abacus_BxQ = abacus_ids(tokens_BxQ)
         if train and "abacus" in cfg.positions and cfg.abacus_max_k > 0:
             rng, r_k = jax.random.split(rng)
-            shape = (B, 1) if cfg.abacus_k_per_row else (1, 1)
-            k = jax.random.randint(r_k, shape, 0, cfg.abacus_max_k + 1)
-            abacus_BxQ = jnp.where(abacus_BxQ > 0, abacus_BxQ + k, 0)
+            abacus_BxQ = self._train_abacus_ids(abacus_BxQ, r_k)
         abacus_BxQ = jnp.minimum(abacus_BxQ, cfg.table_size - 1)  # callers validate lengths against the table
 
         e = self.embed.apply({"params": params["embed"]}, tokens_BxQ, abacus_BxQ, pos_Q).astype(_dtype(cfg.dtype))
@@ -236,6 +238,25 @@ class ArithModel:
             h, new_cache = self._passes(params["block"], h, e, pos_Q, passes, cache, start)
         logits = self.head.apply({"params": params["head"]}, h)
         return logits if cache is None else (logits, new_cache)
+
+    def _train_abacus_ids(self, ids_BxQ, rng):
+        """Training-time Abacus ids (spec §3.1 step 3, plus a randomised variant).
+
+        shift: one offset k ~ U{0..max_k} (per batch as the original, or per row) added to every digit id.
+        subset: per row, digit index i maps to the i-th smallest of Q ids drawn without replacement from
+        1..max_k+Q, so equal significance still shares an id, but training sees ids far apart in one number —
+        the relations that long numbers need at test time, where ids are 1..L as usual.
+        """
+        cfg = self.cfg
+        B, Q = ids_BxQ.shape
+        if cfg.abacus_train_ids == "shift":
+            k = jax.random.randint(rng, (B, 1) if cfg.abacus_k_per_row else (1, 1), 0, cfg.abacus_max_k + 1)
+            return jnp.where(ids_BxQ > 0, ids_BxQ + k, 0)
+        pool = min(cfg.abacus_max_k + Q, cfg.table_size - 1)
+        noise = jax.random.uniform(rng, (B, pool))
+        chosen = jnp.sort(jnp.argsort(noise, axis=1)[:, :min(Q, pool)] + 1, axis=1)  # sorted ids in 1..pool
+        mapped = jnp.take_along_axis(chosen, jnp.clip(ids_BxQ - 1, 0, chosen.shape[1] - 1), axis=1)
+        return jnp.where(ids_BxQ > 0, mapped, 0)
 
     def _step(self, block_params, h, e, pos_Q, i, cache=None, cache_index=None):
         """One pass: inject e (always on the first pass), then the block."""

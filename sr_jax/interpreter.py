@@ -44,6 +44,14 @@ def bucket(n: int, minimum: int = 1) -> int:
     return p
 
 
+def point_bucket(n: int) -> int:
+    """Padded number of points: ``bucket(n, 8)`` up to 64, then 8 steps per octave (200 -> 208, 1000 -> 1024)."""
+    if n <= 64:
+        return bucket(n, 8)
+    step = 1 << (int(n - 1).bit_length() - 4)
+    return -(-n // step) * step
+
+
 def default_float_dtype():
     return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
 
@@ -110,8 +118,8 @@ class TapeSignature:
         return 1 + self.n_features
 
     @property
-    def node_base(self) -> int:
-        return self.const_base + self.n_const_slots
+    def node_base(self) -> int:  # constants are not in V (see _forward)
+        return self.const_base
 
     @property
     def n_slots(self) -> int:
@@ -191,53 +199,90 @@ def _parse(exprs: list[Expression]) -> _Parsed:
     return p
 
 
-def _fits(sig: TapeSignature, key, n_cs: int, n_fu: int, counts: dict) -> bool:
-    if (sig.n_datasets, sig.n_features, sig.n_expressions, sig.n_consts) != key:
-        return False
-    if sig.n_const_slots < n_cs or sig.n_feature_uses < n_fu:
-        return False
-    for (lv, g), c in counts.items():
-        if lv > len(sig.levels) or dict(sig.levels[lv - 1]).get(g, 0) < c:
-            return False
-    return True
+def _place(sig: TapeSignature, p: _Parsed):
+    """Level of every node within ``sig`` (None if it does not fit).
+
+    Greedy, bottom-up: a node goes to the lowest level above its children's that still has room in its group, so
+    a batch whose counts differ a little from the signature's can still be placed by delaying a few nodes.
+    """
+    if len(p.consts) > sig.n_const_slots or len(p.features) > sig.n_feature_uses:
+        return None
+    free = [dict(groups) for groups in sig.levels]
+    level = [0] * len(p.nodes)
+    # nodes are stored in post-order per expression, so children come before their parent
+    order = sorted(range(len(p.nodes)), key=lambda k: p.nodes[k][2])
+    for k in order:
+        g, _, _, args = p.nodes[k]
+        lv = 1 + max((level[a[1]] if a[0] == "n" else 0) for a in args)
+        while lv <= len(free) and free[lv - 1].get(g, 0) == 0:
+            lv += 1
+        if lv > len(free):
+            return None
+        free[lv - 1][g] -= 1
+        level[k] = lv
+    return level
 
 
 _SIGNATURES: list = []  # recently used signatures, newest first (see compile_tape)
+_CAP_SLACK = 0.15
+_SPARE_LEVELS = 4
+
+
+def _capacity(c: int) -> int:
+    c = max(int(np.ceil(c * (1 + _CAP_SLACK))) + 2, int(np.ceil(c + 2 * np.sqrt(c))) + 4)  # room for noise
+    step = 4 if c <= 64 else 16
+    return -(-c // step) * step
 
 
 def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, min_expressions: int = 1) -> Tape:
     """Compile B lists of expressions (one per dataset) into one padded tape with a common signature.
 
-    Shapes come from a small set: sizes are bucketed with some slack, and a batch that fits a recently used
-    signature (same datasets/features/expression and constant buckets, every group within capacity, at most 2x the
-    padded work of a fresh one) reuses it, so a second batch of the same bucket reuses the compiled program.
+    Shapes come from a small set: sizes are rounded up with some slack, and a batch that can be placed in a
+    recently used signature (same datasets/features/expression and constant buckets; nodes may be delayed to a
+    later level; at most 2x the padded work of a fresh one) reuses it, so a second batch of the same bucket
+    reuses the compiled program.
     """
     multi = len(expressions_per_dataset) > 1
     dsets = [_check_expressions(list(ex), n_features, f" of dataset {b}" if multi else "")
              for b, ex in enumerate(expressions_per_dataset)]
     e_b = bucket(max(len(d) for d in dsets), max(min_expressions, 1))
-    p_b = bucket(max(len(e.constants) for d in dsets for e in d), 1)
+    # constants per expression: coarse for big batches, so another batch of the same size shares the bucket
+    p_b = bucket(max(len(e.constants) for d in dsets for e in d), 1 if e_b < 64 else 32)
     parsed = [_parse(d) for d in dsets]
-    need_cs = max(len(p.consts) for p in parsed)
-    need_fu = max(len(p.features) for p in parsed)
     counts: dict = {}
     for p in parsed:
         for k, c in p.counts().items():
             counts[k] = max(counts.get(k, 0), c)
     key = (len(dsets), n_features, e_b, p_b)
     n_lv = max([k[0] for k in counts], default=0)
-    slack = lambda c: bucket(c + (c + 3) // 4, 4)  # noqa: E731
-    fresh = TapeSignature(*key, slack(need_cs + 1), slack(need_fu + 1), tuple(
-        tuple((g, slack(counts[(lv, g)])) for g in sorted({k[1] for k in counts if k[0] == lv}, key=_GROUP_ORDER.get))
-        for lv in range(1, n_lv + 1)))
-    sig = next((s for s in _SIGNATURES if _fits(s, key, need_cs, need_fu, counts)
-                and s.n_nodes_padded <= 2 * fresh.n_nodes_padded + 64), fresh)
+    # every group seen in the batch gets a small capacity at every level (2 where absent): another batch of the
+    # same bucket with an operator at a new level still fits
+    seen = sorted({k[1] for k in counts}, key=_GROUP_ORDER.get)
+    levels = [tuple((g, _capacity(counts[(lv, g)]) if (lv, g) in counts else 2) for g in seen)
+              for lv in range(1, n_lv + 1)]
+    # a few spare levels on top (every group seen in the top levels, small capacity): another batch of the same
+    # bucket with slightly deeper expressions still fits by delaying nodes
+    top = sorted({k[1] for k in counts if k[0] > n_lv - _SPARE_LEVELS}, key=_GROUP_ORDER.get)
+    levels += [tuple((g, 8 if g == "cheap" else 4) for g in top)] * (_SPARE_LEVELS if n_lv >= 4 else 0)
+    fresh = TapeSignature(*key, _capacity(max(len(p.consts) for p in parsed)),
+                          _capacity(max(len(p.features) for p in parsed)), tuple(levels))
+    sig, levels = fresh, None
+    for s in _SIGNATURES:
+        if (s.n_datasets, s.n_features, s.n_expressions, s.n_consts) == key and \
+                s.n_nodes_padded <= 2 * fresh.n_nodes_padded + 64:
+            levels = [_place(s, p) for p in parsed]
+            if all(lv is not None for lv in levels):
+                sig = s
+                break
+    if sig is fresh:
+        levels = [_place(fresh, p) for p in parsed]
+        assert all(lv is not None for lv in levels)
     if sig in _SIGNATURES:
         _SIGNATURES.remove(sig)
     _SIGNATURES.insert(0, sig)
     del _SIGNATURES[32:]
-    filled = [_fill(sig, p) for p in parsed]
-    arrays = {k: np.stack([f[0][k] for f in filled]) for k in filled[0][0]}
+    filled = [_fill(sig, p, lv) for p, lv in zip(parsed, levels)]
+    arrays = {k: np.stack([f[k] for f in filled]) for k in filled[0]}
     consts = np.zeros((len(dsets), e_b, p_b))
     for b, p in enumerate(parsed):
         for i, j, v in p.consts:
@@ -248,7 +293,7 @@ def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, m
     return Tape(sig, arrays, consts, n_consts, tuple(len(d) for d in dsets), tuple(tuple(d) for d in dsets))
 
 
-def _fill(sig: TapeSignature, p: _Parsed):
+def _fill(sig: TapeSignature, p: _Parsed, levels: list):
     """Index arrays for one dataset.
 
     Value buffer V rows: 0 safe value 0.5, 1..D features, constant slots, node slots (padded layout order).
@@ -269,8 +314,8 @@ def _fill(sig: TapeSignature, p: _Parsed):
                 b += ghi - glo
     row = np.zeros(len(p.nodes), np.int64)
     brow = np.full(len(p.nodes), -1, np.int64)
-    for k, (g, _, lv, _) in enumerate(p.nodes):
-        cur = cursor[(lv, g)]
+    for k, (g, _, _, _) in enumerate(p.nodes):
+        cur = cursor[(levels[k], g)]
         row[k], brow[k] = cur[0], cur[1]
         cur[0] += 1
         if cur[1] >= 0:
@@ -279,10 +324,12 @@ def _fill(sig: TapeSignature, p: _Parsed):
         kind, k = ref
         if kind == "n":
             return sig.node_base + row[k]
-        return sig.const_base + k if kind == "c" else 1 + p.features[k]
+        return 0 if kind == "c" else 1 + p.features[k]
 
     a1 = np.zeros(n_nodes, np.int32)
     a2 = np.zeros(sig.n_binary, np.int32)
+    a1c = np.full(n_nodes, -1, np.int32)  # constant-slot argument, -1 if the argument is not a constant
+    a2c = np.full(sig.n_binary, -1, np.int32)
     code = np.zeros(n_nodes, np.int32)
     node_par = np.zeros(n_nodes, np.int32)
     node_mul = np.zeros(n_nodes, np.int32)
@@ -293,6 +340,7 @@ def _fill(sig: TapeSignature, p: _Parsed):
     f_mul = np.zeros(sig.n_feature_uses, np.int32)
     f_id = np.zeros(sig.n_feature_uses, np.int32)
     roots = np.zeros(e_b, np.int32)
+    root_c = np.full(e_b, -1, np.int32)  # flat (E_b * P_b) index of a root that is a constant
 
     def link(ref, par, mul):
         kind, k = ref
@@ -302,19 +350,23 @@ def _fill(sig: TapeSignature, p: _Parsed):
 
     for k, (g, c, lv, args) in enumerate(p.nodes):
         a1[row[k]] = vrow(args[0])
+        a1c[row[k]] = args[0][1] if args[0][0] == "c" else -1
         code[row[k]] = c
         link(args[0], 1 + e_b + row[k], 1 + row[k])
         if len(args) > 1:
             a2[brow[k]] = vrow(args[1])
+            a2c[brow[k]] = args[1][1] if args[1][0] == "c" else -1
             link(args[1], 1 + e_b + row[k], 1 + n_nodes + brow[k])
     for i, ref in enumerate(p.roots):
         roots[i] = vrow(ref)
+        if ref[0] == "c":
+            root_c[i] = p.consts[ref[1]][0] * sig.n_consts + p.consts[ref[1]][1]
         link(ref, 1 + i, 0)
     for k, (i, j, _) in enumerate(p.consts):
         c_idx[k] = i * sig.n_consts + j
     f_id[: len(p.features)] = p.features
     return dict(a1=a1, a2=a2, code=code, roots=roots, node_par=node_par, node_mul=node_mul, c_par=c_par,
-                c_mul=c_mul, c_idx=c_idx, f_par=f_par, f_mul=f_mul, f_id=f_id), None
+                c_mul=c_mul, c_idx=c_idx, f_par=f_par, f_mul=f_mul, f_id=f_id, a1c=a1c, a2c=a2c, root_c=root_c)
 
 
 # ----- device-side evaluation --------------------------------------------------------------------------------------
@@ -362,12 +414,16 @@ def _forward(sig: TapeSignature, arrays, consts_ExP, x_NxD):
     dtype = x_NxD.dtype
     n = x_NxD.shape[0]
     cvals = consts_ExP.reshape(-1).astype(dtype)[arrays["c_idx"]]
-    v = jnp.concatenate([jnp.full((1, n), 0.5, dtype), x_NxD.T, jnp.broadcast_to(cvals[:, None], (cvals.shape[0], n)),
-                         jnp.zeros((sig.n_nodes_padded, n), dtype)])
+    v = jnp.concatenate([jnp.full((1, n), 0.5, dtype), x_NxD.T, jnp.zeros((sig.n_nodes_padded, n), dtype)])
+    cvals = jnp.concatenate([cvals, jnp.zeros((1,), dtype)])  # index -1: not a constant (value unused)
+
+    def args(idx, cidx):  # one gather of value rows, constants broadcast in (they are not stored per point)
+        return jnp.where((cidx >= 0)[:, None], cvals[cidx][:, None], v[idx])
+
     saved = []
     for lo, hi, blo, bhi, groups in sig.layout:
-        a = v[arrays["a1"][lo:hi]]  # one gather per level for the first arguments ...
-        b = v[arrays["a2"][blo:bhi]] if bhi > blo else None  # ... and one for the binary groups' second ones
+        a = args(arrays["a1"][lo:hi], arrays["a1c"][lo:hi])  # one gather per level for the first arguments ...
+        b = args(arrays["a2"][blo:bhi], arrays["a2c"][blo:bhi]) if bhi > blo else None  # ... binary 2nd ones
         outs = []
         for g, glo, ghi in groups:
             s = slice(glo - lo, ghi - lo)
@@ -386,12 +442,19 @@ def run_tape(sig: TapeSignature, arrays, consts_ExP, x_NxD):
     Reverse mode is hand-written: every value has exactly one user, so each level's cotangents are one gather of
     the users' cotangents times one gather of local derivatives (no scatter into a big buffer).
     """
-    return _forward(sig, arrays, consts_ExP, x_NxD)[0][arrays["roots"]]
+    return _roots(sig, arrays, consts_ExP, *_forward(sig, arrays, consts_ExP, x_NxD))
+
+
+def _roots(sig, arrays, consts_ExP, v, saved):
+    """Predictions: the root rows of V; an expression that is a single constant reads its constant."""
+    rc = arrays["root_c"]
+    cv = consts_ExP.reshape(-1).astype(v.dtype)[jnp.maximum(rc, 0)]
+    return jnp.where((rc >= 0)[:, None], cv[:, None], v[arrays["roots"]])
 
 
 def _run_tape_fwd(sig, arrays, consts_ExP, x_NxD):
     v, saved = _forward(sig, arrays, consts_ExP, x_NxD)
-    return v[arrays["roots"]], (saved, arrays, consts_ExP.shape)
+    return _roots(sig, arrays, consts_ExP, v, saved), (saved, arrays, consts_ExP.shape)
 
 
 def _run_tape_bwd(sig, res, ct_ExN):
@@ -478,7 +541,7 @@ def evaluate(expressions: Sequence, X, dtype=None) -> jax.Array:
     dtype = dtype or default_float_dtype()
     tape = compile_tape([list(expressions)], x.shape[1])
     n = x.shape[0]
-    xb = pad_points(x, bucket(n, 8))
+    xb = pad_points(x, point_bucket(n))
     arrays, consts = device_arrays(tape, dtype)
     out = _evaluate_program(tape.signature, bool(jax.config.jax_enable_x64))(
         arrays, consts, jnp.asarray(xb, dtype)[None])

@@ -12,8 +12,11 @@ gradient 0, so its lane is converged from the start); a trial point with a non-f
 search as a huge value with zero gradient, so the step is rejected; where-guarded derivatives keep NaN out of other
 candidates' gradients. jaxopt returns its last iterate: the better of start and end is kept.
 
-Early convergence: inside a vmapped ``while_loop`` every lane runs until the slowest one stops (converged lanes are
-frozen but still computed), because the batch shares one tape evaluation; ``maxiter`` bounds that cost.
+Early convergence / lockstep: inside a vmapped ``while_loop`` every lane runs until the slowest one stops. The default
+``linesearch="lockstep"`` (``_LockstepBFGS``, a jaxopt.BFGS subclass) does exactly one batched evaluation per
+iteration (a rejected trial shortens the next step instead of running an inner line search), so no iteration pays for
+the longest line search of the batch; ``maxiter`` counts evaluations. jaxopt's own line searches stay available
+("backtracking", "armijo", "zoom").
 
 Differentiability: the solver is wrapped in ``jaxopt.implicit_diff.custom_root`` with the batch gradient as
 optimality condition, so d(refined constants)/d(X, y) comes from the implicit function theorem.
@@ -106,9 +109,13 @@ def _make_solver(sig, maxiter: int, tol: float, linesearch: str, implicit: bool,
         l, g = _batch_value_and_grad(sig, arrays, consts, x, y, w, vary)
         return jax.vmap(_mask_value)(l[idx], g[idx], active), (True, True)
 
-    solver = jaxopt.BFGS(fun=cand_vg, value_and_grad=True, maxiter=maxiter, tol=tol,
-                         linesearch="backtracking" if linesearch == "armijo" else linesearch,
-                         maxls=maxls, implicit_diff=False, jit=True, linesearch_init="max")
+    if linesearch == "lockstep":
+        solver = _LockstepBFGS(fun=cand_vg, value_and_grad=True, maxiter=maxiter, tol=tol, implicit_diff=False,
+                               jit=True)
+    else:
+        solver = jaxopt.BFGS(fun=cand_vg, value_and_grad=True, maxiter=maxiter, tol=tol,
+                             linesearch="backtracking" if linesearch == "armijo" else linesearch,
+                             maxls=maxls, implicit_diff=False, jit=True, linesearch_init="max")
     if linesearch == "armijo":
         # halving Armijo backtracking from step 1: few evaluations per iteration for every lane
         with warnings.catch_warnings():
@@ -135,6 +142,71 @@ def _make_solver(sig, maxiter: int, tol: float, linesearch: str, implicit: bool,
         return linear_solve.solve_cg(matvec, b, ridge=1e-8, maxiter=200)
 
     return custom_root(optimality, has_aux=True, solve=lin_solve)(solve)
+
+
+class _LockstepBFGS(jaxopt.BFGS):
+    """jaxopt BFGS whose line search spreads over iterations: exactly ONE function evaluation per iteration.
+
+    Why: under ``jax.vmap`` every lane of a ``while_loop`` runs as long as the slowest one, so with an inner line
+    search each BFGS iteration costs the longest line search of the whole batch (one batched tape pass per trial).
+    Here an iteration evaluates the trial point ``x + t d`` once: if the Armijo condition holds the step is
+    accepted and H gets the BFGS update (skipped when the curvature y.s is not positive, so H stays positive
+    definite; H is rescaled by y.s / y.y after the first step, Nocedal & Wright eq. 6.20); otherwise the point is
+    kept and the next iteration tries a shorter step along the same direction (safeguarded quadratic
+    interpolation, within [0.1 t, 0.5 t]). So every lane advances independently at one evaluation per iteration,
+    ``maxiter`` counts evaluations, and the loop stops when every lane's gradient norm is below ``tol``.
+    The first step has length 1 (t = 1 / |g|), as scipy's BFGS does; accepted steps reset t to 1.
+    """
+
+    def init_state(self, init_params, *args, **kwargs):
+        state = super().init_state(init_params, *args, **kwargs)
+        gn = jnp.sqrt(jnp.sum(state.grad * state.grad))
+        t0 = jnp.where(gn > 1.0, 1.0 / jnp.maximum(gn, 1e-30), 1.0).astype(state.stepsize.dtype)
+        return state._replace(stepsize=t0, error=gn.astype(state.error.dtype))
+
+    def update(self, params, state, *args, **kwargs):
+        g, f, H, t = state.grad, state.value, state.H, state.stepsize
+        n = params.shape[-1]
+        eye = jnp.eye(n, dtype=params.dtype)
+        d = -H @ g
+        slope = jnp.dot(g, d)
+        bad = ~(slope < 0)  # not a descent direction (roundoff): restart from steepest descent
+        H = jnp.where(bad, eye, H)
+        d = jnp.where(bad, -g, d)
+        slope = jnp.where(bad, -jnp.dot(g, g), slope)
+        trial = params + t * d
+        (f_new, aux), g_new = self._value_and_grad_with_aux(trial, *args, **kwargs)
+        ok = jnp.isfinite(f_new) & (f_new <= f + 1e-4 * t * slope)
+        s, yv = t * d, g_new - g
+        ys = jnp.dot(yv, s)
+        first = state.num_linesearch_iter == 0  # no accepted step yet (H = I): scale it to the curvature seen along s
+        H0 = jnp.where(first & (ys > 0), ys / jnp.maximum(jnp.dot(yv, yv), 1e-30) * eye, H)
+        rho = 1.0 / jnp.where(ys > 0, ys, 1.0)
+        # (I - rho s y') H (I - rho y s') + rho s s', as a rank-2 update: O(P^2) per candidate, not O(P^3)
+        hy = H0 @ yv
+        H_upd = H0 - rho * (jnp.outer(s, hy) + jnp.outer(hy, s)) + (rho * rho * jnp.dot(yv, hy) + rho) * jnp.outer(s, s)
+        H_new = jnp.where(ok & (ys > 1e-12 * jnp.sqrt(jnp.dot(s, s) * jnp.dot(yv, yv))), H_upd, H)
+        H_new = jnp.where(jnp.all(jnp.isfinite(H_new)), H_new, eye)
+        # rejected: shorter step next time (quadratic interpolation of f along d, safeguarded)
+        curv = f_new - f - slope * t
+        t_q = -slope * t * t / (2.0 * jnp.where(curv > 0, curv, 1.0))
+        t_q = jnp.where(jnp.isfinite(f_new) & (curv > 0), t_q, 0.1 * t)
+        t_rej = jnp.clip(t_q, 0.1 * t, 0.5 * t)
+        # the step is below the float resolution of the parameters: restart from steepest descent, length 1
+        eps = jnp.finfo(params.dtype).eps
+        stalled = t_rej * jnp.sqrt(jnp.dot(d, d)) <= eps * (jnp.sqrt(jnp.dot(params, params)) + eps)
+        gn = jnp.sqrt(jnp.dot(g, g))
+        t_rej = jnp.where(stalled, jnp.minimum(1.0, 1.0 / jnp.maximum(gn, 1e-30)), t_rej)
+        H_new = jnp.where(~ok & stalled, eye, H_new)
+        new_params = jnp.where(ok, trial, params)
+        new_g = jnp.where(ok, g_new, g)
+        new_state = state._replace(
+            iter_num=state.iter_num + 1, value=jnp.where(ok, f_new, f), grad=new_g,
+            stepsize=jnp.where(ok, jnp.ones_like(t), t_rej).astype(t.dtype), H=H_new,
+            error=jnp.sqrt(jnp.dot(new_g, new_g)).astype(state.error.dtype),
+            num_fun_eval=state.num_fun_eval + 1, num_grad_eval=state.num_grad_eval + 1,
+            num_linesearch_iter=state.num_linesearch_iter + ok.astype(state.num_linesearch_iter.dtype))
+        return jaxopt.OptStep(params=new_params, state=new_state)
 
 
 def _mask_value(l, g, active):
@@ -213,8 +285,8 @@ def _as_datasets(expressions, X, y):
     return exprs, xs, ys, multi
 
 
-def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5,
-           linesearch: str = "backtracking", maxls: int = 10, implicit_diff: bool = True,
+def refine(expressions: Sequence, X, y, *, maxiter: int = 150, tol: float = 1e-5,
+           linesearch: str = "lockstep", maxls: int = 10, implicit_diff: bool = True,
            dtype=None) -> RefineResult:
     """Refine the constants of every candidate with BFGS on MSE / var(y), all in one jitted call.
 
@@ -230,7 +302,7 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5
     dtype = dtype or itp.default_float_dtype()
     tape = itp.compile_tape(exprs, xs[0].shape[1])
     arrays, c0 = itp.device_arrays(tape, dtype)
-    n_b = itp.bucket(max(x.shape[0] for x in xs), 8)
+    n_b = itp.point_bucket(max(x.shape[0] for x in xs))
     xb = jnp.asarray(np.stack([itp.pad_points(x, n_b) for x in xs]), dtype)
     yb = jnp.asarray(np.stack([np.concatenate([v, np.repeat(v[:1], n_b - len(v))]) for v in ys]), dtype)
     wb = jnp.asarray(np.stack([np.arange(n_b) < len(v) for v in ys]), dtype)

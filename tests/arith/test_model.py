@@ -169,3 +169,23 @@ def test_config_errors():
         ModelConfig(positions=("alibi",))
     with pytest.raises(ValueError, match="pick one"):
         ModelConfig(positions=("abacus", "learned"))
+
+
+@pytest.mark.parametrize("mode,per_row", [("shift", False), ("shift", True), ("subset", True)])
+def test_training_ids_keep_significance_aligned(mode, per_row):
+    """Whatever the training scheme, digits of equal significance share an id, ids grow with significance,
+    non-digits stay 0, and shift offsets stay within 0..max_k."""
+    model = ArithModel(small(abacus_train_ids=mode, abacus_k_per_row=per_row, abacus_max_k=9), 19)
+    tokens = jnp.array([TOK.encode("4321+87654=21975")] * 6)
+    base = abacus_ids(tokens)
+    ids = np.asarray(model._train_abacus_ids(base, jax.random.PRNGKey(0)))
+    assert (ids[np.asarray(base) == 0] == 0).all()
+    for row in ids:
+        a, b, c = row[0:4], row[5:10], row[11:16]
+        np.testing.assert_array_equal(a, b[:4])
+        np.testing.assert_array_equal(b, c)
+        assert (np.diff(c) > 0).all() and c.min() >= 1
+        if mode == "shift":
+            assert 0 <= c[0] - 1 <= 9 and (np.diff(c) == 1).all()
+    if mode == "shift" and not per_row:
+        assert (ids == ids[0]).all()

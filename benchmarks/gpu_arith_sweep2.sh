@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Second length-generalisation sweep (GPU): variants of configs/arith_add_small.yaml with Abacus+FIRE, trained side
-# by side for 8000 steps and exported; evaluate them afterwards with `run.py arith eval` (see BENCHMARKS.md).
+# Length-generalisation sweep 2 (GPU): variants of the first small recipe with Abacus+FIRE and the original "shift"
+# ids, trained side by side for 8000 steps and exported; evaluate them afterwards on CPU with
+#    python run.py arith eval --checkpoint runs/s2export_NAME --max-len 20 --n 30 --sweep 25,30
 set -u
 OUT=${OUT:-runs/gpu2}; mkdir -p "$OUT" runs
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.12
-COMMON="--set model.positions=[abacus,fire] --set train.steps=${STEPS:-8000} --eval-max-len 0"
+COMMON="--set model.layers=2 --set model.recurrences=2 --set model.abacus_train_ids=shift --set model.positions=[abacus,fire] --set train.steps=${STEPS:-8000} --eval-max-len 0"
 declare -A V=(
   [fire8k]=""
   [wide]="--set model.width=256 --set model.ffn=1024 --set model.heads=8"

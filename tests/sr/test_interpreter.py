@@ -19,6 +19,14 @@ def x64():
     jax.config.update("jax_enable_x64", False)
 
 
+def _well_conditioned(s, x):
+    """Skips expressions whose value moves by more than 1e-6 (relative) when x moves by 1e-13: e.g. sin of an
+    argument near 1e30, where float64 and exact arithmetic disagree for any implementation."""
+    a = s.expression.evaluate_numpy(x)
+    b = s.expression.evaluate_numpy(x * (1 + 1e-13))
+    return bool(np.all(np.abs(a - b) <= 1e-6 * np.abs(a) + 1e-12))
+
+
 @settings(max_examples=15, deadline=None)
 @given(st.lists(st.integers(0, 10**6), min_size=1, max_size=4))
 def test_matches_sympy_float64(x64, seeds):
@@ -26,7 +34,7 @@ def test_matches_sympy_float64(x64, seeds):
     d = max(s.x_NxD.shape[1] for s in samples)
     x = samples[0].x_NxD[:6]
     x = np.concatenate([x, np.zeros((6, d - x.shape[1]))], axis=1) if x.shape[1] < d else x
-    samples = [s for s in samples if np.isfinite(s.expression.evaluate_numpy(x)).all()]
+    samples = [s for s in samples if np.isfinite(s.expression.evaluate_numpy(x)).all() and _well_conditioned(s, x)]
     if not samples:
         return
     out = np.asarray(evaluate([s.expression for s in samples], x))

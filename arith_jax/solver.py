@@ -57,6 +57,11 @@ class Solver:
         tok = self.cfg.data.tokenizer
         prompts = [tok.encode(p) for p in parsed]
         lengths = [_operand_lengths(p) for p in parsed]
+        longest = max((max(ab) for ab in lengths), default=0)
+        if longest > self.cfg.eval.max_len:
+            log.warning("operands of %d digits are beyond the %d digits this model's accuracy grid covers "
+                        "(trained on <= %d); answers may be wrong", longest, self.cfg.eval.max_len,
+                        self.cfg.data.max_len)
         max_new = [answer_length(self.task, *ab) for ab in lengths]
         gens = solve_prompts(self.model, self.params, [np.asarray(p, np.int32) for p in prompts], max_new,
                              batch_size=self.batch_size, recurrences=self.recurrences)

@@ -39,3 +39,9 @@ def test_batched_equals_one_by_one(solver):
 def test_task_mismatch(solver):
     with pytest.raises(ValueError, match="multiplication"):
         solver.solve(["12*3"])
+
+
+def test_warns_beyond_evaluated_lengths(solver, caplog):
+    with caplog.at_level("WARNING"):
+        solver.solve(["1" * 30 + "+1"])
+    assert "beyond the 20 digits" in caplog.text

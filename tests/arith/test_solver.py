@@ -43,5 +43,5 @@ def test_task_mismatch(solver):
 
 def test_warns_beyond_evaluated_lengths(solver, caplog):
     with caplog.at_level("WARNING"):
-        solver.solve(["1" * 30 + "+1"])
-    assert "beyond the 20 digits" in caplog.text
+        solver.solve(["1" * 40 + "+1"])
+    assert "beyond the 30 digits" in caplog.text

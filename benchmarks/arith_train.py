@@ -10,12 +10,10 @@ attention; MFU divides by the chip's dense peak (H100 SXM bf16: 989 TFLOP/s).
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 
 import jax
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))

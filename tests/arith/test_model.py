@@ -27,19 +27,16 @@ def test_abacus_ids_hand_made():
     assert abacus_ids(ids).tolist() == [[0, 0, 1, 2, 0, 0, 0, 1, 0, 0, 0, 0]]
 
 
-def test_abacus_training_offset_only_on_digits():
-    cfg = small(abacus_max_k=7, abacus_k_per_row=True)
-    model = ArithModel(cfg, 19)
-    seen = set()
-    # the offset is internal; check its effect through the embedding: non-digits are unchanged by training mode
-    tokens = jnp.array([TOK.encode("12+34=")] * 4)
-    for seed in range(5):
-        k = jax.random.randint(jax.random.split(jax.random.PRNGKey(seed))[1], (4, 1), 0, 8)
-        seen |= set(np.asarray(k).ravel().tolist())
-    assert seen <= set(range(8))
+def test_training_forward_is_finite_and_random():
+    """Training mode draws Abacus offsets, initial noise and (n, k): outputs differ across rngs, stay finite."""
+    model = ArithModel(small(abacus_k_per_row=True), 19)
     params = model.init(jax.random.PRNGKey(0))
-    out = model.apply(params, tokens, rng=jax.random.PRNGKey(1), train=True)
-    assert out.shape == (4, 6, 19) and bool(jnp.all(jnp.isfinite(out)))
+    tokens = jnp.array([TOK.encode("12+34=")] * 4)
+    a = model.apply(params, tokens, rng=jax.random.PRNGKey(1), train=True)
+    b = model.apply(params, tokens, rng=jax.random.PRNGKey(2), train=True)
+    assert a.shape == (4, 6, 19) and bool(jnp.all(jnp.isfinite(a)))
+    assert float(jnp.abs(a - b).max()) > 0
+    np.testing.assert_allclose(model.apply(params, tokens), model.apply(params, tokens))  # eval is deterministic
 
 
 def _manual_passes(model, params, tokens, passes):

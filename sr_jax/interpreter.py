@@ -174,9 +174,10 @@ class _Parsed:
         return c
 
 
-def _parse(exprs: list[Expression]) -> _Parsed:
+def _parse(exprs: list[Expression], feature_offsets=None) -> _Parsed:
     p = _Parsed([], [], [], [], [])
     for i, e in enumerate(exprs):
+        off = 0 if feature_offsets is None else int(feature_offsets[i])
         n_c = sum(isinstance(t, float) for t in e.tokens)
         j = n_c  # constants are numbered in prefix order; the walk below is reversed
         stack = []  # refs: ("c", k) | ("x", k) | ("n", k), with the height
@@ -192,7 +193,7 @@ def _parse(exprs: list[Expression]) -> _Parsed:
                 p.nodes.append((g, _CHEAP_CODE.get(t, 0), level, [a[0] for a in args]))
                 stack.append((("n", len(p.nodes) - 1), level))
             else:
-                p.features.append(variable_index(t))
+                p.features.append(variable_index(t) + off)
                 stack.append((("x", len(p.features) - 1), 0))
         p.roots.append(stack[0][0])
         p.n_consts.append(n_c)
@@ -234,8 +235,12 @@ def _capacity(c: int) -> int:
     return -(-c // step) * step
 
 
-def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, min_expressions: int = 1) -> Tape:
+def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, min_expressions: int = 1,
+                 feature_offsets: Sequence[Sequence[int]] | None = None) -> Tape:
     """Compile B lists of expressions (one per dataset) into one padded tape with a common signature.
+
+    ``feature_offsets`` (per dataset, per expression): added to every variable index of that expression, so that
+    expressions from different datasets can share one tape over column-concatenated inputs (see refine).
 
     Shapes come from a small set: sizes are rounded up with some slack, and a batch that can be placed in a
     recently used signature (same datasets/features/expression and constant buckets; nodes may be delayed to a
@@ -248,7 +253,7 @@ def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, m
     e_b = bucket(max(len(d) for d in dsets), max(min_expressions, 1))
     # constants per expression: coarse for big batches, so another batch of the same size shares the bucket
     p_b = bucket(max(len(e.constants) for d in dsets for e in d), 1 if e_b < 64 else 32)
-    parsed = [_parse(d) for d in dsets]
+    parsed = [_parse(d, None if feature_offsets is None else feature_offsets[b]) for b, d in enumerate(dsets)]
     counts: dict = {}
     for p in parsed:
         for k, c in p.counts().items():

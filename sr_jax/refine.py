@@ -69,9 +69,19 @@ def _is_multi_list(x) -> bool:
 
 
 def _losses(sig, arrays, consts, x, y, w, vary):
+    """MSE / var(y) per candidate; y, w: (N,) shared or (E_b, N) one row per candidate (folded datasets)."""
     pred = itp.run_tape(sig, arrays, consts, x)
-    r = pred - y[None, :]
-    return jnp.sum(w[None, :] * r * r, axis=1) / (jnp.sum(w) * vary)
+    y2, w2 = (y, w) if y.ndim == 2 else (y[None, :], w[None, :])
+    r = pred - y2
+    return jnp.sum(w2 * r * r, axis=1) / (jnp.sum(w2, axis=1) * vary)
+
+
+def _weighted_var(y, w):
+    """var(y) over the real points, per row when y is (E_b, N); 1 where it is not positive."""
+    sw = jnp.sum(w, axis=-1, keepdims=True)
+    mean = jnp.sum(w * y, axis=-1, keepdims=True) / sw
+    vary = jnp.sum(w * (y - mean) ** 2, axis=-1) / sw[..., 0]
+    return jnp.where(vary > 0, vary, 1.0)
 
 
 def _batch_value_and_grad(sig, arrays, consts, x, y, w, vary):
@@ -222,8 +232,7 @@ def _refine_program(sig, maxiter: int, tol: float, linesearch: str, maxls: int, 
     solve = _make_solver(sig, maxiter, tol, linesearch, implicit, maxls)
 
     def one_dataset(arrays, c0, real, x, y, w):
-        vary = jnp.sum(w * (y - jnp.sum(w * y) / jnp.sum(w)) ** 2) / jnp.sum(w)
-        vary = jnp.where(vary > 0, vary, 1.0)
+        vary = _weighted_var(y, w)
         l0 = _losses(sig, arrays, c0, x, y, w, vary)
         active = real & jnp.isfinite(l0)
         idx = jnp.arange(sig.n_expressions)
@@ -287,7 +296,7 @@ def _as_datasets(expressions, X, y):
 
 def refine(expressions: Sequence, X, y, *, maxiter: int = 150, tol: float = 1e-5,
            linesearch: str = "lockstep", maxls: int = 10, implicit_diff: bool = True,
-           dtype=None) -> RefineResult:
+           dtype=None, fold_datasets: bool = True) -> RefineResult:
     """Refine the constants of every candidate with BFGS on MSE / var(y), all in one jitted call.
 
     ``expressions``: candidates (Expression or prefix lists) whose numbers are the initial constants; for several
@@ -297,9 +306,16 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 150, tol: float = 1e-5
     slowest candidate's, so a short backtracking search is the fast default ("zoom" is more robust, slower and
     compiles about twice as long).
     float32 by default, float64 when ``jax_enable_x64`` is on.
+    ``fold_datasets`` (several datasets only): put every dataset's candidates into ONE tape over the
+    column-concatenated inputs, with one y row per candidate (dataset b's variable x_j reads column b*D + j), so a
+    batch of B datasets costs one tape pass per BFGS evaluation like a batch of candidates on one dataset. With
+    False, the program is ``jax.vmap``-ed over datasets (measured ~20x slower on CPU for 256 datasets x 1
+    candidate: batched gathers with per-dataset indices, and every dataset padded to the largest one's groups).
     """
     exprs, xs, ys, multi = _as_datasets(expressions, X, y)
     dtype = dtype or itp.default_float_dtype()
+    if multi and fold_datasets:
+        return _refine_folded(exprs, xs, ys, dtype, maxiter, tol, linesearch, maxls, implicit_diff)
     tape = itp.compile_tape(exprs, xs[0].shape[1])
     arrays, c0 = itp.device_arrays(tape, dtype)
     n_b = itp.point_bucket(max(x.shape[0] for x in xs))
@@ -323,6 +339,46 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 150, tol: float = 1e-5
             converged=np.asarray(out["error"][b, :n]) <= tol))
     if not multi:
         return RefineResult(**per[0])
+    return RefineResult(**{k: [p[k] for p in per] for k in per[0]})
+
+
+def _refine_folded(exprs, xs, ys, dtype, maxiter, tol, linesearch, maxls, implicit_diff) -> RefineResult:
+    """Several datasets as one tape: candidates of dataset b read columns [b*D, (b+1)*D) of the stacked inputs."""
+    d = xs[0].shape[1]
+    for b, ex in enumerate(exprs):
+        exprs[b] = itp._check_expressions(ex, d, f" of dataset {b}")
+    flat = [e for ex in exprs for e in ex]
+    offsets = [b * d for b, ex in enumerate(exprs) for _ in ex]
+    tape = itp.compile_tape([flat], len(xs) * d, feature_offsets=[offsets])
+    arrays, c0 = itp.device_arrays(tape, dtype)
+    e_b = tape.signature.n_expressions
+    n_b = itp.point_bucket(max(x.shape[0] for x in xs))
+    xw = np.concatenate([itp.pad_points(x, n_b) for x in xs], axis=1)
+    ypad = [np.concatenate([v, np.repeat(v[:1], n_b - len(v))]) for v in ys]
+    wpad = [(np.arange(n_b) < len(v)).astype(np.float64) for v in ys]
+    ds_of = np.repeat(np.arange(len(xs)), [len(ex) for ex in exprs])
+    yr = np.zeros((e_b, n_b))
+    wr = np.ones((e_b, n_b))
+    yr[: len(flat)] = np.stack(ypad)[ds_of]
+    wr[: len(flat)] = np.stack(wpad)[ds_of]
+    real = jnp.asarray((np.arange(e_b) < len(flat))[None])
+    program = _refine_program(tape.signature, int(maxiter), float(tol), linesearch, int(maxls),
+                              bool(implicit_diff), bool(jax.config.jax_enable_x64))
+    out = jax.device_get(program(arrays, c0, real, jnp.asarray(xw[None], dtype), jnp.asarray(yr[None], dtype),
+                                 jnp.asarray(wr[None], dtype)))
+    per, lo = [], 0
+    for ex in exprs:
+        hi = lo + len(ex)
+        refined = [e.with_constants(out["consts"][0, lo + i, : len(e.constants)]) if len(e.constants) else e
+                   for i, e in enumerate(ex)]
+        losses = np.asarray(out["losses"][0, lo:hi], np.float64)
+        failed = ~np.isfinite(losses)
+        per.append(dict(
+            expressions=refined, losses=np.where(failed, np.inf, losses),
+            initial_losses=np.asarray(out["initial_losses"][0, lo:hi], np.float64), failed=failed,
+            improved=np.asarray(out["improved"][0, lo:hi]), n_iterations=np.asarray(out["n_iterations"][0, lo:hi]),
+            converged=np.asarray(out["error"][0, lo:hi]) <= tol))
+        lo = hi
     return RefineResult(**{k: [p[k] for p in per] for k in per[0]})
 
 

@@ -87,3 +87,22 @@ def test_gradient_through_refinement_matches_least_squares():
 def test_bad_inputs(x, y, msg):
     with pytest.raises(ValueError, match=msg):
         refine([Expression(["mul", 1.0, "x_0"])], x, y)
+
+
+def test_folded_datasets_equal_vmapped_and_one_by_one():
+    """Several datasets folded into one tape (default) give the vmapped path's / per-dataset results."""
+    X2 = RNG.standard_normal((40, 2))  # different number of points: padded, masked per candidate
+    Y2 = -2.0 + 0.5 * X2[:, 1] * X2[:, 0]
+    lin = Expression(["add", 0.0, "mul", 1.0, "x_1"])
+    prod = Expression(["add", 0.3, "mul", 0.8, "mul", "x_0", "x_1"])
+    cands = [[perturbed(0.2, 0), lin], [prod, lin, Expression(["log", "x_0"])]]
+    kw = dict(linesearch="zoom", maxls=20)
+    folded = refine(cands, [X, X2], [Y, Y2], **kw)
+    vm = refine(cands, [X, X2], [Y, Y2], fold_datasets=False, **kw)
+    for b, (xx, yy) in enumerate([(X, Y), (X2, Y2)]):
+        one = refine(cands[b], xx, yy, **kw)
+        np.testing.assert_allclose(folded.losses[b], vm.losses[b], rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(folded.losses[b], one.losses, rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(folded.initial_losses[b], one.initial_losses, rtol=1e-5)
+    assert folded.failed[1].tolist() == [False, False, True]
+    assert folded.losses[1][0] < 1e-6

@@ -92,8 +92,11 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
     if ckpt is not None and ckpt.latest_step() is not None:
         state, _, resumed_from = ckpt.restore(state)
 
-    first = batch_fn(0)
-    shd.check_batch_size(len(next(iter(first.values()))), mesh)
+    start = int(state.step)
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    next_batch = batch_fn(start) if start < end else None
+    if next_batch is not None:
+        shd.check_batch_size(len(next(iter(next_batch.values()))), mesh)
     step_fn = jax.jit(make_train_step(loss_fn, tx), in_shardings=(repl, shd.batch_sharding(mesh)),
                       out_shardings=(repl, repl), donate_argnums=0)
 
@@ -109,17 +112,16 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
     except ValueError:  # not the main thread
         pass
 
-    start = int(state.step)
-    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     history: list[dict] = []
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or jax.process_index() != 0,
                desc="train", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
     t0 = time.perf_counter()
     try:
         for step in range(start, end):
-            batch = shd.shard_batch(first if step == 0 else batch_fn(step), mesh)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, shd.shard_batch(next_batch, mesh))
             done = step + 1
+            if done < end:  # generated on the host while the device runs the step just dispatched
+                next_batch = batch_fn(done)
             if done % cfg.log_every == 0 or done == end:
                 record = dict(_to_host(metrics), step=done, time_s=round(time.perf_counter() - t0, 3))
                 history.append(record)
@@ -134,7 +136,10 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
                 break
     except KeyboardInterrupt:
         if ckpt is not None:
-            ckpt.save(int(state.step), state, meta)
+            try:
+                ckpt.save(int(state.step), state, meta)
+            except RuntimeError:  # interrupted inside a step: its input buffers were donated; keep the last save
+                pass
         raise
     finally:
         bar.close()

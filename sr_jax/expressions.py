@@ -8,6 +8,7 @@ semantics for the JAX interpreter (IEEE behaviour: ``log`` of a negative is NaN,
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import math
 import re
 from typing import Callable, Iterable, Sequence, Union
@@ -229,6 +230,8 @@ class Expression:
         return self._fold(leaf, lambda op, a: OPERATORS[op].infix.format(*a))
 
     def latex(self) -> str:
+        """LaTeX that ``Expression.from_latex`` parses back to the same tokens (constants bit-for-bit)."""
+
         def leaf(t):
             if isinstance(t, float):
                 return _latex_float(t)
@@ -246,15 +249,38 @@ class Expression:
         """
         return cls(_InfixParser(text).parse())
 
+    @classmethod
+    def from_latex(cls, text: str) -> "Expression":
+        """Parse LaTeX: the output of ``latex()`` exactly, plus common hand-written forms of the same operators.
+
+        Accepted: ``+ -``, ``\\cdot \\times * / \\div``, ``\\frac{a}{b}``, ``\\sqrt{a}``, ``a^{b}`` / ``a^2``,
+        ``e^{a}``, ``\\exp \\log \\ln \\sin \\cos \\tan \\arcsin \\arccos \\arctan`` (also ``\\operatorname{asin}``
+        etc.) with ``(a)``, ``{a}`` or a bare argument, ``|a|`` / ``\\left| a \\right|`` / ``\\lvert a \\rvert``,
+        grouping by ``( ) [ ] { }`` and ``\\left( \\right)``, ``x_0`` / ``x_{0}``, numbers such as ``3.5`` and
+        ``1.2 \\cdot 10^{-3}`` (one constant), ``\\pi``, ``e``, ``\\infty``, spacing commands. Integer literals
+        behave as in ``from_infix``: ``\\frac{1}{a}`` is ``inv``, ``a^{2}`` / ``a^{3}`` are pow2/pow3. Implicit
+        multiplication (``2x_0``) is rejected rather than guessed.
+        """
+        return cls(_LatexParser(text).parse())
+
 
 def _latex_float(v: float) -> str:
-    if v == 0 or (1e-3 <= abs(v) < 1e4):
-        s = repr(v)
+    """A constant in LaTeX with the shortest digits that read back as the same float (``repr``'s digits).
+
+    Magnitudes outside [1e-3, 1e4) use ``m \\cdot 10^{k}`` with repr's mantissa, so no digit is invented or lost;
+    negatives (``-0.0`` included) are parenthesised so that they can follow a binary operator.
+    """
+    if math.isnan(v):
+        return "\\mathrm{NaN}"
+    a = abs(v)
+    if math.isinf(a):
+        s = "\\infty"
+    elif a == 0 or 1e-3 <= a < 1e4:
+        s = repr(a)
     else:
-        m, e = f"{v:.16e}".split("e")
-        m = m.rstrip("0").rstrip(".")
+        m, e = format(decimal.Decimal(repr(a)).normalize(), "e").split("e")
         s = f"{m} \\cdot 10^{{{int(e)}}}"
-    return f"\\left({s}\\right)" if v < 0 else s
+    return f"\\left(-{s}\\right)" if math.copysign(1.0, v) < 0 else s
 
 
 def _sympy_to_prefix(e) -> list:
@@ -296,7 +322,14 @@ def _sympy_to_prefix(e) -> list:
 
 
 class _InfixParser:
-    """Small recursive-descent parser; precedence: + - < * / < unary - < ** (right associative)."""
+    """Small recursive-descent parser; precedence: + - < * / < unary - < ** (right associative).
+
+    Tokens are ``(kind, text, character)``; the grammar looks only at ``text``, so ``_LatexParser`` reuses the
+    precedence levels by changing the token tables below and the ``_atom`` / ``_exponent`` leaves.
+    """
+
+    _PRODUCT_OPS = {"*": "mul", "/": "div"}
+    _POWER_OP = "**"
 
     _TOKEN_RE = re.compile(r"\s*(?:(\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)|(\d+)|(inf|nan)"
                            r"|([A-Za-z_][A-Za-z_0-9]*)|(\*\*|[-+*/(),]))")
@@ -344,13 +377,13 @@ class _InfixParser:
 
     def _product(self):
         left = self._unary()
-        while self._peek()[1] in ("*", "/"):
-            sym = self._next()[1]
-            right = self._unary()
-            if sym == "/" and left == ["__int__", 1.0]:
+        while self._peek()[1] in self._PRODUCT_OPS:
+            op = self._PRODUCT_OPS[self._next()[1]]
+            right = _num(self._unary())
+            if op == "div" and left == ["__int__", 1.0]:
                 left = ["inv"] + right
             else:
-                left = ["mul" if sym == "*" else "div"] + _num(left) + right
+                left = [op] + _num(left) + right
         return _num(left)
 
     def _unary(self):
@@ -367,15 +400,18 @@ class _InfixParser:
 
     def _power(self):
         base = self._atom()
-        if self._peek()[1] == "**":
+        if self._peek()[1] == self._POWER_OP:
             self._next()
-            ex = self._unary_power()
+            ex = self._exponent()
             if ex == ["__int__", 2.0]:
                 return ["pow2"] + _num(base)
             if ex == ["__int__", 3.0]:
                 return ["pow3"] + _num(base)
             return ["pow"] + _num(base) + _num(ex)
         return base
+
+    def _exponent(self):
+        return self._unary_power()
 
     def _unary_power(self):
         if self._peek()[1] == "-":
@@ -415,3 +451,194 @@ def _num(toks: list) -> list:
     if toks and toks[0] == "__int__":
         return [toks[1]]
     return toks
+
+
+# ----- LaTeX input ---------------------------------------------------------------------------------------------
+_LATEX_FUNCTIONS = {"sin": "sin", "cos": "cos", "tan": "tan", "arcsin": "arcsin", "arccos": "arccos",
+                    "arctan": "arctan", "log": "log", "ln": "log", "exp": "exp"}  # \sin ... as commands
+# ``\operatorname{...}`` / ``\mathrm{...}`` names: the commands' names plus sympy's spellings.
+_LATEX_NAMES = {**_LATEX_FUNCTIONS, "asin": "arcsin", "acos": "arccos", "atan": "arctan", "abs": "abs",
+                "sqrt": "sqrt"}
+_LATEX_CONSTANTS = {"\\pi": math.pi, "\\infty": math.inf, "e": math.e, "NaN": math.nan, "nan": math.nan}
+_LATEX_FRACS = ("\\frac", "\\dfrac", "\\tfrac")
+_LATEX_COMMANDS = frozenset({"\\" + f for f in _LATEX_FUNCTIONS} | set(_LATEX_FRACS)
+                            | {"\\sqrt", "\\cdot", "\\times", "\\div", "\\pi", "\\infty", "\\lvert", "\\rvert"})
+_LATEX_GROUPS = {"{": "}", "(": ")", "[": "]", "\\left(": "\\right)", "\\left[": "\\right]"}  # opener -> closer
+_LATEX_BARS = {"|": "|", "\\left|": "\\right|", "\\lvert": "\\rvert"}  # absolute value
+
+
+class _LatexParser(_InfixParser):
+    """LaTeX on the infix grammar: same precedence levels and integer-literal rules, TeX's tokens and arguments.
+
+    TeX-specific rules: ``{...}`` only groups (so ``{1}`` is still the integer 1); a command or superscript takes a
+    braced group or one token (``x^2``, ``\\sqrt x``; ``x^23`` is refused instead of read as TeX's ``x^2 3``);
+    ``m \\cdot 10^{k}`` after a number literal is one constant, parsed from its decimal text so that it is exact.
+    """
+
+    _PRODUCT_OPS = {"\\cdot": "mul", "\\times": "mul", "*": "mul", "/": "div", "\\div": "div"}
+    _POWER_OP = "^"
+    _TOKEN_RE = re.compile(
+        r"(?P<skip>\s+|\\[,;:! ]|~|\$|\\q?quad(?![A-Za-z]))"
+        r"|(?P<float>\d+\.\d*|\.\d+)|(?P<int>\d+)"
+        r"|x_(?:\{\s*(?P<var_braced>\d+)\s*\}|(?P<var>\d))"
+        r"|(?P<delim>\\(?:left|right)\s*[()\[\]|])"
+        r"|\\(?:operatorname|mathrm)\s*\{\s*(?P<name>[A-Za-z]+)\s*\}"
+        r"|(?P<cmd>\\[A-Za-z]+)"
+        r"|(?P<letter>[A-Za-z])"
+        r"|(?P<punct>[-+*/()\[\]{}|^])"
+    )
+
+    def __init__(self, text: str):
+        self.text = text
+        self.toks: list[tuple[str, str, int]] = []
+        self.i = 0
+        braces: list[int] = []  # positions of open '{', checked here so the error names the unclosed one
+        pos = 0
+        while pos < len(text):
+            m = self._TOKEN_RE.match(text, pos)
+            if m is None:
+                raise ValueError(f"cannot parse LaTeX at character {pos} of {text!r}: unexpected {text[pos]!r}")
+            pos = m.end()
+            kind = m.lastgroup
+            if kind == "skip":
+                continue
+            start, val = m.start(), m.group(kind)
+            if kind in ("var", "var_braced"):
+                kind, index = "var", int(val)
+                if index >= MAX_VARIABLES:
+                    raise ValueError(f"unknown variable 'x_{index}' at character {start} of {text!r}; "
+                                     f"only x_0..x_{MAX_VARIABLES - 1} exist")
+                val = f"x_{index}"
+            elif kind == "delim":
+                kind, val = "punct", re.sub(r"\s+", "", val)
+            elif kind == "letter":
+                kind = "name"
+            elif kind == "cmd" and val not in _LATEX_COMMANDS:
+                if val in ("\\left", "\\right"):
+                    raise ValueError(f"{val!r} at character {start} of {text!r} must be followed by ( ) [ ] or |")
+                raise ValueError(f"unknown command {val!r} at character {start} of {text!r}; supported: "
+                                 f"{', '.join(sorted(_LATEX_COMMANDS))}, \\left, \\right, "
+                                 f"\\operatorname{{...}}, \\mathrm{{...}}")
+            elif val == "{":
+                braces.append(start)
+            elif val == "}":
+                if not braces:
+                    raise ValueError(f"unbalanced braces: '}}' at character {start} of {text!r} has no matching '{{'")
+                braces.pop()
+            self.toks.append((kind, val, start))
+        if braces:
+            raise ValueError(f"unbalanced braces: '{{' at character {braces[-1]} of {text!r} is never closed")
+        if not self.toks:
+            raise ValueError(f"empty LaTeX input {text!r}: expected an expression")
+
+    def _peek_at(self, k: int):
+        j = self.i + k
+        return self.toks[j] if j < len(self.toks) else ("end", "", len(self.text))
+
+    def _starts_atom(self, tok) -> bool:
+        kind, val, _ = tok
+        return (kind in ("int", "float", "var", "name") or val in _LATEX_GROUPS or val in ("\\left|", "\\lvert")
+                or (kind == "cmd" and val not in self._PRODUCT_OPS and val != "\\rvert"))
+
+    def _hint(self, tok) -> str:
+        return "; implicit multiplication is not supported, write \\cdot" if self._starts_atom(tok) else ""
+
+    def parse(self) -> list:
+        out = self._sum()
+        t = self._peek()
+        if t[0] != "end":
+            raise ValueError(f"unexpected {t[1]!r} at character {t[2]} of {self.text!r}{self._hint(t)}")
+        return out
+
+    def _expect(self, value):
+        t = self._peek()
+        if t[1] != value:
+            raise ValueError(f"expected {value!r} at character {t[2]} of {self.text!r}, found {t[1] or 'end'!r}"
+                             f"{self._hint(t)}")
+        self._next()
+
+    def _power(self):
+        if self._peek()[:2] == ("name", "e") and self._peek_at(1)[1] == "^":  # e^{a} is exp(a)
+            self.i += 2
+            return ["exp"] + _num(self._exponent())
+        return super()._power()
+
+    def _exponent(self):
+        return self._argument("^")
+
+    def _argument(self, after: str):
+        """Argument of a command or superscript: a braced group or, as in TeX, a single token."""
+        if self._peek()[1] == "{":
+            return self._group()
+        kind, val, pos = self._peek()
+        if kind == "end":
+            raise ValueError(f"missing argument of {after!r} at character {pos} of {self.text!r}")
+        if kind in ("int", "float") and len(val) > 1:
+            raise ValueError(f"ambiguous {val!r} at character {pos} of {self.text!r}: TeX gives only its first "
+                             f"character to {after}; write {{{val}}}")
+        return self._atom(scientific=False)
+
+    def _group(self):
+        """``{...}``; braces are invisible in TeX, so ``{2}`` stays the integer literal (``a^{2}`` is pow2)."""
+        self._expect("{")
+        start = self.i
+        out = self._sum()
+        inner = [t for t in self.toks[start:self.i] if t[1] not in ("{", "}")]
+        self._expect("}")
+        return ["__int__", out[0]] if len(inner) == 1 and inner[0][0] == "int" else out
+
+    def _function_argument(self):
+        """``\\sin(a)``, sympy's ``\\sin{\\left(a\\right)}``, or bare ``\\sin a`` (which takes ``a^{2}`` whole)."""
+        if self._peek()[1] in _LATEX_GROUPS:
+            return self._atom()
+        return self._power()
+
+    def _number(self, kind: str, val: str, scientific: bool):
+        """A literal; when ``scientific``, a following ``\\cdot 10^{k}`` joins it into the constant ``float('mek')``."""
+        if scientific:
+            t = [v for _, v, _ in self.toks[self.i:self.i + 7]] + [""] * 7
+            if t[0] in ("\\cdot", "\\times") and t[1:3] == ["10", "^"]:
+                if t[3] == "{":
+                    sign = t[4] if t[4] in ("-", "+") else ""
+                    j = 4 + len(sign)
+                    if t[j].isdigit() and t[j + 1] == "}":
+                        self.i += j + 2
+                        return [float(f"{val}e{sign}{t[j]}")]
+                elif len(t[3]) == 1 and t[3].isdigit():
+                    self.i += 4
+                    return [float(f"{val}e{t[3]}")]
+        return ["__int__", float(val)] if kind == "int" else [float(val)]
+
+    def _atom(self, scientific: bool = True):
+        if self._peek()[1] == "{":
+            return self._group()
+        kind, val, pos = self._next()
+        if kind in ("int", "float"):
+            return self._number(kind, val, scientific)
+        if kind == "var":
+            return [val]
+        if val in _LATEX_GROUPS:
+            inner = self._sum()
+            self._expect(_LATEX_GROUPS[val])
+            return inner
+        if val in _LATEX_BARS:
+            inner = self._sum()
+            self._expect(_LATEX_BARS[val])
+            return ["abs"] + inner
+        if val in _LATEX_FRACS:
+            num, den = self._argument(val), self._argument(val)
+            return ["inv"] + _num(den) if num == ["__int__", 1.0] else ["div"] + _num(num) + _num(den)
+        if val == "\\sqrt":
+            if self._peek()[1] == "[":
+                raise ValueError(f"'\\sqrt[...]' at character {pos} of {self.text!r}: n-th roots are not supported, "
+                                 f"write a power")
+            return ["sqrt"] + _num(self._argument(val))
+        fn = _LATEX_FUNCTIONS.get(val[1:]) if kind == "cmd" else _LATEX_NAMES.get(val) if kind == "name" else None
+        if fn is not None:
+            return [fn] + _num(self._function_argument())
+        if val in _LATEX_CONSTANTS:
+            return [_LATEX_CONSTANTS[val]]
+        if kind == "name":
+            raise ValueError(f"unknown symbol {val!r} at character {pos} of {self.text!r}; variables are written "
+                             f"x_0..x_{MAX_VARIABLES - 1} or x_{{0}}")
+        raise ValueError(f"unexpected {val or 'end of text'!r} at character {pos} of {self.text!r}")

@@ -10,7 +10,8 @@ every node. Here the whole batch is compiled on the host into one *tape*:
   pow2/pow3 nodes (a per-node select among a few flops, cheaper than more gathers), and every transcendental
   operator (sqrt, log, exp, sin, cos, tan, arcsin, arccos, arctan, pow) present at that height gets its own group,
   so a transcendental is computed only for nodes that use it. Each group: gather arguments -> apply -> scatter.
-* reverse mode is a hand-written reverse tape (custom_vjp) with one in-place cotangent buffer.
+* reverse mode is a hand-written reverse tape (custom_vjp) with one in-place buffer; seeded with ones instead of
+  the output cotangents it leaves every candidate's Jacobian at its constant leaves (Gauss-Newton refinement).
 
 Every size is rounded up to a bucket (powers of two and 1.5x powers of two), and the static structure is
 ``TapeSignature`` (bucketed sizes + the (height, group, capacity) list). A second batch with the same signature reuses
@@ -252,7 +253,7 @@ def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, m
              for b, ex in enumerate(expressions_per_dataset)]
     e_b = bucket(max(len(d) for d in dsets), max(min_expressions, 1))
     # constants per expression: coarse for big batches, so another batch of the same size shares the bucket
-    p_b = bucket(max(len(e.constants) for d in dsets for e in d), 1 if e_b < 64 else 32)
+    p_b = bucket(max(len(e.constants) for d in dsets for e in d), 1 if e_b < 64 else 16)
     parsed = [_parse(d, None if feature_offsets is None else feature_offsets[b]) for b, d in enumerate(dsets)]
     counts: dict = {}
     for p in parsed:
@@ -301,11 +302,11 @@ def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, m
 def _fill(sig: TapeSignature, p: _Parsed, levels: list):
     """Index arrays for one dataset.
 
-    Value buffer V rows: 0 safe value 0.5, 1..D features, constant slots, node slots (padded layout order).
-    Cotangent buffer C rows: 0 zero, 1..E_b the output cotangents, then node slots.
-    Multiplier buffer M rows: 0 ones, then d node/d arg0 per node, then d node/d arg1 per binary row.
-    Every value has exactly one user (the expressions are trees), so the reverse pass is a gather, not a scatter:
-    cotangent(child) = C[par] * M[mul].
+    Value buffer V rows: 0 safe value 0.5, 1..D features, node slots (padded layout order); constants are gathered
+    from their own array. Reverse buffer K rows: 0 zero, 1..E_b the output cotangents, then per node row
+    "cotangent(node) * d node / d arg0", then per binary row "cotangent(node) * d node / d arg1". Every value has
+    exactly one user (the expressions are trees), so its cotangent is ONE row of K: ``kpos`` (nodes), ``c_kpos``
+    (constant leaves), ``f_kpos`` (variable leaves) say which.
     """
     lay = sig.layout
     n_nodes, e_b = sig.n_nodes_padded, sig.n_expressions
@@ -336,42 +337,42 @@ def _fill(sig: TapeSignature, p: _Parsed, levels: list):
     a1c = np.full(n_nodes, -1, np.int32)  # constant-slot argument, -1 if the argument is not a constant
     a2c = np.full(sig.n_binary, -1, np.int32)
     code = np.zeros(n_nodes, np.int32)
-    node_par = np.zeros(n_nodes, np.int32)
-    node_mul = np.zeros(n_nodes, np.int32)
-    c_par = np.zeros(sig.n_const_slots, np.int32)
-    c_mul = np.zeros(sig.n_const_slots, np.int32)
+    kpos = np.zeros(n_nodes, np.int32)  # padding reads K row 0 (zero)
+    c_kpos = np.zeros(sig.n_const_slots, np.int32)
     c_idx = np.zeros(sig.n_const_slots, np.int32)
-    f_par = np.zeros(sig.n_feature_uses, np.int32)
-    f_mul = np.zeros(sig.n_feature_uses, np.int32)
+    f_kpos = np.zeros(sig.n_feature_uses, np.int32)
     f_id = np.zeros(sig.n_feature_uses, np.int32)
     roots = np.zeros(e_b, np.int32)
     root_c = np.full(e_b, -1, np.int32)  # flat (E_b * P_b) index of a root that is a constant
 
-    def link(ref, par, mul):
+    def link(ref, k_row):
         kind, k = ref
-        arr = {"n": (node_par, node_mul), "c": (c_par, c_mul), "x": (f_par, f_mul)}[kind]
-        idx = row[k] if kind == "n" else k
-        arr[0][idx], arr[1][idx] = par, mul
+        if kind == "n":
+            kpos[row[k]] = k_row
+        else:
+            (c_kpos if kind == "c" else f_kpos)[k] = k_row
 
     for k, (g, c, lv, args) in enumerate(p.nodes):
         a1[row[k]] = vrow(args[0])
         a1c[row[k]] = args[0][1] if args[0][0] == "c" else -1
         code[row[k]] = c
-        link(args[0], 1 + e_b + row[k], 1 + row[k])
+        link(args[0], 1 + e_b + row[k])
         if len(args) > 1:
             a2[brow[k]] = vrow(args[1])
             a2c[brow[k]] = args[1][1] if args[1][0] == "c" else -1
-            link(args[1], 1 + e_b + row[k], 1 + n_nodes + brow[k])
+            link(args[1], 1 + e_b + n_nodes + brow[k])
     for i, ref in enumerate(p.roots):
         roots[i] = vrow(ref)
         if ref[0] == "c":
             root_c[i] = p.consts[ref[1]][0] * sig.n_consts + p.consts[ref[1]][1]
-        link(ref, 1 + i, 0)
+        link(ref, 1 + i)
+    cj_kpos = np.zeros(e_b * sig.n_consts, np.int32)  # per (expression, constant): its K row (0: none)
     for k, (i, j, _) in enumerate(p.consts):
         c_idx[k] = i * sig.n_consts + j
+        cj_kpos[i * sig.n_consts + j] = c_kpos[k]
     f_id[: len(p.features)] = p.features
-    return dict(a1=a1, a2=a2, code=code, roots=roots, node_par=node_par, node_mul=node_mul, c_par=c_par,
-                c_mul=c_mul, c_idx=c_idx, f_par=f_par, f_mul=f_mul, f_id=f_id, a1c=a1c, a2c=a2c, root_c=root_c)
+    return dict(a1=a1, a2=a2, code=code, roots=roots, kpos=kpos, c_kpos=c_kpos, c_idx=c_idx, cj_kpos=cj_kpos,
+                f_kpos=f_kpos, f_id=f_id, a1c=a1c, a2c=a2c, root_c=root_c)
 
 
 # ----- device-side evaluation --------------------------------------------------------------------------------------
@@ -414,21 +415,29 @@ _RAW_DERIVS = {
 }
 
 
+def _level_args(arrays, v, cvals, lo, hi, blo, bhi):
+    """A level's first arguments (one gather of value rows) and binary second arguments; constants broadcast in."""
+    def args(idx, cidx):
+        return jnp.where((cidx >= 0)[:, None], cvals[cidx][:, None], v[idx])
+
+    a = args(arrays["a1"][lo:hi], arrays["a1c"][lo:hi])
+    b = args(arrays["a2"][blo:bhi], arrays["a2c"][blo:bhi]) if bhi > blo else None
+    return a, b
+
+
 def _forward(sig: TapeSignature, arrays, consts_ExP, x_NxD):
-    """Value buffer V plus, per level, the gathered arguments (kept for the reverse pass)."""
+    """Value buffer V (every node's output) and the constants per slot: all the reverse pass needs.
+
+    The gathered arguments are not kept: the reverse pass gathers them again from V, which is cheaper on CPU than
+    writing and re-reading them (the gathers fuse into the operators).
+    """
     dtype = x_NxD.dtype
     n = x_NxD.shape[0]
     cvals = consts_ExP.reshape(-1).astype(dtype)[arrays["c_idx"]]
     v = jnp.concatenate([jnp.full((1, n), 0.5, dtype), x_NxD.T, jnp.zeros((sig.n_nodes_padded, n), dtype)])
     cvals = jnp.concatenate([cvals, jnp.zeros((1,), dtype)])  # index -1: not a constant (value unused)
-
-    def args(idx, cidx):  # one gather of value rows, constants broadcast in (they are not stored per point)
-        return jnp.where((cidx >= 0)[:, None], cvals[cidx][:, None], v[idx])
-
-    saved = []
     for lo, hi, blo, bhi, groups in sig.layout:
-        a = args(arrays["a1"][lo:hi], arrays["a1c"][lo:hi])  # one gather per level for the first arguments ...
-        b = args(arrays["a2"][blo:bhi], arrays["a2c"][blo:bhi]) if bhi > blo else None  # ... binary 2nd ones
+        a, b = _level_args(arrays, v, cvals, lo, hi, blo, bhi)
         outs = []
         for g, glo, ghi in groups:
             s = slice(glo - lo, ghi - lo)
@@ -436,21 +445,20 @@ def _forward(sig: TapeSignature, arrays, consts_ExP, x_NxD):
             outs.append(_group_apply(g, a[s], bb, arrays["code"][glo:ghi]))
         out = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
         v = jax.lax.dynamic_update_slice_in_dim(v, out, sig.node_base + lo, axis=0)  # static offset: in place
-        saved.append((a, b, out))
-    return v, saved
+    return v, cvals
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def run_tape(sig: TapeSignature, arrays, consts_ExP, x_NxD):
     """Traced evaluation for ONE dataset (arrays without the dataset axis): returns (E_b, N) predictions.
 
-    Reverse mode is hand-written: every value has exactly one user, so each level's cotangents are one gather of
-    the users' cotangents times one gather of local derivatives (no scatter into a big buffer).
+    Reverse mode is hand-written (``_reverse``): every value has exactly one user, so each level's cotangents are
+    one gather from the K buffer, and its contributions to its arguments one in-place write (no scatter).
     """
     return _roots(sig, arrays, consts_ExP, *_forward(sig, arrays, consts_ExP, x_NxD))
 
 
-def _roots(sig, arrays, consts_ExP, v, saved):
+def _roots(sig, arrays, consts_ExP, v, cvals=None):
     """Predictions: the root rows of V; an expression that is a single constant reads its constant."""
     rc = arrays["root_c"]
     cv = consts_ExP.reshape(-1).astype(v.dtype)[jnp.maximum(rc, 0)]
@@ -458,37 +466,43 @@ def _roots(sig, arrays, consts_ExP, v, saved):
 
 
 def _run_tape_fwd(sig, arrays, consts_ExP, x_NxD):
-    v, saved = _forward(sig, arrays, consts_ExP, x_NxD)
-    return _roots(sig, arrays, consts_ExP, v, saved), (saved, arrays, consts_ExP.shape)
+    v, cvals = _forward(sig, arrays, consts_ExP, x_NxD)
+    return _roots(sig, arrays, consts_ExP, v), ((v, cvals), arrays, consts_ExP.shape)
 
 
-def _run_tape_bwd(sig, res, ct_ExN):
-    saved, arrays, cshape = res
-    dtype = saved[0][0].dtype if saved else ct_ExN.dtype
-    ct_ExN = ct_ExN.astype(dtype)
+def _reverse(sig, arrays, saved, ct_ExN):
+    """Reverse sweep, top level first: the K buffer of ``_fill`` (one gather and one in-place write per level)."""
+    v, cvals = saved
+    dtype = v.dtype
     n = ct_ExN.shape[1]
-    das, dbs = [], []
-    for (lo, hi, blo, bhi, groups), (a, b, out) in zip(sig.layout, saved):
+    e_b, n_nodes = sig.n_expressions, sig.n_nodes_padded
+    k_buf = jnp.concatenate([jnp.zeros((1, n), dtype), ct_ExN.astype(dtype),
+                             jnp.zeros((n_nodes + sig.n_binary, n), dtype)])
+    for lo, hi, blo, bhi, groups in reversed(sig.layout):
+        a, b = _level_args(arrays, v, cvals, lo, hi, blo, bhi)
+        out = v[sig.node_base + lo:sig.node_base + hi]
+        ct = k_buf[arrays["kpos"][lo:hi]]
+        to_a, to_b = [], []
         for g, glo, ghi in groups:
             s = slice(glo - lo, ghi - lo)
             bb = b[glo - lo:ghi - lo] if g in _BINARY_GROUPS else None
             da, db = _group_derivs(g, a[s], bb, out[s], arrays["code"][glo:ghi])
-            das.append(da)
+            to_a.append(ct[s] * da)
             if g in _BINARY_GROUPS:
-                dbs.append(db)
-    # materialise the multipliers once (without the barrier XLA fuses this concatenate into the gathers below
-    # and recomputes every derivative per gathered element)
-    m = jax.lax.optimization_barrier(jnp.concatenate([jnp.ones((1, n), dtype)] + das + dbs))
-    node_m = m[arrays["node_mul"]]
-    c = jnp.concatenate([jnp.zeros((1, n), dtype), ct_ExN, jnp.zeros((sig.n_nodes_padded, n), dtype)])
-    base = 1 + sig.n_expressions
-    for lo, hi, _, _, _ in reversed(sig.layout):
-        ct = c[arrays["node_par"][lo:hi]] * node_m[lo:hi]
-        c = jax.lax.dynamic_update_slice_in_dim(c, ct, base + lo, axis=0)
-    ct_cs = jnp.sum(c[arrays["c_par"]] * m[arrays["c_mul"]], axis=1)
+                to_b.append(ct[s] * db)
+        k_buf = jax.lax.dynamic_update_slice_in_dim(k_buf, jnp.concatenate(to_a), 1 + e_b + lo, axis=0)
+        if to_b:
+            k_buf = jax.lax.dynamic_update_slice_in_dim(k_buf, jnp.concatenate(to_b), 1 + e_b + n_nodes + blo, axis=0)
+    return k_buf
+
+
+def _run_tape_bwd(sig, res, ct_ExN):
+    saved, arrays, cshape = res
+    k_buf = _reverse(sig, arrays, saved, ct_ExN)
+    dtype = k_buf.dtype
+    ct_cs = jnp.sum(k_buf[arrays["c_kpos"]], axis=1)
     ct_c = jnp.zeros(cshape[0] * cshape[1], dtype).at[arrays["c_idx"]].add(ct_cs).reshape(cshape)
-    ct_f = c[arrays["f_par"]] * m[arrays["f_mul"]]
-    ct_x = jax.ops.segment_sum(ct_f, arrays["f_id"], num_segments=sig.n_features).T
+    ct_x = jax.ops.segment_sum(k_buf[arrays["f_kpos"]], arrays["f_id"], num_segments=sig.n_features).T
     int_ct = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, jax.dtypes.float0), arrays)
     return int_ct, ct_c, ct_x
 

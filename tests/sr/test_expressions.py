@@ -5,8 +5,25 @@ import pytest
 import sympy
 from hypothesis import given, settings, strategies as st
 
-from sr_jax.expressions import Expression
+from sr_jax.expressions import BINARY_OPERATORS, UNARY_OPERATORS, VARIABLES, Expression
 from sr_jax.generator import sample
+
+
+def _bits(e: Expression) -> tuple:
+    """Tokens with floats as their hex form, so -0.0 != 0.0 and any lost bit shows."""
+    return tuple(t.hex() if isinstance(t, float) else t for t in e.tokens)
+
+
+# Every operator and any finite or infinite float (the generator never draws div/arcsin/arccos/pow, and its
+# constants have 3 significant digits), for the round trips that must be exact for every expression.
+_any_expression = st.recursive(
+    st.one_of(st.sampled_from(VARIABLES), st.floats(allow_nan=False)).map(lambda t: [t]),
+    lambda kids: st.one_of(
+        st.tuples(st.sampled_from(UNARY_OPERATORS), kids).map(lambda t: [t[0], *t[1]]),
+        st.tuples(st.sampled_from(BINARY_OPERATORS), kids, kids).map(lambda t: [t[0], *t[1], *t[2]]),
+    ),
+    max_leaves=12,
+).map(Expression)
 
 
 @settings(max_examples=25, deadline=None)
@@ -29,6 +46,8 @@ def test_infix_special_forms():
     assert Expression.from_infix("1.0 / x_0").tokens == ("div", 1.0, "x_0")
     assert Expression.from_infix("x_0 ** 2").tokens == ("pow2", "x_0")
     assert Expression.from_infix("x_0 ** 2.0").tokens == ("pow", "x_0", 2.0)
+    assert Expression.from_infix("x_0 * 2 / 3").tokens == ("div", "mul", "x_0", 2.0, 3.0)
+    assert Expression.from_infix("1 / 2").tokens == ("inv", 2.0)
     assert Expression.from_infix("-x_1 + 3 * sin(x_0)").tokens == ("add", "mul", -1.0, "x_1", "mul", 3.0, "sin", "x_0")
 
 
@@ -75,3 +94,138 @@ def test_with_constants_and_skeleton():
     assert e.skeleton() == ("add", "CONSTANT", "mul", "CONSTANT", "x_0")
     assert e.n_nodes == 5
     assert math.isclose(float(e.to_sympy().subs(sympy.Symbol("x_0", real=True), 2.0)), 5.0)
+
+
+# ----- LaTeX input -------------------------------------------------------------------------------------------------
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 10**6))
+def test_latex_round_trip_is_exact(seed):
+    e = sample(seed).expression
+    assert Expression.from_latex(e.latex()) == e
+
+
+@settings(max_examples=300, deadline=None)
+@given(_any_expression)
+def test_latex_round_trip_is_bit_exact_for_any_expression(e):
+    assert _bits(Expression.from_latex(e.latex())) == _bits(e)
+
+
+@pytest.mark.parametrize("v, tex", [
+    (0.5, "0.5"),
+    (1234.5, "1234.5"),
+    (1.2e-5, "1.2 \\cdot 10^{-5}"),
+    (12345.0, "1.2345 \\cdot 10^{4}"),
+    (1e16, "1 \\cdot 10^{16}"),
+    (5e-324, "5 \\cdot 10^{-324}"),
+    (-0.0, "\\left(-0.0\\right)"),
+    (-1.7976931348623157e308, "\\left(-1.7976931348623157 \\cdot 10^{308}\\right)"),
+    (float("inf"), "\\infty"),
+])
+def test_latex_constants_are_short_and_exact(v, tex):
+    e = Expression([v])
+    assert e.latex() == tex
+    assert _bits(Expression.from_latex(tex)) == _bits(e)
+
+
+def test_latex_nan_constant():
+    back = Expression.from_latex(Expression(["add", "x_0", float("nan")]).latex())
+    assert back.tokens[:2] == ("add", "x_0") and math.isnan(back.tokens[2])
+
+
+@pytest.mark.parametrize("tex, infix", [
+    ("\\frac{x_0}{x_1}", "x_0 / x_1"),
+    ("\\dfrac{x_0 + 1}{2}", "(x_0 + 1) / 2"),
+    ("\\frac{1}{x_0}", "1 / x_0"),
+    ("\\frac{1.0}{x_0}", "1.0 / x_0"),
+    ("\\frac 1 2", "1 / 2"),
+    ("1 / x_0", "1 / x_0"),
+    ("x_0 \\cdot x_1", "x_0 * x_1"),
+    ("x_0 \\times x_1 \\div x_2", "x_0 * x_1 / x_2"),
+    ("\\left(x_0 + 1.5\\right) \\cdot x_1", "(x_0 + 1.5) * x_1"),
+    ("(x_0 - x_1) \\cdot x_2", "(x_0 - x_1) * x_2"),
+    ("{x_0 + x_1} \\cdot x_2", "(x_0 + x_1) * x_2"),
+    ("\\left[x_0 + x_1\\right] \\cdot [x_2 + 1]", "(x_0 + x_1) * (x_2 + 1)"),
+    ("x_{0} + x_1 - x_{ 9 }", "x_0 + x_1 - x_9"),
+    ("\\sqrt{x_0}", "sqrt(x_0)"),
+    ("\\sqrt x_0", "sqrt(x_0)"),
+    ("\\log(x_0)", "log(x_0)"),
+    ("\\ln x_0", "log(x_0)"),
+    ("\\log{\\left(x_{0} \\right)}", "log(x_0)"),
+    ("\\exp(x_0)", "exp(x_0)"),
+    ("e^{x_0 + 1}", "exp(x_0 + 1)"),
+    ("e^x_0", "exp(x_0)"),
+    ("\\mathrm{e}^{2}", "exp(2.0)"),
+    ("e", "e"),
+    ("\\sin(x_0)", "sin(x_0)"),
+    ("\\cos x_0", "cos(x_0)"),
+    ("\\tan{x_0}", "tan(x_0)"),
+    ("\\arcsin(x_0)", "arcsin(x_0)"),
+    ("\\arccos(x_0)", "arccos(x_0)"),
+    ("\\arctan(x_0)", "arctan(x_0)"),
+    ("\\operatorname{asin}{\\left(x_{0} \\right)}", "arcsin(x_0)"),
+    ("\\operatorname{atan}(x_0)", "arctan(x_0)"),
+    ("\\sin x_0 \\cdot x_1", "sin(x_0) * x_1"),
+    ("\\sin x_0^{2}", "sin(x_0 ** 2)"),
+    ("\\sin(x_0)^2", "sin(x_0) ** 2"),
+    ("|x_0|", "abs(x_0)"),
+    ("\\left| x_0 - 1 \\right| + \\lvert x_1 \\rvert", "abs(x_0 - 1) + abs(x_1)"),
+    ("||x_0| - |x_1||", "abs(abs(x_0) - abs(x_1))"),
+    ("x_0^{2}", "x_0 ** 2"),
+    ("x_0^2", "x_0 ** 2"),
+    ("x_0^{3}", "x_0 ** 3"),
+    ("{x_0}^{{2}}", "x_0 ** 2"),
+    ("x_0^{x_1}", "x_0 ** x_1"),
+    ("x_0^{2.5}", "x_0 ** 2.5"),
+    ("x_0^{-1}", "x_0 ** -1"),
+    ("-x_0", "-x_0"),
+    ("-x_0^{2}", "-x_0 ** 2"),
+    ("x_0 - -x_1", "x_0 - -x_1"),
+    ("3.5", "3.5"),
+    ("-3.5", "-3.5"),
+    (".5 + 3.", "0.5 + 3.0"),
+    ("1.2 \\cdot 10^{-3}", "1.2e-3"),
+    ("-1.2 \\times 10^{+3} \\cdot x_0", "-1.2e3 * x_0"),
+    ("2 \\cdot 10^5", "2e5"),
+    ("x_0^2 \\cdot 10^{3}", "x_0 ** 2 * 10 ** 3"),
+    ("2 \\cdot 10^{x_0}", "2 * 10 ** x_0"),
+    ("\\pi", "pi"),
+    ("2 \\cdot \\pi \\cdot x_0", "2 * pi * x_0"),
+    ("1 + 2 \\cdot x_0^{2}", "1 + 2 * x_0 ** 2"),
+    ("$x_0 \\, + \\; x_1$", "x_0 + x_1"),
+])
+def test_latex_hand_written_forms(tex, infix):
+    assert Expression.from_latex(tex) == Expression.from_infix(infix)
+
+
+def test_latex_hand_written_matches_sympy():
+    tex = "\\frac{\\sqrt{x_0^{2} + 1}}{\\left|x_1\\right|} - e^{-x_0} \\cdot \\cos(\\pi \\cdot x_1)"
+    x0, x1 = sympy.symbols("x_0 x_1", real=True)
+    want = sympy.sqrt(x0**2 + 1) / sympy.Abs(x1) - sympy.exp(-x0) * sympy.cos(sympy.pi * x1)
+    got = Expression.from_latex(tex).to_sympy()
+    for point in [{x0: 0.3, x1: -1.7}, {x0: -2.0, x1: 0.25}]:
+        assert math.isclose(float(got.subs(point)), float(want.subs(point)), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("tex, msg", [
+    ("\\foo", r"unknown command '\\\\foo' at character 0"),
+    ("x_0 + \\foo{x_1}", r"unknown command '\\\\foo' at character 6"),
+    ("\\frac{1}{x_0", "unbalanced braces: '{' at character 8"),
+    ("x_0}", "unbalanced braces: '}' at character 3"),
+    ("", "empty LaTeX input"),
+    ("  $ $ ", "empty LaTeX input"),
+    ("x_0 + y", "unknown symbol 'y' at character 6"),
+    ("x_{12}", "unknown variable 'x_12' at character 0"),
+    ("2x_0", "unexpected 'x_0' at character 1 .*implicit multiplication"),
+    ("\\left( x_0 \\right]", r"expected '\\\\right\)' at character 11"),
+    ("\\left x_0", r"'\\\\left' at character 0 .* must be followed by"),
+    ("(x_0", "expected '\\)' at character 4"),
+    ("x_0 +", "unexpected 'end of text' at character 5"),
+    ("x_0^{2}^{3}", "unexpected '\\^' at character 7"),
+    ("x_0^23", "ambiguous '23' at character 4"),
+    ("\\frac{1}", r"missing argument of '\\\\frac' at character 8"),
+    ("\\sqrt[3]{x_0}", "n-th roots are not supported"),
+    ("x_0 = 1", "cannot parse LaTeX at character 4"),
+])
+def test_latex_parse_errors_name_the_problem(tex, msg):
+    with pytest.raises(ValueError, match=msg):
+        Expression.from_latex(tex)

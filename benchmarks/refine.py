@@ -20,12 +20,13 @@ Two scenarios, both printed:
   its own dataset. Problems without constants, with non-finite or constant y, or |y| > 1e10 (float32 range) are
   skipped when drawing. R^2 = 1 - loss, since the loss is MSE / var(y).
 
-Measured (2 cores x86_64, jax 0.10.2 CPU, defaults): worst case 0.88 s vs scipy 12.1 s (13.7x, compile 21 s);
-E2E-like 0.94 s vs scipy 2.35 s (2.5x, compile 21 s): scipy needs only ~9 ms per easy problem, while the lockstep
-loop runs until the slowest lane stops (150 evaluations; median converged lane: ~27).
+Measured (2 cores x86_64, jax 0.10.2 CPU, defaults: hybrid Gauss-Newton/BFGS, maxiter 100, float32, 2026-11-27):
+worst case 0.61 s vs scipy 12.2 s (20.0x median of repeated calls, 19.3x on the 2nd call; compile 14.5 s; worse /
+better than scipy by >1e-3 on 30.5% / 31.6%, median loss 0.9411 vs 0.9420); E2E-like 0.61 s vs scipy 2.39 s (3.9x;
+worse / better 18.4% / 59.4%, R^2>0.999 77.3% vs 76.6%). See BENCHMARKS.md.
 
 Run: python benchmarks/refine.py [--scenario both|worst|e2e] [--n 256] [--maxiter N]
-     [--linesearch lockstep|backtracking|armijo|zoom]
+     [--linesearch lockstep|backtracking|armijo|zoom] [--hessian hybrid|bfgs] [--x64]
 """
 from __future__ import annotations
 

@@ -389,10 +389,7 @@ class _InfixParser:
     def _unary(self):
         if self._peek()[1] == "-":
             self._next()
-            operand = _num(self._unary())
-            if len(operand) == 1 and isinstance(operand[0], float):
-                return [-operand[0]]
-            return ["mul", -1.0] + operand
+            return _negated(_num(self._unary()))
         if self._peek()[1] == "+":
             self._next()
             return self._unary()
@@ -416,10 +413,7 @@ class _InfixParser:
     def _unary_power(self):
         if self._peek()[1] == "-":
             self._next()
-            operand = _num(self._unary_power())
-            if len(operand) == 1 and isinstance(operand[0], float):
-                return [-operand[0]]
-            return ["mul", -1.0] + operand
+            return _negated(_num(self._unary_power()))
         return self._power()
 
     def _atom(self):
@@ -444,6 +438,13 @@ class _InfixParser:
                 return [math.pi if val == "pi" else math.e]
             raise ValueError(f"unknown symbol {val!r} at character {pos} of {self.text!r}")
         raise ValueError(f"unexpected {val or 'end of text'!r} at character {pos} of {self.text!r}")
+
+
+def _negated(operand: list) -> list:
+    """Unary minus: a literal is negated in place, anything else becomes mul(-1, operand)."""
+    if len(operand) == 1 and isinstance(operand[0], float):
+        return [-operand[0]]
+    return ["mul", -1.0] + operand
 
 
 def _num(toks: list) -> list:

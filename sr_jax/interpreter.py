@@ -455,10 +455,10 @@ def run_tape(sig: TapeSignature, arrays, consts_ExP, x_NxD):
     Reverse mode is hand-written (``_reverse``): every value has exactly one user, so each level's cotangents are
     one gather from the K buffer, and its contributions to its arguments one in-place write (no scatter).
     """
-    return _roots(sig, arrays, consts_ExP, *_forward(sig, arrays, consts_ExP, x_NxD))
+    return _roots(sig, arrays, consts_ExP, _forward(sig, arrays, consts_ExP, x_NxD)[0])
 
 
-def _roots(sig, arrays, consts_ExP, v, cvals=None):
+def _roots(sig, arrays, consts_ExP, v):
     """Predictions: the root rows of V; an expression that is a single constant reads its constant."""
     rc = arrays["root_c"]
     cv = consts_ExP.reshape(-1).astype(v.dtype)[jnp.maximum(rc, 0)]

@@ -77,10 +77,15 @@ def _is_multi_list(x) -> bool:
 
 def _losses(sig, arrays, consts, x, y, w, vary):
     """MSE / var(y) per candidate; y, w: (N,) shared or (E_b, N) one row per candidate (folded datasets)."""
-    pred = itp.run_tape(sig, arrays, consts, x)
+    return _residuals(itp.run_tape(sig, arrays, consts, x), y, w, vary)[0]
+
+
+def _residuals(pred_ExN, y, w, vary):
+    """(losses, residuals r, weights as (E_b or 1, N), 2 / (sum(w) var(y))): the loss is scale / 2 * sum(w r^2)."""
     y2, w2 = (y, w) if y.ndim == 2 else (y[None, :], w[None, :])
-    r = pred - y2
-    return jnp.sum(w2 * r * r, axis=1) / (jnp.sum(w2, axis=1) * vary)
+    r = pred_ExN - y2
+    scale = 2.0 / (jnp.sum(w2, axis=1) * vary)
+    return 0.5 * scale * jnp.sum(w2 * r * r, axis=1), r, w2, scale
 
 
 def _weighted_var(y, w):
@@ -112,10 +117,7 @@ def _batch_gauss_newton(sig, arrays, consts, x, y, w, vary):
     """
     saved = itp._forward(sig, arrays, consts, x)
     pred = itp._roots(sig, arrays, consts, saved[0])
-    y2, w2 = (y, w) if y.ndim == 2 else (y[None, :], w[None, :])
-    r = pred - y2
-    scale = 2.0 / (jnp.sum(w2, axis=1) * vary)
-    losses = 0.5 * scale * jnp.sum(w2 * r * r, axis=1)
+    losses, r, w2, scale = _residuals(pred, y, w, vary)
     k_buf = itp._reverse(sig, arrays, saved, jnp.ones_like(pred))
     e_b, p_b = consts.shape
     jac = k_buf[arrays["cj_kpos"]]  # (E_b * P_b, N); row 0 of K (zeros) where a candidate has fewer constants

@@ -21,9 +21,9 @@ Two scenarios, both printed:
   skipped when drawing. R^2 = 1 - loss, since the loss is MSE / var(y).
 
 Measured (2 cores x86_64, jax 0.10.2 CPU, defaults: hybrid Gauss-Newton/BFGS, maxiter 100, float32, 2026-11-27):
-worst case 0.61 s vs scipy 12.2 s (20.0x median of repeated calls, 19.3x on the 2nd call; compile 14.5 s; worse /
-better than scipy by >1e-3 on 30.5% / 31.6%, median loss 0.9411 vs 0.9420); E2E-like 0.61 s vs scipy 2.39 s (3.9x;
-worse / better 18.4% / 59.4%, R^2>0.999 77.3% vs 76.6%). See BENCHMARKS.md.
+worst case 0.55 s vs scipy 11.9 s (21.7x on the 2nd call, 21.9x median of repeated calls; compile 15 s; worse /
+better than scipy by >1e-3 on 30.1% / 32.4%, median loss 0.9398 vs 0.9420); E2E-like 0.60 s vs scipy 2.37 s (4.0x;
+worse / better 18.4% / 59.8%, R^2>0.999 77.3% vs 76.6%). See BENCHMARKS.md.
 
 Run: python benchmarks/refine.py [--scenario both|worst|e2e] [--n 256] [--maxiter N]
      [--linesearch lockstep|backtracking|armijo|zoom] [--hessian hybrid|bfgs] [--x64]

@@ -107,25 +107,53 @@ def _batch_value_and_grad(sig, arrays, consts, x, y, w, vary):
     return l, g
 
 
-def _batch_gauss_newton(sig, arrays, consts, x, y, w, vary):
+def _batch_gauss_newton(sig, arrays, consts, x, y, w, vary, gn_below=None):
     """Per-candidate losses, gradients and Gauss-Newton matrices from ONE forward and ONE reverse sweep.
 
     Seeding the reverse sweep with ones (not the residuals) leaves d prediction(x_n) / d constant at every
     constant leaf and point, i.e. every candidate's Jacobian J (P x N): each constant belongs to exactly one
     candidate, so one sweep serves the whole batch. Then gradient = 2 J W r / (sum(w) var) and
-    Gauss-Newton matrix = 2 J W J' / (sum(w) var), at the price of one gradient.
+    Gauss-Newton matrix = 2 J W J' / (sum(w) var).
+    ``gn_below`` (E_b,): B is only needed where the loss fell below it (zeros elsewhere). When few candidates need
+    it (after the first iterations, ~10% of a batch), only theirs are formed: the Gram matrices are a third of the
+    cost of an evaluation when formed for all.
     """
     saved = itp._forward(sig, arrays, consts, x)
     pred = itp._roots(sig, arrays, consts, saved[0])
     losses, r, w2, scale = _residuals(pred, y, w, vary)
     k_buf = itp._reverse(sig, arrays, saved, jnp.ones_like(pred))
     e_b, p_b = consts.shape
-    jac = k_buf[arrays["cj_kpos"]]  # (E_b * P_b, N); row 0 of K (zeros) where a candidate has fewer constants
-    jac_ExPxN = jnp.where(jnp.isfinite(jac), jac, 0.0).reshape(e_b, p_b, -1)
+    n = x.shape[0]
+    kpos_ExP = arrays["cj_kpos"].reshape(e_b, p_b)  # K row per (candidate, constant); 0 (zeros) for padding
+    mask_ExN = jnp.broadcast_to(w2 > 0, (e_b, n))
+
+    def jacobian(rows):  # (len(rows), P, N), zero on padded points and non-finite entries
+        jac = k_buf[kpos_ExP[rows].reshape(-1)].reshape(rows.shape[0], p_b, n)
+        return jnp.where(jnp.isfinite(jac) & mask_ExN[rows][:, None, :], jac, 0.0)
+
+    all_rows = jnp.arange(e_b)
     wr = jnp.where(jnp.isfinite(r), w2 * r, 0.0)
-    grads = scale[:, None] * jnp.einsum("epn,en->ep", jac_ExPxN, wr)
-    gn = scale[:, None, None] * jnp.einsum("epn,eqn->epq", jac_ExPxN * w2[:, None, :], jac_ExPxN)
-    return losses, grads, gn
+    grads = scale[:, None] * jnp.einsum("epn,en->ep", jacobian(all_rows), wr)
+
+    def gram(rows):
+        jac = jacobian(rows)
+        return scale[rows][:, None, None] * jnp.einsum("epn,eqn->epq", jac, jac)
+
+    cap = _partial_capacity(e_b)
+    if gn_below is None or cap == e_b:
+        return losses, grads, gram(all_rows)
+    need = jnp.where(jnp.isfinite(losses), losses, _BIG) <= gn_below
+
+    def some():
+        rows = jnp.argsort(~need, stable=True)[:cap]  # the candidates that need B first
+        return jnp.zeros((e_b, p_b, p_b), losses.dtype).at[rows].set(gram(rows) * need[rows][:, None, None])
+
+    return losses, grads, jax.lax.cond(jnp.sum(need) <= cap, some, lambda: gram(all_rows))
+
+
+def _partial_capacity(n: int) -> int:
+    """Rows formed by the few-candidates path of Gram matrices and factorisations (all of them below 64)."""
+    return n // 4 if n >= 64 else n
 
 
 def _make_solver(sig, maxiter: int, tol: float, linesearch: str, implicit: bool, maxls: int = 30,
@@ -133,31 +161,32 @@ def _make_solver(sig, maxiter: int, tol: float, linesearch: str, implicit: bool,
     e_b = sig.n_expressions
     use_gn = linesearch == "lockstep" and hessian == "hybrid"
 
-    def batch_eval(consts, arrays, x, y, w, vary):
+    def batch_eval(consts, idx, active, gn_below, arrays, x, y, w, vary):
         if use_gn:
-            return _batch_gauss_newton(sig, arrays, consts, x, y, w, vary)
+            below = jnp.full((e_b,), -jnp.inf, consts.dtype).at[idx].set(jnp.where(active, gn_below, -jnp.inf))
+            return _batch_gauss_newton(sig, arrays, consts, x, y, w, vary, below)
         l, g = _batch_value_and_grad(sig, arrays, consts, x, y, w, vary)
         return l, g, jnp.zeros(g.shape + g.shape[-1:], g.dtype)
 
+    # gn_below: the loss under which a candidate's Gauss-Newton matrix is needed (set by _LockstepBFGS.update)
     @custom_vmap
-    def cand_vg(c, idx, active, arrays, x, y, w, vary):
+    def cand_vg(c, idx, active, gn_below, arrays, x, y, w, vary):
         # unbatched fallback (one candidate): evaluate the tape with this candidate's row set
         consts = jnp.zeros((e_b, c.shape[0]), c.dtype).at[idx].set(c)
-        l, g, gn = batch_eval(consts, arrays, x, y, w, vary)
+        l, g, gn = batch_eval(consts, idx[None], active[None], gn_below[None], arrays, x, y, w, vary)
         return _mask_value(l[idx], g[idx], gn[idx], active)
 
     @cand_vg.def_vmap
-    def cand_vg_rule(axis_size, in_batched, c, idx, active, arrays, x, y, w, vary):
+    def cand_vg_rule(axis_size, in_batched, c, idx, active, gn_below, arrays, x, y, w, vary):
         # The data arguments are shared by all candidates; a batched lax.cond inside jaxopt's line search may
         # broadcast them along the candidate axis, in which case every lane holds the same value: take lane 0.
         shared = [jax.tree_util.tree_map(lambda a, bt: a[0] if bt else a, arg, bat)
-                  for arg, bat in zip((arrays, x, y, w, vary), in_batched[3:])]
+                  for arg, bat in zip((arrays, x, y, w, vary), in_batched[4:])]
         arrays, x, y, w, vary = shared
-        c = c if in_batched[0] else jnp.broadcast_to(c, (axis_size,) + c.shape)
-        idx = idx if in_batched[1] else jnp.broadcast_to(idx, (axis_size,))
-        active = active if in_batched[2] else jnp.broadcast_to(active, (axis_size,))
+        c, idx, active, gn_below = [a if bt else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                                    for a, bt in zip((c, idx, active, gn_below), in_batched[:4])]
         consts = jnp.zeros((e_b, c.shape[-1]), c.dtype).at[idx].set(c)
-        l, g, gn = batch_eval(consts, arrays, x, y, w, vary)
+        l, g, gn = batch_eval(consts, idx, active, gn_below, arrays, x, y, w, vary)
         return jax.vmap(_mask_value)(l[idx], g[idx], gn[idx], active), ((True, True), True)
 
     if linesearch == "lockstep":
@@ -178,8 +207,9 @@ def _make_solver(sig, maxiter: int, tol: float, linesearch: str, implicit: bool,
         solver.run_ls = ls.run
 
     def solve(c0, idx, active, arrays, x, y, w, vary):
-        run = jax.vmap(solver.run, in_axes=(0, 0, 0, None, None, None, None, None))
-        params, state = run(c0, idx, active, arrays, x, y, w, vary)
+        run = jax.vmap(solver.run, in_axes=(0, 0, 0, 0, None, None, None, None, None))
+        gn_below = jnp.full(idx.shape, jnp.inf, c0.dtype)  # jaxopt's own line searches: every B (unused)
+        params, state = run(c0, idx, active, gn_below, arrays, x, y, w, vary)
         if linesearch == "lockstep":  # masked initial and final losses, from the solver's own evaluations
             return params, (state.iter_num, state.error, state.aux[0], state.value)
         return params, (state.iter_num, state.error)
@@ -215,9 +245,12 @@ class _LockstepBFGS(jaxopt.BFGS):
     at least 10% (small residuals: Gauss-Newton converges fast), else the BFGS update of the previous H (large
     residuals: BFGS's curvature estimate is better) -- the hybrid of Fletcher & Xu (1987), with Marquardt damping.
     The first direction is the Gauss-Newton one. Measured (benchmarks/refine.py): at 100 evaluations it matches
-    scipy's fully converged BFGS in float32, where plain lockstep BFGS needed more than 150. Without it: plain BFGS from H = I, rescaled by y.s / y.y after the first step (Nocedal &
-    Wright eq. 6.20), first step of length 1 as scipy's BFGS. BFGS updates are skipped when the curvature y.s is not
-    positive, so H stays positive definite. ``state.aux`` holds (initial loss, B at the current point).
+    scipy's fully converged BFGS in float32, where plain lockstep BFGS needed more than 150. B is only formed (and
+    factorised) for the candidates whose loss fell by >= 10% in this evaluation: the objective receives that
+    threshold as its ``gn_below`` argument. ``state.aux`` holds (initial loss, the last B formed).
+    Without Gauss-Newton: plain BFGS from H = I, rescaled by y.s / y.y after the first step (Nocedal & Wright
+    eq. 6.20), first step of length 1 as scipy's BFGS. BFGS updates are skipped when the curvature y.s is not
+    positive, so H stays positive definite.
     """
 
     gauss_newton: bool = False
@@ -232,17 +265,6 @@ class _LockstepBFGS(jaxopt.BFGS):
                          num_grad_eval=jnp.asarray(0, _NUM_EVAL_DTYPE),
                          num_linesearch_iter=jnp.asarray(0, _NUM_EVAL_DTYPE))
 
-    def _gn_inverse(self, B):
-        """(B + damping)^-1 by Cholesky (Levenberg-Marquardt damping); identity on directions B does not see."""
-        n = B.shape[-1]
-        eye = jnp.eye(n, dtype=B.dtype)
-        diag = jnp.diag(B)
-        damp = 1e-4 * diag + 1e-7 * jnp.max(diag)  # Marquardt's scale-free damping, plus a floor for flat ones
-        reg = B + jnp.diag(jnp.where(diag > 0, damp, 1.0))
-        chol = jax.scipy.linalg.cho_factor(reg, lower=True)
-        H = jax.scipy.linalg.cho_solve(chol, eye)
-        return 0.5 * (H + H.T)  # a failed factorisation gives NaN: the caller falls back to the identity
-
     def update(self, params, state, *args, **kwargs):
         g, f, H, t = state.grad, state.value, state.H, state.stepsize
         l0, B = state.aux
@@ -256,7 +278,11 @@ class _LockstepBFGS(jaxopt.BFGS):
         d = jnp.where(bad, -g, d)
         slope = jnp.where(bad, -jnp.dot(g, g), slope)
         trial = params + t * d
+        gn_below = 0.9 * f  # Gauss-Newton after a >= 10% decrease (inf at the start: every candidate)
+        if self.gauss_newton:
+            args = args[:2] + (gn_below.astype(params.dtype),) + args[3:]
         (f_new, B_new), g_new = self._value_and_grad_with_aux(trial, *args, **kwargs)
+        fresh_B = f_new <= gn_below  # the objective formed B exactly here (zeros elsewhere)
         ok = jnp.isfinite(f_new) & (first | (f_new <= f + 1e-4 * t * slope))
         s, yv = t * d, g_new - g
         ys = jnp.dot(yv, s)
@@ -280,9 +306,9 @@ class _LockstepBFGS(jaxopt.BFGS):
         eps = jnp.finfo(params.dtype).eps
         stalled = ~ok & (t_rej * jnp.sqrt(jnp.dot(d, d)) <= eps * (jnp.sqrt(jnp.dot(params, params)) + eps))
         gn = jnp.sqrt(jnp.dot(g, g))
-        if self.gauss_newton:  # one factorisation per iteration: B at the point we stay at
-            H_gn = self._gn_inverse(jnp.where(ok, B_new, B))
-            H_new = jnp.where((ok & (first | (f - f_new >= 0.1 * f))) | stalled, H_gn, H_new)
+        if self.gauss_newton:  # B at the point we stay at
+            B = jnp.where(ok & fresh_B, B_new, B)
+            H_new = _gn_inverse_where((ok & fresh_B) | stalled, B, H_new)
             t_restart = 1.0
         else:
             H_new = jnp.where(stalled, eye, H_new)
@@ -298,10 +324,57 @@ class _LockstepBFGS(jaxopt.BFGS):
             iter_num=state.iter_num + 1, value=jnp.where(ok, f_new, f), grad=g_acc,
             stepsize=jnp.where(ok, t_acc, t_rej).astype(t.dtype), H=H_new,
             error=jnp.where(ok | ~first, gn_acc, 0.0).astype(state.error.dtype),
-            aux=(jnp.where(first, f_new, l0), jnp.where(ok, B_new, B)),
+            aux=(jnp.where(first, f_new, l0), B),
             num_fun_eval=state.num_fun_eval + 1, num_grad_eval=state.num_grad_eval + 1,
             num_linesearch_iter=state.num_linesearch_iter + ok.astype(state.num_linesearch_iter.dtype))
         return jaxopt.OptStep(params=jnp.where(ok, trial, params), state=new_state)
+
+
+def _gn_inverse(B):
+    """(B + damping)^-1 by Cholesky (Levenberg-Marquardt damping); identity on directions B does not see."""
+    n = B.shape[-1]
+    diag = jnp.diag(B)
+    damp = 1e-4 * diag + 1e-7 * jnp.max(diag)  # Marquardt's scale-free damping, plus a floor for flat ones
+    reg = B + jnp.diag(jnp.where(diag > 0, damp, 1.0))
+    # Gauss-Jordan without pivoting (the damped matrix is symmetric positive definite), in plain jnp ops: a LAPACK
+    # call inside the lax.switch of _gn_inverse_where deadlocked XLA's CPU runtime (jax 0.10)
+    # (in place: after step k, column k holds the inverse's column, so no augmented matrix is needed)
+    m = reg
+    for k in range(n):
+        inv_piv = 1.0 / m[k, k]
+        row = m[k] * inv_piv
+        col = m[:, k]
+        m = m - col[:, None] * row[None, :]
+        m = m.at[k].set(row).at[:, k].set(-col * inv_piv).at[k, k].set(inv_piv)
+    return 0.5 * (m + m.T)  # a zero pivot gives inf/NaN: the caller falls back to the identity
+
+
+@custom_vmap
+def _gn_inverse_where(take, B, H):
+    """``_gn_inverse(B)`` where ``take``, else ``H``.
+
+    Why custom_vmap: under vmap a ``lax.cond`` becomes a select that runs both branches, so every lane would pay for
+    a factorisation every iteration. The batched rule factorises only the lanes that take it (typically ~10% of
+    the batch once it has left its fast-decrease phase; all of them when more than a quarter do).
+    """
+    return jax.lax.cond(take, lambda: _gn_inverse(B), lambda: H)
+
+
+@_gn_inverse_where.def_vmap
+def _gn_inverse_where_rule(axis_size, in_batched, take, B, H):
+    take, B, H = [a if bt else jnp.broadcast_to(a, (axis_size,) + a.shape) for a, bt in zip((take, B, H), in_batched)]
+    cap = _partial_capacity(axis_size)
+
+    def some():
+        rows = jnp.argsort(~take, stable=True)[:cap]
+        return H.at[rows].set(jnp.where(take[rows][:, None, None], jax.vmap(_gn_inverse)(B[rows]), H[rows]))
+
+    def every():
+        return jnp.where(take[:, None, None], jax.vmap(_gn_inverse)(B), H)
+
+    n_take = jnp.sum(take)
+    branch = jnp.where(n_take == 0, 0, jnp.where(n_take <= cap, 1, 2))
+    return jax.lax.switch(branch, [lambda: H, some, every]), True
 
 
 def _mask_value(l, g, gn, active):

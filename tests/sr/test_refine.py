@@ -157,3 +157,39 @@ def test_gauss_newton_pass_matches_autodiff():
 def test_unknown_hessian_is_a_clear_error():
     with pytest.raises(ValueError, match="hessian must be"):
         refine([TRUE], X, Y, hessian="newton")
+
+
+def test_gauss_newton_only_where_needed_equals_full():
+    """The few-candidates path (Gram matrices and factorisations for <= a quarter of the batch) matches the full one."""
+    import importlib
+
+    import sr_jax.interpreter as itp
+    rf = importlib.import_module("sr_jax.refine")
+    cands = [perturbed(0.3, s) for s in range(64)]
+    tape = itp.compile_tape([cands], 2)
+    arrays, c0 = itp.device_arrays(tape, jnp.float32)
+    arrays = jax.tree_util.tree_map(lambda a: a[0], arrays)
+    x, y, w = jnp.asarray(X, jnp.float32), jnp.asarray(Y, jnp.float32), jnp.ones(len(Y), jnp.float32)
+    vary = rf._weighted_var(y, w)
+    sig = tape.signature
+    l, g, gn_all = rf._batch_gauss_newton(sig, arrays, c0[0], x, y, w, vary)
+    below = jnp.where(jnp.arange(sig.n_expressions) % 7 == 0, jnp.inf, -jnp.inf)  # 10 of 64 need B
+    assert int(jnp.sum(below > 0)) <= rf._partial_capacity(sig.n_expressions)
+    l2, g2, gn_some = rf._batch_gauss_newton(sig, arrays, c0[0], x, y, w, vary, below)
+    need = np.asarray(below > 0)
+    np.testing.assert_allclose(gn_some[need], gn_all[need], rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(gn_some[~need]).max()) == 0.0
+    np.testing.assert_allclose(g2, g, rtol=1e-6)
+    # factorisations: batched with few lanes taking them == one by one
+    take = jnp.asarray(need[:64])
+    B = gn_all[:64] + jnp.eye(gn_all.shape[-1])[None] * 1e-3
+    H = jnp.broadcast_to(jnp.eye(B.shape[-1]), B.shape)
+    out = jax.vmap(rf._gn_inverse_where)(take, B, H)
+    for i in range(64):
+        want = rf._gn_inverse(B[i]) if need[i] else H[i]
+        np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-6)
+    k = int(np.flatnonzero(need)[0])
+    reg = np.asarray(B[k], np.float64)
+    d = np.diag(reg)
+    reg = reg + np.diag(np.where(d > 0, 1e-4 * d + 1e-7 * d.max(), 1.0))
+    np.testing.assert_allclose(out[k] @ reg, np.eye(reg.shape[0]), atol=2e-3)

@@ -21,9 +21,10 @@ Two scenarios, both printed:
   skipped when drawing. R^2 = 1 - loss, since the loss is MSE / var(y).
 
 Measured (2 cores x86_64, jax 0.10.2 CPU, defaults: hybrid Gauss-Newton/BFGS, maxiter 100, float32, 2026-11-27):
-worst case 0.55 s vs scipy 11.9 s (21.7x on the 2nd call, 21.9x median of repeated calls; compile 15 s; worse /
-better than scipy by >1e-3 on 30.1% / 32.4%, median loss 0.9398 vs 0.9420); E2E-like 0.60 s vs scipy 2.37 s (4.0x;
-worse / better 18.4% / 59.8%, R^2>0.999 77.3% vs 76.6%). See BENCHMARKS.md.
+worst case ~0.5-0.6 s vs scipy ~12 s (median-of-calls speed-up 14x to 23.6x over nine runs, mostly 20-22x: this
+machine's speed drifts; compile 12-15 s; worse / better than scipy by >1e-3 on 30.1% / 32.4%, median loss 0.9398
+vs 0.9420); E2E-like 0.6-0.9 s vs scipy 2.4 s (2.6-4.0x; worse / better 18.4% / 59.8%, R^2>0.999 77.3% vs
+76.6%). See BENCHMARKS.md.
 
 Run: python benchmarks/refine.py [--scenario both|worst|e2e] [--n 256] [--maxiter N]
      [--linesearch lockstep|backtracking|armijo|zoom] [--hessian hybrid|bfgs] [--x64]

@@ -206,8 +206,20 @@ def _make_solver(sig, maxiter: int, tol: float, linesearch: str, implicit: bool,
         solver.linesearch_solver = ls
         solver.run_ls = ls.run
 
+    def run_lockstep(c0, *args):
+        """jaxopt's ``run`` minus the ``update`` it runs before its loop: one copy of the objective, half the compile."""
+        def cond(carry):
+            return (carry[1].iter_num < maxiter) & (carry[1].error > tol)
+
+        def body(carry):
+            step = solver.update(*carry, *args)
+            return step.params, step.state
+
+        return jax.lax.while_loop(cond, body, (c0, solver.init_state(c0, *args)))
+
     def solve(c0, idx, active, arrays, x, y, w, vary):
-        run = jax.vmap(solver.run, in_axes=(0, 0, 0, 0, None, None, None, None, None))
+        run = run_lockstep if linesearch == "lockstep" else solver.run
+        run = jax.vmap(run, in_axes=(0, 0, 0, 0, None, None, None, None, None))
         gn_below = jnp.full(idx.shape, jnp.inf, c0.dtype)  # jaxopt's own line searches: every B (unused)
         params, state = run(c0, idx, active, gn_below, arrays, x, y, w, vary)
         if linesearch == "lockstep":  # masked initial and final losses, from the solver's own evaluations

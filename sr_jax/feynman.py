@@ -599,7 +599,7 @@ class OperonRegressor:
         self.regressor_.fit(np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64).reshape(-1))
         text = pyoperon.InfixFormatter.Format(self.regressor_.model_, self.regressor_.variables_, 17)
         # Operon names the inputs X1, X2, ... and writes powers with ^
-        names = {f"X{i + 1}": sympy.Symbol(f"x_{i}") for i in range(np.shape(X)[1])}
+        names = {f"X{i + 1}": sympy.Symbol(f"x_{i}", real=True) for i in range(np.shape(X)[1])}
         self.expression_ = parse_expr(text.replace("^", "**"), local_dict={**names, "abs": sympy.Abs})
         return self
 

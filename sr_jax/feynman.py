@@ -28,9 +28,10 @@ safe against sympy's unbounded ``simplify``:
    that writes the constant as a float can match it.
 2. Numeric screen: both normalised expressions are evaluated at the test points; unless their difference or their
    ratio is constant there (spread at most ``rtol`` relative), the answer is "not recovered" and sympy never runs.
-3. Only then ``sympy.simplify`` of the difference and of the ratio, under a wall-clock cap (``SIGALRM`` on the
-   main thread of a POSIX process, otherwise a daemon thread that is abandoned when it overruns). A model is
-   recovered when either simplifies to a number. A timeout counts as not recovered, and is recorded as such.
+3. Only then ``sympy.simplify`` of the difference and of the ratio; a model is recovered when either simplifies
+   to a number. Steps 1-3 run under a wall-clock cap (``SIGALRM`` on the main thread of a POSIX process,
+   otherwise a daemon thread that is abandoned when it overruns). A timeout counts as not recovered, and is
+   recorded as such.
 """
 from __future__ import annotations
 
@@ -306,7 +307,7 @@ def score_predictions(y_true_M: np.ndarray, y_pred_M: np.ndarray | None) -> Pred
 class Recovery(NamedTuple):
     """``check`` says how the verdict was reached: "difference" / "ratio" (sympy proved it constant),
     "numeric-mismatch" (the screen rejected it), "sympy-unproven", "timeout", "no-expression",
-    "unknown-symbols: ..." or "error: ..."."""
+    "bad-expression: ..." (unknown names, unparsable text) or "error: ..."."""
 
     recovered: bool
     check: str
@@ -397,46 +398,42 @@ def _is_constant(v_M: np.ndarray, scale: float, rtol: float) -> bool:
 def symbolic_recovery(problem: FeynmanProblem, expression: Any, X_MxD: np.ndarray, *, decimals: int = 3,
                       rtol: float = 1e-6, timeout_s: float = 5.0) -> Recovery:
     """Whether ``expression`` is the problem's formula up to an additive or multiplicative constant (module
-    docstring: normalisation, numeric screen at ``X_MxD``, then sympy under ``timeout_s``)."""
+    docstring: normalisation, numeric screen at ``X_MxD``, then sympy; all of it under ``timeout_s``)."""
     if expression is None:
         return Recovery(False, "no-expression")
     try:
         model = to_problem_expression(expression, problem)
     except ValueError as e:
-        return Recovery(False, f"unknown-symbols: {e}")
-    truth_n = normalise_constants(problem.formula, decimals)
+        return Recovery(False, f"bad-expression: {e}")
     try:
-        model_n = normalise_constants(model, decimals)
-        f_M = _evaluate_real(truth_n, problem.symbols, X_MxD)
-        g_M = _evaluate_real(model_n, problem.symbols, X_MxD)
-    except Exception as e:  # an expression numpy cannot evaluate (e.g. an unsupported sympy function)
+        return _call_with_timeout(lambda: _recovery(problem, model, X_MxD, decimals, rtol), timeout_s)
+    except _Timeout:
+        return Recovery(False, "timeout")
+    except Exception as e:  # numpy cannot evaluate it, or sympy raises on odd input (e.g. PolynomialError)
         return Recovery(False, f"error: {type(e).__name__}: {e}")
+
+
+def _recovery(problem: FeynmanProblem, model: sympy.Expr, X_MxD: np.ndarray, decimals: int,
+              rtol: float) -> Recovery:
+    truth_n = normalise_constants(problem.formula, decimals)
+    model_n = normalise_constants(model, decimals)
+    f_M = _evaluate_real(truth_n, problem.symbols, X_MxD)
+    g_M = _evaluate_real(model_n, problem.symbols, X_MxD)
     if f_M is None:
         return Recovery(False, "error: the normalised formula is not finite at the test points")
     if g_M is None:
         return Recovery(False, "numeric-mismatch")
-    scale = float(np.sqrt(np.mean(f_M**2)))
     with np.errstate(all="ignore"):
-        diff_const = _is_constant(f_M - g_M, scale, rtol)
+        diff_const = _is_constant(f_M - g_M, float(np.sqrt(np.mean(f_M**2))), rtol)
         ratio_M = f_M / g_M
         ratio_const = model_n != 0 and _is_constant(ratio_M, float(np.median(np.abs(ratio_M))), rtol)
-    if not (diff_const or ratio_const):
-        return Recovery(False, "numeric-mismatch")
-
-    def prove() -> str | None:
-        if diff_const and not sympy.simplify(truth_n - model_n).free_symbols:
-            return "difference"
-        if ratio_const and not sympy.simplify(truth_n / model_n).free_symbols:
-            return "ratio"
-        return None
-
-    try:
-        how = _call_with_timeout(prove, timeout_s)
-    except _Timeout:
-        return Recovery(False, "timeout")
-    except Exception as e:  # sympy can raise on odd inputs (e.g. PolynomialError); not a recovery
-        return Recovery(False, f"error: {type(e).__name__}: {e}")
-    return Recovery(True, how) if how else Recovery(False, "sympy-unproven")
+    if diff_const and not sympy.simplify(truth_n - model_n).free_symbols:
+        return Recovery(True, "difference")
+    if ratio_const and not sympy.simplify(truth_n / model_n).free_symbols:
+        return Recovery(True, "ratio")
+    if diff_const or ratio_const:
+        return Recovery(False, "sympy-unproven")
+    return Recovery(False, "numeric-mismatch")
 
 
 # ---------------------------------------------------------------------------------------------------- runner

@@ -52,6 +52,12 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="run.py sr bench", description="Symbolic-regression benchmarks of sr_jax's regressor")
     p.add_argument("benchmark", choices=["feynman"], help="the AI Feynman table (100 equations)")
@@ -66,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", choices=["operon"], help="also run pyoperon's SymbolicRegressor on the same problems")
     p.add_argument("--time-per-problem", type=_positive_float, metavar="T",
                    help="seconds per problem for both methods (default: Operon gets our median seconds)")
-    p.add_argument("--operon-threads", type=_positive_int, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--operon-threads", type=_positive_int, default=_usable_cores(),
                    help="Operon's threads (default: the cores this process may use, as JAX does)")
     p.add_argument("--sources", help="candidate sources of our regressor, comma-separated (e.g. model,prior,bases)")
     p.add_argument("--model", help="our regressor's model_path (default: the shipped model)")

@@ -1,0 +1,652 @@
+"""``SymbolicTransformerRegressor``: a scikit-learn-style symbolic regressor (``fit(X, y)`` -> a formula).
+
+Pipeline of one ``fit`` (spec sections 6-7, with the original's bugs fixed):
+
+1. Validation, before any work: every problem is a ``ValueError`` that names it.
+2. Preprocessing per dataset: with more than 10 features, the 10 most |Pearson|-correlated with y are kept, ordered
+   by decreasing |r| (model variable x_i is the i-th kept feature); X is standardised per column with the population
+   std (a constant column gets scale 1); y is flattened to (N,) and left in its units. Rows are shuffled with
+   ``random_state``; when there are at least ``_MIN_VALIDATION_POINTS`` rows, ``validation_fraction`` of them are
+   held out for selection. The other (training) rows are split into nearly equal bags of at most
+   ``max_input_points`` rows for the transformer (so no bag is tiny), at most ``max_number_bags`` of them.
+3. Candidate pool per dataset (``candidate_sources``): ``"bases"`` (``pool.basis_candidates``, least-squares
+   initialised), ``"model"`` (the transformer's candidates for every bag, ``candidates.model_candidates``) and
+   ``"prior"`` (``pool.prior_candidates``: ``n_prior`` skeletons from the generator's prior), deduplicated by
+   skeleton in that order.
+4. All candidates of all datasets are refined in ONE ``sr_jax.refine`` call, on at most ``max_refine_points``
+   training rows per dataset.
+5. Selection: every refined candidate is evaluated in float64 on all rows. Its ``loss`` is MSE / var(y) on the
+   held-out rows (on the training rows when none are held out). Among the candidates with
+   ``loss <= best * (1 + complexity_tolerance) + 1e-9`` the one with the fewest prefix nodes wins (then the lowest
+   loss).
+6. The winner is written in the user's units and names: every z_i becomes (x_k - mean_k) / scale_k with x_k the
+   user's feature (a sympy Symbol named after the DataFrame column or ``feature_names``; ``x_k`` by default, k the
+   user's column index). With ``tidy=True`` the formula and its expansion (products and integer powers of sums
+   multiplied out) have their constants snapped, one at a time, to 0 or to the fewest significant digits (1..6) that
+   keep the MSE / var(y) on all rows within 0.1% (+1e-12) of the unsnapped value, integral constants become
+   integers, and the form with fewer nodes is kept (so a noise-free 2.5*sin(x) + x**2 reads as exactly that).
+
+Batched fitting: ``fit([X_1, ..., X_B], [y_1, ..., y_B])`` runs steps 1-6 for every dataset with ONE decoding call
+and ONE refinement call; every fitted attribute becomes a list with one entry per dataset and ``predict``/``score``
+take and return lists. Dataset b of a batched fit gets the same pool and rows as a separate fit with the same
+``random_state`` (every random draw depends on ``random_state`` and the dataset's own shape only).
+
+Compilation: refinement compiles one program per tape shape bucket; compiled programs are reused across fits in a
+process and, unless ``SR_JAX_NO_COMPILATION_CACHE=1`` or the user has configured a JAX compilation cache already,
+persisted in JAX's compilation cache under ``$XDG_CACHE_HOME/sr_jax/jax`` (default ``~/.cache/sr_jax/jax``), so a
+new process compiles little.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import sympy
+
+from .candidates import Candidate
+from .expressions import VARIABLES, Expression
+from .pool import basis_candidates, dedupe, prior_candidates
+
+MAX_FEATURES = 10  # the transformer's input width; more features are reduced by correlation
+MIN_POINTS = 5
+_MIN_VALIDATION_POINTS = 40
+_ABS_TOLERANCE = 1e-9  # selection: losses this close to the best count as equal
+_SOURCES = ("model", "prior", "bases")
+
+
+# ----- fitted equations --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Transform:
+    """Maps model space (standardised kept features x_0..x_{K-1}) to the user's raw features and names."""
+
+    columns: tuple[int, ...]  # user column of model variable x_i
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    names: tuple[str, ...]  # one per user column
+
+    @functools.cached_property
+    def symbols(self) -> tuple[sympy.Symbol, ...]:
+        return tuple(sympy.Symbol(n) for n in self.names)
+
+    def standardise(self, x_user: np.ndarray) -> np.ndarray:
+        x = np.asarray(x_user, np.float64)[:, list(self.columns)]
+        return (x - np.asarray(self.mean)) / np.asarray(self.scale)
+
+    def to_user(self, expr: Expression) -> sympy.Expr:
+        """The expression as a sympy expression of the user's raw features."""
+        subs = {sympy.Symbol(VARIABLES[i], real=True):
+                (self.symbols[c] - sympy.Float(m, 17)) / sympy.Float(s, 17)
+                for i, (c, m, s) in enumerate(zip(self.columns, self.mean, self.scale))}
+        return expr.to_sympy().xreplace(subs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Equation:
+    """One refined candidate of a fit.
+
+    ``expression``: over the standardised kept features (model variables x_0..x_{K-1}); ``sympy()`` gives it in
+    the user's raw features and names. ``complexity``: prefix node count of ``expression``. ``loss``: MSE / var(y)
+    on the held-out rows (the training rows when none were held out); inf where it is not finite. ``r2``: R² on all
+    rows of the fit (NaN where not finite). ``pareto``: no other equation has a lower loss at the same or a lower
+    complexity (nor a lower complexity at the same loss).
+    """
+
+    expression: Expression
+    source: str
+    complexity: int
+    loss: float
+    r2: float
+    pareto: bool
+    transform: _Transform = dataclasses.field(repr=False, compare=False)
+
+    def sympy(self) -> sympy.Expr:
+        return self.transform.to_user(self.expression)
+
+
+# ----- validation --------------------------------------------------------------------------------------------------
+def _column_names(X) -> Optional[list[str]]:
+    """Column names of a pandas-like DataFrame (anything with ``columns`` and ``to_numpy``), without pandas."""
+    if hasattr(X, "columns") and hasattr(X, "to_numpy"):
+        return [str(c) for c in X.columns]
+    return None
+
+
+def _numeric(a, name: str, names: Optional[list[str]] = None) -> np.ndarray:
+    """a as a float64 array, or a ValueError naming the non-numeric or complex part."""
+    raw = a.to_numpy() if hasattr(a, "to_numpy") else a
+    try:
+        arr = np.asarray(raw)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name} is not a rectangular numeric array ({e})") from None
+    if np.iscomplexobj(arr) or any(isinstance(v, complex) for v in arr.ravel()[:1000] if arr.dtype == object):
+        raise ValueError(f"{name} contains complex numbers; symbolic regression needs real-valued data")
+    if arr.dtype.kind in "biuf":
+        return arr.astype(np.float64)
+    try:
+        return arr.astype(np.float64)
+    except (ValueError, TypeError):
+        pass
+    if arr.ndim == 2:
+        for j in range(arr.shape[1]):
+            try:
+                arr[:, j].astype(np.float64)
+            except (ValueError, TypeError):
+                col = f"column {names[j]!r}" if names else f"column {j}"
+                bad = next(v for v in arr[:, j] if not _is_number(v))
+                raise ValueError(f"{name} has non-numeric data in {col} (e.g. {bad!r}); encode it as numbers first") \
+                    from None
+    bad = next((v for v in arr.ravel() if not _is_number(v)), None)
+    raise ValueError(f"{name} has non-numeric data (e.g. {bad!r}); it must hold numbers only")
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except (ValueError, TypeError):
+        return False
+
+
+def _check_dataset(X, y, feature_names, tag: str = "") -> tuple[np.ndarray, np.ndarray, list[str], bool]:
+    """Validated (X float64 (N, D), y float64 (N,), names, names_given) of one dataset."""
+    cols = _column_names(X)
+    x = _numeric(X, "X" + tag, cols)
+    if x.ndim == 1:
+        raise ValueError(f"X{tag} must be 2-D (N samples, D features), got a 1-D array of shape {x.shape}; "
+                         "for one feature use X.reshape(-1, 1)")
+    if x.ndim != 2:
+        raise ValueError(f"X{tag} must be 2-D (N samples, D features), got {x.ndim}-D shape {x.shape}; "
+                         "for several datasets pass a list of 2-D arrays")
+    yy = _numeric(y, "y" + tag)
+    if yy.ndim == 2 and yy.shape[1] == 1:
+        yy = yy[:, 0]
+    if yy.ndim != 1:
+        raise ValueError(f"y{tag} must have shape (N,) or (N, 1) (one target), got shape {yy.shape}")
+    if x.shape[0] != yy.shape[0]:
+        raise ValueError(f"X{tag} has {x.shape[0]} rows but y has {yy.shape[0]}; they must match")
+    if x.shape[1] == 0:
+        raise ValueError(f"X{tag} has no columns")
+    if x.shape[0] < MIN_POINTS:
+        raise ValueError(f"too few points in X{tag}: {x.shape[0]}; need at least {MIN_POINTS}")
+    if not np.isfinite(x).all():
+        r, c = np.argwhere(~np.isfinite(x))[0]
+        col = repr(cols[c]) if cols else str(c)
+        raise ValueError(f"X{tag} contains NaN or inf (first at row {r}, column {col}); drop or impute those rows")
+    if not np.isfinite(yy).all():
+        r = int(np.flatnonzero(~np.isfinite(yy))[0])
+        raise ValueError(f"y{tag} contains NaN or inf (first at row {r}); drop those rows")
+    if np.ptp(yy) == 0:
+        raise ValueError(f"y{tag} is constant (every value is {yy[0]!r}): there is nothing to regress")
+    names_given = feature_names is not None or cols is not None
+    names = [str(n) for n in feature_names] if feature_names is not None else cols
+    if names is None:
+        names = [f"x_{k}" for k in range(x.shape[1])]
+    if len(names) != x.shape[1]:
+        raise ValueError(f"feature_names{tag} has {len(names)} names but X has {x.shape[1]} columns")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"feature names{tag} must be unique; {dup!r} appears more than once")
+    return x, yy, names, names_given
+
+
+def _is_batch(X) -> bool:
+    """A list/tuple of 2-D arrays or DataFrames is a batch of datasets; nested lists of numbers are one X."""
+    return isinstance(X, (list, tuple)) and len(X) > 0 and all(hasattr(a, "shape") for a in X)
+
+
+# ----- preprocessing -----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Prepared:
+    """One dataset ready for the pool: standardised kept features of all rows and the row split."""
+
+    transform: _Transform
+    z_NxK: np.ndarray
+    y_N: np.ndarray
+    train: np.ndarray  # row indices used for refinement (at most max_refine_points)
+    select: np.ndarray  # rows whose error decides the selection
+    bags: list  # row-index arrays for the transformer
+
+
+def _select_features(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """All columns in order when D <= 10, else the 10 most |Pearson|-correlated with y by decreasing |r|."""
+    d = x.shape[1]
+    if d <= MAX_FEATURES:
+        return np.arange(d)
+    xc = x - x.mean(axis=0)
+    yc = y - y.mean()
+    den = np.sqrt((xc * xc).sum(axis=0) * (yc * yc).sum())
+    with np.errstate(all="ignore"):
+        r = np.where(den > 0, (xc * yc[:, None]).sum(axis=0) / den, 0.0)
+    return np.argsort(-np.abs(r), kind="stable")[:MAX_FEATURES]
+
+
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), *[int(k) for k in key]])
+
+
+# ----- the estimator -----------------------------------------------------------------------------------------------
+class SymbolicTransformerRegressor:
+    """Symbolic regression: ``fit(X, y)`` finds a formula y ~ f(X) (see the module docstring for the method).
+
+    Parameters (stored as given; checked at ``fit``):
+        model_path: directory of a trained transformer for ``sr_jax.train.load_trained``; None = the shipped one.
+        candidate_sources: any of "model", "prior", "bases" (the pool's parts; the ablation switches them).
+        max_input_points: rows per bag given to the transformer (at most 200, its training maximum).
+        max_number_bags: bags decoded per dataset.
+        decoding, beam_size, n_samples, temperature: the transformer's decoding ("greedy", "beam", "sample").
+        n_prior: skeletons drawn from the generator's prior per dataset.
+        max_refine_points: training rows used by refinement.
+        refine_iterations: BFGS evaluations per candidate.
+        validation_fraction: share of rows held out for selection (when there are at least 40 rows).
+        complexity_tolerance: relative loss slack within which the simplest candidate wins.
+        tidy: snap the chosen formula's constants to short values when that does not hurt the fit.
+        random_state: int seed (None: a fresh one per fit) for row shuffling, the prior and sampling.
+
+    Fitted attributes (lists, one entry per dataset, after a batched fit): ``expression_`` (sympy, user names),
+    ``equations_`` (list of ``Equation``, sorted by complexity then loss), ``best_`` (the chosen ``Equation``,
+    before tidying), ``complexity_`` (``sympy_nodes`` of ``expression_``), ``selected_features_`` (user column of each model variable),
+    ``n_features_in_``, ``feature_names_in_`` (when names were given), ``batched_``.
+    """
+
+    def __init__(self, model_path=None, candidate_sources=_SOURCES, max_input_points: int = 200,
+                 max_number_bags: int = 4, decoding: str = "beam", beam_size: int = 10, n_samples: int = 32,
+                 temperature: float = 1.0, n_prior: int = 32, max_refine_points: int = 1024,
+                 refine_iterations: int = 100, validation_fraction: float = 0.25,
+                 complexity_tolerance: float = 0.05, tidy: bool = True, random_state=None):
+        self.model_path = model_path
+        self.candidate_sources = candidate_sources
+        self.max_input_points = max_input_points
+        self.max_number_bags = max_number_bags
+        self.decoding = decoding
+        self.beam_size = beam_size
+        self.n_samples = n_samples
+        self.temperature = temperature
+        self.n_prior = n_prior
+        self.max_refine_points = max_refine_points
+        self.refine_iterations = refine_iterations
+        self.validation_fraction = validation_fraction
+        self.complexity_tolerance = complexity_tolerance
+        self.tidy = tidy
+        self.random_state = random_state
+
+    # ----- scikit-learn protocol -------------------------------------------------------------------------------
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {p: getattr(self, p) for p in self._param_names()}
+
+    def set_params(self, **params) -> "SymbolicTransformerRegressor":
+        valid = self._param_names()
+        for k, v in params.items():
+            if k not in valid:
+                raise ValueError(f"invalid parameter {k!r} for SymbolicTransformerRegressor; valid: {valid}")
+            setattr(self, k, v)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}
+        changed = [f"{k}={v!r}" for k, v in self.get_params().items() if not _same(v, defaults.get(k))]
+        return f"SymbolicTransformerRegressor({', '.join(changed)})"
+
+    def __sklearn_tags__(self):  # called by scikit-learn only, so it may import it
+        from sklearn.utils import InputTags, RegressorTags, Tags, TargetTags
+
+        return Tags(estimator_type="regressor", target_tags=TargetTags(required=True), transformer_tags=None,
+                    regressor_tags=RegressorTags(), input_tags=InputTags())
+
+    _estimator_type = "regressor"
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_numpy_fns", None)  # generated functions do not pickle; rebuilt on demand
+        return state
+
+    # ----- parameters --------------------------------------------------------------------------------------------
+    def _check_params(self) -> tuple:
+        src = self.candidate_sources
+        if isinstance(src, str) or not all(s in _SOURCES for s in src) or not len(src):
+            raise ValueError(f"candidate_sources must be a non-empty collection of {_SOURCES}, got {src!r}")
+        if "model" in src and not 1 <= int(self.max_input_points) <= 200:
+            raise ValueError(f"max_input_points must be in 1..200 (the transformer's training maximum), "
+                             f"got {self.max_input_points}")
+        for name in ("max_number_bags", "n_prior", "max_refine_points", "refine_iterations", "beam_size",
+                     "n_samples"):
+            if int(getattr(self, name)) < (0 if name in ("n_prior", "refine_iterations") else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= float(self.validation_fraction) < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if float(self.complexity_tolerance) < 0:
+            raise ValueError(f"complexity_tolerance must be >= 0, got {self.complexity_tolerance}")
+        if self.decoding not in ("greedy", "beam", "sample"):
+            raise ValueError(f"decoding must be 'greedy', 'beam' or 'sample', got {self.decoding!r}")
+        seed = self.random_state
+        if seed is None:
+            seed = int(np.random.default_rng().integers(2**31))
+        elif isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"random_state must be a non-negative int or None, got {seed!r}")
+        return tuple(src), int(seed)
+
+    # ----- fit ---------------------------------------------------------------------------------------------------
+    def fit(self, X, y, feature_names=None) -> "SymbolicTransformerRegressor":
+        """Fit one dataset (X: (N, D) array or DataFrame, y: (N,)), or a batch: lists of X and of y (and
+        optionally a list of feature-name lists). Returns self."""
+        sources, seed = self._check_params()
+        batched = _is_batch(X)
+        if batched:
+            if not isinstance(y, (list, tuple)) or len(y) != len(X):
+                raise ValueError(f"with a list of {len(X)} X datasets, y must be a list of as many targets")
+            names_list = feature_names if feature_names is not None else [None] * len(X)
+            if len(names_list) != len(X):
+                raise ValueError("with several datasets, feature_names must be a list with one entry per dataset")
+            data = [_check_dataset(xb, yb, nb, f" (dataset {b})") for b, (xb, yb, nb) in
+                    enumerate(zip(X, y, names_list))]
+        else:
+            data = [_check_dataset(X, y, feature_names)]
+        _enable_compilation_cache()
+        prepared = [self._prepare(x, yy, names, seed) for x, yy, names, _ in data]
+        pools = self._pools(prepared, sources, seed)
+        results = self._refine(prepared, pools)
+        fits = [self._select(p, pool, res) for p, pool, res in zip(prepared, pools, results)]
+
+        def out(values):
+            return list(values) if batched else values[0]
+
+        self.batched_ = batched
+        self.n_features_in_ = out([x.shape[1] for x, *_ in data])
+        if any(given for *_, given in data):
+            self.feature_names_in_ = out([np.asarray(names, dtype=object) for _, _, names, _ in data])
+        elif hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_
+        self.equations_ = out([f[0] for f in fits])
+        self.best_ = out([f[1] for f in fits])
+        self.expression_ = out([f[2] for f in fits])
+        self.complexity_ = out([sympy_nodes(f[2]) for f in fits])
+        self.selected_features_ = out([np.asarray(p.transform.columns) for p in prepared])
+        self._symbols_ = [p.transform.symbols for p in prepared]
+        self.__dict__.pop("_numpy_fns", None)
+        return self
+
+    def _prepare(self, x: np.ndarray, y: np.ndarray, names: list[str], seed: int) -> _Prepared:
+        cols = _select_features(x, y)
+        xs = x[:, cols]
+        mean = xs.mean(axis=0)
+        std = xs.std(axis=0)
+        scale = np.where(std > 0, std, 1.0)
+        z = (xs - mean) / scale
+        n = len(y)
+        order = _rng(seed, n, x.shape[1], 1).permutation(n)
+        n_val = int(round(self.validation_fraction * n)) if n >= _MIN_VALIDATION_POINTS else 0
+        val, train = order[:n_val], order[n_val:]
+        select = val if n_val else train
+        n_bags = min(-(-len(train) // int(self.max_input_points)), int(self.max_number_bags))
+        bags = np.array_split(train, -(-len(train) // int(self.max_input_points)))[:n_bags]
+        transform = _Transform(tuple(int(c) for c in cols), tuple(float(m) for m in mean),
+                               tuple(float(s) for s in scale), tuple(names))
+        return _Prepared(transform, z, y, train[: int(self.max_refine_points)], select, bags)
+
+    def _pools(self, prepared: list[_Prepared], sources: tuple, seed: int) -> list[list[Candidate]]:
+        pools: list[list[Candidate]] = [[] for _ in prepared]
+        if "bases" in sources:
+            for pool, p in zip(pools, prepared):
+                t = p.transform
+                pool += basis_candidates(p.z_NxK[p.train], p.y_N[p.train], np.asarray(t.mean), np.asarray(t.scale))
+        if "model" in sources:
+            from .candidates import model_candidates
+
+            trained = _load_model(self.model_path)
+            jobs = [(b, bag) for b, p in enumerate(prepared) for bag in p.bags]
+            decoded = model_candidates(trained, [(prepared[b].z_NxK[bag], prepared[b].y_N[bag]) for b, bag in jobs],
+                                       decoding=self.decoding, beam_size=int(self.beam_size),
+                                       n_samples=int(self.n_samples), temperature=float(self.temperature), seed=seed)
+            for (b, _), cands in zip(jobs, decoded):
+                pools[b] += cands
+        if "prior" in sources and int(self.n_prior) > 0:
+            for pool, p in zip(pools, prepared):
+                pool += _prior(p.z_NxK.shape[1], int(self.n_prior), seed)
+        return [dedupe(pool) or [Candidate(Expression([float(p.y_N.mean())]), "basis")]
+                for pool, p in zip(pools, prepared)]
+
+    def _refine(self, prepared: list[_Prepared], pools: list[list[Candidate]]):
+        from .refine import refine
+
+        res = refine([[c.expression for c in pool] for pool in pools],
+                     [p.z_NxK[p.train] for p in prepared], [p.y_N[p.train] for p in prepared],
+                     maxiter=int(self.refine_iterations))
+        return res.expressions
+
+    def _select(self, p: _Prepared, pool: list[Candidate], refined: list[Expression]):
+        """(equations sorted by complexity then loss, the chosen equation, its user-space sympy expression)."""
+        y = p.y_N
+        var_sel = max(float(np.var(y[p.select])), 1e-300)
+        sst = float(np.sum((y - y.mean()) ** 2))
+        rows = []
+        for cand, expr in zip(pool, refined):
+            pred = expr.evaluate_numpy(p.z_NxK)
+            with np.errstate(all="ignore"):
+                loss = float(np.mean((pred[p.select] - y[p.select]) ** 2) / var_sel)
+                r2 = float(1.0 - np.sum((pred - y) ** 2) / sst)
+            if not np.isfinite(loss):
+                loss, r2 = float("inf"), float("nan")
+            rows.append((expr, cand.source, expr.n_nodes, loss, r2))
+        rows.sort(key=lambda r: (r[2], r[3]))
+        pareto, best_so_far = [], float("inf")
+        for r in rows:  # sorted by complexity: on the front iff strictly better than everything simpler
+            pareto.append(r[3] < best_so_far)
+            best_so_far = min(best_so_far, r[3])
+        equations = [Equation(e, s, c, l, r2, f, p.transform) for (e, s, c, l, r2), f in zip(rows, pareto)]
+        best_loss = min(e.loss for e in equations)
+        limit = best_loss * (1.0 + float(self.complexity_tolerance)) + _ABS_TOLERANCE
+        chosen = next(e for e in equations if e.loss <= limit) if np.isfinite(best_loss) else equations[0]
+        expr = chosen.sympy()
+        if self.tidy and np.isfinite(best_loss):
+            expanded = sympy.expand(expr, power_exp=False, power_base=False, log=False)
+            forms = [expr] + ([expanded] if expanded != expr else [])
+            expr = min((_tidy(f, p.transform, p.z_NxK, y) for f in forms), key=sympy_nodes)
+        return equations, chosen, expr
+
+    # ----- use ---------------------------------------------------------------------------------------------------
+    def _check_fitted(self):
+        if not hasattr(self, "expression_"):
+            raise ValueError("this SymbolicTransformerRegressor is not fitted yet; call fit(X, y) first")
+
+    def _numpy_fn(self, b: int) -> Callable:
+        fns = self.__dict__.setdefault("_numpy_fns", {})
+        if b not in fns:
+            fns[b] = _compile(self._expressions()[b], self._symbols_[b], "numpy")
+        return fns[b]
+
+    def _expressions(self) -> list:
+        return self.expression_ if self.batched_ else [self.expression_]
+
+    def _check_predict_x(self, X, b: int, tag: str) -> np.ndarray:
+        n_in = self.n_features_in_[b] if self.batched_ else self.n_features_in_
+        cols = _column_names(X)
+        x = _numeric(X, "X" + tag, cols)
+        if x.ndim != 2 or x.shape[1] != n_in:
+            raise ValueError(f"X{tag} must have shape (N, {n_in}) like the fitted data, got {x.shape}")
+        if cols is not None and hasattr(self, "feature_names_in_"):
+            fitted = list(self.feature_names_in_[b] if self.batched_ else self.feature_names_in_)
+            if cols != fitted:
+                raise ValueError(f"X{tag} has columns {cols} but the model was fitted on {fitted}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"X{tag} contains NaN or inf")
+        return x
+
+    def predict(self, X):
+        """Predictions (float64) of the fitted formula; after a batched fit, X is a list and so is the result."""
+        self._check_fitted()
+        if self.batched_:
+            if not isinstance(X, (list, tuple)) or len(X) != len(self.expression_):
+                raise ValueError(f"after a batched fit of {len(self.expression_)} datasets, predict needs a list of "
+                                 f"as many X")
+            return [self._predict_one(x, b, f" (dataset {b})") for b, x in enumerate(X)]
+        return self._predict_one(X, 0, "")
+
+    def _predict_one(self, X, b: int, tag: str) -> np.ndarray:
+        x = self._check_predict_x(X, b, tag)
+        with np.errstate(all="ignore"):
+            out = self._numpy_fn(b)(x)
+        return np.broadcast_to(np.asarray(out, np.float64), (x.shape[0],)).copy()
+
+    def score(self, X, y):
+        """R² of the predictions (a list of R² after a batched fit)."""
+        from .metrics import r2
+
+        pred = self.predict(X)
+        if self.batched_:
+            return [r2(np.asarray(yy, np.float64).reshape(-1), p) for yy, p in zip(y, pred)]
+        return r2(np.asarray(y, np.float64).reshape(-1), pred)
+
+    def sympy(self):
+        """The fitted formula (sympy, user names); a list after a batched fit."""
+        self._check_fitted()
+        return self.expression_
+
+    def latex(self):
+        """The fitted formula as LaTeX; a list after a batched fit."""
+        self._check_fitted()
+        return [sympy.latex(e) for e in self.expression_] if self.batched_ else sympy.latex(self.expression_)
+
+    def jax_fn(self, dataset: Optional[int] = None):
+        """A jitted JAX function f(X) of the fitted formula: X of shape (..., n_features_in_) in the user's raw
+        units, result of shape (...). Differentiable (``jax.grad`` on one row) and vmappable. After a batched fit,
+        ``dataset`` picks one; None gives the list of all."""
+        import jax
+
+        self._check_fitted()
+        if self.batched_ and dataset is None:
+            return [self.jax_fn(b) for b in range(len(self.expression_))]
+        b = 0 if dataset is None else int(dataset)
+        return jax.jit(_compile(self._expressions()[b], self._symbols_[b], "jax"))
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b) if not isinstance(a, np.ndarray) else False
+    except Exception:
+        return False
+
+
+# ----- evaluation of a user-space formula ------------------------------------------------------------------------
+def _compile(expr: sympy.Expr, symbols: Sequence[sympy.Symbol], backend: str) -> Callable:
+    """f(X) for X of shape (..., D) in user columns, via sympy.lambdify on the columns the formula uses."""
+    used = [k for k, s in enumerate(symbols) if s in expr.free_symbols]
+    g = sympy.lambdify([symbols[k] for k in used], expr, modules=backend)
+    if backend == "jax":
+        import jax.numpy as xp
+    else:
+        xp = np
+
+    def f(x):
+        x = xp.asarray(x)
+        out = g(*[x[..., k] for k in used])
+        return xp.broadcast_to(xp.asarray(out, dtype=x.dtype if backend == "jax" else np.float64), x.shape[:-1])
+
+    return f
+
+
+def _tidy(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray) -> sympy.Expr:
+    """Snap constants to 0 or to few significant digits while the MSE / var(y) on (z, y) stays within 0.1%."""
+    floats = sorted(expr.atoms(sympy.Float), key=lambda f: -abs(float(f)))
+    if not floats:
+        return expr
+    params = [sympy.Dummy() for _ in floats]
+    template = expr.xreplace(dict(zip(floats, params)))
+    used = [k for k, s in enumerate(t.symbols) if s in expr.free_symbols]
+    g = sympy.lambdify([t.symbols[k] for k in used] + params, template, modules="numpy")
+    x_user = z * np.asarray(t.scale) + np.asarray(t.mean)
+    cols = {c: i for i, c in enumerate(t.columns)}
+    args = [x_user[:, cols[k]] for k in used]
+    var = max(float(np.var(y)), 1e-300)
+
+    def loss(values):
+        with np.errstate(all="ignore"):
+            pred = np.broadcast_to(np.asarray(g(*args, *values), np.float64), y.shape)
+            v = float(np.mean((pred - y) ** 2) / var)
+        return v if np.isfinite(v) else float("inf")
+
+    values = [float(f) for f in floats]
+    ref = loss(values)
+    if not np.isfinite(ref):
+        return expr
+    allowed = ref * 1.001 + 1e-12
+    for i, v in enumerate(values):
+        for trial in [0.0] + [float(f"{v:.{k - 1}e}") for k in range(1, 7)]:
+            if trial == v:
+                break
+            if loss(values[:i] + [trial] + values[i + 1:]) <= allowed:
+                values[i] = trial
+                break
+    return template.xreplace({p: _sympy_number(v) for p, v in zip(params, values)})
+
+
+def sympy_nodes(expr: sympy.Expr) -> int:
+    """Prefix node count of a sympy formula as ``Expression`` counts it: a leaf is 1, an n-ary sum or product
+    n - 1 binary nodes, x**2, x**3, 1/x and sqrt(x) one unary node, any other power one binary node."""
+    if not expr.args:
+        return 1
+    kids = sum(sympy_nodes(a) for a in expr.args)
+    if expr.is_Add or expr.is_Mul:
+        return kids + len(expr.args) - 1
+    if expr.is_Pow:
+        e = expr.args[1]
+        if e in (2, 3, -1, sympy.Rational(1, 2)):
+            return 1 + sympy_nodes(expr.args[0])
+        return 1 + kids
+    return 1 + kids
+
+
+def _sympy_number(v: float) -> sympy.Expr:
+    """An integer-valued constant as a sympy Integer, any other as a Float that prints with repr's digits."""
+    if v == int(v) and abs(v) < 1e15:
+        return sympy.Integer(int(v))
+    digits = len(repr(abs(v)).split("e")[0].replace(".", "").lstrip("0")) or 1
+    return sympy.Float(repr(v), max(digits, 1))
+
+
+# ----- caches ------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _prior_cached(d: int, n: int, seed: int) -> tuple:
+    return tuple(prior_candidates(d, n, seed))
+
+
+def _prior(d: int, n: int, seed: int) -> list[Candidate]:
+    return list(_prior_cached(d, n, seed))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_model(path):
+    from .train import load_trained
+
+    return load_trained(path)
+
+
+_CACHE_STATE = {"done": False}
+
+
+def _enable_compilation_cache():
+    """Point JAX's persistent compilation cache at the user cache dir once per process, unless opted out
+    (``SR_JAX_NO_COMPILATION_CACHE=1``) or the user configured a cache directory already."""
+    if _CACHE_STATE["done"]:
+        return
+    _CACHE_STATE["done"] = True
+    if os.environ.get("SR_JAX_NO_COMPILATION_CACHE", "") not in ("", "0"):
+        return
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = base / "sr_jax" / "jax"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(path))

@@ -1,0 +1,220 @@
+"""Cheap non-neural candidates for the estimator's pool: skeletons from the generator's prior and simple bases.
+
+Every candidate is an ``Expression`` over the *standardised* inputs z_j = (x_j - offset_j) / scale_j (variables
+``x_0..x_{D-1}`` of the expression are the z_j); its numbers are the initial constants for ``sr_jax.refine``.
+
+Sources (``Candidate.source``):
+
+* ``"prior"`` (``prior_candidates``): expressions drawn from the training generator's prior
+  (``ExpressionGenerator.sample_expression``), a fixed number per dataset dimension, seeded, independent of the data.
+  Half of the draws use all D variables (as the generator does); the other half a random subset of them, so
+  formulas of fewer variables than the dataset has are covered too. Their constants are the generator's draws.
+* ``"basis"`` (``basis_candidates``): fixed families whose outer coefficients are solved by linear least squares on
+  the data before refinement (so refinement starts at the best linear fit):
+
+  - constant; linear (intercept + every feature); quadratic (full, with cross terms, for D <= 3; intercept, linear
+    and square terms for D > 3); cubic per feature without cross terms (D <= 3);
+  - unary terms: a + b * u(c * z_j + d) + poly(z) for u in sin, cos, exp, log, sqrt, inv, where poly is linear in
+    every feature, plus squares when D <= 3, plus cross products when D <= 2. The inner (c, d) starts at (scale_j, offset_j), i.e. u of the *raw*
+    feature x_j, the unit a user's formula is written in; where that is not finite on the data the standardised
+    feature (c, d) = (1, 0) is tried. For D <= 3 and u in sin, cos, exp, also a + (b + e * z_j) * u(...) + poly(z)
+    (a unary times a linear term). All features for D <= 3, the 4 most |Pearson|-correlated with y otherwise.
+  - monomial (power law) c0 + c * prod_j x_j ** p_j in the raw features, when every raw feature is positive and y
+    has one sign: the exponents come from least squares on log |y|.
+
+``dedupe`` keeps the first candidate of every skeleton (``Expression.skeleton``), so list better-initialised
+sources first.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from .candidates import Candidate
+from .expressions import OPERATORS, Expression
+from .generator import ExpressionGenerator, GeneratorConfig
+
+UNARY_BASES = ("sin", "cos", "exp", "log", "sqrt", "inv")
+_PRODUCT_UNARIES = ("sin", "cos", "exp")
+_MAX_UNARY_FEATURES = 4  # unary bases on at most this many features when D > 3
+_SMALL_D = 3  # full quadratic, cubic, unary-times-linear and squares in poly(z) up to this many features
+
+
+# ----- prior skeletons ---------------------------------------------------------------------------------------------
+def prior_candidates(n_features: int, n: int, seed: int = 0,
+                     config: GeneratorConfig = GeneratorConfig()) -> list[Candidate]:
+    """``n`` distinct expressions over x_0..x_{n_features-1} drawn from the generator's prior (deterministic in
+    (n_features, n, seed, config)). Fewer come back only if the prior cannot produce that many distinct skeletons
+    within a bounded number of draws."""
+    if not 1 <= n_features <= 10:
+        raise ValueError(f"n_features must be in 1..10, got {n_features}")
+    gen = ExpressionGenerator(config)
+    rng = np.random.default_rng([int(seed), int(n_features), 7919])
+    out: list[Candidate] = []
+    seen: set = set()
+    for _ in range(50 * max(n, 1)):
+        if len(out) >= n:
+            break
+        d = n_features if (n_features == 1 or rng.random() < 0.5) else int(rng.integers(1, n_features + 1))
+        n_unary = int(rng.integers(config.min_unary_ops, config.max_unary_ops + 1))
+        expr = gen.sample_expression(rng, d, n_unary)
+        if expr is None:
+            continue
+        if d < n_features:  # relabel x_0..x_{d-1} onto a random subset of the dataset's features
+            cols = np.sort(rng.choice(n_features, size=d, replace=False))
+            expr = Expression([f"x_{cols[int(t[2:])]}" if isinstance(t, str) and t.startswith("x_") else t
+                               for t in expr.tokens])
+        if expr.skeleton() in seen:
+            continue
+        seen.add(expr.skeleton())
+        out.append(Candidate(expr, "prior"))
+    return out
+
+
+# ----- bases -------------------------------------------------------------------------------------------------------
+def _sum(terms: Sequence[list]) -> list:
+    """Prefix list of the sum of the given prefix terms (nested ``add``, left to right)."""
+    out = list(terms[-1])
+    for t in reversed(terms[:-1]):
+        out = ["add", *t, *out]
+    return out
+
+
+def _var(j: int) -> list:
+    return [f"x_{j}"]
+
+
+def _affine(c: float, d: float, j: int) -> list:
+    return ["add", "mul", float(c), f"x_{j}", float(d)]
+
+
+class _Term:
+    """One column of a least-squares design: its values on the data and its prefix (multiplied by a coefficient)."""
+
+    def __init__(self, values: np.ndarray, prefix: list):
+        self.values = values
+        self.prefix = prefix
+
+
+def _fit_linear(terms: list[_Term], y: np.ndarray) -> Optional[np.ndarray]:
+    """Least-squares coefficients (intercept first) of y on the terms; None if a column is not finite."""
+    cols = [np.ones_like(y)] + [t.values for t in terms]
+    a = np.stack(cols, axis=1)
+    if not np.isfinite(a).all():
+        return None
+    scale = np.maximum(np.sqrt(np.mean(a * a, axis=0)), 1e-300)  # column scaling for conditioning
+    coef, *_ = np.linalg.lstsq(a / scale, y, rcond=None)
+    coef = coef / scale
+    return coef if np.isfinite(coef).all() else None
+
+
+def _linear_expression(coef: np.ndarray, terms: list[_Term]) -> list:
+    return _sum([[float(coef[0])]] + [["mul", float(c), *t.prefix] for c, t in zip(coef[1:], terms)])
+
+
+def _poly_terms(z: np.ndarray, squares: bool, cross: bool, cubes: bool = False) -> list[_Term]:
+    d = z.shape[1]
+    terms = [_Term(z[:, j], _var(j)) for j in range(d)]
+    if cross:
+        terms += [_Term(z[:, j] * z[:, k], ["mul", f"x_{j}", f"x_{k}"] if j != k else ["pow2", f"x_{j}"])
+                  for j in range(d) for k in range(j, d)]
+    elif squares:
+        terms += [_Term(z[:, j] ** 2, ["pow2", f"x_{j}"]) for j in range(d)]
+    if cubes:
+        terms += [_Term(z[:, j] ** 3, ["pow3", f"x_{j}"]) for j in range(d)]
+    return terms
+
+
+def _unary_values(u: str, a: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return OPERATORS[u].np_fn(a)
+
+
+def _correlation_order(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Feature indices by decreasing |Pearson r| with y (0 for constant columns), ties by index."""
+    zc = z - z.mean(axis=0)
+    yc = y - y.mean()
+    den = np.sqrt((zc * zc).sum(axis=0) * (yc * yc).sum())
+    with np.errstate(all="ignore"):
+        r = np.where(den > 0, (zc * yc[:, None]).sum(axis=0) / den, 0.0)
+    return np.argsort(-np.abs(r), kind="stable")
+
+
+def basis_candidates(z_NxD: np.ndarray, y_N: np.ndarray, offset_D: Optional[np.ndarray] = None,
+                     scale_D: Optional[np.ndarray] = None, unaries: Iterable[str] = UNARY_BASES) -> list[Candidate]:
+    """The basis families (module docstring) with least-squares outer coefficients on (z, y).
+
+    ``z_NxD``: standardised inputs; ``offset_D``/``scale_D``: raw x = scale * z + offset (default: z is raw).
+    """
+    z = np.asarray(z_NxD, np.float64)
+    y = np.asarray(y_N, np.float64).reshape(-1)
+    n, d = z.shape
+    offset = np.zeros(d) if offset_D is None else np.asarray(offset_D, np.float64)
+    scale = np.ones(d) if scale_D is None else np.asarray(scale_D, np.float64)
+    small = d <= _SMALL_D
+    out: list[Candidate] = [Candidate(Expression([float(y.mean())]), "basis")]
+
+    def add(terms: list[_Term]):
+        coef = _fit_linear(terms, y)
+        if coef is not None:
+            out.append(Candidate(Expression(_linear_expression(coef, terms)), "basis"))
+
+    linear = _poly_terms(z, squares=False, cross=False)
+    add(linear)
+    add(_poly_terms(z, squares=True, cross=small))
+    if small:
+        add(_poly_terms(z, squares=True, cross=False, cubes=True))
+    poly = _poly_terms(z, squares=small, cross=d <= 2)
+    features = range(d) if small else _correlation_order(z, y)[:_MAX_UNARY_FEATURES]
+    for j in features:
+        for u in unaries:
+            for c, dd in ((scale[j], offset[j]), (1.0, 0.0)):
+                vals = _unary_values(u, c * z[:, j] + dd)
+                if np.isfinite(vals).all() and np.ptp(vals) > 0:
+                    break
+            else:
+                continue
+            unary = [u, *_affine(c, dd, j)]
+            add([_Term(vals, unary)] + poly)
+            if small and u in _PRODUCT_UNARIES:
+                terms = [_Term(vals, unary), _Term(vals * z[:, j], None)] + poly
+                coef = _fit_linear(terms, y)
+                if coef is not None:  # a + (b + e z_j) u(...) + poly
+                    prod = ["mul", "add", float(coef[1]), "mul", float(coef[2]), f"x_{j}", *unary]
+                    rest = [["mul", float(cf), *t.prefix] for cf, t in zip(coef[3:], poly)]
+                    out.append(Candidate(Expression(_sum([[float(coef[0])], prod] + rest)), "basis"))
+    mono = _monomial(z, y, offset, scale)
+    if mono is not None:
+        out.append(Candidate(mono, "basis"))
+    return out
+
+
+def _monomial(z, y, offset, scale) -> Optional[Expression]:
+    """0 + c * prod_j x_j ** p_j over the raw features, from least squares on log|y|; None where it does not apply."""
+    x = z * scale + offset
+    if not ((x > 0).all() and ((y > 0).all() or (y < 0).all())):
+        return None
+    sign = 1.0 if y[0] > 0 else -1.0
+    a = np.concatenate([np.ones((len(y), 1)), np.log(x)], axis=1)
+    coef, *_ = np.linalg.lstsq(a, np.log(np.abs(y)), rcond=None)
+    if not np.isfinite(coef).all():
+        return None
+    powers = [["pow", *_affine(scale[j], offset[j], j), float(p)] for j, p in enumerate(coef[1:])]
+    prod = powers[-1]
+    for p in reversed(powers[:-1]):
+        prod = ["mul", *p, *prod]
+    return Expression(["add", 0.0, "mul", float(sign * np.exp(coef[0])), *prod])
+
+
+# ----- pooling -----------------------------------------------------------------------------------------------------
+def dedupe(candidates: Iterable[Candidate]) -> list[Candidate]:
+    """The first candidate of every skeleton, in order."""
+    seen: set = set()
+    out = []
+    for c in candidates:
+        key = c.expression.skeleton()
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out

@@ -11,3 +11,6 @@ __all__ = ["OPERATORS", "Expression", "FloatEncoder", "Vocabulary", "ExpressionG
            "Sample", "sample", "sample_stream", "compile_tape", "evaluate", "accuracy", "complexity",
            "compute_metrics", "mse", "nmse", "r2", "r2_zero", "symbolically_equivalent", "RefineResult",
            "make_refine_fn", "refine"]
+from .estimator import Equation, SymbolicTransformerRegressor  # noqa: E402
+
+__all__ += ["Equation", "SymbolicTransformerRegressor"]

@@ -5,13 +5,21 @@ import sys
 
 
 def main() -> int:
-    packages = {"arith": "arith_jax.cli"}
+    packages = {"arith": "arith_jax.cli", "sr": "sr_jax.cli"}
     if len(sys.argv) < 2 or sys.argv[1] not in packages:
         print(f"usage: python run.py {{{','.join(packages)}}} COMMAND [options]  (try: python run.py arith -h)",
               file=sys.stderr)
         return 2
     import importlib
+    import os
 
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ and not os.environ.get("MATHFORMERS_NO_COMPILE_CACHE"):
+        # command-line runs reuse compiled programs across processes (a resumed training run, repeated fits);
+        # this process is ours, so setting JAX's cache here changes no library user's settings
+        cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mathformers-jax",
+                             "xla")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
     return importlib.import_module(packages[sys.argv[1]]).main(sys.argv[2:])
 
 

@@ -40,6 +40,10 @@ class Attention(nn.Module):
     Call with `x_BxQxD` (queries) and optionally `kv_BxKxD` (cross-attention). Positions are 1-D; with a cache,
     the Q new tokens are written at slots [index, index+Q) and queries attend to all slots up to their own.
     Returns (y_BxQxD, new_cache or None).
+
+    Cross-attention to a fixed memory (an encoder's output) need not re-project the memory at every decoding step:
+    `attn(None, memory, kv_only=True)` returns its keys/values as a KVCache once, and
+    `attn(x, memory_kv=that_cache, kv_mask_BxK=...)` attends to them (same parameters, no key/value projection).
     """
 
     num_heads: int
@@ -53,32 +57,43 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxQxD, kv_BxKxD=None, *, q_pos_Q=None, k_pos_K=None, causal: bool = False,
-                 kv_mask_BxK=None, cache: KVCache | None = None, cache_index=None):
-        d_model = x_BxQxD.shape[-1]
+                 kv_mask_BxK=None, cache: KVCache | None = None, cache_index=None,
+                 memory_kv: KVCache | None = None, kv_only: bool = False):
+        d_model = (kv_BxKxD if kv_only else x_BxQxD).shape[-1]
         if d_model % self.num_heads:
             raise ValueError(f"model width {d_model} is not divisible by num_heads={self.num_heads}")
         head_dim = d_model // self.num_heads
         dense = lambda name, gain: nn.DenseGeneral((self.num_heads, head_dim), use_bias=self.use_bias,
                                                    kernel_init=xavier(gain), dtype=self.dtype, name=name)
-        source = x_BxQxD if kv_BxKxD is None else kv_BxKxD
+        if kv_only:
+            if kv_BxKxD is None:
+                raise ValueError("kv_only projects a cross-attention memory: pass it as kv_BxKxD")
+            return KVCache(dense("key", 1.0)(kv_BxKxD), dense("value", self.v_gain)(kv_BxKxD))
         q = dense("query", 1.0)(x_BxQxD)
-        k = dense("key", 1.0)(source)
-        v = dense("value", self.v_gain)(source)
+        if memory_kv is not None:
+            if cache is not None or self.rope or self.fire:
+                raise ValueError("a precomputed memory_kv is for plain cross-attention (no cache, RoPE or FIRE)")
+            k, v = memory_kv.k_BxSxHxD.astype(q.dtype), memory_kv.v_BxSxHxD.astype(q.dtype)
+        else:
+            source = x_BxQxD if kv_BxKxD is None else kv_BxKxD
+            k = dense("key", 1.0)(source)
+            v = dense("value", self.v_gain)(source)
 
+        cross = kv_BxKxD is not None or memory_kv is not None
         n_q = x_BxQxD.shape[1]
         if q_pos_Q is None:
             start = 0 if cache_index is None else cache_index
             q_pos_Q = start + jnp.arange(n_q)
         if cache is None and k_pos_K is None:
-            k_pos_K = q_pos_Q if kv_BxKxD is None else jnp.arange(source.shape[1])
+            k_pos_K = jnp.arange(k.shape[1]) if cross else q_pos_Q
 
         if self.rope:
             q = apply_rope(q, q_pos_Q, self.rope_base)
-            k = apply_rope(k, q_pos_Q if kv_BxKxD is None else k_pos_K, self.rope_base)
+            k = apply_rope(k, k_pos_K if cross else q_pos_Q, self.rope_base)
 
         new_cache = None
         if cache is not None:
-            if kv_BxKxD is not None:
+            if cross:
                 raise ValueError("the KV cache is for self-attention; cache cross-attention keys outside")
             idx = (0, cache_index, 0, 0)
             k_all = jax.lax.dynamic_update_slice(cache.k_BxSxHxD, k.astype(cache.k_BxSxHxD.dtype), idx)

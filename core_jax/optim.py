@@ -6,14 +6,17 @@ import dataclasses
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     lr: float = 1e-4
-    schedule: Literal["trapezoid", "cosine", "constant"] = "trapezoid"
+    schedule: Literal["trapezoid", "cosine", "constant", "inverse_sqrt"] = "trapezoid"
     warmup_frac: float = 0.1      # linear warmup over this fraction of the steps
+    warmup_steps: int = 0         # > 0: warmup over exactly this many steps instead (inverse_sqrt: the original's 10000)
+    warmup_init: float = 0.0      # learning rate at step 0 (the E2E original's inverse_sqrt starts at 1e-7)
     decay_frac: float = 0.1       # trapezoid: linear decay to 0 over the last fraction (the original's budget-constant)
     min_lr_frac: float = 0.0      # cosine: floor as a fraction of lr
     b1: float = 0.9
@@ -24,9 +27,15 @@ class OptimConfig:
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Step-based versions of the original's wall-clock trapezoid, plus cosine and constant."""
+    """Step-based versions of the Abacus original's wall-clock trapezoid, cosine, constant, and the E2E original's
+    inverse square root: linear warmup from `warmup_init` to lr over W steps, then lr * sqrt(W / step)."""
     total = max(int(total_steps), 1)
-    warm = int(round(cfg.warmup_frac * total))
+    warm = cfg.warmup_steps if cfg.warmup_steps > 0 else int(round(cfg.warmup_frac * total))
+    if cfg.schedule == "inverse_sqrt":
+        w = max(warm, 1)
+        return lambda step: jnp.where(
+            step < w, cfg.warmup_init + step * (cfg.lr - cfg.warmup_init) / w,
+            cfg.lr * jnp.sqrt(w / jnp.maximum(step, w).astype(jnp.float32)))
     if cfg.schedule == "constant":
         rest = optax.constant_schedule(cfg.lr)
     elif cfg.schedule == "cosine":
@@ -37,10 +46,10 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         rest = optax.join_schedules(
             [optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, 0.0, decay)], [flat])
     else:
-        raise ValueError(f"unknown schedule {cfg.schedule!r}; use trapezoid, cosine or constant")
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; use trapezoid, cosine, constant or inverse_sqrt")
     if warm == 0:
         return rest
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), rest], [warm])
+    return optax.join_schedules([optax.linear_schedule(cfg.warmup_init, cfg.lr, warm), rest], [warm])
 
 
 def decay_mask(params):

@@ -1,8 +1,9 @@
 """The one training loop of the library: jitted, donated, data-parallel, checkpointed, resumable.
 
 A task supplies three pure pieces — `init_params(rng)`, `loss_fn(params, batch, rng) -> (loss, metrics)` and
-`batch_fn(step) -> dict of numpy arrays` (deterministic in the step, so the step *is* the data-stream position) —
-and `train` does the rest: AdamW, sharding over all devices, Orbax checkpoints every `ckpt_every` steps and on
+`batch_fn(step) -> dict of numpy arrays` (deterministic in the step, so the step *is* the data-stream position;
+batches may come in a few different shapes, each compiled once) — and optionally `eval_fn(params, step) -> dict`
+(validation, logged with an `eval/` prefix every `eval_every` steps); `train` does the rest: AdamW, sharding over all devices, Orbax checkpoints every `ckpt_every` steps and on
 SIGTERM/Ctrl-C, metrics as JSON lines, and a progress bar. Restarting with the same workdir resumes exactly.
 """
 
@@ -34,6 +35,7 @@ class TrainConfig:
     log_every: int = 50
     ckpt_every: int = 500
     keep_checkpoints: int = 2
+    eval_every: int = 0           # > 0: call the task's eval_fn(params, step) every this many steps (and at the end)
     seed: int = 0
     optim: OptimConfig = OptimConfig()
 
@@ -75,11 +77,12 @@ class TrainResult:
     state: TrainState
     history: list[dict]
     resumed_from: int | None
+    data_wait_s: float = 0.0   # time spent inside batch_fn (host-side data the step did not hide)
 
 
 def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, loss_fn: LossFn,
           batch_fn: Callable[[int], dict], meta: dict | None = None, stop_at: int | None = None,
-          progress: bool = True, mesh=None) -> TrainResult:
+          progress: bool = True, mesh=None, eval_fn: Callable[[Any, int], dict] | None = None) -> TrainResult:
     """Runs (or resumes) training to `cfg.steps`. `stop_at` ends early after saving (used to test resumption)."""
     mesh = mesh or shd.data_mesh()
     tx = make_optimizer(cfg.optim, cfg.steps)
@@ -116,14 +119,21 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or jax.process_index() != 0,
                desc="train", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
     t0 = time.perf_counter()
+    data_wait_s = 0.0
     try:
         for step in range(start, end):
             state, metrics = step_fn(state, shd.shard_batch(next_batch, mesh))
             done = step + 1
             if done < end:  # generated on the host while the device runs the step just dispatched
+                t_data = time.perf_counter()
                 next_batch = batch_fn(done)
-            if done % cfg.log_every == 0 or done == end:
-                record = dict(_to_host(metrics), step=done, time_s=round(time.perf_counter() - t0, 3))
+                data_wait_s += time.perf_counter() - t_data
+            evaluate = eval_fn is not None and cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == end)
+            if done % cfg.log_every == 0 or done == end or evaluate:
+                record = dict(_to_host(metrics), step=done, time_s=round(time.perf_counter() - t0, 3),
+                              data_wait_s=round(data_wait_s, 3))
+                if evaluate:
+                    record.update({f"eval/{k}": float(v) for k, v in eval_fn(state.params, done).items()})
                 history.append(record)
                 if metrics_file:
                     metrics_file.write(json.dumps(record) + "\n")
@@ -149,4 +159,4 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
             ckpt.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
-    return TrainResult(state=state, history=history, resumed_from=resumed_from)
+    return TrainResult(state=state, history=history, resumed_from=resumed_from, data_wait_s=data_wait_s)

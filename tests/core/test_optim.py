@@ -29,3 +29,13 @@ def test_decay_mask_skips_norms_and_biases():
     assert mask["layer0"]["attn"]["query"]["kernel"] and mask["dense"]["kernel"]
     assert not mask["layer0"]["norm1"]["scale"] and not mask["layer0"]["norm1"]["bias"]
     assert not mask["dense"]["bias"]
+
+
+def test_inverse_sqrt_is_the_e2e_schedule():
+    """lr(step) = 1e-7 + step (lr - 1e-7) / W for step < W, then lr sqrt(W) / sqrt(step) (spec e2e_sr §5)."""
+    cfg = OptimConfig(lr=2e-4, schedule="inverse_sqrt", warmup_steps=100, warmup_init=1e-7)
+    s = make_schedule(cfg, 10_000)
+    assert float(s(0)) == pytest.approx(1e-7)
+    assert float(s(50)) == pytest.approx(1e-7 + 50 * (2e-4 - 1e-7) / 100, rel=1e-5)
+    assert float(s(100)) == pytest.approx(2e-4, rel=1e-6)
+    assert float(s(400)) == pytest.approx(2e-4 * 10 / 20, rel=1e-6)

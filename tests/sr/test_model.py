@@ -1,0 +1,110 @@
+"""The E2E transformer: embedder shapes and padding, point-order invariance, cached = uncached decoding steps,
+grouped decoding rows, config validation, the paper config's size."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from core_jax.config import ConfigError, load_config
+from sr_jax.config import SRConfig
+from sr_jax.model import E2EModel, ModelConfig
+from sr_jax.train import build_model
+from sr_jax.vocab import POINT_PAD
+
+CFG = ModelConfig(emb_dim=8, width=32, heads=4, enc_layers=1, dec_layers=2, max_len=16)
+
+
+@pytest.fixture(scope="module")
+def model_params():
+    model = E2EModel(CFG)
+    return model, model.init(jax.random.PRNGKey(0))
+
+
+def _inputs(B=2, N=5, T=6, seed=1):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    points = jax.random.randint(k1, (B, N, CFG.point_tokens), 0, 10000)
+    mask = jnp.arange(N)[None, :] < jnp.array([N - 1, N])[:, None]
+    tokens = jax.random.randint(k2, (B, T), 2, 900)
+    return points, mask, tokens
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_embedder_and_encoder_shapes_and_padding(norm):
+    cfg = ModelConfig(emb_dim=8, width=32, heads=4, enc_layers=1, dec_layers=1, max_len=16, norm=norm)
+    model = E2EModel(cfg)
+    params = model.init(jax.random.PRNGKey(0))
+    points, mask, _ = _inputs()
+    memory = model.encode(params, points, mask)
+    assert memory.shape == (2, 5, 32)
+    assert np.all(np.asarray(memory[0, 4]) == 0)  # padded point zeroed
+    # what sits in a padded point's slot does not change the real points' encodings
+    other = points.at[0, 4].set(POINT_PAD)
+    np.testing.assert_allclose(model.encode(params, other, mask)[0, :4], memory[0, :4], atol=1e-6)
+
+
+def test_encoder_is_invariant_to_point_order(model_params):
+    model, params = model_params
+    points, mask, tokens = _inputs(B=1, N=7)
+    mask = jnp.ones_like(mask)
+    perm = jnp.array([4, 0, 6, 2, 1, 5, 3])
+    a = model.logits(params, points, mask, tokens)
+    b = model.logits(params, points[:, perm], mask[:, perm], tokens)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_cached_decoding_equals_full_forward(model_params):
+    model, params = model_params
+    points, mask, tokens = _inputs()
+    full = model.logits(params, points, mask, tokens)
+    step = model.decoder_fn(params, model.context(params, points, mask))
+    cache = model.init_cache(2, 16)
+    outs = []
+    for t in range(tokens.shape[1]):
+        logits, cache = step(tokens[:, t:t + 1], cache)
+        outs.append(logits)
+    np.testing.assert_allclose(np.stack(outs, 1), full, atol=1e-5)
+
+
+def test_rows_of_a_dataset_share_its_memory(model_params):
+    """R = B * G decoding rows: rows b*G..b*G+G-1 attend to dataset b (no memory copy per beam)."""
+    model, params = model_params
+    points, mask, tokens = _inputs()
+    full = model.logits(params, points, mask, tokens[:, :1])
+    step = model.decoder_fn(params, model.context(params, points, mask))
+    logits, _ = step(jnp.repeat(tokens[:, :1], 3, axis=0), model.init_cache(6, 16))
+    np.testing.assert_allclose(logits.reshape(2, 3, -1), np.repeat(full[:, :1], 3, axis=1), atol=1e-5)
+
+
+def test_loss_masks_padding(model_params):
+    model, params = model_params
+    points, mask, tokens = _inputs()
+    batch = {"points": points, "point_mask": mask, "target": tokens}
+    padded = {"points": points, "point_mask": mask, "target": jnp.pad(tokens, ((0, 0), (0, 3)))}
+    l1, _ = model.loss(params, batch)
+    l2, _ = model.loss(params, padded)
+    assert float(l1) == pytest.approx(float(l2), rel=1e-5)
+
+
+def test_paper_config_matches_the_original_sizes():
+    """Embedder and 4-layer encoder as spec §4.3 (6 198 464 and 12 610 560); the decoder has the pruned vocabulary
+    and a 200-position table instead of 10 292 rows and 4 096 positions."""
+    cfg = load_config(SRConfig, "configs/sr_e2e_paper.yaml")
+    shapes = jax.eval_shape(build_model(cfg).init, jax.random.PRNGKey(0))
+    size = lambda t: sum(int(x.size) for x in jax.tree_util.tree_leaves(t))
+    assert size(shapes["encoder"]["embedder"]) == 6_198_464
+    assert size(shapes["encoder"]) == 6_198_464 + 12_610_560
+    spec_decoder = 74_642_484
+    assert size(shapes["decoder"]) == spec_decoder - (10_292 - 937) * 513 - (4096 - 200) * 512
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.width=30", "divisible"),
+    ("model.heads=0", "model.heads"),
+    ("model.max_dim=11", "max_dim"),
+    ("data.point_buckets=[500]", "point_buckets"),
+    ("data.target_buckets=[300]", "max_len"),
+    ("model.norm=mid", "model.norm"),
+])
+def test_bad_configs_are_one_line_errors(override, needle):
+    with pytest.raises((ConfigError, ValueError), match=needle):
+        load_config(SRConfig, "configs/sr_tiny.yaml", [override])

@@ -1,0 +1,206 @@
+"""SymbolicTransformerRegressor with the non-neural pool (small: the tests share a few compiled refinement shapes)."""
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sympy
+
+from sr_jax import SymbolicTransformerRegressor
+from sr_jax.estimator import _check_dataset, _select_features, sympy_nodes
+
+SOURCES = ("prior", "bases")
+RNG = np.random.default_rng(0)
+X1 = RNG.uniform(-3, 3, (120, 1))
+Y1 = 2.5 * np.sin(X1[:, 0]) + X1[:, 0] ** 2
+X2 = RNG.uniform(-2, 2, (120, 1))
+Y2 = 1.5 * np.exp(X2[:, 0]) - X2[:, 0]
+x = sympy.Symbol("x_0")
+
+
+def small(**kw) -> SymbolicTransformerRegressor:
+    return SymbolicTransformerRegressor(**{"candidate_sources": SOURCES, "n_prior": 4, "random_state": 0, **kw})
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return small().fit(X1, Y1)
+
+
+# ----- scikit-learn conventions -------------------------------------------------------------------------------------
+def test_params_are_stored_as_given_and_round_trip():
+    sources = ("bases",)
+    est = SymbolicTransformerRegressor(candidate_sources=sources, n_prior=7, random_state=3)
+    assert est.get_params()["candidate_sources"] is sources
+    assert est.get_params()["n_prior"] == 7 and est.get_params()["model_path"] is None
+    assert est.set_params(n_prior=9, tidy=False) is est and est.n_prior == 9 and est.tidy is False
+    with pytest.raises(ValueError, match="invalid parameter 'nprior'"):
+        est.set_params(nprior=3)
+    assert "n_prior=9" in repr(est) and "beam_size" not in repr(est)
+    assert not any(k.endswith("_") for k in vars(est))
+
+
+def test_sklearn_clone_and_pipeline(fitted):
+    sklearn = pytest.importorskip("sklearn")
+    from sklearn.base import clone
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    c = clone(fitted)
+    assert c.get_params() == fitted.get_params() and not hasattr(c, "expression_")
+    assert sklearn.base.is_regressor(c)
+    pipe = make_pipeline(StandardScaler(), small())
+    assert pipe.fit(X1, Y1) is pipe
+    assert pipe.predict(X1).shape == (120,) and pipe.score(X1, Y1) > 0.999
+
+
+def test_fit_returns_self_with_fitted_attributes(fitted):
+    assert isinstance(fitted, SymbolicTransformerRegressor)
+    assert fitted.n_features_in_ == 1 and not fitted.batched_
+    assert not hasattr(fitted, "feature_names_in_")
+    assert fitted.equations_ and fitted.best_ in fitted.equations_
+    assert fitted.complexity_ == sympy_nodes(fitted.expression_)
+    with pytest.raises(ValueError, match="not fitted"):
+        small().predict(X1)
+
+
+# ----- recovery and outputs -----------------------------------------------------------------------------------------
+def test_recovers_sine_plus_square_exactly(fitted):
+    assert sympy.simplify(fitted.expression_ - (2.5 * sympy.sin(x) + x**2)) == 0
+    assert fitted.sympy() is fitted.expression_
+    assert fitted.latex() == sympy.latex(fitted.expression_)
+    assert fitted.score(X1, Y1) == pytest.approx(1.0, abs=1e-12)
+    assert fitted.complexity_ == 7
+
+
+def test_equations_pareto_front_and_selection(fitted):
+    eqs = fitted.equations_
+    assert [(e.complexity, e.loss) for e in eqs] == sorted((e.complexity, e.loss) for e in eqs)
+    front = [e for e in eqs if e.pareto]
+    for e in eqs:  # on the front iff nothing at most as complex is strictly better
+        dominated = any(o.complexity <= e.complexity and o.loss < e.loss for o in eqs if o is not e)
+        tie_simpler = any(o.complexity < e.complexity and o.loss <= e.loss for o in eqs)
+        assert e.pareto == (not dominated and not tie_simpler and np.isfinite(e.loss))
+    best_loss = min(e.loss for e in eqs)
+    assert fitted.best_.loss <= best_loss * 1.05 + 1e-9
+    assert all(e.complexity >= fitted.best_.complexity for e in eqs if e.loss <= best_loss * 1.05 + 1e-9)
+    assert front[-1].loss == best_loss and {e.source for e in eqs} <= {"prior", "basis"}
+    z = (X1 - X1.mean()) / X1.std()  # Equation.sympy(): the model-space formula in raw units
+    f = sympy.lambdify(x, fitted.best_.sympy())
+    np.testing.assert_allclose(f(X1[:, 0]), fitted.best_.expression.evaluate_numpy(z), rtol=1e-9, atol=1e-9)
+
+
+def test_jax_fn_matches_predict_and_is_differentiable(fitted):
+    f = fitted.jax_fn()
+    np.testing.assert_allclose(np.asarray(f(X1)), fitted.predict(X1), rtol=1e-5, atol=1e-5)
+    rows = jax.vmap(f)(jnp.asarray(X1, jnp.float32))
+    np.testing.assert_allclose(np.asarray(rows), fitted.predict(X1), rtol=1e-5, atol=1e-5)
+    grads = jax.vmap(jax.grad(f))(jnp.asarray(X1, jnp.float32))[:, 0]
+    np.testing.assert_allclose(np.asarray(grads), 2.5 * np.cos(X1[:, 0]) + 2 * X1[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_same_random_state_same_fit_and_column_y(fitted):
+    again = small().fit(X1, Y1[:, None])  # (n, 1) y is flattened: no (n, n) broadcasting
+    assert [e.expression for e in again.equations_] == [e.expression for e in fitted.equations_]
+    assert again.expression_ == fitted.expression_
+
+
+def test_dataframe_and_feature_names():
+    pd = pytest.importorskip("pandas")
+    est = small().fit(pd.DataFrame({"speed": X1[:, 0]}), pd.Series(Y1))
+    s = sympy.Symbol("speed")
+    assert est.expression_.free_symbols == {s}
+    assert sympy.simplify(est.expression_ - (2.5 * sympy.sin(s) + s**2)) == 0
+    assert list(est.feature_names_in_) == ["speed"]
+    np.testing.assert_allclose(est.predict(pd.DataFrame({"speed": X1[:5, 0]})), Y1[:5], rtol=1e-9)
+    with pytest.raises(ValueError, match="columns"):
+        est.predict(pd.DataFrame({"velocity": X1[:5, 0]}))
+    named = small().fit(X1, Y1, feature_names=["t"])
+    assert named.expression_.free_symbols == {sympy.Symbol("t")}
+
+
+def test_batched_fit_equals_separate_fits(fitted):
+    batch = small().fit([X1, X2], [Y1, Y2])
+    assert batch.batched_ and len(batch.expression_) == 2
+    sep2 = small().fit(X2, Y2)
+    for b, sep in enumerate((fitted, sep2)):
+        assert batch.expression_[b] == sep.expression_
+        assert [e.expression.skeleton() for e in batch.equations_[b]] == \
+            [e.expression.skeleton() for e in sep.equations_]
+        np.testing.assert_allclose([e.loss for e in batch.equations_[b]], [e.loss for e in sep.equations_],
+                                   rtol=1e-3, atol=1e-7)
+    assert sympy.simplify(batch.expression_[1] - (1.5 * sympy.exp(x) - x)) == 0
+    preds = batch.predict([X1, X2])
+    np.testing.assert_allclose(preds[1], sep2.predict(X2), rtol=1e-12)
+    assert batch.score([X1, X2], [Y1, Y2]) == pytest.approx([1.0, 1.0], abs=1e-9)
+    assert len(batch.jax_fn()) == 2 and isinstance(batch.latex(), list)
+    with pytest.raises(ValueError, match="list"):
+        batch.predict(X1)
+
+
+def test_pickles(fitted):
+    fitted.predict(X1[:3])  # builds the cached prediction function, which must not be pickled
+    back = pickle.loads(pickle.dumps(fitted))
+    np.testing.assert_allclose(back.predict(X1), fitted.predict(X1))
+
+
+# ----- validation: before any work, a ValueError naming the problem ------------------------------------------------
+BAD = [
+    (np.array([[np.nan], *X1[1:10]]), Y1[:10], "NaN or inf"),
+    (X1[:10], np.r_[np.inf, Y1[1:10]], "y contains NaN or inf"),
+    (X1[:10], Y1[:9], "10 rows but y has 9"),
+    (X1[:10, 0], Y1[:10], "1-D"),
+    (X1[:10].reshape(10, 1, 1), Y1[:10], "3-D"),
+    (X1[:3], Y1[:3], "too few points"),
+    (X1[:10], np.full(10, 2.0), "constant"),
+    (np.array([["a"], *[[str(v)] for v in X1[1:10, 0]]]), Y1[:10], "non-numeric"),
+    (X1[:10] * 1j, Y1[:10], "complex"),
+    (X1[:10], Y1[:10] + 0j, "complex"),
+    (X1[:10], np.ones((10, 2)), "one target"),
+]
+
+
+@pytest.mark.parametrize("X, y, match", BAD)
+def test_validation_errors(X, y, match):
+    with pytest.raises(ValueError, match=match):
+        small().fit(X, y)
+
+
+def test_validation_names_the_column_and_the_dataset():
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"a": X1[:10, 0], "colour": ["red"] * 10})
+    with pytest.raises(ValueError, match="column 'colour'"):
+        small().fit(df, Y1[:10])
+    with pytest.raises(ValueError, match=r"dataset 1"):
+        small().fit([X1, X2[:, 0].reshape(-1, 1)[:5] * np.nan], [Y1, Y2[:5]])
+    with pytest.raises(ValueError, match="feature_names has 2 names"):
+        small().fit(X1, Y1, feature_names=["a", "b"])
+    with pytest.raises(ValueError, match="candidate_sources"):
+        small(candidate_sources=("prior", "magic")).fit(X1, Y1)
+    with pytest.raises(ValueError, match="random_state"):
+        small(random_state=-1).fit(X1, Y1)
+
+
+# ----- preprocessing ------------------------------------------------------------------------------------------------
+def test_feature_selection_keeps_the_ten_most_correlated():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 13))
+    y = 3 * x[:, 12] - 2 * x[:, 4] + 0.5 * rng.normal(size=200)
+    cols = _select_features(x, y)
+    assert len(cols) == 10 and list(cols[:2]) == [12, 4]
+    assert list(_select_features(x[:, :10], y)) == list(range(10))
+
+
+def test_preparation_standardises_bags_and_holds_out():
+    rng = np.random.default_rng(2)
+    x = np.c_[rng.normal(5, 3, 1000), np.full(1000, 7.0)]  # a constant column: scale 1, no inf
+    x_ok, y, names, _ = _check_dataset(x, x[:, 0] ** 2, None)
+    p = small(max_input_points=200, max_number_bags=3)._prepare(x_ok, y, names, seed=0)
+    assert np.isfinite(p.z_NxK).all() and p.transform.scale[1] == 1.0
+    np.testing.assert_allclose(p.z_NxK[:, 0].std(), 1.0)
+    assert len(p.select) == 250 and not set(p.select) & set(p.train)
+    assert len(p.bags) == 3 and all(180 <= len(b) <= 200 for b in p.bags)  # 750 rows in 4 equal bags, 3 kept
+    assert not set(np.concatenate(p.bags)) - set(p.train)
+    q = small()._prepare(x_ok[:30], y[:30], names, seed=0)  # too few rows to hold any out
+    assert len(q.select) == 30 and set(q.select) == set(q.train)

@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sr_jax import Expression
+from sr_jax.candidates import Candidate
+from sr_jax.pool import basis_candidates, dedupe, prior_candidates
+
+
+def _nmse(expr: Expression, z, y) -> float:
+    with np.errstate(all="ignore"):
+        return float(np.mean((expr.evaluate_numpy(z) - y) ** 2) / np.var(y))
+
+
+def _best(cands, z, y) -> float:
+    losses = [_nmse(c.expression, z, y) for c in cands]
+    return min(v for v in losses if np.isfinite(v))
+
+
+def _standardise(x):
+    m, s = x.mean(axis=0), x.std(axis=0)
+    return (x - m) / s, m, s
+
+
+def test_prior_is_deterministic_distinct_and_in_range():
+    a = prior_candidates(3, 16, seed=5)
+    assert [c.expression for c in a] == [c.expression for c in prior_candidates(3, 16, seed=5)]
+    assert [c.expression for c in a] != [c.expression for c in prior_candidates(3, 16, seed=6)]
+    assert len(a) == 16 and len({c.expression.skeleton() for c in a}) == 16
+    assert all(c.source == "prior" and c.expression.n_variables_needed <= 3 for c in a)
+    # some draws use fewer variables than the dataset has (formulas of a subset of the features)
+    assert any(len(c.expression.variables) < 3 for c in a)
+    with pytest.raises(ValueError, match="n_features"):
+        prior_candidates(11, 4)
+
+
+def test_bases_contain_the_exact_answer_before_refinement():
+    """Least squares on the basis families already solves the simple cases the estimator must recover."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-3, 3, (150, 1))
+    z, m, s = _standardise(x)
+    y = 2.5 * np.sin(x[:, 0]) + x[:, 0] ** 2  # unary of the raw feature + polynomial
+    assert _best(basis_candidates(z, y, m, s), z, y) < 1e-20
+    y = 3.0 * x[:, 0] ** 3 - x[:, 0] + 0.5  # cubic
+    assert _best(basis_candidates(z, y, m, s), z, y) < 1e-20
+    x2 = rng.uniform(-2, 2, (150, 2))
+    z2, m2, s2 = _standardise(x2)
+    y = 1.5 * x2[:, 0] * x2[:, 1] - 0.7 * x2[:, 1] + 2  # quadratic with a cross term
+    assert _best(basis_candidates(z2, y, m2, s2), z2, y) < 1e-20
+    xp = rng.uniform(0.5, 3, (150, 3))
+    zp, mp, sp = _standardise(xp)
+    y = 4.0 * xp[:, 0] ** 2 * xp[:, 2] / xp[:, 1]  # power law (positive features, one-signed y)
+    assert _best(basis_candidates(zp, y, mp, sp), zp, y) < 1e-20
+
+
+def test_unary_basis_falls_back_to_the_standardised_feature():
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-3, 3, (100, 1))
+    z, m, s = _standardise(x)
+    cands = basis_candidates(z, np.exp(z[:, 0]) + z[:, 0], m, s, unaries=("log",))
+    logs = [c.expression for c in cands if "log" in c.expression.tokens]
+    # log(x) is not finite on negative x, so log(z + 0) is not either: no log basis at all
+    assert logs == []
+    xl = rng.uniform(800, 900, (100, 1))  # exp of the raw feature overflows: exp(z) is used instead
+    zl, ml, sl = _standardise(xl)
+    cands = basis_candidates(zl, np.exp(zl[:, 0]), ml, sl, unaries=("exp",))
+    assert _best(cands, zl, np.exp(zl[:, 0])) < 1e-20
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 6), st.integers(0, 10**6))
+def test_bases_are_valid_for_any_width(d, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(30, d)) * rng.uniform(0.1, 10, d) + rng.normal(size=d)
+    z, m, s = _standardise(x)
+    y = rng.normal(size=30)
+    cands = basis_candidates(z, y, m, s)
+    assert cands[0].expression.tokens == (pytest.approx(y.mean()),)
+    for c in cands:
+        assert c.source == "basis" and c.expression.n_variables_needed <= d
+        assert len(c.expression.constants) <= 24
+    # the linear basis is the least-squares line: no basis is worse than the constant on its own data
+    assert _best(cands[1:2], z, y) <= _nmse(cands[0].expression, z, y) + 1e-12
+
+
+def test_dedupe_keeps_the_first_of_each_skeleton():
+    a = Candidate(Expression(["add", 1.0, "x_0"]), "basis")
+    b = Candidate(Expression(["add", 2.0, "x_0"]), "prior")
+    c = Candidate(Expression(["mul", 2.0, "x_0"]), "prior")
+    assert dedupe([a, b, c, a]) == [a, c]

@@ -621,9 +621,8 @@ def _prior(d: int, n: int, seed: int) -> list[Candidate]:
     return list(_prior_cached(d, n, seed))
 
 
-@functools.lru_cache(maxsize=4)
 def _load_model(path):
-    from .train import load_trained
+    from .train import load_trained  # caches loaded models per path
 
     return load_trained(path)
 

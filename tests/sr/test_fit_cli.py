@@ -1,0 +1,81 @@
+"""`run.py sr fit` (sr_jax.fit_cli.main): errors are one line on stderr with exit status 2; a fit prints the formula."""
+import json
+
+import numpy as np
+import pytest
+
+from sr_jax.fit_cli import main, read_csv
+
+RNG = np.random.default_rng(0)
+XS = RNG.uniform(-3, 3, 120)
+YS = 2.5 * np.sin(XS) + XS**2
+
+
+def write(path, header, rows):
+    path.write_text(",".join(header) + "\n" + "\n".join(",".join(str(v) for v in r) for r in rows) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def good(tmp_path):
+    return write(tmp_path / "d.csv", ["speed", "y"], zip(XS, YS))
+
+
+def run_err(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_missing_file(capsys, tmp_path):
+    assert "no such file" in run_err(capsys, [str(tmp_path / "nope.csv"), "--target", "y"])
+
+
+def test_missing_target_column(capsys, good):
+    err = run_err(capsys, [good, "--target", "z"])
+    assert "'z'" in err and "speed, y" in err
+
+
+def test_non_numeric_column(capsys, tmp_path):
+    path = write(tmp_path / "c.csv", ["speed", "colour", "y"], [(1, "red", 2), (2, "blue", 3)])
+    err = run_err(capsys, [path, "--target", "y"])
+    assert "column 'colour' is not numeric: 'red' on line 2" in err
+
+
+def test_nan_and_empty_cells(capsys, tmp_path):
+    path = write(tmp_path / "n.csv", ["a", "y"], [(1, 2), ("nan", 3)])
+    assert "column 'a' has a missing, NaN or infinite value on line 3" in run_err(capsys, [path, "--target", "y"])
+    path = write(tmp_path / "e.csv", ["a", "y"], [(1, 2), ("", 3)])
+    assert "column 'a' is not numeric: '' on line 3" in run_err(capsys, [path, "--target", "y"])
+
+
+def test_bad_options_and_estimator_errors(capsys, good, tmp_path):
+    assert "--target" in run_err(capsys, [good])
+    assert "unknown source 'magic'" in run_err(capsys, [good, "--target", "y", "--sources", "prior,magic"])
+    assert "feature column 'w'" in run_err(capsys, [good, "--target", "y", "--features", "w"])
+    path = write(tmp_path / "k.csv", ["a", "y"], [(i, 1.0) for i in range(10)])
+    assert "constant" in run_err(capsys, [path, "--target", "y", "--sources", "bases"])
+
+
+def test_read_csv_selects_columns(tmp_path):
+    path = write(tmp_path / "r.csv", ["a", "y", "b"], [(1, 2, 3), (4, 5, 6)])
+    x, y, names = read_csv(path, "y")
+    assert names == ["a", "b"] and x.tolist() == [[1, 3], [4, 6]] and y.tolist() == [2, 5]
+    x, _, names = read_csv(path, "y", ["b"])
+    assert names == ["b"] and x.tolist() == [[3], [6]]
+
+
+def test_fit_prints_formula_front_json_and_plot(capsys, good, tmp_path):
+    out_json, out_png = tmp_path / "o.json", tmp_path / "p.png"
+    argv = [good, "--target", "y", "--sources", "prior,bases", "--n-prior", "4", "--json", str(out_json),
+            "--plot", str(out_png)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("y = speed**2 + 2.5*sin(speed)\n") and "Pareto front" in text
+    rep = json.loads(out_json.read_text())
+    assert rep["expression"] == "speed**2 + 2.5*sin(speed)" and rep["r2"] == pytest.approx(1.0)
+    assert rep["complexity"] == 7 and rep["pareto_front"][-1]["loss"] < 1e-12
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(argv[:7] + ["--json"]) == 0  # --json alone: JSON on stdout
+    assert json.loads(capsys.readouterr().out)["expression"] == rep["expression"]

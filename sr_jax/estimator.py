@@ -303,11 +303,6 @@ class SymbolicTransformerRegressor:
 
     _estimator_type = "regressor"
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_numpy_fns", None)  # generated functions do not pickle; rebuilt on demand
-        return state
-
     # ----- parameters --------------------------------------------------------------------------------------------
     def _check_params(self) -> tuple:
         src = self.candidate_sources
@@ -370,7 +365,6 @@ class SymbolicTransformerRegressor:
         self.complexity_ = out([sympy_nodes(f[2]) for f in fits])
         self.selected_features_ = out([np.asarray(p.transform.columns) for p in prepared])
         self._symbols_ = [p.transform.symbols for p in prepared]
-        self.__dict__.pop("_numpy_fns", None)
         return self
 
     def _prepare(self, x: np.ndarray, y: np.ndarray, names: list[str], seed: int) -> _Prepared:
@@ -456,12 +450,6 @@ class SymbolicTransformerRegressor:
         if not hasattr(self, "expression_"):
             raise ValueError("this SymbolicTransformerRegressor is not fitted yet; call fit(X, y) first")
 
-    def _numpy_fn(self, b: int) -> Callable:
-        fns = self.__dict__.setdefault("_numpy_fns", {})
-        if b not in fns:
-            fns[b] = _compile(self._expressions()[b], self._symbols_[b], "numpy")
-        return fns[b]
-
     def _expressions(self) -> list:
         return self.expression_ if self.batched_ else [self.expression_]
 
@@ -492,7 +480,7 @@ class SymbolicTransformerRegressor:
     def _predict_one(self, X, b: int, tag: str) -> np.ndarray:
         x = self._check_predict_x(X, b, tag)
         with np.errstate(all="ignore"):
-            out = self._numpy_fn(b)(x)
+            out = _column_fn(self._expressions()[b], self._symbols_[b], np)(x)
         return np.broadcast_to(np.asarray(out, np.float64), (x.shape[0],)).copy()
 
     def score(self, X, y):
@@ -524,7 +512,7 @@ class SymbolicTransformerRegressor:
         if self.batched_ and dataset is None:
             return [self.jax_fn(b) for b in range(len(self.expression_))]
         b = 0 if dataset is None else int(dataset)
-        return jax.jit(_compile(self._expressions()[b], self._symbols_[b], "jax"))
+        return jax.jit(_column_fn(self._expressions()[b], self._symbols_[b], jax.numpy))
 
 
 def _same(a, b) -> bool:
@@ -535,19 +523,45 @@ def _same(a, b) -> bool:
 
 
 # ----- evaluation of a user-space formula ------------------------------------------------------------------------
-def _compile(expr: sympy.Expr, symbols: Sequence[sympy.Symbol], backend: str) -> Callable:
-    """f(X) for X of shape (..., D) in user columns, via sympy.lambdify on the columns the formula uses."""
-    used = [k for k, s in enumerate(symbols) if s in expr.free_symbols]
-    g = sympy.lambdify([symbols[k] for k in used], expr, modules=backend)
-    if backend == "jax":
-        import jax.numpy as xp
-    else:
-        xp = np
+_FUNCTIONS = {sympy.sin: "sin", sympy.cos: "cos", sympy.tan: "tan", sympy.asin: "arcsin", sympy.acos: "arccos",
+              sympy.atan: "arctan", sympy.exp: "exp", sympy.log: "log", sympy.Abs: "abs"}
+
+
+def evaluate_sympy(expr: sympy.Expr, env: dict, xp=np):
+    """Value of a sympy formula built from the operators an ``Expression`` can hold, with ``env`` mapping each
+    symbol to an array (or scalar) and ``xp`` the array module (numpy or jax.numpy). Broadcasts like ``xp``."""
+    if expr.is_Symbol:
+        return env[expr]
+    if expr.is_number:
+        try:
+            v = float(expr)
+        except TypeError:  # complex infinity and other non-real numbers
+            v = float("nan")
+        return np.float64(v) if xp is np else v  # numpy scalars: IEEE results, never a ZeroDivisionError
+    args = [evaluate_sympy(a, env, xp) for a in expr.args]
+    if expr.is_Add:
+        return functools.reduce(lambda a, b: a + b, args)
+    if expr.is_Mul:
+        return functools.reduce(lambda a, b: a * b, args)
+    if expr.is_Pow:
+        e = expr.args[1]
+        if e == sympy.Rational(1, 2):
+            return xp.sqrt(args[0])
+        return args[0] ** (int(e) if e.is_Integer else args[1])
+    name = _FUNCTIONS.get(expr.func)
+    if name is None:
+        raise ValueError(f"cannot evaluate {expr.func.__name__} in {expr}")
+    return getattr(xp, name)(args[0])
+
+
+def _column_fn(expr: sympy.Expr, symbols: Sequence[sympy.Symbol], xp) -> Callable:
+    """f(X) for X of shape (..., D) in user columns, result of shape (...)."""
+    used = [(s, k) for k, s in enumerate(symbols) if s in expr.free_symbols]
 
     def f(x):
         x = xp.asarray(x)
-        out = g(*[x[..., k] for k in used])
-        return xp.broadcast_to(xp.asarray(out, dtype=x.dtype if backend == "jax" else np.float64), x.shape[:-1])
+        out = evaluate_sympy(expr, {s: x[..., k] for s, k in used}, xp)
+        return xp.broadcast_to(xp.asarray(out, dtype=x.dtype), x.shape[:-1])
 
     return f
 
@@ -559,31 +573,32 @@ def _tidy(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray) -> symp
         return expr
     params = [sympy.Dummy() for _ in floats]
     template = expr.xreplace(dict(zip(floats, params)))
-    used = [k for k, s in enumerate(t.symbols) if s in expr.free_symbols]
-    g = sympy.lambdify([t.symbols[k] for k in used] + params, template, modules="numpy")
     x_user = z * np.asarray(t.scale) + np.asarray(t.mean)
-    cols = {c: i for i, c in enumerate(t.columns)}
-    args = [x_user[:, cols[k]] for k in used]
+    columns = {t.symbols[c]: x_user[:, i] for i, c in enumerate(t.columns)}
     var = max(float(np.var(y)), 1e-300)
 
-    def loss(values):
+    def losses(values: list) -> np.ndarray:
+        """Loss per row of trial values (each entry of ``values``: a scalar or a (T, 1) column of trials)."""
         with np.errstate(all="ignore"):
-            pred = np.broadcast_to(np.asarray(g(*args, *values), np.float64), y.shape)
-            v = float(np.mean((pred - y) ** 2) / var)
-        return v if np.isfinite(v) else float("inf")
+            env = {p: np.asarray(v, np.float64) for p, v in zip(params, values)}
+            pred = evaluate_sympy(template, {**columns, **env})
+            pred = np.asarray(pred, np.float64)
+            v = np.mean((pred - y) ** 2, axis=-1) / var
+        return np.where(np.isfinite(v), v, np.inf)
 
     values = [float(f) for f in floats]
-    ref = loss(values)
+    ref = float(losses(values))
     if not np.isfinite(ref):
         return expr
     allowed = ref * 1.001 + 1e-12
     for i, v in enumerate(values):
-        for trial in [0.0] + [float(f"{v:.{k - 1}e}") for k in range(1, 7)]:
-            if trial == v:
-                break
-            if loss(values[:i] + [trial] + values[i + 1:]) <= allowed:
-                values[i] = trial
-                break
+        trials = [0.0] + [float(f"{v:.{k - 1}e}") for k in range(1, 7)]
+        trials = trials[: trials.index(v)] if v in trials else trials  # stop at v's own length
+        if not trials:
+            continue
+        ok = np.flatnonzero(losses(values[:i] + [np.asarray(trials)[:, None]] + values[i + 1:]) <= allowed)
+        if len(ok):
+            values[i] = trials[ok[0]]
     return template.xreplace({p: _sympy_number(v) for p, v in zip(params, values)})
 
 

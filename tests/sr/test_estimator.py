@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import sympy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sr_jax import SymbolicTransformerRegressor
-from sr_jax.estimator import _check_dataset, _select_features, sympy_nodes
+from sr_jax import ExpressionGenerator, SymbolicTransformerRegressor
+from sr_jax.estimator import _check_dataset, _select_features, evaluate_sympy, sympy_nodes
 
 SOURCES = ("prior", "bases")
 RNG = np.random.default_rng(0)
@@ -98,6 +100,31 @@ def test_jax_fn_matches_predict_and_is_differentiable(fitted):
     np.testing.assert_allclose(np.asarray(rows), fitted.predict(X1), rtol=1e-5, atol=1e-5)
     grads = jax.vmap(jax.grad(f))(jnp.asarray(X1, jnp.float32))[:, 0]
     np.testing.assert_allclose(np.asarray(grads), 2.5 * np.cos(X1[:, 0]) + 2 * X1[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_noisy_data_tidying_keeps_the_fit():
+    y = Y1 + 0.05 * np.random.default_rng(3).normal(size=len(Y1))
+    est = small().fit(X1, y)
+    r2_best = est.best_.r2
+    assert est.score(X1, y) >= r2_best - 1e-3 * (1 - r2_best) - 1e-12  # within 0.1% of the loss
+    assert sympy_nodes(est.expression_) <= sympy_nodes(est.best_.sympy())
+    assert est.score(X1, Y1) > 0.999
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10**6))
+def test_evaluate_sympy_matches_the_expression(seed):
+    rng = np.random.default_rng(seed)
+    expr = None
+    while expr is None:
+        expr = ExpressionGenerator().sample_expression(rng, 2, int(rng.integers(0, 4)))
+    pts = rng.normal(size=(16, 2))
+    ref = expr.evaluate_numpy(pts)
+    syms = {sympy.Symbol(f"x_{i}", real=True): pts[:, i] for i in range(2)}
+    with np.errstate(all="ignore"):
+        got = np.broadcast_to(evaluate_sympy(expr.to_sympy(), syms), ref.shape)
+    fin = np.isfinite(ref) & (np.abs(ref) < 1e12)
+    np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-6, atol=1e-9)
 
 
 def test_same_random_state_same_fit_and_column_y(fitted):

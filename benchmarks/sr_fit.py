@@ -1,0 +1,116 @@
+"""SymbolicTransformerRegressor speed: one fit once compiled, the first fit of a fresh process (with and without the
+persistent compilation cache), and B datasets in one batched fit vs B separate fits.
+
+    python benchmarks/sr_fit.py [--datasets 64] [--points 200] [--dim 2] [--sources prior,bases] [--model DIR]
+                                [--skip-cold] [--json out.json]
+
+Datasets come from the training generator (``--dim`` variables, noise-free). Timings are medians where repeated;
+the separate fits run after a warm-up pass over the same datasets, so both sides are measured compiled.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import machine_line  # noqa: E402
+
+_COLD = """
+import sys, time
+import numpy as np
+t0 = time.perf_counter()
+from sr_jax import SymbolicTransformerRegressor
+from sr_jax.generator import GeneratorConfig, sample
+t1 = time.perf_counter()
+s = sample(0, GeneratorConfig(min_input_dimension={dim}, max_input_dimension={dim}, n_points={points}))
+est = SymbolicTransformerRegressor(candidate_sources={sources!r}, model_path={model!r}, random_state=0)
+t2 = time.perf_counter(); est.fit(s.x_NxD, s.y_N); t3 = time.perf_counter()
+est.fit(s.x_NxD, s.y_N); t4 = time.perf_counter()
+print(t1 - t0, t3 - t2, t4 - t3)
+"""
+
+
+def datasets(n: int, dim: int, points: int):
+    from sr_jax.generator import GeneratorConfig, sample
+
+    cfg = GeneratorConfig(min_input_dimension=dim, max_input_dimension=dim, n_points=points)
+    out = [sample(seed, cfg) for seed in range(n)]
+    return [s.x_NxD for s in out], [s.y_N for s in out]
+
+
+def cold_start(args, sources, cache: bool) -> dict:
+    """import / first fit / second fit seconds in a fresh process; cache: a persistent cache warmed by a first run."""
+    code = _COLD.format(dim=args.dim, points=args.points, sources=sources, model=args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, XDG_CACHE_HOME=tmp)
+        if not cache:
+            env["SR_JAX_NO_COMPILATION_CACHE"] = "1"
+        runs = 2 if cache else 1  # the first run fills the cache, the second reads it
+        for _ in range(runs):
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                 cwd=Path(__file__).resolve().parent.parent)
+            if out.returncode:
+                raise RuntimeError(out.stderr[-2000:])
+    imp, first, second = (float(v) for v in out.stdout.split()[-3:])
+    return {"import_s": imp, "first_fit_s": first, "second_fit_s": second}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", type=int, default=64)
+    p.add_argument("--points", type=int, default=200)
+    p.add_argument("--dim", type=int, default=2)
+    p.add_argument("--sources", default="prior,bases")
+    p.add_argument("--model", default=None, help="trained transformer (with 'model' in --sources)")
+    p.add_argument("--skip-cold", action="store_true", help="skip the fresh-process measurements")
+    p.add_argument("--json")
+    args = p.parse_args()
+    sources = tuple(args.sources.split(","))
+    from sr_jax import SymbolicTransformerRegressor
+
+    xs, ys = datasets(args.datasets, args.dim, args.points)
+    report = {"machine": machine_line(), "datasets": args.datasets, "points": args.points, "dim": args.dim,
+              "sources": list(sources)}
+    if not args.skip_cold:
+        report["fresh_process_no_cache"] = cold_start(args, sources, cache=False)
+        report["fresh_process_warm_cache"] = cold_start(args, sources, cache=True)
+        print(json.dumps(report), flush=True)
+
+    def est():
+        return SymbolicTransformerRegressor(candidate_sources=sources, model_path=args.model, random_state=0)
+
+    for x, y in zip(xs, ys):  # warm-up: compile every shape the separate fits need
+        est().fit(x, y)
+    times, r2_sep = [], []
+    for x, y in zip(xs, ys):
+        t = time.perf_counter()
+        e = est().fit(x, y)
+        times.append(time.perf_counter() - t)
+        r2_sep.append(e.score(x, y))
+    est().fit(xs, ys)  # warm-up of the batched shapes
+    t = time.perf_counter()
+    batch = est().fit(xs, ys)
+    t_batch = time.perf_counter() - t
+    r2_batch = batch.score(xs, ys)
+    report.update({
+        "fit_median_s": float(np.median(times)), "fit_max_s": float(np.max(times)),
+        "separate_total_s": float(np.sum(times)), "batched_total_s": t_batch,
+        "batched_speedup": float(np.sum(times) / t_batch),
+        "r2_gt_0.99_separate": float(np.mean(np.asarray(r2_sep) > 0.99)),
+        "r2_gt_0.99_batched": float(np.mean(np.asarray(r2_batch) > 0.99)),
+    })
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

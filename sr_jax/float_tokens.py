@@ -76,20 +76,21 @@ class FloatEncoder:
         nz = a > 0
         safe = np.where(nz, a, 1.0)
         e10 = np.floor(np.log10(safe)).astype(np.int64)  # printf exponent estimate (may be off by one)
-        mant = np.zeros(v.shape, dtype=np.int64)
+        # exactness: the scaling may be off by an ulp, so a value whose scaled form is close to a rounding tie at
+        # ANY exponent tried is settled by Python's printf below (9.9995 is 9.99949999... in binary: "9.999e+00",
+        # although its inexactly scaled 9999.5 would round up to 10000 and move the exponent)
+        near_tie = np.zeros(v.shape, dtype=bool)
         for _ in range(3):  # fix-up loop: recompute after exponent corrections
             scaled = _scale(safe, p - e10)
+            near_tie |= nz & (np.abs(scaled - np.floor(scaled) - 0.5) < 1e-6)
             rounded = np.rint(scaled)  # round-half-even on the (slightly inexact) scaled value
             low = rounded < 10**p
             high = rounded >= 10 ** (p + 1)
             if not (low | high)[nz].any():
                 break
+            # a mantissa that rounds up to 10**(p+1): one exponent up (9.9996 -> 1.000e1)
             e10 = np.where(low & nz, e10 - 1, np.where(high & nz, e10 + 1, e10))
-        # a mantissa that rounds up to 10**(p+1) from below: the exponent was right, renormalise (9.9996 -> 1.000e1)
         mant = rounded.astype(np.int64)
-        # exactness: the scaling may be off by an ulp; recheck values close to a rounding tie with Python's printf
-        frac = np.abs(scaled - np.floor(scaled) - 0.5)
-        near_tie = nz & (frac < 1e-6)
         if near_tie.any():
             for idx in zip(*np.nonzero(near_tie)) if v.ndim else [()]:
                 m_str, e_str = (f"%.{p}e" % float(safe[idx])).split("e")

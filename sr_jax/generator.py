@@ -254,11 +254,19 @@ class ExpressionGenerator:
             q[:, 0] = -q[:, 0]
         return q
 
-    def sample_points(self, rng, d: int, n: int) -> tuple[np.ndarray, dict]:
-        """Mixture of K rotated Gaussian or uniform clusters, then each column standardised."""
+    def sample_points(self, rng, d: int, n: int, n_centroids: Optional[int] = None,
+                      kind: Optional[str] = None) -> tuple[np.ndarray, dict]:
+        """Mixture of K rotated Gaussian or uniform clusters, then each column standardised.
+
+        K and the distribution type are drawn unless given: the extrapolation sets reuse the fit set's and draw
+        only new centres, variances, rotations and weights, as the reference does.
+        """
         c = self.config
-        k = int(rng.integers(1, c.max_centroids + 1))
-        kind = "gaussian" if rng.random() < 0.5 else "uniform"
+        k = int(rng.integers(1, c.max_centroids + 1)) if n_centroids is None else int(n_centroids)
+        if kind is None:
+            kind = "gaussian" if rng.random() < 0.5 else "uniform"
+        elif kind not in ("gaussian", "uniform"):
+            raise ValueError(f"kind must be 'gaussian' or 'uniform', got {kind!r}")
         means = rng.standard_normal((k, d))
         variances = rng.random((k, d))
         rotations = [self._rotation(rng, d) for _ in range(k)]
@@ -314,7 +322,8 @@ class ExpressionGenerator:
                 continue
             pred_sets, ok = {}, True
             for sigma in c.prediction_sigmas:
-                xs, _ = self.sample_points(rng, d, c.n_prediction_points)
+                xs, _ = self.sample_points(rng, d, c.n_prediction_points, pinfo["n_centroids"],
+                                           pinfo["input_distribution_type"])
                 xs = xs * sigma
                 ys = self._valid_output(expr, xs)
                 if ys is None:

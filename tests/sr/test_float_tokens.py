@@ -31,11 +31,28 @@ def test_precision_is_configurable(p, x):
     assert enc.decode(enc.encode([x]))[0] == pytest.approx(float(f"%.{p}e" % x), rel=1e-12)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(0, 999), st.integers(-95, 95), st.sampled_from([-1, 0, 1]), st.booleans())
+def test_decimal_ties_round_as_printf(lead, digits, k, nudge, negative):
+    """Values written with a 5 in the first dropped digit (d.ddd5 * 10**k, and the floats next to them), including
+    the 9.9995 * 10**k boundary where the mantissa would round up to 10000: the tokens are printf's."""
+    x = float(f"{lead}.{digits:03d}5e{k}")
+    x = float(np.nextafter(x, np.inf * nudge)) if nudge else x
+    x = -x if negative else x
+    m_str, e_str = ("%.3e" % abs(x)).split("e")
+    want = ["-" if negative else "+", "N" + m_str.replace(".", ""), f"E{int(e_str) - 3}"]
+    assert ENC.encode_flat([x]) == want
+    boundary = float(f"9.9995e{k}")
+    assert ENC.encode_flat([boundary]) == ["+", "N" + ("%.3e" % boundary)[:5].replace(".", ""),
+                                           f"E{int(('%.3e' % boundary).split('e')[1]) - 3}"]
+
+
 def test_spec_examples_and_edge_cases():
     assert ENC.encode([3.14159]).tolist() == [["+", "N3142", "E-3"]]
     assert ENC.encode([-0.000123456]).tolist() == [["-", "N1235", "E-7"]]
     assert ENC.encode([0.0]).tolist() == [["+", "N0000", "E-3"]]
     assert ENC.encode([9.9996]).tolist() == [["+", "N1000", "E-2"]]  # mantissa rounds up to 10000
+    assert ENC.encode_flat([9.9995]) == ["+", "N9999", "E-3"]  # 9.99949999... in binary: printf's 9.999e+00
     assert ENC.encode([1e-101]).tolist() == [["+", "N0000", "E0"]]  # underflow -> zero
 
 

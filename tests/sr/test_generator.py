@@ -98,3 +98,28 @@ def test_config_validation():
         GeneratorConfig(unary_operators=("sinh",))
     with pytest.raises(ValueError):
         GeneratorConfig(min_input_dimension=0)
+
+
+def test_extrapolation_sets_reuse_the_fit_sets_centroids_and_distribution():
+    """Each sigma set is a fresh mixture with the fit set's number of centroids and distribution type (the
+    reference passes them on and draws only new centres)."""
+    gen = ExpressionGenerator(GeneratorConfig(prediction_sigmas=(1, 2, 4), n_points=50, n_prediction_points=20,
+                                              max_input_dimension=2, reject_fp_errors=False))
+    calls = []
+    draw = gen.sample_points
+
+    def recording(rng, d, n, n_centroids=None, kind=None):
+        x, info = draw(rng, d, n, n_centroids, kind)
+        calls.append((n_centroids is None, info["n_centroids"], info["input_distribution_type"]))
+        return x, info
+
+    gen.sample_points = recording
+    seen = set()
+    for seed in range(12):
+        calls.clear()
+        s = gen.sample(np.random.default_rng(seed))
+        fit, preds = calls[-4], calls[-3:]  # the accepted fit set and its three sigma sets
+        assert fit[0] and not any(p[0] for p in preds)
+        assert all(p[1:] == fit[1:] == (s.info["n_centroids"], s.info["input_distribution_type"]) for p in preds)
+        seen.add(fit[1:])
+    assert len({k for k, _ in seen}) > 2 and len({t for _, t in seen}) == 2  # K and the type still vary

@@ -6,8 +6,7 @@ Pipeline of one ``fit`` (spec sections 6-7, with the original's bugs fixed):
 2. Preprocessing per dataset: with more than 10 features, the 10 most |Pearson|-correlated with y are kept, ordered
    by decreasing |r| (model variable x_i is the i-th kept feature); X is standardised per column with the population
    std (a constant column gets scale 1); y is flattened to (N,) and left in its units. Rows are shuffled with
-   ``random_state``; when there are at least ``_MIN_VALIDATION_POINTS`` rows, ``validation_fraction`` of them are
-   held out for selection. The other (training) rows are split into nearly equal bags of at most
+   ``random_state``; when there are at least 40 rows, ``validation_fraction`` of them are held out for selection. The other (training) rows are split into nearly equal bags of at most
    ``max_input_points`` rows for the transformer (so no bag is tiny), at most ``max_number_bags`` of them.
 3. Candidate pool per dataset (``candidate_sources``): ``"bases"`` (``pool.basis_candidates``, least-squares
    initialised), ``"model"`` (the transformer's candidates for every bag, ``candidates.model_candidates``) and
@@ -28,13 +27,14 @@ Pipeline of one ``fit`` (spec sections 6-7, with the original's bugs fixed):
 
 Batched fitting: ``fit([X_1, ..., X_B], [y_1, ..., y_B])`` runs steps 1-6 for every dataset with ONE decoding call
 and ONE refinement call; every fitted attribute becomes a list with one entry per dataset and ``predict``/``score``
-take and return lists. Dataset b of a batched fit gets the same pool and rows as a separate fit with the same
-``random_state`` (every random draw depends on ``random_state`` and the dataset's own shape only).
+take and return lists. Dataset b of a batched fit gets the same rows and non-neural pool as a separate fit with the
+same ``random_state`` (those draws depend on ``random_state`` and the dataset's own shape only); the transformer's
+greedy and beam candidates do not depend on the batch either, its samples (``decoding="sample"``) may.
 
 Compilation: refinement compiles one program per tape shape bucket; compiled programs are reused across fits in a
 process and, unless ``SR_JAX_NO_COMPILATION_CACHE=1`` or the user has configured a JAX compilation cache already,
 persisted in JAX's compilation cache under ``$XDG_CACHE_HOME/sr_jax/jax`` (default ``~/.cache/sr_jax/jax``), so a
-new process compiles little.
+new process skips XLA's compilation of shapes seen before (tracing still runs once per shape and process).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ import sympy
 
 from .candidates import Candidate
 from .expressions import VARIABLES, Expression
-from .pool import basis_candidates, dedupe, prior_candidates
+from .pool import basis_candidates, correlation_order, dedupe, prior_candidates
 
 MAX_FEATURES = 10  # the transformer's input width; more features are reduced by correlation
 MIN_POINTS = 5
@@ -117,39 +117,34 @@ def _column_names(X) -> Optional[list[str]]:
 
 
 def _numeric(a, name: str, names: Optional[list[str]] = None) -> np.ndarray:
-    """a as a float64 array, or a ValueError naming the non-numeric or complex part."""
+    """a as a float64 array, or a ValueError naming the complex or non-numeric part (strings, even of digits,
+    dates and other objects are non-numeric)."""
     raw = a.to_numpy() if hasattr(a, "to_numpy") else a
     try:
         arr = np.asarray(raw)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{name} is not a rectangular numeric array ({e})") from None
-    if np.iscomplexobj(arr) or any(isinstance(v, complex) for v in arr.ravel()[:1000] if arr.dtype == object):
-        raise ValueError(f"{name} contains complex numbers; symbolic regression needs real-valued data")
     if arr.dtype.kind in "biuf":
         return arr.astype(np.float64)
-    try:
+    if arr.dtype.kind == "c":
+        raise ValueError(f"{name} contains complex numbers; symbolic regression needs real-valued data")
+    flat = arr.reshape(-1) if arr.dtype.kind == "O" else []
+    if any(isinstance(v, (complex, np.complexfloating)) for v in flat):
+        raise ValueError(f"{name} contains complex numbers; symbolic regression needs real-valued data")
+    bad = [i for i, v in enumerate(flat) if not _is_real_number(v)][:1] if arr.dtype.kind == "O" else [0]
+    if not bad:
         return arr.astype(np.float64)
-    except (ValueError, TypeError):
-        pass
+    where = ""
     if arr.ndim == 2:
-        for j in range(arr.shape[1]):
-            try:
-                arr[:, j].astype(np.float64)
-            except (ValueError, TypeError):
-                col = f"column {names[j]!r}" if names else f"column {j}"
-                bad = next(v for v in arr[:, j] if not _is_number(v))
-                raise ValueError(f"{name} has non-numeric data in {col} (e.g. {bad!r}); encode it as numbers first") \
-                    from None
-    bad = next((v for v in arr.ravel() if not _is_number(v)), None)
-    raise ValueError(f"{name} has non-numeric data (e.g. {bad!r}); it must hold numbers only")
+        col = int(np.unravel_index(bad[0], arr.shape)[1])
+        where = f" in column {names[col]!r}" if names else f" in column {col}"
+    value = arr.reshape(-1)[bad[0]] if arr.size else None
+    raise ValueError(f"{name} has non-numeric data{where} (e.g. {value!r}, dtype {arr.dtype}); "
+                     "encode it as numbers first")
 
 
-def _is_number(v) -> bool:
-    try:
-        float(v)
-        return True
-    except (ValueError, TypeError):
-        return False
+def _is_real_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating, np.bool_)) and not isinstance(v, str)
 
 
 def _check_dataset(X, y, feature_names, tag: str = "") -> tuple[np.ndarray, np.ndarray, list[str], bool]:
@@ -214,15 +209,9 @@ class _Prepared:
 
 def _select_features(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """All columns in order when D <= 10, else the 10 most |Pearson|-correlated with y by decreasing |r|."""
-    d = x.shape[1]
-    if d <= MAX_FEATURES:
-        return np.arange(d)
-    xc = x - x.mean(axis=0)
-    yc = y - y.mean()
-    den = np.sqrt((xc * xc).sum(axis=0) * (yc * yc).sum())
-    with np.errstate(all="ignore"):
-        r = np.where(den > 0, (xc * yc[:, None]).sum(axis=0) / den, 0.0)
-    return np.argsort(-np.abs(r), kind="stable")[:MAX_FEATURES]
+    if x.shape[1] <= MAX_FEATURES:
+        return np.arange(x.shape[1])
+    return correlation_order(x, y)[:MAX_FEATURES]
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -249,8 +238,9 @@ class SymbolicTransformerRegressor:
 
     Fitted attributes (lists, one entry per dataset, after a batched fit): ``expression_`` (sympy, user names),
     ``equations_`` (list of ``Equation``, sorted by complexity then loss), ``best_`` (the chosen ``Equation``,
-    before tidying), ``complexity_`` (``sympy_nodes`` of ``expression_``), ``selected_features_`` (user column of each model variable),
-    ``n_features_in_``, ``feature_names_in_`` (when names were given), ``batched_``.
+    before tidying), ``complexity_`` (``sympy_nodes`` of ``expression_``), ``selected_features_`` (the user
+    column of each model variable), ``n_features_in_``, ``feature_names_in_`` (when names were given),
+    ``batched_``.
     """
 
     def __init__(self, model_path=None, candidate_sources=_SOURCES, max_input_points: int = 200,

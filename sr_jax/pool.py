@@ -15,9 +15,9 @@ Sources (``Candidate.source``):
   - constant; linear (intercept + every feature); quadratic (full, with cross terms, for D <= 3; intercept, linear
     and square terms for D > 3); cubic per feature without cross terms (D <= 3);
   - unary terms: a + b * u(c * z_j + d) + poly(z) for u in sin, cos, exp, log, sqrt, inv, where poly is linear in
-    every feature, plus squares when D <= 3, plus cross products when D <= 2. The inner (c, d) starts at (scale_j, offset_j), i.e. u of the *raw*
-    feature x_j, the unit a user's formula is written in; where that is not finite on the data the standardised
-    feature (c, d) = (1, 0) is tried. For D <= 3 and u in sin, cos, exp, also a + (b + e * z_j) * u(...) + poly(z)
+    every feature, plus squares when D <= 3, plus cross products when D <= 2. The inner (c, d) starts at
+    (scale_j, offset_j), i.e. u of the *raw* feature x_j, the unit a user's formula is written in; where that is not
+    finite (or constant) on the data the standardised feature (c, d) = (1, 0) is tried. For D <= 3 and u in sin, cos, exp, also a + (b + e * z_j) * u(...) + poly(z)
     (a unary times a linear term). All features for D <= 3, the 4 most |Pearson|-correlated with y otherwise.
   - monomial (power law) c0 + c * prod_j x_j ** p_j in the raw features, when every raw feature is positive and y
     has one sign: the exponents come from least squares on log |y|.
@@ -131,7 +131,7 @@ def _unary_values(u: str, a: np.ndarray) -> np.ndarray:
         return OPERATORS[u].np_fn(a)
 
 
-def _correlation_order(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+def correlation_order(z: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Feature indices by decreasing |Pearson r| with y (0 for constant columns), ties by index."""
     zc = z - z.mean(axis=0)
     yc = y - y.mean()
@@ -166,7 +166,7 @@ def basis_candidates(z_NxD: np.ndarray, y_N: np.ndarray, offset_D: Optional[np.n
     if small:
         add(_poly_terms(z, squares=True, cross=False, cubes=True))
     poly = _poly_terms(z, squares=small, cross=d <= 2)
-    features = range(d) if small else _correlation_order(z, y)[:_MAX_UNARY_FEATURES]
+    features = range(d) if small else correlation_order(z, y)[:_MAX_UNARY_FEATURES]
     for j in features:
         for u in unaries:
             for c, dd in ((scale[j], offset[j]), (1.0, 0.0)):

@@ -1,4 +1,4 @@
-"""`python run.py sr {train,describe,export,fit,bench}`: the command line of the symbolic-regression package.
+"""`python run.py sr {train,describe,eval,export,fit,bench}`: the command line of the symbolic-regression package.
 
 `fit` and `bench` have their own argument parsers (sr_jax.fit_cli, sr_jax.bench_cli). Every user error ends in one
 line on stderr and exit status 2, never a traceback.
@@ -27,6 +27,15 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("describe", help="print a config's model size without training")
     d.add_argument("--config", required=True)
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    e = sub.add_parser("eval", help="in-domain scores of a model on fresh generated problems")
+    e.add_argument("--checkpoint", help="training workdir or export (default: the shipped model)")
+    e.add_argument("--n", type=int, default=100, help="problems (default 100)")
+    e.add_argument("--seed", type=int, default=1, help="generator seed of the problems (default 1)")
+    e.add_argument("--points", type=int, default=200, help="points per problem (default 200)")
+    e.add_argument("--decoding", choices=["greedy", "beam", "sample"], default="beam")
+    e.add_argument("--beam-size", type=int, default=10, help="beam width or number of samples (default 10)")
+    e.add_argument("--json", help="also write the scores here")
 
     x = sub.add_parser("export", help="write a parameters-only copy of a checkpoint")
     x.add_argument("--checkpoint", required=True)
@@ -68,6 +77,38 @@ def _describe(args) -> None:
                       "decoder_vocab": len(cfg.vocab)}))
 
 
+def _eval(args) -> None:
+    import dataclasses
+
+    from sr_jax.train import load_trained, validate, validation_problems
+
+    for flag, value in (("--n", args.n), ("--points", args.points), ("--beam-size", args.beam_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.json:
+        _check_writable(args.json)
+    tm = load_trained(args.checkpoint)
+    cfg = dataclasses.replace(tm.config, eval=dataclasses.replace(tm.config.eval, n_problems=args.n, seed=args.seed,
+                                                                   n_points=args.points))
+    scores = validate(tm, validation_problems(cfg), cfg.eval.refine_maxiter, decoding=args.decoding,
+                      beam_size=args.beam_size)
+    report = dict(scores, problems=args.n, seed=args.seed, points=args.points, decoding=args.decoding,
+                  beam_size=args.beam_size, checkpoint=args.checkpoint or "shipped")
+    print(json.dumps(report, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def _check_writable(path: str) -> None:
+    parent = Path(path).absolute().parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {path!r}: folder {str(parent)!r} does not exist")
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"cannot write {path!r}: folder {str(parent)!r} is not writable")
+
+
 def _export(args) -> None:
     from sr_jax.train import export_params, load_trained
 
@@ -85,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from core_jax.config import ConfigError
 
     try:
-        {"train": _train, "describe": _describe, "export": _export}[args.command](args)
+        {"train": _train, "describe": _describe, "eval": _eval, "export": _export}[args.command](args)
     except (ValueError, ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,8 +3,9 @@
 Pipeline of one ``fit`` (spec sections 6-7, with the original's bugs fixed):
 
 1. Validation, before any work: every problem is a ``ValueError`` that names it.
-2. Preprocessing per dataset: with more than 10 features, the 10 most |Pearson|-correlated with y are kept, ordered
-   by decreasing |r| (model variable x_i is the i-th kept feature); X is standardised per column with the population
+2. Preprocessing per dataset: with more than 10 features (or more than the transformer reads, when it is used), the
+   10 (its width) most |Pearson|-correlated with y are kept, ordered by decreasing |r| (model variable x_i is the
+   i-th kept feature); X is standardised per column with the population
    std (a constant column gets scale 1); y is flattened to (N,) and left in its units. Rows are shuffled with
    ``random_state``; when there are at least 40 rows, ``validation_fraction`` of them are held out for selection. The other (training) rows are split into nearly equal bags of at most
    ``max_input_points`` rows for the transformer (so no bag is tiny), at most ``max_number_bags`` of them.
@@ -207,11 +208,12 @@ class _Prepared:
     bags: list  # row-index arrays for the transformer
 
 
-def _select_features(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """All columns in order when D <= 10, else the 10 most |Pearson|-correlated with y by decreasing |r|."""
-    if x.shape[1] <= MAX_FEATURES:
+def _select_features(x: np.ndarray, y: np.ndarray, width: int = MAX_FEATURES) -> np.ndarray:
+    """All columns in order when D <= width, else the ``width`` most |Pearson|-correlated with y by decreasing
+    |r|."""
+    if x.shape[1] <= width:
         return np.arange(x.shape[1])
-    return correlation_order(x, y)[:MAX_FEATURES]
+    return correlation_order(x, y)[:width]
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -328,15 +330,18 @@ class SymbolicTransformerRegressor:
             if not isinstance(y, (list, tuple)) or len(y) != len(X):
                 raise ValueError(f"with a list of {len(X)} X datasets, y must be a list of as many targets")
             names_list = feature_names if feature_names is not None else [None] * len(X)
-            if len(names_list) != len(X):
-                raise ValueError("with several datasets, feature_names must be a list with one entry per dataset")
+            if len(names_list) != len(X) or any(isinstance(n, str) for n in names_list):
+                raise ValueError("with several datasets, feature_names must be a list with one list of names (or "
+                                 "None) per dataset")
             data = [_check_dataset(xb, yb, nb, f" (dataset {b})") for b, (xb, yb, nb) in
                     enumerate(zip(X, y, names_list))]
         else:
             data = [_check_dataset(X, y, feature_names)]
         _enable_compilation_cache()
-        prepared = [self._prepare(x, yy, names, seed) for x, yy, names, _ in data]
-        pools = self._pools(prepared, sources, seed)
+        trained = _load_model(self.model_path) if "model" in sources else None
+        width = min(MAX_FEATURES, trained.config.model.max_dim) if trained is not None else MAX_FEATURES
+        prepared = [self._prepare(x, yy, names, seed, width) for x, yy, names, _ in data]
+        pools = self._pools(prepared, sources, seed, trained)
         results = self._refine(prepared, pools)
         fits = [self._select(p, pool, res) for p, pool, res in zip(prepared, pools, results)]
 
@@ -357,8 +362,9 @@ class SymbolicTransformerRegressor:
         self._symbols_ = [p.transform.symbols for p in prepared]
         return self
 
-    def _prepare(self, x: np.ndarray, y: np.ndarray, names: list[str], seed: int) -> _Prepared:
-        cols = _select_features(x, y)
+    def _prepare(self, x: np.ndarray, y: np.ndarray, names: list[str], seed: int,
+                 width: int = MAX_FEATURES) -> _Prepared:
+        cols = _select_features(x, y, width)
         xs = x[:, cols]
         mean = xs.mean(axis=0)
         std = xs.std(axis=0)
@@ -366,7 +372,7 @@ class SymbolicTransformerRegressor:
         z = (xs - mean) / scale
         n = len(y)
         order = _rng(seed, n, x.shape[1], 1).permutation(n)
-        n_val = int(round(self.validation_fraction * n)) if n >= _MIN_VALIDATION_POINTS else 0
+        n_val = min(int(round(self.validation_fraction * n)), n - MIN_POINTS) if n >= _MIN_VALIDATION_POINTS else 0
         val, train = order[:n_val], order[n_val:]
         select = val if n_val else train
         n_bags = min(-(-len(train) // int(self.max_input_points)), int(self.max_number_bags))
@@ -375,16 +381,15 @@ class SymbolicTransformerRegressor:
                                tuple(float(s) for s in scale), tuple(names))
         return _Prepared(transform, z, y, train[: int(self.max_refine_points)], select, bags)
 
-    def _pools(self, prepared: list[_Prepared], sources: tuple, seed: int) -> list[list[Candidate]]:
+    def _pools(self, prepared: list[_Prepared], sources: tuple, seed: int, trained) -> list[list[Candidate]]:
         pools: list[list[Candidate]] = [[] for _ in prepared]
         if "bases" in sources:
             for pool, p in zip(pools, prepared):
                 t = p.transform
                 pool += basis_candidates(p.z_NxK[p.train], p.y_N[p.train], np.asarray(t.mean), np.asarray(t.scale))
-        if "model" in sources:
+        if trained is not None:
             from .candidates import model_candidates
 
-            trained = _load_model(self.model_path)
             jobs = [(b, bag) for b, p in enumerate(prepared) for bag in p.bags]
             decoded = model_candidates(trained, [(prepared[b].z_NxK[bag], prepared[b].y_N[bag]) for b, bag in jobs],
                                        decoding=self.decoding, beam_size=int(self.beam_size),

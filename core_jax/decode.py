@@ -215,7 +215,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache, bos_B, *, beam_size: in
     log_prob / (length + 1) ** length_penalty, length counting EOS, + 1 for BOS (the E2E original's
     convention). The row keeps its K best finished hypotheses.
 
-    early_stopping=True (the original's): a row stops once it holds K finished hypotheses.
+    early_stopping (a static bool). True (the original's): a row stops once it holds K finished hypotheses.
     early_stopping=False: a row stops only once no alive beam can still reach a better score than its K-th
     finished one (bound: its current log-prob, which can only fall, over the most favourable final length), so
     the result is what the beam would give if run to max_len. A row also stops when no alive beam is left.

@@ -4,8 +4,9 @@ Setup: one dataset (a generated d=10 expression on 200 standardised points); 256
 expressions whose initial loss is finite there, with their generated constants as starting points.
 Baseline: ``scipy.optimize.minimize(method="BFGS")`` per candidate (scipy defaults, gtol 1e-5) on the same
 objective (MSE / var(y), float64) with an exact gradient from a small numpy reverse-mode evaluator.
-Ours: ``sr_jax.refine`` (float32 default); the first (compiling) call refines a DIFFERENT generated batch of the
-same size, then the scored batch is timed as the user's second call (and a few more calls, median).
+Ours: ``sr_jax.refine`` (float64 by default, ``--dtype float32`` for float32); the first (compiling) call refines
+a DIFFERENT generated batch of the same size, then the scored batch is timed as the user's second call (and a
+few more calls, median).
 
 Two scenarios, both printed:
 
@@ -17,17 +18,14 @@ Two scenarios, both printed:
   seed). Ours: one ``sr_jax.refine`` call in its several-datasets form (256 datasets x 1 candidate; X padded with
   zero columns to a common width, columns the expressions don't use). The compiling first call refines a
   DIFFERENT generated batch of 256 problems (same shape bucket). Baseline: scipy BFGS one candidate at a time on
-  its own dataset. Problems without constants, with non-finite or constant y, or |y| > 1e10 (float32 range) are
-  skipped when drawing. R^2 = 1 - loss, since the loss is MSE / var(y).
+  its own dataset. Problems without constants, with non-finite or constant y, or |y| > 1e10 are skipped when
+  drawing (a rule from when refinement ran in float32, kept so that the problem set stays the same).
+  R^2 = 1 - loss, since the loss is MSE / var(y).
 
-Measured (2 cores x86_64, jax 0.10.2 CPU, defaults: hybrid Gauss-Newton/BFGS, maxiter 100, float32, 2026-11-27):
-worst case ~0.5-0.6 s vs scipy ~12 s (median-of-calls speed-up 14x to 23.6x over nine runs, mostly 20-22x: this
-machine's speed drifts; compile 12-15 s; worse / better than scipy by >1e-3 on 30.1% / 32.4%, median loss 0.9398
-vs 0.9420); E2E-like 0.6-0.9 s vs scipy 2.4 s (2.6-4.0x; worse / better 18.4% / 59.8%, R^2>0.999 77.3% vs
-76.6%). See BENCHMARKS.md.
+Results are recorded in BENCHMARKS.md.
 
 Run: python benchmarks/refine.py [--scenario both|worst|e2e] [--n 256] [--maxiter N]
-     [--linesearch lockstep|backtracking|armijo|zoom] [--hessian hybrid|bfgs] [--x64]
+     [--linesearch lockstep|backtracking|zoom] [--hessian hybrid|bfgs] [--dtype float64|float32]
 """
 from __future__ import annotations
 
@@ -229,20 +227,15 @@ def main(argv=None):
     ap.add_argument("--linesearch", default=None, help="default: sr_jax.refine's")
     ap.add_argument("--maxls", type=int, default=None)
     ap.add_argument("--hessian", default=None, help="default: sr_jax.refine's (hybrid)")
-    ap.add_argument("--x64", action="store_true", help="refine in float64 (jax_enable_x64)")
+    ap.add_argument("--dtype", default=None, choices=("float64", "float32"), help="default: sr_jax.refine's (float64)")
     ap.add_argument("--repeats", type=int, default=3, help="extra timed calls after the second one (median)")
     ap.add_argument("--loss-rtol", type=float, default=1e-6, help="ours matches if <= scipy * (1 + this) + 1e-12")
     args = ap.parse_args(argv)
 
     import jax
 
-    import sr_jax
-    from sr_jax.interpreter import COMPILE_COUNTER
-
-    if args.x64:
-        jax.config.update("jax_enable_x64", True)
     kw = {k: v for k, v in dict(maxiter=args.maxiter, tol=args.tol, linesearch=args.linesearch,
-                                maxls=args.maxls, hessian=args.hessian).items() if v is not None}
+                                maxls=args.maxls, hessian=args.hessian, dtype=args.dtype).items() if v is not None}
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
           f"{jax.default_backend()}, date {datetime.date.today().isoformat()}")
     print("command: python benchmarks/refine.py " + " ".join(sys.argv[1:] if argv is None else argv))

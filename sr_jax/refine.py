@@ -1,37 +1,51 @@
-"""Vectorised BFGS refinement of the constants of many candidate expressions (jaxopt BFGS, one jitted call).
+"""Vectorised BFGS refinement of the constants of many candidate expressions, in one jitted call.
 
 Design: all candidates are compiled into one interpreter tape (``interpreter.compile_tape``). Each candidate owns a
-row of the constants array. ``jaxopt.BFGS`` is ``jax.vmap``-ed over candidates (and over datasets); its per-candidate
+row of the constants array. The per-candidate BFGS is ``jax.vmap``-ed over candidates (and over datasets); its
 objective is a ``jax.custom_batching.custom_vmap`` function whose batched rule evaluates the *whole tape once* and
 returns every candidate's loss and gradient (losses are separable, so the gradient of their sum is each candidate's
-own gradient). So the batch costs one tape pass per BFGS function evaluation, not one per candidate.
+own gradient). So the batch costs one tape pass per BFGS function evaluation, not one per candidate. What the
+objective shares between candidates is one named pytree, ``Problem`` (tape arrays, x, y, weights, var(y), y scale);
+what belongs to one candidate is a ``_Lane`` (its row, whether it is active, its Gauss-Newton threshold).
 
 Loss: mean squared error / var(y) on the real (unpadded) points. y is flattened to (N,), fixing the reference's
 (n,) vs (n, 1) broadcasting bug. A candidate with a non-finite initial loss is marked failed and frozen (value 0,
 gradient 0, so its lane is converged from the start); a trial point with a non-finite loss is reported to the line
 search as a huge value with zero gradient, so the step is rejected; where-guarded derivatives keep NaN out of other
-candidates' gradients. jaxopt returns its last iterate: the better of start and end is kept.
+candidates' gradients. The better of start and end is kept.
+
+Precision: float64 by default, as the original. float32 cannot hold what refinement meets on ordinary data: a few
+percent of the generator's own datasets have max |y| beyond float32's 3.4e38, and a candidate a little off in an
+exponent predicts values whose squared error overflows long before that. float64 runs inside a scoped
+``jax.enable_x64`` (this thread, this call), so the user's global ``jax_enable_x64`` setting is never changed. It
+costs more time per evaluation on CPU than float32, which ``dtype=float32`` trades back for data that fits. In
+both precisions y and the predictions are multiplied by a power of two that brings max |y| into [0.5, 1) before
+they are compared (exact, so the loss is unchanged): squares and var(y) cannot overflow for any finite y that the
+dtype holds.
 
 Early convergence / lockstep: inside a vmapped ``while_loop`` every lane runs until the slowest one stops. The default
-``linesearch="lockstep"`` (``_LockstepBFGS``, a jaxopt.BFGS subclass) does exactly one batched evaluation per
-iteration (a rejected trial shortens the next step instead of running an inner line search), so no iteration pays for
-the longest line search of the batch; ``maxiter`` counts evaluations. jaxopt's own line searches stay available
-("backtracking", "armijo", "zoom").
+``linesearch="lockstep"`` (``lockstep_minimize``) does exactly one batched evaluation per iteration (a rejected trial
+shortens the next step instead of running an inner line search), so no iteration pays for the longest line search
+of the batch; ``maxiter`` counts evaluations. jaxopt's public BFGS with its own line searches stays available
+("backtracking", "zoom").
 
-Gauss-Newton hybrid (default ``hessian="hybrid"``): the loss is a mean of squares, so the tape's reverse sweep is
-seeded with ones, which yields every candidate's Jacobian at once (``_batch_gauss_newton``) and with it the
-Gauss-Newton matrix, at the cost of one gradient. BFGS then restarts from the (damped) Gauss-Newton inverse whenever
-the loss falls fast (Fletcher & Xu's hybrid), which cuts the evaluations needed several-fold on least squares.
+Gauss-Newton hybrid (default ``hessian="hybrid"``): the loss is a mean of squares, so the tape's reverse sweep can
+be seeded with a constant, which yields every candidate's Jacobian at once (``_batch_gauss_newton``) and with it
+the Gauss-Newton matrix, at the cost of one gradient. BFGS then restarts from the (damped) Gauss-Newton inverse
+whenever the loss falls fast (Fletcher & Xu's hybrid), which cuts the evaluations needed several-fold on least
+squares.
 
-Differentiability: the solver is wrapped in ``jaxopt.implicit_diff.custom_root`` with the batch gradient as
-optimality condition, so d(refined constants)/d(X, y) comes from the implicit function theorem.
+Differentiability: ``refine`` returns host values (numpy and Expressions). The differentiable form is
+``make_refine_fn``: a pure JAX function of (X, y) whose solver is wrapped in ``jaxopt.implicit_diff.custom_root``
+with the batch gradient as optimality condition, so d(refined constants)/d(X, y) comes from the implicit function
+theorem.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import warnings
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +60,12 @@ with warnings.catch_warnings():
     import jaxopt
     from jaxopt import linear_solve
     from jaxopt.implicit_diff import custom_root
-    from jaxopt._src.base import NUM_EVAL_DTYPE as _NUM_EVAL_DTYPE
-    from jaxopt._src.bfgs import BfgsState as _BfgsState
 
-_BIG = 1e30  # loss reported to the line search for a non-finite trial point
+
+def _big(dtype) -> float:
+    """The loss reported to the line search for a non-finite point (1.4e29 in float32, 1e231 in float64): a
+    finite loss above it counts as non-finite, which leaves the line searches' arithmetic headroom."""
+    return float(np.finfo(dtype).max) ** 0.75
 
 
 @dataclasses.dataclass
@@ -57,11 +73,11 @@ class RefineResult:
     """Refined candidates. For several datasets every field is a list with one entry per dataset."""
 
     expressions: list
-    losses: object  # final loss per candidate (MSE / var(y)); inf where failed
-    initial_losses: object
-    failed: object  # bool: non-finite loss, constants left as given
+    losses: object  # final loss per candidate (MSE / var(y)), float64 numpy; inf where failed
+    initial_losses: object  # at the given constants; inf where failed
+    failed: object  # bool: the loss at the given constants is non-finite (or above _big); constants left as given
     improved: object  # bool: the refined constants are better than the initial ones
-    n_iterations: object
+    n_iterations: object  # objective evaluations (lockstep) or BFGS iterations (jaxopt's line searches)
     converged: object  # gradient norm <= tol at the end
 
     def best(self, dataset: int = 0) -> Expression:
@@ -75,64 +91,99 @@ def _is_multi_list(x) -> bool:
     return isinstance(x, list) and len(x) > 0 and isinstance(x[0], list)
 
 
-def _losses(sig, arrays, consts, x, y, w, vary):
-    """MSE / var(y) per candidate; y, w: (N,) shared or (E_b, N) one row per candidate (folded datasets)."""
-    return _residuals(itp.run_tape(sig, arrays, consts, x), y, w, vary)[0]
+class Problem(NamedTuple):
+    """What every candidate's objective shares: one dataset (or, folded, one y row per candidate) and its tape.
+
+    ``y_RxN`` and ``w_RxN`` have R = 1 (one dataset for all candidates) or R = E_b (one row per candidate);
+    ``y_RxN`` is already multiplied by ``y_scale_Rx1``, a power of two that brings max |y| into [0.5, 1), and the
+    predictions are multiplied by the same factor before they are compared (``_residuals``), so squares and var(y)
+    stay in range whatever the magnitude of y, and the loss is exactly the unscaled one. ``var_y_R``: var of the
+    scaled y over the real points (1 where it is not positive).
+    """
+
+    arrays: dict  # the tape's index arrays for this dataset (interpreter._fill)
+    x_NxD: jax.Array
+    y_RxN: jax.Array
+    w_RxN: jax.Array  # 1 on real points, 0 on padding
+    y_scale_Rx1: jax.Array
+    var_y_R: jax.Array
 
 
-def _residuals(pred_ExN, y, w, vary):
-    """(losses, residuals r, weights as (E_b or 1, N), 2 / (sum(w) var(y))): the loss is scale / 2 * sum(w r^2)."""
-    y2, w2 = (y, w) if y.ndim == 2 else (y[None, :], w[None, :])
-    r = pred_ExN - y2
-    scale = 2.0 / (jnp.sum(w2, axis=1) * vary)
-    return 0.5 * scale * jnp.sum(w2 * r * r, axis=1), r, w2, scale
+def make_problem(arrays, x_NxD, y, w) -> Problem:
+    """The ``Problem`` for y and weights of shape (N,) or (R, N) (traced; the scale carries no gradient)."""
+    y_RxN = y if y.ndim == 2 else y[None, :]
+    w_RxN = jnp.broadcast_to(w if w.ndim == 2 else w[None, :], y_RxN.shape)
+    max_abs = jnp.max(jnp.where(w_RxN > 0, jnp.abs(y_RxN), 0.0), axis=1, keepdims=True)
+    _, exponent = jnp.frexp(jax.lax.stop_gradient(max_abs))  # max_abs = m 2^exponent, m in [0.5, 1)
+    y_scale = jnp.ldexp(jnp.ones_like(max_abs), -exponent)
+    y_RxN = y_RxN * y_scale
+    return Problem(arrays, x_NxD, y_RxN, w_RxN, y_scale, _weighted_var(y_RxN, w_RxN))
 
 
-def _weighted_var(y, w):
-    """var(y) over the real points, per row when y is (E_b, N); 1 where it is not positive."""
-    sw = jnp.sum(w, axis=-1, keepdims=True)
-    mean = jnp.sum(w * y, axis=-1, keepdims=True) / sw
-    vary = jnp.sum(w * (y - mean) ** 2, axis=-1) / sw[..., 0]
+def _losses(sig, problem: Problem, consts_ExP):
+    """MSE / var(y) per candidate (E_b,)."""
+    return _residuals(itp.run_tape(sig, problem.arrays, consts_ExP, problem.x_NxD), problem).loss_E
+
+
+class _Residuals(NamedTuple):
+    loss_E: jax.Array  # = 0.5 * scale_E * sum(w r^2)
+    r_ExN: jax.Array  # scaled prediction - scaled y
+    scale_E: jax.Array  # 2 / (sum(w) var(y))
+
+
+def _residuals(pred_ExN, problem: Problem) -> _Residuals:
+    r = pred_ExN * problem.y_scale_Rx1 - problem.y_RxN
+    w = problem.w_RxN
+    scale = jnp.broadcast_to(2.0 / (jnp.sum(w, axis=1) * problem.var_y_R), pred_ExN.shape[:1])
+    return _Residuals(0.5 * scale * jnp.sum(w * r * r, axis=1), r, scale)
+
+
+def _weighted_var(y_RxN, w_RxN):
+    """var(y) over the real points per row; 1 where it is not positive."""
+    sw = jnp.sum(w_RxN, axis=-1, keepdims=True)
+    mean = jnp.sum(w_RxN * y_RxN, axis=-1, keepdims=True) / sw
+    vary = jnp.sum(w_RxN * (y_RxN - mean) ** 2, axis=-1) / sw[..., 0]
     return jnp.where(vary > 0, vary, 1.0)
 
 
-def _batch_value_and_grad(sig, arrays, consts, x, y, w, vary):
+def _batch_value_and_grad(sig, problem: Problem, consts_ExP):
     """Per-candidate losses and gradients from one tape pass (guarded: non-finite candidates get zero gradient)."""
 
     def total(c):
-        l = _losses(sig, arrays, c, x, y, w, vary)
+        l = _losses(sig, problem, c)
         return jnp.sum(jnp.where(jnp.isfinite(l), l, 0.0)), l
 
-    (_, l), g = jax.value_and_grad(total, has_aux=True)(consts)
+    (_, l), g = jax.value_and_grad(total, has_aux=True)(consts_ExP)
     return l, g
 
 
-def _batch_gauss_newton(sig, arrays, consts, x, y, w, vary, gn_below=None):
+def _batch_gauss_newton(sig, problem: Problem, consts_ExP, gn_below=None):
     """Per-candidate losses, gradients and Gauss-Newton matrices from ONE forward and ONE reverse sweep.
 
-    Seeding the reverse sweep with ones (not the residuals) leaves d prediction(x_n) / d constant at every
-    constant leaf and point, i.e. every candidate's Jacobian J (P x N): each constant belongs to exactly one
-    candidate, so one sweep serves the whole batch. Then gradient = 2 J W r / (sum(w) var) and
+    Seeding the reverse sweep with the y scale s (not the residuals) leaves s d prediction(x_n) / d constant at
+    every constant leaf and point, i.e. every candidate's scaled Jacobian J (P x N): each constant belongs to
+    exactly one candidate, so one sweep serves the whole batch. Then gradient = 2 J W r / (sum(w) var) and
     Gauss-Newton matrix = 2 J W J' / (sum(w) var).
     ``gn_below`` (E_b,): B is only needed where the loss fell below it (zeros elsewhere). When few candidates need
-    it (after the first iterations, ~10% of a batch), only theirs are formed: the Gram matrices are a third of the
-    cost of an evaluation when formed for all.
+    it (after the first iterations, typically a small fraction of a batch), only theirs are formed, since the Gram
+    matrices of all candidates cost a sizeable part of an evaluation.
     """
-    saved = itp._forward(sig, arrays, consts, x)
-    pred = itp._roots(sig, arrays, consts, saved[0])
-    losses, r, w2, scale = _residuals(pred, y, w, vary)
-    k_buf = itp._reverse(sig, arrays, saved, jnp.ones_like(pred))
-    e_b, p_b = consts.shape
-    n = x.shape[0]
-    kpos_ExP = arrays["cj_kpos"].reshape(e_b, p_b)  # K row per (candidate, constant); 0 (zeros) for padding
-    mask_ExN = jnp.broadcast_to(w2 > 0, (e_b, n))
+    saved = itp._forward(sig, problem.arrays, consts_ExP, problem.x_NxD)
+    pred = itp._roots(sig, problem.arrays, consts_ExP, saved[0])
+    res = _residuals(pred, problem)
+    losses, scale = res.loss_E, res.scale_E
+    k_buf = itp._reverse(sig, problem.arrays, saved, jnp.broadcast_to(problem.y_scale_Rx1, pred.shape))
+    e_b, p_b = consts_ExP.shape
+    n = problem.x_NxD.shape[0]
+    kpos_ExP = problem.arrays["cj_kpos"].reshape(e_b, p_b)  # K row per (candidate, constant); 0 (zeros) for padding
+    mask_ExN = jnp.broadcast_to(problem.w_RxN > 0, (e_b, n))
 
     def jacobian(rows):  # (len(rows), P, N), zero on padded points and non-finite entries
         jac = k_buf[kpos_ExP[rows].reshape(-1)].reshape(rows.shape[0], p_b, n)
         return jnp.where(jnp.isfinite(jac) & mask_ExN[rows][:, None, :], jac, 0.0)
 
     all_rows = jnp.arange(e_b)
-    wr = jnp.where(jnp.isfinite(r), w2 * r, 0.0)
+    wr = jnp.where(jnp.isfinite(res.r_ExN), problem.w_RxN * res.r_ExN, 0.0)
     grads = scale[:, None] * jnp.einsum("epn,en->ep", jacobian(all_rows), wr)
 
     def gram(rows):
@@ -142,7 +193,7 @@ def _batch_gauss_newton(sig, arrays, consts, x, y, w, vary, gn_below=None):
     cap = _partial_capacity(e_b)
     if gn_below is None or cap == e_b:
         return losses, grads, gram(all_rows)
-    need = jnp.where(jnp.isfinite(losses), losses, _BIG) <= gn_below
+    need = jnp.where(jnp.isfinite(losses), losses, _big(losses.dtype)) <= gn_below
 
     def some():
         rows = jnp.argsort(~need, stable=True)[:cap]  # the candidates that need B first
@@ -156,82 +207,75 @@ def _partial_capacity(n: int) -> int:
     return n // 4 if n >= 64 else n
 
 
+class _Lane(NamedTuple):
+    """A candidate's own arguments to the objective (``jax.vmap``-ed over candidates with its constants)."""
+
+    row: jax.Array  # int: the candidate's row in the batch (E_b,)
+    active: jax.Array  # bool: a real candidate whose start is finite; other lanes are flat at 0
+    gn_below: jax.Array  # its Gauss-Newton matrix is formed where its loss is <= this (set by lockstep_minimize)
+
+
 def _make_solver(sig, maxiter: int, tol: float, linesearch: str, implicit: bool, maxls: int = 30,
                  hessian: str = "hybrid"):
+    """``solve(c0_ExP, rows_E, active_E, problem) -> (c_ExP, _SolverStats)``, vmapped over candidates.
+
+    With ``implicit`` the solution is differentiable w.r.t. ``problem`` (``jaxopt.implicit_diff.custom_root`` with
+    the batch gradient as optimality condition): d(refined constants)/d(x, y) by the implicit function theorem.
+    """
     e_b = sig.n_expressions
     use_gn = linesearch == "lockstep" and hessian == "hybrid"
 
-    def batch_eval(consts, idx, active, gn_below, arrays, x, y, w, vary):
+    def batch_eval(consts_ExP, lane: _Lane, problem: Problem):
+        """(losses, gradients, Gauss-Newton matrices) of the whole batch from one tape pass."""
         if use_gn:
-            below = jnp.full((e_b,), -jnp.inf, consts.dtype).at[idx].set(jnp.where(active, gn_below, -jnp.inf))
-            return _batch_gauss_newton(sig, arrays, consts, x, y, w, vary, below)
-        l, g = _batch_value_and_grad(sig, arrays, consts, x, y, w, vary)
+            below = jnp.full((e_b,), -jnp.inf, consts_ExP.dtype).at[lane.row].set(
+                jnp.where(lane.active, lane.gn_below, -jnp.inf))
+            return _batch_gauss_newton(sig, problem, consts_ExP, below)
+        l, g = _batch_value_and_grad(sig, problem, consts_ExP)
         return l, g, jnp.zeros(g.shape + g.shape[-1:], g.dtype)
 
-    # gn_below: the loss under which a candidate's Gauss-Newton matrix is needed (set by _LockstepBFGS.update)
     @custom_vmap
-    def cand_vg(c, idx, active, gn_below, arrays, x, y, w, vary):
+    def objective(c_P, lane: _Lane, problem: Problem):
         # unbatched fallback (one candidate): evaluate the tape with this candidate's row set
-        consts = jnp.zeros((e_b, c.shape[0]), c.dtype).at[idx].set(c)
-        l, g, gn = batch_eval(consts, idx[None], active[None], gn_below[None], arrays, x, y, w, vary)
-        return _mask_value(l[idx], g[idx], gn[idx], active)
+        consts = jnp.zeros((e_b, c_P.shape[0]), c_P.dtype).at[lane.row].set(c_P)
+        l, g, gn = batch_eval(consts, jax.tree_util.tree_map(lambda a: a[None], lane), problem)
+        return _mask_value(l[lane.row], g[lane.row], gn[lane.row], lane.active)
 
-    @cand_vg.def_vmap
-    def cand_vg_rule(axis_size, in_batched, c, idx, active, gn_below, arrays, x, y, w, vary):
-        # The data arguments are shared by all candidates; a batched lax.cond inside jaxopt's line search may
-        # broadcast them along the candidate axis, in which case every lane holds the same value: take lane 0.
-        shared = [jax.tree_util.tree_map(lambda a, bt: a[0] if bt else a, arg, bat)
-                  for arg, bat in zip((arrays, x, y, w, vary), in_batched[4:])]
-        arrays, x, y, w, vary = shared
-        c, idx, active, gn_below = [a if bt else jnp.broadcast_to(a, (axis_size,) + a.shape)
-                                    for a, bt in zip((c, idx, active, gn_below), in_batched[:4])]
-        consts = jnp.zeros((e_b, c.shape[-1]), c.dtype).at[idx].set(c)
-        l, g, gn = batch_eval(consts, idx, active, gn_below, arrays, x, y, w, vary)
-        return jax.vmap(_mask_value)(l[idx], g[idx], gn[idx], active), ((True, True), True)
+    @objective.def_vmap
+    def objective_rule(axis_size, in_batched, c, lane, problem):
+        # The problem is shared by all candidates; a batched lax.cond inside jaxopt's line search may broadcast it
+        # along the candidate axis, in which case every lane holds the same value: take lane 0.
+        c_batched, lane_batched, problem_batched = in_batched
+        problem = jax.tree_util.tree_map(lambda a, bt: a[0] if bt else a, problem, problem_batched)
+        c, lane = jax.tree_util.tree_map(lambda a, bt: a if bt else jnp.broadcast_to(a, (axis_size,) + a.shape),
+                                         (c, lane), (c_batched, lane_batched))
+        consts = jnp.zeros((e_b, c.shape[-1]), c.dtype).at[lane.row].set(c)
+        l, g, gn = batch_eval(consts, lane, problem)
+        return jax.vmap(_mask_value)(l[lane.row], g[lane.row], gn[lane.row], lane.active), ((True, True), True)
 
     if linesearch == "lockstep":
-        solver = _LockstepBFGS(fun=cand_vg, value_and_grad=True, has_aux=True, maxiter=maxiter, tol=tol,
-                               implicit_diff=False, jit=True, gauss_newton=use_gn)
+        def gn_objective(c_P, gn_below, lane, problem):
+            return objective(c_P, lane._replace(gn_below=gn_below), problem)
+
+        run = functools.partial(lockstep_minimize, gn_objective, maxiter=maxiter, tol=tol, gauss_newton=use_gn)
     else:
-        solver = jaxopt.BFGS(fun=cand_vg, value_and_grad=True, has_aux=True, maxiter=maxiter, tol=tol,
-                             linesearch="backtracking" if linesearch == "armijo" else linesearch,
-                             maxls=maxls, implicit_diff=False, jit=True, linesearch_init="max")
-    if linesearch == "armijo":
-        # halving Armijo backtracking from step 1: few evaluations per iteration for every lane
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            ls = jaxopt.BacktrackingLineSearch(fun=solver._value_and_grad_with_aux, value_and_grad=True,
-                                               has_aux=True, maxiter=maxls, condition="armijo",
-                                               decrease_factor=0.5, max_stepsize=1.0, jit=True)
-        solver.linesearch_solver = ls
-        solver.run_ls = ls.run
+        run = jaxopt.BFGS(fun=objective, value_and_grad=True, has_aux=True, maxiter=maxiter, tol=tol,
+                          linesearch=linesearch, maxls=maxls, implicit_diff=False, jit=True,
+                          linesearch_init="max").run
 
-    def run_lockstep(c0, *args):
-        """jaxopt's ``run`` minus the ``update`` it runs before its loop: one copy of the objective, half the compile."""
-        def cond(carry):
-            return (carry[1].iter_num < maxiter) & (carry[1].error > tol)
-
-        def body(carry):
-            step = solver.update(*carry, *args)
-            return step.params, step.state
-
-        return jax.lax.while_loop(cond, body, (c0, solver.init_state(c0, *args)))
-
-    def solve(c0, idx, active, arrays, x, y, w, vary):
-        run = run_lockstep if linesearch == "lockstep" else solver.run
-        run = jax.vmap(run, in_axes=(0, 0, 0, 0, None, None, None, None, None))
-        gn_below = jnp.full(idx.shape, jnp.inf, c0.dtype)  # jaxopt's own line searches: every B (unused)
-        params, state = run(c0, idx, active, gn_below, arrays, x, y, w, vary)
+    def solve(c0_ExP, rows_E, active_E, problem: Problem):
+        lane = _Lane(rows_E, active_E, jnp.full(rows_E.shape, jnp.inf, c0_ExP.dtype))
+        params, state = jax.vmap(run, in_axes=(0, 0, None))(c0_ExP, lane, problem)
         if linesearch == "lockstep":  # masked initial and final losses, from the solver's own evaluations
-            return params, (state.iter_num, state.error, state.aux[0], state.value)
-        return params, (state.iter_num, state.error)
+            return params, _SolverStats(state.n_evaluations, state.grad_norm, state.initial_loss, state.loss)
+        return params, _SolverStats(state.iter_num, state.error, None, None)
 
     if not implicit:
         return solve
 
-    def optimality(c, idx, active, arrays, x, y, w, vary):
-        l, g = _batch_value_and_grad(sig, arrays, c, x, y, w, vary)
-        ok = active & jnp.isfinite(l) & jnp.all(jnp.isfinite(g), axis=1)
+    def optimality(c_ExP, rows_E, active_E, problem: Problem):
+        l, g = _batch_value_and_grad(sig, problem, c_ExP)
+        ok = active_E & jnp.isfinite(l) & jnp.all(jnp.isfinite(g), axis=1)
         return jnp.where(ok[:, None], g, 0.0)
 
     def lin_solve(matvec, b):
@@ -240,110 +284,136 @@ def _make_solver(sig, maxiter: int, tol: float, linesearch: str, implicit: bool,
     return custom_root(optimality, has_aux=True, solve=lin_solve)(solve)
 
 
-@dataclasses.dataclass(eq=False)
-class _LockstepBFGS(jaxopt.BFGS):
-    """jaxopt BFGS with exactly ONE function evaluation per iteration, and optionally a Gauss-Newton hybrid.
+class _SolverStats(NamedTuple):
+    """Per candidate, from the solver's state; the losses only from the lockstep solver (None otherwise)."""
+
+    n_iterations: jax.Array
+    grad_norm: jax.Array
+    initial_loss: Optional[jax.Array]  # masked: _big(dtype) where the start is not finite, 0 on padding lanes
+    final_loss: Optional[jax.Array]
+
+
+class LockstepState(NamedTuple):
+    """One candidate's state in ``lockstep_minimize`` (P constants)."""
+
+    n_evaluations: jax.Array  # objective evaluations so far (``maxiter`` bounds them)
+    n_accepted: jax.Array  # accepted points, the start included
+    loss: jax.Array  # at the current constants (inf before the first evaluation)
+    grad_P: jax.Array  # gradient there
+    grad_norm: jax.Array  # |grad_P| (inf before the first evaluation, 0 for a non-finite start): stops at <= tol
+    step: jax.Array  # length t of the next trial along -H grad (0: the first evaluation is the start itself)
+    inv_hessian_PxP: jax.Array  # H
+    initial_loss: jax.Array  # the objective's value at the start (as the objective reports it)
+    gauss_newton_PxP: jax.Array  # the last Gauss-Newton matrix B the objective formed (zeros before)
+
+
+def lockstep_minimize(objective, c0_P, *args, maxiter: int, tol: float, gauss_newton: bool = False):
+    """Minimise ``objective`` from ``c0_P`` with exactly ONE objective evaluation per iteration; ``(c_P, state)``.
+
+    ``objective(c_P, gn_below, *args) -> ((loss, B_PxP), grad_P)``: B is the Gauss-Newton matrix of a least-squares
+    loss where ``loss <= gn_below`` (anything, e.g. zeros, elsewhere; unused without ``gauss_newton``). A pure
+    function of JAX arrays: ``jax.vmap`` it over candidates (``args`` as the objective needs them).
 
     Why lockstep: under ``jax.vmap`` every lane of a ``while_loop`` runs as long as the slowest one, so with an
     inner line search each BFGS iteration costs the longest line search of the whole batch (one batched tape pass
-    per trial). Here an iteration evaluates the trial point ``x + t d`` once: if the Armijo condition holds the step
+    per trial). Here an iteration evaluates the trial point ``c + t d`` once: if the Armijo condition holds the step
     is accepted; otherwise the point is kept and the next iteration tries a shorter step along the same direction
     (safeguarded quadratic interpolation, within [0.1 t, 0.5 t]). ``maxiter`` counts evaluations; the loop stops
-    when every lane's gradient norm is below ``tol``. The start point is evaluated by the first iteration (t = 0),
+    when every lane's gradient norm is at most ``tol``. The start point is evaluated by the first iteration (t = 0),
     so the program holds one copy of the objective.
 
-    Why Gauss-Newton (``gauss_newton=True``, the objective's aux is its Gauss-Newton matrix B): the loss is a mean
-    of squares. After an accepted step the next inverse-Hessian estimate H is (B + damping)^-1 when the loss fell by
-    at least 10% (small residuals: Gauss-Newton converges fast), else the BFGS update of the previous H (large
-    residuals: BFGS's curvature estimate is better) -- the hybrid of Fletcher & Xu (1987), with Marquardt damping.
-    The first direction is the Gauss-Newton one. Measured (benchmarks/refine.py): at 100 evaluations it matches
-    scipy's fully converged BFGS in float32, where plain lockstep BFGS needed more than 150. B is only formed (and
-    factorised) for the candidates whose loss fell by >= 10% in this evaluation: the objective receives that
-    threshold as its ``gn_below`` argument. ``state.aux`` holds (initial loss, the last B formed).
+    Why Gauss-Newton (``gauss_newton=True``): the loss is a mean of squares. After an accepted step the next
+    inverse-Hessian estimate H is (B + damping)^-1 when the loss fell by at least 10% (small residuals:
+    Gauss-Newton converges fast), else the BFGS update of the previous H (large residuals: BFGS's curvature
+    estimate is better) -- the hybrid of Fletcher & Xu (1987), with Marquardt damping. The first direction is the
+    Gauss-Newton one. B is only needed (so the objective only forms it) where the loss fell by >= 10% in this
+    evaluation: that threshold is the ``gn_below`` the objective receives.
     Without Gauss-Newton: plain BFGS from H = I, rescaled by y.s / y.y after the first step (Nocedal & Wright
     eq. 6.20), first step of length 1 as scipy's BFGS. BFGS updates are skipped when the curvature y.s is not
     positive, so H stays positive definite.
     """
+    dtype, n = c0_P.dtype, c0_P.shape[-1]
+    inf = jnp.asarray(jnp.inf, dtype)
+    zero_i = jnp.asarray(0, jnp.int32)
+    state = LockstepState(n_evaluations=zero_i, n_accepted=zero_i, loss=inf, grad_P=jnp.zeros_like(c0_P),
+                          grad_norm=inf, step=jnp.asarray(0.0, dtype), inv_hessian_PxP=jnp.eye(n, dtype=dtype),
+                          initial_loss=inf, gauss_newton_PxP=jnp.zeros((n, n), dtype))
 
-    gauss_newton: bool = False
+    def cond(carry):
+        return (carry[1].n_evaluations < maxiter) & (carry[1].grad_norm > tol)
 
-    def init_state(self, init_params, *args, **kwargs):
-        """No evaluation here: the first ``update`` evaluates the start point."""
-        params, dtype, n = init_params, init_params.dtype, init_params.shape[-1]
-        inf = jnp.asarray(jnp.inf, dtype)
-        return _BfgsState(iter_num=jnp.asarray(0), value=inf, grad=jnp.zeros_like(params),
-                         stepsize=jnp.asarray(0.0, dtype), error=inf, H=jnp.eye(n, dtype=dtype),
-                         aux=(inf, jnp.zeros((n, n), dtype)), num_fun_eval=jnp.asarray(0, _NUM_EVAL_DTYPE),
-                         num_grad_eval=jnp.asarray(0, _NUM_EVAL_DTYPE),
-                         num_linesearch_iter=jnp.asarray(0, _NUM_EVAL_DTYPE))
+    def body(carry):
+        return _lockstep_update(objective, gauss_newton, *carry, args)
 
-    def update(self, params, state, *args, **kwargs):
-        g, f, H, t = state.grad, state.value, state.H, state.stepsize
-        l0, B = state.aux
-        n = params.shape[-1]
-        eye = jnp.eye(n, dtype=params.dtype)
-        first = state.iter_num == 0  # t = 0: evaluate the start point
-        d = -H @ g
-        slope = jnp.dot(g, d)
-        bad = ~(slope < 0) & ~first  # not a descent direction (roundoff): restart from steepest descent
-        H = jnp.where(bad, eye, H)
-        d = jnp.where(bad, -g, d)
-        slope = jnp.where(bad, -jnp.dot(g, g), slope)
-        trial = params + t * d
-        gn_below = 0.9 * f  # Gauss-Newton after a >= 10% decrease (inf at the start: every candidate)
-        if self.gauss_newton:
-            args = args[:2] + (gn_below.astype(params.dtype),) + args[3:]
-        (f_new, B_new), g_new = self._value_and_grad_with_aux(trial, *args, **kwargs)
-        fresh_B = f_new <= gn_below  # the objective formed B exactly here (zeros elsewhere)
-        ok = jnp.isfinite(f_new) & (first | (f_new <= f + 1e-4 * t * slope))
-        s, yv = t * d, g_new - g
-        ys = jnp.dot(yv, s)
-        rho = 1.0 / jnp.where(ys > 0, ys, 1.0)
-        if self.gauss_newton:
-            H0 = H
-        else:  # plain BFGS: scale H = I to the curvature seen along the first accepted step
-            scale_now = (state.num_linesearch_iter == 1) & (ys > 0)
-            H0 = jnp.where(scale_now, ys / jnp.maximum(jnp.dot(yv, yv), 1e-30) * eye, H)
-        # (I - rho s y') H (I - rho y s') + rho s s', as a rank-2 update: O(P^2) per candidate, not O(P^3)
-        hy = H0 @ yv
-        H_upd = H0 - rho * (jnp.outer(s, hy) + jnp.outer(hy, s)) + (rho * rho * jnp.dot(yv, hy) + rho) * jnp.outer(s, s)
-        upd_ok = ok & ~first & (ys > 1e-12 * jnp.sqrt(jnp.dot(s, s) * jnp.dot(yv, yv)))
-        H_new = jnp.where(upd_ok, H_upd, H)
-        # rejected: shorter step next time (quadratic interpolation of f along d, safeguarded)
-        curv = f_new - f - slope * t
-        t_q = -slope * t * t / (2.0 * jnp.where(curv > 0, curv, 1.0))
-        t_q = jnp.where(jnp.isfinite(f_new) & (curv > 0), t_q, 0.1 * t)
-        t_rej = jnp.clip(t_q, 0.1 * t, 0.5 * t)
-        # the step is below the float resolution of the parameters: restart (Gauss-Newton or steepest descent)
-        eps = jnp.finfo(params.dtype).eps
-        stalled = ~ok & (t_rej * jnp.sqrt(jnp.dot(d, d)) <= eps * (jnp.sqrt(jnp.dot(params, params)) + eps))
-        gn = jnp.sqrt(jnp.dot(g, g))
-        if self.gauss_newton:  # B at the point we stay at
-            B = jnp.where(ok & fresh_B, B_new, B)
-            H_new = _gn_inverse_where((ok & fresh_B) | stalled, B, H_new)
-            t_restart = 1.0
-        else:
-            H_new = jnp.where(stalled, eye, H_new)
-            t_restart = jnp.minimum(1.0, 1.0 / jnp.maximum(gn, 1e-30))
-        H_new = jnp.where(jnp.all(jnp.isfinite(H_new)), H_new, eye)
-        t_rej = jnp.where(stalled, t_restart, t_rej)
-        # the first step of plain BFGS has length 1 (t = 1 / |g|), as scipy's; a Gauss-Newton step is t = 1
-        g_acc = jnp.where(ok, g_new, g)
-        gn_acc = jnp.sqrt(jnp.dot(g_acc, g_acc))
-        t_first = 1.0 if self.gauss_newton else jnp.where(gn_acc > 1.0, 1.0 / jnp.maximum(gn_acc, 1e-30), 1.0)
-        t_acc = jnp.where(first, t_first, 1.0)
-        new_state = state._replace(
-            iter_num=state.iter_num + 1, value=jnp.where(ok, f_new, f), grad=g_acc,
-            stepsize=jnp.where(ok, t_acc, t_rej).astype(t.dtype), H=H_new,
-            error=jnp.where(ok | ~first, gn_acc, 0.0).astype(state.error.dtype),
-            aux=(jnp.where(first, f_new, l0), B),
-            num_fun_eval=state.num_fun_eval + 1, num_grad_eval=state.num_grad_eval + 1,
-            num_linesearch_iter=state.num_linesearch_iter + ok.astype(state.num_linesearch_iter.dtype))
-        return jaxopt.OptStep(params=jnp.where(ok, trial, params), state=new_state)
+    return jax.lax.while_loop(cond, body, (c0_P, state))
+
+
+def _lockstep_update(objective, gauss_newton: bool, c_P, state: LockstepState, args):
+    """One evaluation of ``lockstep_minimize``: try ``c + t d``, accept or shorten, update H."""
+    g, f, H, t = state.grad_P, state.loss, state.inv_hessian_PxP, state.step
+    B = state.gauss_newton_PxP
+    n = c_P.shape[-1]
+    eye = jnp.eye(n, dtype=c_P.dtype)
+    first = state.n_evaluations == 0  # t = 0: evaluate the start point
+    d = -H @ g
+    slope = jnp.dot(g, d)
+    bad = ~(slope < 0) & ~first  # not a descent direction (roundoff): restart from steepest descent
+    H = jnp.where(bad, eye, H)
+    d = jnp.where(bad, -g, d)
+    slope = jnp.where(bad, -jnp.dot(g, g), slope)
+    trial = c_P + t * d
+    # Gauss-Newton after a >= 10% decrease (inf at the start: every candidate); -inf: never
+    gn_below = (0.9 * f if gauss_newton else jnp.full_like(f, -jnp.inf)).astype(c_P.dtype)
+    (f_new, B_new), g_new = objective(trial, gn_below, *args)
+    fresh_B = f_new <= gn_below  # the objective formed B exactly here
+    ok = jnp.isfinite(f_new) & (first | (f_new <= f + 1e-4 * t * slope))
+    s, yv = t * d, g_new - g
+    ys = jnp.dot(yv, s)
+    rho = 1.0 / jnp.where(ys > 0, ys, 1.0)
+    if gauss_newton:
+        H0 = H
+    else:  # plain BFGS: scale H = I to the curvature seen along the first accepted step
+        scale_now = (state.n_accepted == 1) & (ys > 0)
+        H0 = jnp.where(scale_now, ys / jnp.maximum(jnp.dot(yv, yv), 1e-30) * eye, H)
+    # (I - rho s y') H (I - rho y s') + rho s s', as a rank-2 update: O(P^2) per candidate, not O(P^3)
+    hy = H0 @ yv
+    H_upd = H0 - rho * (jnp.outer(s, hy) + jnp.outer(hy, s)) + (rho * rho * jnp.dot(yv, hy) + rho) * jnp.outer(s, s)
+    upd_ok = ok & ~first & (ys > 1e-12 * jnp.sqrt(jnp.dot(s, s) * jnp.dot(yv, yv)))
+    H_new = jnp.where(upd_ok, H_upd, H)
+    # rejected: shorter step next time (quadratic interpolation of f along d, safeguarded)
+    curv = f_new - f - slope * t
+    t_q = -slope * t * t / (2.0 * jnp.where(curv > 0, curv, 1.0))
+    t_q = jnp.where(jnp.isfinite(f_new) & (curv > 0), t_q, 0.1 * t)
+    t_rej = jnp.clip(t_q, 0.1 * t, 0.5 * t)
+    # the step is below the float resolution of the parameters: restart (Gauss-Newton or steepest descent)
+    eps = jnp.finfo(c_P.dtype).eps
+    stalled = ~ok & (t_rej * jnp.sqrt(jnp.dot(d, d)) <= eps * (jnp.sqrt(jnp.dot(c_P, c_P)) + eps))
+    gnorm = jnp.sqrt(jnp.dot(g, g))
+    if gauss_newton:  # B at the point we stay at
+        B = jnp.where(ok & fresh_B, B_new, B)
+        H_new = _gn_inverse_where((ok & fresh_B) | stalled, B, H_new)
+        t_restart = 1.0
+    else:
+        H_new = jnp.where(stalled, eye, H_new)
+        t_restart = jnp.minimum(1.0, 1.0 / jnp.maximum(gnorm, 1e-30))
+    H_new = jnp.where(jnp.all(jnp.isfinite(H_new)), H_new, eye)
+    t_rej = jnp.where(stalled, t_restart, t_rej)
+    # the first step of plain BFGS has length 1 (t = 1 / |g|), as scipy's; a Gauss-Newton step is t = 1
+    g_acc = jnp.where(ok, g_new, g)
+    gnorm_acc = jnp.sqrt(jnp.dot(g_acc, g_acc))
+    t_first = 1.0 if gauss_newton else jnp.where(gnorm_acc > 1.0, 1.0 / jnp.maximum(gnorm_acc, 1e-30), 1.0)
+    t_acc = jnp.where(first, t_first, 1.0)
+    new_state = LockstepState(
+        n_evaluations=state.n_evaluations + 1, n_accepted=state.n_accepted + ok.astype(jnp.int32),
+        loss=jnp.where(ok, f_new, f), grad_P=g_acc, grad_norm=jnp.where(ok | ~first, gnorm_acc, 0.0).astype(f.dtype),
+        step=jnp.where(ok, t_acc, t_rej).astype(t.dtype), inv_hessian_PxP=H_new,
+        initial_loss=jnp.where(first, f_new, state.initial_loss), gauss_newton_PxP=B)
+    return jnp.where(ok, trial, c_P), new_state
 
 
 def _gn_inverse(B):
-    """(B + damping)^-1 by Cholesky (Levenberg-Marquardt damping); identity on directions B does not see."""
+    """(B + damping)^-1 by Gauss-Jordan elimination (Levenberg-Marquardt damping); identity on directions B does
+    not see."""
     n = B.shape[-1]
     diag = jnp.diag(B)
     damp = 1e-4 * diag + 1e-7 * jnp.max(diag)  # Marquardt's scale-free damping, plus a floor for flat ones
@@ -366,7 +436,7 @@ def _gn_inverse_where(take, B, H):
     """``_gn_inverse(B)`` where ``take``, else ``H``.
 
     Why custom_vmap: under vmap a ``lax.cond`` becomes a select that runs both branches, so every lane would pay for
-    a factorisation every iteration. The batched rule factorises only the lanes that take it (typically ~10% of
+    a factorisation every iteration. The batched rule factorises only the lanes that take it (typically a small part of
     the batch once it has left its fast-decrease phase; all of them when more than a quarter do).
     """
     return jax.lax.cond(take, lambda: _gn_inverse(B), lambda: H)
@@ -393,36 +463,45 @@ def _mask_value(l, g, gn, active):
     """One candidate's ((value, Gauss-Newton matrix), gradient) as the solver sees it: padding lanes are flat at 0,
     a non-finite loss is a huge value with zero gradient (rejected as a trial point, frozen as a start)."""
     fin = jnp.isfinite(l)
-    value = jnp.where(active, jnp.where(fin, l, _BIG), 0.0)
-    good = active & fin & jnp.all(jnp.isfinite(g))
+    value = jnp.where(active, jnp.where(fin & (l < _big(l.dtype)), l, _big(l.dtype)), 0.0)
+    good = active & fin & (l < _big(l.dtype)) & jnp.all(jnp.isfinite(g))
     grad = jnp.where(good, g, 0.0)
     gn = jnp.where(good & jnp.all(jnp.isfinite(gn)), gn, 0.0)
     return (value, gn), grad
 
 
 @functools.lru_cache(maxsize=32)
-def _refine_program(sig, maxiter: int, tol: float, linesearch: str, maxls: int, implicit: bool, x64: bool,
+def _refine_program(sig, maxiter: int, tol: float, linesearch: str, maxls: int, dtype: np.dtype,
                     hessian: str = "hybrid"):
-    """Jitted (datasets-vmapped) refinement for one tape signature; cached so a same-bucket batch reuses it."""
-    solve = _make_solver(sig, maxiter, tol, linesearch, implicit, maxls, hessian)
+    """Jitted (datasets-vmapped) refinement for one tape signature and float dtype; cached so that a batch of the
+    same bucket reuses it. Call it under ``interpreter.precision(dtype)``."""
+    solve = _make_solver(sig, maxiter, tol, linesearch, False, maxls, hessian)
 
     def one_dataset(arrays, c0, real, x, y, w):
-        vary = _weighted_var(y, w)
-        idx = jnp.arange(sig.n_expressions)
-        if linesearch == "lockstep":  # the solver evaluates the start itself; a non-finite one comes back as _BIG
-            c_end, (n_iter, err, l0, l_end) = solve(c0, idx, real, arrays, x, y, w, vary)
-            active = real & (l0 < 0.5 * _BIG)
+        problem = make_problem(arrays, x, y, w)
+        rows = jnp.arange(sig.n_expressions)
+        if maxiter == 0:  # nothing to run: the start is the answer
+            l0, g0 = _batch_value_and_grad(sig, problem, c0)
+            l0 = jnp.where(real & jnp.isfinite(l0), l0, jnp.inf)
+            return dict(consts=c0, losses=l0, initial_losses=l0, improved=jnp.zeros_like(real),
+                        n_iterations=jnp.zeros(rows.shape, jnp.int32),
+                        grad_norm=jnp.where(jnp.isfinite(l0), jnp.sqrt(jnp.sum(g0 * g0, axis=1)), jnp.inf))
+        if linesearch == "lockstep":  # the solver evaluates the start itself; a non-finite one comes back as _big
+            c_end, stats = solve(c0, rows, real, problem)
+            l0, l_end = stats.initial_loss, stats.final_loss
+            active = real & (l0 < _big(l0.dtype))
             l0 = jnp.where(active, l0, jnp.inf)
         else:
-            l0 = _losses(sig, arrays, c0, x, y, w, vary)
-            active = real & jnp.isfinite(l0)
-            c_end, (n_iter, err) = solve(c0, idx, active, arrays, x, y, w, vary)
-            l_end = _losses(sig, arrays, c_end, x, y, w, vary)
+            l0 = _losses(sig, problem, c0)
+            active = real & (l0 < _big(l0.dtype))
+            l0 = jnp.where(active, l0, jnp.inf)
+            c_end, stats = solve(c0, rows, active, problem)
+            l_end = _losses(sig, problem, c_end)
         better = active & jnp.isfinite(l_end) & (l_end <= l0)
         c_best = jnp.where(better[:, None], c_end, c0)
         l_best = jnp.where(better, l_end, l0)
         return dict(consts=c_best, losses=l_best, initial_losses=l0, improved=better & (l_end < l0),
-                    n_iterations=n_iter, error=err)
+                    n_iterations=stats.n_iterations, grad_norm=stats.grad_norm)
 
     def program(arrays, c0, real, x, y, w):
         itp.COMPILE_COUNTER["refine"] += 1  # trace-time only
@@ -431,10 +510,20 @@ def _refine_program(sig, maxiter: int, tol: float, linesearch: str, maxls: int, 
     return jax.jit(program)
 
 
-def _check_hessian(hessian: str) -> str:
+_LINESEARCHES = ("lockstep", "backtracking", "zoom")
+
+
+def _check_options(maxiter, tol, linesearch: str, hessian: str, maxls) -> None:
+    if linesearch not in _LINESEARCHES:
+        raise ValueError(f"linesearch must be one of {', '.join(repr(s) for s in _LINESEARCHES)}; got {linesearch!r}")
     if hessian not in ("hybrid", "bfgs"):
         raise ValueError(f"hessian must be 'hybrid' (Gauss-Newton/BFGS) or 'bfgs', got {hessian!r}")
-    return hessian
+    if int(maxiter) != maxiter or maxiter < 0:
+        raise ValueError(f"maxiter must be an integer >= 0, got {maxiter!r}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    if int(maxls) != maxls or maxls < 1:
+        raise ValueError(f"maxls must be an integer >= 1, got {maxls!r}")
 
 
 def _as_datasets(expressions, X, y):
@@ -463,12 +552,18 @@ def _as_datasets(expressions, X, y):
     d = None
     for b, (x, yy) in enumerate(zip(xs, ys)):
         tag = f" (dataset {b})" if multi else ""
-        itp.validate_x(x, "X" + tag)
+        xs[b] = itp.validate_x(x, "X" + tag)
+        if np.iscomplexobj(yy):
+            raise ValueError(f"y{tag} is complex ({yy.dtype}); refinement fits real data: pass y.real if the "
+                             "imaginary part is meant to be dropped")
+        if yy.dtype == object or not (np.issubdtype(yy.dtype, np.number) or yy.dtype == bool):
+            raise ValueError(f"y{tag} must be a numeric array, got dtype {yy.dtype}")
         if yy.ndim == 2 and yy.shape[1] == 1:
             yy = yy[:, 0]
-            ys[b] = yy
         if yy.ndim != 1:
             raise ValueError(f"y{tag} must have shape (N,) or (N, 1), got {yy.shape}")
+        yy = yy.astype(np.float64)
+        ys[b] = yy
         if yy.shape[0] != x.shape[0]:
             raise ValueError(f"X{tag} has {x.shape[0]} rows but y has {yy.shape[0]}")
         if not np.isfinite(yy).all():
@@ -480,123 +575,137 @@ def _as_datasets(expressions, X, y):
     return exprs, xs, ys, multi
 
 
+class _Batch(NamedTuple):
+    """Host arrays of one refinement call (leading axis: the program's vmapped datasets) and where each user
+    dataset's candidates sit in them: ``slots[b] = (row of the vmapped axis, first candidate row, expressions)``."""
+
+    tape: itp.Tape
+    real_BxE: np.ndarray
+    x_BxNxD: np.ndarray
+    y_BxN: np.ndarray  # (B, N) or, folded, (1, E_b, N): one y row per candidate
+    w_BxN: np.ndarray
+    slots: list
+
+
+def _padded_y(y_N: np.ndarray, n_b: int) -> np.ndarray:
+    return np.concatenate([y_N, np.repeat(y_N[:1], n_b - len(y_N))])
+
+
+def _stacked_batch(exprs, xs, ys) -> _Batch:
+    """One tape per dataset with a common signature; the program is ``jax.vmap``-ed over datasets."""
+    tape = itp.compile_tape(exprs, xs[0].shape[1])
+    n_b = itp.point_bucket(max(x.shape[0] for x in xs))
+    real = np.stack([np.arange(tape.signature.n_expressions) < n for n in tape.n_expressions])
+    return _Batch(tape, real, np.stack([itp.pad_points(x, n_b) for x in xs]),
+                  np.stack([_padded_y(v, n_b) for v in ys]),
+                  np.stack([(np.arange(n_b) < len(v)).astype(np.float64) for v in ys]),
+                  [(b, 0, tape.expressions[b]) for b in range(len(xs))])
+
+
+def _folded_batch(exprs, xs, ys) -> _Batch:
+    """Several datasets as one tape: candidates of dataset b read columns [b*D, (b+1)*D) of the stacked inputs."""
+    d = xs[0].shape[1]
+    exprs = [itp._check_expressions(ex, d, f" of dataset {b}") for b, ex in enumerate(exprs)]
+    flat = [e for ex in exprs for e in ex]
+    offsets = [b * d for b, ex in enumerate(exprs) for _ in ex]
+    tape = itp.compile_tape([flat], len(xs) * d, feature_offsets=[offsets])
+    e_b = tape.signature.n_expressions
+    n_b = itp.point_bucket(max(x.shape[0] for x in xs))
+    ds_of = np.repeat(np.arange(len(xs)), [len(ex) for ex in exprs])
+    y_ExN = np.zeros((e_b, n_b))
+    w_ExN = np.ones((e_b, n_b))
+    y_ExN[: len(flat)] = np.stack([_padded_y(v, n_b) for v in ys])[ds_of]
+    w_ExN[: len(flat)] = np.stack([(np.arange(n_b) < len(v)).astype(np.float64) for v in ys])[ds_of]
+    starts = np.concatenate([[0], np.cumsum([len(ex) for ex in exprs])])
+    return _Batch(tape, (np.arange(e_b) < len(flat))[None],
+                  np.concatenate([itp.pad_points(x, n_b) for x in xs], axis=1)[None], y_ExN[None], w_ExN[None],
+                  [(0, int(starts[b]), ex) for b, ex in enumerate(exprs)])
+
+
 def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5,
-           linesearch: str = "lockstep", hessian: str = "hybrid", maxls: int = 10, implicit_diff: bool = True,
-           dtype=None, fold_datasets: bool = True) -> RefineResult:
+           linesearch: str = "lockstep", hessian: str = "hybrid", maxls: int = 10, dtype=None,
+           fold_datasets: bool = True) -> RefineResult:
     """Refine the constants of every candidate with BFGS on MSE / var(y), all in one jitted call.
 
     ``expressions``: candidates (Expression or prefix lists) whose numbers are the initial constants; for several
     datasets a list of candidate lists, with X a list of (N_b, D) arrays or a (B, N, D) array and y likewise.
-    ``maxiter``/``tol`` bound the function evaluations / gradient norm (scipy's gtol default is 1e-5).
-    ``linesearch="lockstep"`` (default): one batched evaluation per iteration (see ``_LockstepBFGS``); or one of
-    jaxopt's line searches "backtracking", "armijo", "zoom" (capped by ``maxls``; under vmap every line search runs
-    as long as the slowest candidate's, so these are slower). ``hessian`` (lockstep only): "hybrid" (default)
-    switches between the Gauss-Newton matrix of the squared loss and the BFGS update (Fletcher & Xu), which
-    converges in far fewer iterations on least squares; "bfgs" is plain BFGS from the identity.
-    float32 by default, float64 when ``jax_enable_x64`` is on.
+    X and y must be real and finite; any finite magnitude works (see the module doc on precision).
+    ``maxiter``/``tol`` bound the function evaluations / gradient norm (scipy's gtol default is 1e-5);
+    ``maxiter=0`` only evaluates the starting constants.
+    ``linesearch="lockstep"`` (default): one batched evaluation per iteration (see ``lockstep_minimize``); or
+    ``jaxopt.BFGS`` with its line search "backtracking" or "zoom" (capped by ``maxls``; under vmap every line
+    search runs as long as the slowest candidate's, so these are slower). ``hessian`` (lockstep only): "hybrid"
+    (default) switches between the Gauss-Newton matrix of the squared loss and the BFGS update (Fletcher & Xu),
+    which converges in far fewer iterations on least squares; "bfgs" is plain BFGS from the identity.
+    ``dtype``: None (default) or float64 refines in float64 inside a scoped ``jax.enable_x64``, whatever the
+    global ``jax_enable_x64`` setting (which is left unchanged); float32 on request, for data and predictions
+    within float32's range (a ValueError names X or y otherwise).
     ``fold_datasets`` (several datasets only): put every dataset's candidates into ONE tape over the
     column-concatenated inputs, with one y row per candidate (dataset b's variable x_j reads column b*D + j), so a
     batch of B datasets costs one tape pass per BFGS evaluation like a batch of candidates on one dataset. With
-    False, the program is ``jax.vmap``-ed over datasets (measured ~20x slower on CPU for 256 datasets x 1
-    candidate: batched gathers with per-dataset indices, and every dataset padded to the largest one's groups).
+    False, the program is ``jax.vmap``-ed over datasets (much slower on CPU for many datasets of one candidate:
+    batched gathers with per-dataset indices, and every dataset padded to the largest one's groups).
     """
     exprs, xs, ys, multi = _as_datasets(expressions, X, y)
-    dtype = dtype or itp.default_float_dtype()
-    if multi and fold_datasets:
-        return _refine_folded(exprs, xs, ys, dtype, maxiter, tol, linesearch, maxls, implicit_diff, hessian)
-    tape = itp.compile_tape(exprs, xs[0].shape[1])
-    arrays, c0 = itp.device_arrays(tape, dtype)
-    n_b = itp.point_bucket(max(x.shape[0] for x in xs))
-    xb = jnp.asarray(np.stack([itp.pad_points(x, n_b) for x in xs]), dtype)
-    yb = jnp.asarray(np.stack([np.concatenate([v, np.repeat(v[:1], n_b - len(v))]) for v in ys]), dtype)
-    wb = jnp.asarray(np.stack([np.arange(n_b) < len(v) for v in ys]), dtype)
-    real = jnp.asarray(np.stack([np.arange(tape.signature.n_expressions) < n for n in tape.n_expressions]))
-    program = _refine_program(tape.signature, int(maxiter), float(tol), linesearch, int(maxls),
-                              bool(implicit_diff), bool(jax.config.jax_enable_x64), _check_hessian(hessian))
-    out = jax.device_get(program(arrays, c0, real, xb, yb, wb))
+    _check_options(maxiter, tol, linesearch, hessian, maxls)
+    dtype = itp.resolve_dtype(dtype)
+    batch = _folded_batch(exprs, xs, ys) if multi and fold_datasets else _stacked_batch(exprs, xs, ys)
+    itp.check_range(batch.x_BxNxD, "X", dtype)
+    itp.check_range(batch.y_BxN, "y", dtype)
+    with itp.precision(dtype):
+        arrays, c0 = itp.device_arrays(batch.tape, dtype)
+        program = _refine_program(batch.tape.signature, int(maxiter), float(tol), linesearch, int(maxls), dtype,
+                                  hessian)
+        out = jax.device_get(program(arrays, c0, jnp.asarray(batch.real_BxE), jnp.asarray(batch.x_BxNxD, dtype),
+                                     jnp.asarray(batch.y_BxN, dtype), jnp.asarray(batch.w_BxN, dtype)))
     per = []
-    for b, n in enumerate(tape.n_expressions):
-        refined = [e.with_constants(out["consts"][b, i, : len(e.constants)]) if len(e.constants) else e
-                   for i, e in enumerate(tape.expressions[b])]
-        losses = np.asarray(out["losses"][b, :n], np.float64)
+    for b, lo, ex in batch.slots:
+        rows = slice(lo, lo + len(ex))
+        refined = [e.with_constants(out["consts"][b, lo + i, : len(e.constants)]) if len(e.constants) else e
+                   for i, e in enumerate(ex)]
+        losses = np.asarray(out["losses"][b, rows], np.float64)
         failed = ~np.isfinite(losses)
         per.append(dict(
             expressions=refined, losses=np.where(failed, np.inf, losses),
-            initial_losses=np.asarray(out["initial_losses"][b, :n], np.float64), failed=failed,
-            improved=np.asarray(out["improved"][b, :n]), n_iterations=np.asarray(out["n_iterations"][b, :n]),
-            converged=np.asarray(out["error"][b, :n]) <= tol))
+            initial_losses=np.asarray(out["initial_losses"][b, rows], np.float64), failed=failed,
+            improved=np.asarray(out["improved"][b, rows]), n_iterations=np.asarray(out["n_iterations"][b, rows]),
+            converged=np.asarray(out["grad_norm"][b, rows]) <= tol))
     if not multi:
         return RefineResult(**per[0])
     return RefineResult(**{k: [p[k] for p in per] for k in per[0]})
 
 
-def _refine_folded(exprs, xs, ys, dtype, maxiter, tol, linesearch, maxls, implicit_diff, hessian) -> RefineResult:
-    """Several datasets as one tape: candidates of dataset b read columns [b*D, (b+1)*D) of the stacked inputs."""
-    d = xs[0].shape[1]
-    for b, ex in enumerate(exprs):
-        exprs[b] = itp._check_expressions(ex, d, f" of dataset {b}")
-    flat = [e for ex in exprs for e in ex]
-    offsets = [b * d for b, ex in enumerate(exprs) for _ in ex]
-    tape = itp.compile_tape([flat], len(xs) * d, feature_offsets=[offsets])
-    arrays, c0 = itp.device_arrays(tape, dtype)
-    e_b = tape.signature.n_expressions
-    n_b = itp.point_bucket(max(x.shape[0] for x in xs))
-    xw = np.concatenate([itp.pad_points(x, n_b) for x in xs], axis=1)
-    ypad = [np.concatenate([v, np.repeat(v[:1], n_b - len(v))]) for v in ys]
-    wpad = [(np.arange(n_b) < len(v)).astype(np.float64) for v in ys]
-    ds_of = np.repeat(np.arange(len(xs)), [len(ex) for ex in exprs])
-    yr = np.zeros((e_b, n_b))
-    wr = np.ones((e_b, n_b))
-    yr[: len(flat)] = np.stack(ypad)[ds_of]
-    wr[: len(flat)] = np.stack(wpad)[ds_of]
-    real = jnp.asarray((np.arange(e_b) < len(flat))[None])
-    program = _refine_program(tape.signature, int(maxiter), float(tol), linesearch, int(maxls),
-                              bool(implicit_diff), bool(jax.config.jax_enable_x64), _check_hessian(hessian))
-    out = jax.device_get(program(arrays, c0, real, jnp.asarray(xw[None], dtype), jnp.asarray(yr[None], dtype),
-                                 jnp.asarray(wr[None], dtype)))
-    per, lo = [], 0
-    for ex in exprs:
-        hi = lo + len(ex)
-        refined = [e.with_constants(out["consts"][0, lo + i, : len(e.constants)]) if len(e.constants) else e
-                   for i, e in enumerate(ex)]
-        losses = np.asarray(out["losses"][0, lo:hi], np.float64)
-        failed = ~np.isfinite(losses)
-        per.append(dict(
-            expressions=refined, losses=np.where(failed, np.inf, losses),
-            initial_losses=np.asarray(out["initial_losses"][0, lo:hi], np.float64), failed=failed,
-            improved=np.asarray(out["improved"][0, lo:hi]), n_iterations=np.asarray(out["n_iterations"][0, lo:hi]),
-            converged=np.asarray(out["error"][0, lo:hi]) <= tol))
-        lo = hi
-    return RefineResult(**{k: [p[k] for p in per] for k in per[0]})
-
-
 def make_refine_fn(expressions: Sequence, n_features: int, *, maxiter: int = 100, tol: float = 1e-5,
-                   linesearch: str = "backtracking", maxls: int = 10, dtype=None):
+                   linesearch: str = "lockstep", hessian: str = "hybrid", maxls: int = 10, dtype=None):
     """A pure, jittable, differentiable ``f(X_NxD, y_N) -> (constants_ExP, losses_E)`` for fixed candidates.
 
-    Gradients w.r.t. X and y flow through implicit differentiation of the BFGS solution. X must be finite; every
-    row counts (no padding). Constants are returned padded to the tape's width (zeros beyond each candidate's own).
+    Gradients w.r.t. X and y flow through implicit differentiation of the BFGS solution (``jax.grad``,
+    ``jax.jacobian``, ``jax.jit`` and ``jax.vmap`` of ``f`` all work). X must be finite; every row counts (no
+    padding). Constants are returned padded to the tape's width (zeros beyond each candidate's own). ``f`` is
+    traced in the caller's JAX setting: ``dtype`` defaults to float64 when ``jax_enable_x64`` is on where
+    ``make_refine_fn`` is called, else float32 (wrap the calls in ``jax.enable_x64(True)`` for float64 without
+    the global flag). Other options as in ``refine``.
     """
-    dtype = dtype or itp.default_float_dtype()
+    _check_options(maxiter, tol, linesearch, hessian, maxls)
+    dtype = np.dtype(dtype or itp.default_float_dtype())
     tape = itp.compile_tape([list(expressions)], n_features)
-    arrays, c0 = itp.device_arrays(tape, dtype)
-    arrays = jax.tree_util.tree_map(lambda a: a[0], arrays)
+    arrays = {k: jnp.asarray(v[0]) for k, v in tape.arrays.items()}
+    c0_ExP = jnp.asarray(tape.consts[0], dtype)
     sig = tape.signature
-    solve = _make_solver(sig, int(maxiter), float(tol), linesearch, True, int(maxls))
+    solve = _make_solver(sig, int(maxiter), float(tol), linesearch, True, int(maxls), hessian)
     n_real = tape.n_expressions[0]
+    rows = jnp.arange(sig.n_expressions)
 
-    def f(x, y):
-        x = jnp.asarray(x, dtype)
-        y = jnp.asarray(y, dtype).reshape(-1)
-        w = jnp.ones_like(y)
-        vary = jnp.var(y)
-        vary = jnp.where(vary > 0, vary, 1.0)
-        l0 = _losses(sig, arrays, c0[0], x, y, w, vary)
-        active = (jnp.arange(sig.n_expressions) < n_real) & jnp.isfinite(l0)
-        c_end, _ = solve(c0[0], jnp.arange(sig.n_expressions), active, arrays, x, y, w, vary)
-        l_end = _losses(sig, arrays, c_end, x, y, w, vary)
+    def f(x_NxD, y_N):
+        x_NxD = jnp.asarray(x_NxD, dtype)
+        y_N = jnp.asarray(y_N, dtype).reshape(-1)
+        problem = make_problem(arrays, x_NxD, y_N, jnp.ones_like(y_N))
+        l0 = _losses(sig, problem, c0_ExP)
+        active = (rows < n_real) & jnp.isfinite(l0)
+        c_end, _ = solve(c0_ExP, rows, active, problem)
+        l_end = _losses(sig, problem, c_end)
         better = active & jnp.isfinite(l_end) & (l_end <= l0)
-        c = jnp.where(better[:, None], c_end, c0[0])
-        return c[:n_real], _losses(sig, arrays, c, x, y, w, vary)[:n_real]
+        c = jnp.where(better[:, None], c_end, c0_ExP)
+        return c[:n_real], _losses(sig, problem, c)[:n_real]
 
     return f

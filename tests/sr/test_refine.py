@@ -17,23 +17,49 @@ def perturbed(scale, seed):
     return TRUE.with_constants(TRUE.constants * (1 + scale * r.uniform(-1, 1, len(TRUE.constants))))
 
 
-def test_recovers_known_constants_from_perturbed_starts():
-    cands = [perturbed(0.2, s) for s in range(4)] + [Expression(["log", "x_0"])]
-    res = refine(cands, X, Y, maxiter=100, linesearch="zoom", maxls=20)
-    assert res.failed.tolist() == [False] * 4 + [True]  # log of negative x -> failed, batch unaffected
-    for e, l in zip(res.expressions[:4], res.losses[:4]):
-        assert l < 1e-6
-        np.testing.assert_allclose(e.constants, TRUE.constants, rtol=2e-3, atol=2e-3)
-    assert np.isinf(res.losses[4]) and res.expressions[4] == cands[4]
-    assert (res.losses[:4] <= res.initial_losses[:4]).all()
+# the batch most tests share (one compiled program per option set): three perturbed starts of the true expression,
+# one candidate that fails (log of negative x) and one wrong skeleton
+CANDS = [perturbed(0.3, s) for s in range(3)] + [Expression(["log", "x_0"]), Expression(["mul", 2.0, "x_1"])]
+MAXITER = 300  # for plain BFGS; the hybrid stops long before
+
+
+def _check_recovered(res, max_loss):
+    assert res.failed.tolist() == [False, False, False, True, False]  # log of negative x fails, batch unaffected
+    assert np.isinf(res.losses[3]) and res.expressions[3] == CANDS[3]
+    for e, l in zip(res.expressions[:3], res.losses[:3]):
+        assert l < max_loss
+        np.testing.assert_allclose(e.constants, TRUE.constants, rtol=5e-3, atol=5e-3)
+    assert (res.losses[[0, 1, 2, 4]] <= res.initial_losses[[0, 1, 2, 4]]).all()
+    # the wrong skeleton c * x_1 is fitted by least squares: its best c is x_1.y / x_1.x_1 (no intercept)
+    slope = X[:, 1] @ Y / (X[:, 1] @ X[:, 1])
+    np.testing.assert_allclose(res.expressions[4].constants, [slope], rtol=1e-3)
+
+
+def test_default_lockstep_recovers_constants_in_float64_and_isolates_failures():
+    """Both Hessian models recover the constants; the Gauss-Newton hybrid needs far fewer evaluations; float64
+    (the default) without touching the global x64 flag."""
+    assert not jax.config.jax_enable_x64
+    hyb = refine(CANDS, X, Y, maxiter=MAXITER)
+    plain = refine(CANDS, X, Y, hessian="bfgs", maxiter=MAXITER)
+    assert not jax.config.jax_enable_x64
+    _check_recovered(hyb, max_loss=1e-12)  # float32 could not get below ~1e-7 relative
+    _check_recovered(plain, max_loss=1e-6)
+    np.testing.assert_allclose(hyb.expressions[0].constants, TRUE.constants, rtol=1e-6)
+    assert hyb.converged.all() and plain.converged[[0, 1, 2, 4]].all()
+    assert hyb.n_iterations[:3].mean() < 0.7 * plain.n_iterations[:3].mean()
+
+
+@pytest.mark.parametrize("linesearch", ["backtracking", pytest.param("zoom", marks=pytest.mark.slow)])
+def test_jaxopt_line_searches_recover_constants(linesearch):
+    _check_recovered(refine(CANDS, X, Y, linesearch=linesearch, maxls=20), max_loss=1e-6)
 
 
 def test_batched_equals_one_by_one():
-    cands = [perturbed(0.3, s) for s in range(3)] + [Expression(["add", 0.1, "mul", 0.2, "x_1"])]
-    batch = refine(cands, X, Y, linesearch="zoom", maxls=20)
-    for i, c in enumerate(cands):
-        one = refine([c], X, Y, linesearch="zoom", maxls=20)
-        np.testing.assert_allclose(batch.losses[i], one.losses[0], rtol=1e-3, atol=1e-6)
+    batch = refine(CANDS, X, Y, maxiter=MAXITER)  # the program of the test above
+    for i in (1, 4):
+        one = refine([CANDS[i]], X, Y, maxiter=MAXITER)
+        np.testing.assert_allclose(batch.losses[i], one.losses[0], rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(batch.expressions[i].constants, one.expressions[0].constants, rtol=1e-6)
 
 
 def test_never_worse_than_start_and_no_recompile():
@@ -47,35 +73,42 @@ def test_never_worse_than_start_and_no_recompile():
         assert (r.losses <= r.initial_losses + 1e-7).all()
 
 
-def test_several_datasets_vmap():
-    X2 = RNG.standard_normal((60, 2))
-    Y2 = -2.0 + 0.5 * X2[:, 1]
-    lin = Expression(["add", 0.0, "mul", 1.0, "x_1"])
-    res = refine([[perturbed(0.1, 0), lin], [lin, perturbed(0.1, 1)]], np.stack([X, X2]), np.stack([Y, Y2]),
-                 linesearch="zoom", maxls=20)
-    assert res.losses[0][0] < 1e-6 and res.losses[1][0] < 1e-6
-    np.testing.assert_allclose(res.expressions[1][0].constants, [-2.0, 0.5], atol=1e-3)
+def _padded(x, d):
+    return np.concatenate([x, np.zeros((x.shape[0], d - x.shape[1]))], axis=1)
 
 
-def test_float64():
-    jax.config.update("jax_enable_x64", True)
-    try:
-        res = refine([perturbed(0.1, 3)], X, Y, linesearch="zoom", maxls=20, tol=1e-10)
-        assert res.losses[0] < 1e-9
-        np.testing.assert_allclose(res.expressions[0].constants, TRUE.constants, rtol=1e-5)
-    finally:
-        jax.config.update("jax_enable_x64", False)
+def test_generator_datasets_beyond_float32_range():
+    """The generator's own datasets with max |y| of 2e21 (> 1e19: squares overflow float32), 8.8e60 and 4.1e84
+    (> 3.4e38: y itself overflows float32) refine to small losses, in one folded call."""
+    from sr_jax.generator import sample
+
+    samples = [sample([7, i]) for i in (180, 0, 200)]
+    assert [f"{np.abs(s.y_N).max():.2g}" for s in samples] == ["2.2e+21", "8.8e+60", "4.1e+84"]
+    r = np.random.default_rng(0)
+    cands = [[s.expression.with_constants(c * (1 + 1e-3 * r.uniform(-1, 1, len(c))))]
+             for c, s in ((s.expression.constants, s) for s in samples)]
+    res = refine(cands, [_padded(s.x_NxD, 10) for s in samples], [s.y_N for s in samples])
+    assert not jax.config.jax_enable_x64
+    for b, s in enumerate(samples):
+        assert not res.failed[b][0]
+        assert res.losses[b][0] < 1e-8 and res.losses[b][0] <= res.initial_losses[b][0]
+        assert 0 < res.initial_losses[b][0] < np.inf
+        # the reported loss is the plain MSE / var(y) of the returned expression, computed in float64 numpy
+        pred = res.expressions[b][0].evaluate_numpy(s.x_NxD)
+        want = np.mean(((pred - s.y_N) / np.std(s.y_N)) ** 2)
+        np.testing.assert_allclose(res.losses[b][0], want, rtol=1e-6, atol=1e-14)
 
 
-def test_gradient_through_refinement_matches_least_squares():
-    """Implicit differentiation: d(refined constants)/dy for a linear model equals pinv(A)."""
-    f = make_refine_fn([Expression(["add", 0.3, "mul", 0.2, "x_1"])], 2, linesearch="zoom", maxls=20)
-    y = jnp.asarray(Y, jnp.float32)
-    jac = np.asarray(jax.jacobian(lambda yy: f(X, yy)[0][0, :2])(y))
-    a = np.stack([np.ones(len(Y)), X[:, 1]], axis=1)
-    np.testing.assert_allclose(jac, np.linalg.pinv(a), atol=2e-4)
-    g = np.asarray(jax.grad(lambda xx: f(xx, y)[1].sum())(jnp.asarray(X, jnp.float32)))
-    assert np.isfinite(g).all() and np.abs(g).max() > 0
+def test_float32_on_request_scales_y_and_rejects_what_it_cannot_hold():
+    y = np.exp(70.0 + 0.5 * X[:, 0])  # up to ~1e31: squares overflow float32 unless y is scaled
+    cand = Expression(["exp", "add", 69.5, "mul", 0.6, "x_0"])
+    res = refine([cand], X, y, dtype=jnp.float32)
+    assert not res.failed[0] and res.losses[0] < 1e-6
+    np.testing.assert_allclose(res.expressions[0].constants, [70.0, 0.5], rtol=1e-4)
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        refine([cand], X, y * 1e10, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="dtype must be float32 or float64"):
+        refine([cand], X, y, dtype=jnp.float16)
 
 
 @pytest.mark.parametrize("x, y, msg", [
@@ -89,50 +122,35 @@ def test_bad_inputs(x, y, msg):
         refine([Expression(["mul", 1.0, "x_0"])], x, y)
 
 
-def test_folded_datasets_equal_vmapped_and_one_by_one():
-    """Several datasets folded into one tape (default) give the vmapped path's / per-dataset results."""
-    X2 = RNG.standard_normal((40, 2))  # different number of points: padded, masked per candidate
-    Y2 = -2.0 + 0.5 * X2[:, 1] * X2[:, 0]
-    lin = Expression(["add", 0.0, "mul", 1.0, "x_1"])
-    prod = Expression(["add", 0.3, "mul", 0.8, "mul", "x_0", "x_1"])
-    cands = [[perturbed(0.2, 0), lin], [prod, lin, Expression(["log", "x_0"])]]
-    kw = dict(linesearch="zoom", maxls=20)
-    folded = refine(cands, [X, X2], [Y, Y2], **kw)
-    vm = refine(cands, [X, X2], [Y, Y2], fold_datasets=False, **kw)
-    for b, (xx, yy) in enumerate([(X, Y), (X2, Y2)]):
-        one = refine(cands[b], xx, yy, **kw)
-        np.testing.assert_allclose(folded.losses[b], vm.losses[b], rtol=1e-3, atol=1e-6)
-        np.testing.assert_allclose(folded.losses[b], one.losses, rtol=1e-3, atol=1e-6)
-        np.testing.assert_allclose(folded.initial_losses[b], one.initial_losses, rtol=1e-5)
-    assert folded.failed[1].tolist() == [False, False, True]
-    assert folded.losses[1][0] < 1e-6
+@pytest.mark.parametrize("x, y, kw, msg", [
+    (np.ones((5, 1)) * (1 + 1j), np.ones(5), {}, "X is complex"),
+    (np.ones((5, 1)), np.ones(5) * (1 + 0.5j), {}, "y is complex"),
+    ([np.ones((5, 1))], [np.ones(5) * 1j], {}, "y \\(dataset 0\\) is complex"),
+    (np.ones((5, 1)), np.ones(5), dict(linesearch="wolfe"),
+     "linesearch must be one of 'lockstep', 'backtracking', 'zoom'; got 'wolfe'"),
+    (np.ones((5, 1)), np.ones(5), dict(maxiter=-1), "maxiter must be an integer >= 0"),
+    (np.ones((5, 1)), np.ones(5), dict(tol=float("nan")), "tol must be >= 0"),
+])
+def test_bad_inputs_and_options(x, y, kw, msg):
+    cands = [Expression(["mul", 1.0, "x_0"])]
+    with pytest.raises(ValueError, match=msg):
+        refine([cands] if isinstance(x, list) else cands, x, y, **kw)
 
 
-@pytest.mark.parametrize("hessian", ["hybrid", "bfgs"])
-def test_default_lockstep_recovers_constants_and_isolates_failures(hessian):
-    cands = [perturbed(0.3, s) for s in range(3)] + [Expression(["log", "x_0"]), Expression(["mul", 2.0, "x_1"])]
-    res = refine(cands, X, Y, hessian=hessian, maxiter=100 if hessian == "hybrid" else 300)
-    assert res.failed.tolist() == [False, False, False, True, False]
-    assert np.isinf(res.losses[3]) and res.expressions[3] == cands[3]
-    for e, l in zip(res.expressions[:3], res.losses[:3]):
-        assert l < 1e-6
-        np.testing.assert_allclose(e.constants, TRUE.constants, rtol=5e-3, atol=5e-3)
-    assert (res.losses[[0, 1, 2, 4]] <= res.initial_losses[[0, 1, 2, 4]]).all()
-    # the wrong skeleton c * x_1 is fitted by least squares: its best c is x_1.y / x_1.x_1 (no intercept)
-    slope = X[:, 1] @ Y / (X[:, 1] @ X[:, 1])
-    np.testing.assert_allclose(res.expressions[4].constants, [slope], rtol=1e-3)
-
-
-def test_hybrid_needs_fewer_evaluations_than_plain_bfgs():
-    cands = [perturbed(0.3, s) for s in range(6)]
-    hyb = refine(cands, X, Y, hessian="hybrid", maxiter=300)
-    plain = refine(cands, X, Y, hessian="bfgs", maxiter=300)
-    assert hyb.converged.all() and plain.converged.all()
-    assert hyb.n_iterations.mean() < 0.7 * plain.n_iterations.mean()
+def test_maxiter_zero_returns_the_initial_losses():
+    cands = [perturbed(0.3, 0), Expression(["log", "x_0"]), Expression(["x_1"])]
+    res = refine(cands, X, Y, maxiter=0)
+    assert res.failed.tolist() == [False, True, False]
+    for i in (0, 2):
+        want = np.mean((cands[i].evaluate_numpy(X) - Y) ** 2) / np.var(Y)
+        np.testing.assert_allclose(res.losses[i], want, rtol=1e-9)
+        assert res.expressions[i] == cands[i]
+    np.testing.assert_array_equal(res.losses, res.initial_losses)
+    assert not res.improved.any() and (res.n_iterations == 0).all()
 
 
 def test_gauss_newton_pass_matches_autodiff():
-    """One reverse sweep seeded with ones gives the same loss/gradient as jax.grad, and B = 2 J'J / (N var)."""
+    """One reverse sweep seeded with the y scale gives the same loss/gradient as jax.grad, and B = 2 J'J / (N var)."""
     import importlib
 
     import sr_jax.interpreter as itp
@@ -142,10 +160,12 @@ def test_gauss_newton_pass_matches_autodiff():
     arrays, c0 = itp.device_arrays(tape, jnp.float32)
     arrays = jax.tree_util.tree_map(lambda a: a[0], arrays)
     x, y, w = jnp.asarray(X, jnp.float32), jnp.asarray(Y, jnp.float32), jnp.ones(len(Y), jnp.float32)
-    vary = rf._weighted_var(y, w)
-    l1, g1 = rf._batch_value_and_grad(tape.signature, arrays, c0[0], x, y, w, vary)
-    l2, g2, gn = rf._batch_gauss_newton(tape.signature, arrays, c0[0], x, y, w, vary)
+    problem = rf.make_problem(arrays, x, y, w)  # y is scaled by a power of two: B and g are not
+    vary = np.var(Y)
+    l1, g1 = rf._batch_value_and_grad(tape.signature, problem, c0[0])
+    l2, g2, gn = rf._batch_gauss_newton(tape.signature, problem, c0[0])
     np.testing.assert_allclose(l2[:3], l1[:3], rtol=1e-5)
+    np.testing.assert_allclose(l1[0], np.mean((cands[0].evaluate_numpy(X) - Y) ** 2) / vary, rtol=1e-5)
     np.testing.assert_allclose(g2[:3], g1[:3], rtol=1e-4, atol=1e-6)
     # the constant expression 3.0: d pred / d c = 1 everywhere, so B = 2 / var(y)
     np.testing.assert_allclose(gn[2, 0, 0], 2.0 / float(vary), rtol=1e-5)
@@ -170,12 +190,12 @@ def test_gauss_newton_only_where_needed_equals_full():
     arrays, c0 = itp.device_arrays(tape, jnp.float32)
     arrays = jax.tree_util.tree_map(lambda a: a[0], arrays)
     x, y, w = jnp.asarray(X, jnp.float32), jnp.asarray(Y, jnp.float32), jnp.ones(len(Y), jnp.float32)
-    vary = rf._weighted_var(y, w)
+    problem = rf.make_problem(arrays, x, y, w)
     sig = tape.signature
-    l, g, gn_all = rf._batch_gauss_newton(sig, arrays, c0[0], x, y, w, vary)
+    l, g, gn_all = rf._batch_gauss_newton(sig, problem, c0[0])
     below = jnp.where(jnp.arange(sig.n_expressions) % 7 == 0, jnp.inf, -jnp.inf)  # 10 of 64 need B
     assert int(jnp.sum(below > 0)) <= rf._partial_capacity(sig.n_expressions)
-    l2, g2, gn_some = rf._batch_gauss_newton(sig, arrays, c0[0], x, y, w, vary, below)
+    l2, g2, gn_some = rf._batch_gauss_newton(sig, problem, c0[0], below)
     need = np.asarray(below > 0)
     np.testing.assert_allclose(gn_some[need], gn_all[need], rtol=1e-5, atol=1e-7)
     assert float(jnp.abs(gn_some[~need]).max()) == 0.0
@@ -193,3 +213,46 @@ def test_gauss_newton_only_where_needed_equals_full():
     d = np.diag(reg)
     reg = reg + np.diag(np.where(d > 0, 1e-4 * d + 1e-7 * d.max(), 1.0))
     np.testing.assert_allclose(out[k] @ reg, np.eye(reg.shape[0]), atol=2e-3)
+
+
+def test_folded_datasets_equal_vmapped_and_one_by_one():
+    """Several datasets folded into one tape (default) give the vmapped path's / per-dataset results."""
+    X2 = RNG.standard_normal((40, 2))  # different number of points: padded, masked per candidate
+    Y2 = -2.0 + 0.5 * X2[:, 1] * X2[:, 0]
+    prod = Expression(["add", 0.3, "mul", 0.8, "mul", "x_0", "x_1"])
+    cands = [CANDS, [prod, Expression(["add", 0.0, "mul", 1.0, "x_1"]), Expression(["log", "x_0"])]]
+    folded = refine(cands, [X, X2], [Y, Y2], maxiter=MAXITER)
+    vm = refine(cands, [X, X2], [Y, Y2], fold_datasets=False, maxiter=MAXITER)
+    for b, (xx, yy) in enumerate([(X, Y), (X2, Y2)]):
+        one = refine(cands[b], xx, yy, maxiter=MAXITER)  # dataset 0: the program of the tests above
+        np.testing.assert_allclose(folded.losses[b], vm.losses[b], rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(folded.losses[b], one.losses, rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(folded.initial_losses[b], one.initial_losses, rtol=1e-9)
+    assert folded.failed[1].tolist() == [False, False, True]
+    assert folded.losses[1][0] < 1e-12
+    np.testing.assert_allclose(folded.expressions[1][0].constants, [-2.0, 0.5], rtol=1e-6)
+
+
+def test_make_refine_fn_is_differentiable_end_to_end():
+    """``make_refine_fn`` under jax.jit(jax.value_and_grad): the gradient w.r.t. y of a function of the refined
+    constants (implicit differentiation of the solver) matches central finite differences of the refinement itself
+    along random directions (float64 in a scoped x64 context)."""
+    lin = Expression(["add", 0.3, "mul", 0.2, "x_1"])
+    wave = Expression(["add", 1.0, "mul", 1.5, "sin", "mul", 0.8, "x_0"])
+    y = 1.5 + 2.0 * np.sin(0.7 * X[:, 0]) + 0.05 * np.cos(3.0 * X[:, 1])  # not an exact fit: residuals != 0
+    with jax.enable_x64(True):
+        f = make_refine_fn([lin, wave], 2, tol=1e-12)
+        weights = jnp.asarray([[0.5, -2.0, 0.0], [0.3, -1.0, 2.0]])  # over the padded constants of both
+
+        def score(yy):
+            c_ExP, losses_E = f(X, yy)
+            return jnp.sum(c_ExP[:, :3] * weights) + losses_E[1]
+
+        value_and_grad = jax.jit(jax.value_and_grad(score))
+        _, g = value_and_grad(jnp.asarray(y))
+        h = 1e-4
+        for seed in range(2):
+            v = np.random.default_rng(seed).standard_normal(len(Y))
+            up, down = value_and_grad(jnp.asarray(y + h * v))[0], value_and_grad(jnp.asarray(y - h * v))[0]
+            np.testing.assert_allclose(float(np.asarray(g) @ v), (float(up) - float(down)) / (2 * h), rtol=1e-5)
+    assert not jax.config.jax_enable_x64

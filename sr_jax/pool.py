@@ -15,7 +15,7 @@ Sources (``Candidate.source``):
   - constant; linear (intercept + every feature); quadratic (full, with cross terms, for D <= 3; intercept, linear
     and square terms for D > 3); cubic per feature without cross terms (D <= 3);
   - unary terms: a + b * u(c * z_j + d) + poly(z) for u in sin, cos, exp, log, sqrt, inv, where poly is linear in
-    every feature, plus squares when D <= 3, plus cross products when D <= 2. The inner (c, d) starts at
+    every feature plus their squares, plus cross products when D <= 2. The inner (c, d) starts at
     (scale_j, offset_j), i.e. u of the *raw* feature x_j, the unit a user's formula is written in; where that is not
     finite (or constant) on the data the standardised feature (c, d) = (1, 0) is tried. For D <= 3 and u in sin, cos, exp, also a + (b + e * z_j) * u(...) + poly(z)
     (a unary times a linear term). All features for D <= 3, the 4 most |Pearson|-correlated with y otherwise.
@@ -38,7 +38,7 @@ from .generator import ExpressionGenerator, GeneratorConfig
 UNARY_BASES = ("sin", "cos", "exp", "log", "sqrt", "inv")
 _PRODUCT_UNARIES = ("sin", "cos", "exp")
 _MAX_UNARY_FEATURES = 4  # unary bases on at most this many features when D > 3
-_SMALL_D = 3  # full quadratic, cubic, unary-times-linear and squares in poly(z) up to this many features
+_SMALL_D = 3  # full quadratic, cubic and unary-times-linear bases up to this many features
 
 
 # ----- prior skeletons ---------------------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def basis_candidates(z_NxD: np.ndarray, y_N: np.ndarray, offset_D: Optional[np.n
     add(_poly_terms(z, squares=True, cross=small))
     if small:
         add(_poly_terms(z, squares=True, cross=False, cubes=True))
-    poly = _poly_terms(z, squares=small, cross=d <= 2)
+    poly = _poly_terms(z, squares=True, cross=d <= 2)
     features = range(d) if small else correlation_order(z, y)[:_MAX_UNARY_FEATURES]
     for j in features:
         for u in unaries:

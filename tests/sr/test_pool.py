@@ -48,6 +48,10 @@ def test_bases_contain_the_exact_answer_before_refinement():
     z2, m2, s2 = _standardise(x2)
     y = 1.5 * x2[:, 0] * x2[:, 1] - 0.7 * x2[:, 1] + 2  # quadratic with a cross term
     assert _best(basis_candidates(z2, y, m2, s2), z2, y) < 1e-20
+    x10 = rng.uniform(-3, 3, (150, 10))
+    z10, m10, s10 = _standardise(x10)
+    y = 2.5 * np.sin(x10[:, 3]) + x10[:, 7] ** 2  # wide: unary of a correlated feature + squares
+    assert _best(basis_candidates(z10, y, m10, s10), z10, y) < 1e-20
     xp = rng.uniform(0.5, 3, (150, 3))
     zp, mp, sp = _standardise(xp)
     y = 4.0 * xp[:, 0] ** 2 * xp[:, 2] / xp[:, 1]  # power law (positive features, one-signed y)

@@ -95,10 +95,11 @@ class Problem(NamedTuple):
     """What every candidate's objective shares: one dataset (or, folded, one y row per candidate) and its tape.
 
     ``y_RxN`` and ``w_RxN`` have R = 1 (one dataset for all candidates) or R = E_b (one row per candidate);
-    ``y_RxN`` is already multiplied by ``y_scale_Rx1``, a power of two that brings max |y| into [0.5, 1), and the
-    predictions are multiplied by the same factor before they are compared (``_residuals``), so squares and var(y)
-    stay in range whatever the magnitude of y, and the loss is exactly the unscaled one. ``var_y_R``: var of the
-    scaled y over the real points (1 where it is not positive).
+    ``y_RxN`` is already multiplied by ``y_scale_Rx1``, a power of two that brings max |y| into [0.5, 1) (or near
+    it, at the ends of the dtype's exponent range), and the predictions are multiplied by the same factor before
+    they are compared (``_residuals``), so squares and var(y) stay in range whatever the magnitude of y, and the
+    loss is exactly the unscaled one. ``var_y_R``: var of the scaled y over the real points (1 where it is not
+    positive).
     """
 
     arrays: dict  # the tape's index arrays for this dataset (interpreter._fill)
@@ -115,7 +116,8 @@ def make_problem(arrays, x_NxD, y, w) -> Problem:
     w_RxN = jnp.broadcast_to(w if w.ndim == 2 else w[None, :], y_RxN.shape)
     max_abs = jnp.max(jnp.where(w_RxN > 0, jnp.abs(y_RxN), 0.0), axis=1, keepdims=True)
     _, exponent = jnp.frexp(jax.lax.stop_gradient(max_abs))  # max_abs = m 2^exponent, m in [0.5, 1)
-    y_scale = jnp.ldexp(jnp.ones_like(max_abs), -exponent)
+    info = jnp.finfo(y_RxN.dtype)  # the scale stays a normal number: max |y| ends in [0.5, 4) or below 0.5 if tiny
+    y_scale = jnp.ldexp(jnp.ones_like(max_abs), -jnp.clip(exponent, info.minexp + 2, info.maxexp - 2))
     y_RxN = y_RxN * y_scale
     return Problem(arrays, x_NxD, y_RxN, w_RxN, y_scale, _weighted_var(y_RxN, w_RxN))
 

@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from sr_jax import Expression, make_refine_fn, refine
 from sr_jax.interpreter import COMPILE_COUNTER
@@ -97,6 +98,24 @@ def test_generator_datasets_beyond_float32_range():
         pred = res.expressions[b][0].evaluate_numpy(s.x_NxD)
         want = np.mean(((pred - s.y_N) / np.std(s.y_N)) ** 2)
         np.testing.assert_allclose(res.losses[b][0], want, rtol=1e-6, atol=1e-14)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(-300, 300), st.sampled_from(["float32", "float64"]))
+def test_loss_is_exact_for_any_magnitude_of_y(k, dtype):
+    """MSE / var(y) of a prediction 1.1 y: squares of y overflow (or underflow) for |k| > 154 in float64, |k| > 19
+    in float32, but y is compared after scaling by a power of two."""
+    import importlib
+
+    rf = importlib.import_module("sr_jax.refine")
+    if dtype == "float32":
+        k = k // 9  # within float32's range
+    base = 1.0 + np.sin(np.arange(50.0))
+    with jax.enable_x64(dtype == "float64"):
+        y = jnp.asarray(base * 10.0**k, dtype)
+        problem = rf.make_problem({}, jnp.zeros((50, 1), dtype), y, jnp.ones(50, dtype))
+        loss = float(rf._residuals(1.1 * y[None], problem).loss_E[0])
+    np.testing.assert_allclose(loss, 0.01 * np.mean(base**2) / np.var(base), rtol=1e-12 if dtype == "float64" else 1e-5)
 
 
 def test_float32_on_request_scales_y_and_rejects_what_it_cannot_hold():

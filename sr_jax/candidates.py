@@ -99,13 +99,16 @@ def model_candidates(trained, datasets: Sequence[tuple[np.ndarray, np.ndarray]],
                      beam_size: int = 10, n_samples: int = 32, temperature: float = 1.0, length_penalty: float = 1.0,
                      max_len: int | None = None, seed: int = 0) -> list[list[Candidate]]:
     """The transformer's candidates for each (X standardised, y) dataset: greedy first, then the beam's or the
-    samples' distinct expressions, each with its log-probability. Every candidate parses (grammar-constrained)."""
+    samples' distinct expressions, each with its log-probability. Every candidate parses (grammar-constrained).
+
+    `max_len`: generated tokens at most (EOS included); default: the longest training target."""
     if decoding not in DECODINGS:
         raise ValueError(f"unknown decoding {decoding!r}; choose from {', '.join(DECODINGS)}")
     if not datasets:
         return []
     cfg, model, params = trained
-    max_len = min(max_len or cfg.model.max_len - 1, cfg.model.max_len - 1)
+    # default: the longest target the model was trained on (targets are padded to data.target_buckets, BOS included)
+    max_len = min(max_len or max(cfg.data.target_buckets) - 1, cfg.model.max_len - 1)
     width = {"greedy": 1, "beam": int(beam_size), "sample": int(n_samples)}[decoding]
     if width < 1:
         raise ValueError(f"beam_size / n_samples must be >= 1, got {width}")

@@ -246,7 +246,7 @@ class SymbolicTransformerRegressor:
     """
 
     def __init__(self, model_path=None, candidate_sources=_SOURCES, max_input_points: int = 200,
-                 max_number_bags: int = 4, decoding: str = "beam", beam_size: int = 10, n_samples: int = 32,
+                 max_number_bags: int = 4, decoding: str = "beam", beam_size: int = 4, n_samples: int = 32,
                  temperature: float = 1.0, n_prior: int = 32, max_refine_points: int = 1024,
                  refine_iterations: int = 100, validation_fraction: float = 0.25,
                  complexity_tolerance: float = 0.05, tidy: bool = True, random_state=None):

@@ -62,7 +62,9 @@ def validate(tm: TrainedModel, problems: list, refine_maxiter: int = 100, *, dec
     cands = model_candidates(tm, datasets, decoding=decoding, beam_size=beam_size, n_samples=beam_size)
     exprs = [[c.expression for c in cs] for cs in cands]
     out = {"valid": float(np.mean([len(c) > 0 for c in cands]))}
-    refined = refine(exprs, [p.x_NxD for p in problems], [p.y_N for p in problems], maxiter=refine_maxiter)
+    width = max(p.x_NxD.shape[1] for p in problems)  # one refinement call needs one width: pad unused columns
+    xs = [np.pad(p.x_NxD, ((0, 0), (0, width - p.x_NxD.shape[1]))) for p in problems]
+    refined = refine(exprs, xs, [p.y_N for p in problems], maxiter=refine_maxiter)
     for tag, chosen in (("", exprs), ("_refined", refined.expressions)):
         best_r2, best_acc = [], []
         for p, es in zip(problems, chosen):

@@ -59,3 +59,16 @@ def test_cli_train_and_errors(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown config key 'model.widht'")
     missing = run("export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
     assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_validation_hook_logs_in_domain_scores(tmp_path):
+    """train.eval_every: greedy candidates of a fixed generated set (1- and 2-variable problems in one refinement
+    call) before and after refinement, logged with an eval/ prefix."""
+    cfg = _cfg("train.steps=2", "train.eval_every=2", "eval.n_problems=3", "eval.refine_maxiter=5")
+    r = run_training(cfg, tmp_path, progress=False)
+    last = r.history[-1]
+    for key in ("eval/valid", "eval/r2>0.99", "eval/r2>0.99_refined", "eval/acc0.1", "eval/acc0.1_refined"):
+        assert 0.0 <= last[key] <= 1.0
+    assert last["eval/valid"] == 1.0  # the grammar makes every greedy candidate parse
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "eval/r2>0.99_refined" in logged[-1]

@@ -88,10 +88,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _our_factory(args, time_limit_s: float | None) -> Callable[[int], Any]:
     """``seed -> SymbolicTransformerRegressor(...)`` with the options the command line gives."""
-    try:
-        from .estimator import SymbolicTransformerRegressor
-    except ImportError as e:
-        raise ValueError(f"sr_jax's regressor is not available ({e})") from None
+    from .estimator import SymbolicTransformerRegressor
+
     kwargs: dict = {}
     if args.sources:
         kwargs["candidate_sources"] = tuple(s.strip() for s in args.sources.split(",") if s.strip())

@@ -1,6 +1,5 @@
 """`run.py sr bench`: error paths give one line and exit 2; a run with a test regressor and with Operon works."""
 
-import importlib.util
 import json
 
 import numpy as np
@@ -53,13 +52,6 @@ def test_compare_operon_without_pyoperon_says_how_to_install(monkeypatch, capsys
     assert main(["feynman", "--limit", "1", "--compare", "operon"], make_regressor=_linear) == 2
     err = capsys.readouterr().err.strip()
     assert "pyoperon" in err and 'pip install -e ".[operon]"' in err and "\n" not in err
-
-
-@pytest.mark.skipif(importlib.util.find_spec("sr_jax.estimator") is not None,
-                    reason="sr_jax.estimator exists: nothing is missing")
-def test_missing_estimator_is_an_error(capsys):
-    assert main(["feynman", "--limit", "1", "--no-progress"]) == 2
-    assert "regressor is not available" in capsys.readouterr().err
 
 
 def test_run_with_a_test_regressor_writes_json(tmp_path, capsys):

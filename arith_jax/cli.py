@@ -11,16 +11,14 @@ import json
 import sys
 from pathlib import Path
 
+from core_jax.cli import add_train_parser, train_from_args
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run.py arith", description="Abacus-embedding arithmetic transformers")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train (or resume) a model from a config")
-    t.add_argument("--config", required=True, help="configs/arith_*.yaml")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set model.recurrences=8 (repeatable)")
-    t.add_argument("--workdir", help="checkpoints and metrics (default: runs/<config name>); rerun to resume")
+    t = add_train_parser(sub, "a model", "configs/arith_*.yaml", "model.recurrences=8")
     t.add_argument("--eval-max-len", type=int, default=None,
                    help="after training, evaluate the grid up to this length (default: eval.max_len; 0 = skip)")
 
@@ -49,18 +47,8 @@ def _train(args) -> None:
     from arith_jax.config import ArithConfig
     from arith_jax.evaluate import run_evaluation
     from arith_jax.train import build_model, run_training
-    from core_jax.config import load_config
-    from core_jax.sharding import maybe_initialize_distributed
 
-    maybe_initialize_distributed()
-    cfg = load_config(ArithConfig, args.config, args.set)
-    workdir = Path(args.workdir or Path("runs") / cfg.name)
-    print(f"training {cfg.name} into {workdir}", file=sys.stderr)
-    result = run_training(cfg, workdir)
-    if result.resumed_from is not None:
-        print(f"resumed from step {result.resumed_from}", file=sys.stderr)
-    if result.history:
-        print(json.dumps(result.history[-1]))
+    cfg, workdir, result = train_from_args(args, ArithConfig, run_training)
     max_len = cfg.eval.max_len if args.eval_max_len is None else args.eval_max_len
     if max_len:
         report = run_evaluation(build_model(cfg), result.state.params, cfg.data.task, cfg.data.max_len, max_len,

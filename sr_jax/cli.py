@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from core_jax.cli import add_train_parser, train_from_args
+
 DELEGATED = {"fit": "sr_jax.fit_cli", "bench": "sr_jax.bench_cli"}
 
 
@@ -18,11 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run.py sr", description="End-to-end symbolic regression with transformers",
                                 epilog="also: `run.py sr fit -h` (fit a formula to a CSV), `run.py sr bench -h`")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train (or resume) an E2E model from a config")
-    t.add_argument("--config", required=True, help="configs/sr_*.yaml")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.steps=2000 (repeatable)")
-    t.add_argument("--workdir", help="checkpoints and metrics (default: runs/<config name>); rerun to resume")
+    add_train_parser(sub, "an E2E model", "configs/sr_*.yaml", "train.steps=2000")
 
     d = sub.add_parser("describe", help="print a config's model size without training")
     d.add_argument("--config", required=True)
@@ -44,20 +42,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> None:
-    from core_jax.config import load_config
-    from core_jax.sharding import maybe_initialize_distributed
     from sr_jax.config import SRConfig
     from sr_jax.train import run_training
 
-    maybe_initialize_distributed()
-    cfg = load_config(SRConfig, args.config, args.set)
-    workdir = Path(args.workdir or Path("runs") / cfg.name)
-    print(f"training {cfg.name} into {workdir}", file=sys.stderr)
-    result = run_training(cfg, workdir)
-    if result.resumed_from is not None:
-        print(f"resumed from step {result.resumed_from}", file=sys.stderr)
-    if result.history:
-        print(json.dumps(result.history[-1]))
+    train_from_args(args, SRConfig, run_training)
 
 
 def _describe(args) -> None:

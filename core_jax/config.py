@@ -1,17 +1,24 @@
-"""Frozen-dataclass configs loaded from YAML with `--set a.b=value` overrides.
+"""Frozen-dataclass configs loaded from YAML with `--set a.b=value` overrides, validated at load time.
 
 One loader serves every package: a config is a tree of frozen dataclasses, a YAML file fills any subset of its
-fields, and command-line overrides win over the file. Unknown keys and ill-typed values are errors that name the key,
-so a typo never silently trains the wrong model.
+fields, and command-line overrides win over the file. Unknown keys, ill-typed values and values outside a key's
+allowed range are errors that name the key, so a typo never silently trains the wrong model.
+
+Ranges are declared, not scattered: a config dataclass may define `config_rules(section) -> [(dotted key, Rule)]`,
+where `section` is its own fully populated section as a nested dict (defaults filled in, values already of the
+right type), so a rule may depend on other keys (`model.width` a multiple of `model.heads`). The loader checks
+every section's rules top-down before any dataclass is built, and every float without a rule must be finite.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import yaml
 
@@ -22,29 +29,90 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the config's schema."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What one config key may hold: `ok(value)` is True for allowed values; `allowed` says which, in words."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+
+
+def at_least(lo: float) -> Rule:
+    """A number >= lo (finite)."""
+    return Rule(lambda v: _finite(v) and v >= lo, f">= {lo}")
+
+
+def between(lo: float, hi: float) -> Rule:
+    """A number in [lo, hi] (finite)."""
+    return Rule(lambda v: _finite(v) and lo <= v <= hi, f"in [{lo}, {hi}]")
+
+
+def positive() -> Rule:
+    """A finite number > 0."""
+    return Rule(lambda v: _finite(v) and v > 0, "a finite number > 0")
+
+
+def one_of(choices: Sequence[Any]) -> Rule:
+    return Rule(lambda v: v in choices, f"one of {list(choices)}")
+
+
+def each(rule: Rule) -> Rule:
+    """Every item of a list satisfies `rule`."""
+    return Rule(lambda v: all(rule.ok(x) for x in v), f"a list of items each {rule.allowed}")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
-    """Builds dataclass `cls` from a (possibly partial) nested mapping; missing fields keep their defaults."""
+    """Builds dataclass `cls` from a (possibly partial) nested mapping; missing fields keep their defaults.
+
+    Types are checked and coerced first, then every section's `config_rules` (see the module docstring), and only
+    then are the dataclasses built, so no `__post_init__` ever sees a value outside its range.
+    """
+    tree = _coerce_section(cls, data, where)
+    _check_rules(cls, tree, where)
+    return _build(cls, tree, where)
+
+
+def _init_fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _coerce_section(cls: type, data: Mapping[str, Any] | None, where: str) -> dict:
+    """{field: coerced value} for every init field of `cls` (nested dataclasses as such dicts), defaults filled."""
     data = dict(data or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = _init_fields(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
             f"unknown config key {where + unknown[0]!r}; valid keys here: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, where + name)
-    return cls(**kwargs)
+    tree = {}
+    for name, f in fields.items():
+        if name in data:
+            value = data[name]
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            raise ConfigError(f"config key {where + name!r} has no default; give it a value")
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = to_dict(value)
+        tree[name] = _coerce(hints[name], value, where + name)
+    return tree
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = to_dict(value)
         if not isinstance(value, Mapping):
             raise ConfigError(f"config key {key!r} is a section; give a mapping, not {value!r}")
-        return from_dict(tp, value, key + ".")
+        return _coerce_section(tp, value, key + ".")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -75,12 +143,16 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return value
         raise ConfigError(f"config key {key!r} expects true/false, got {value!r}")
     if tp is int:
+        if isinstance(value, str):
+            value = _number(value)
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             raise ConfigError(f"config key {key!r} expects an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            value = _number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r} expects a number, got {value!r}")
         return float(value)
@@ -89,6 +161,87 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r} expects a string, got {value!r}")
         return value
     return value
+
+
+# decimal numbers as people type them: 3, -2, 1e-3, 1E3, .5, 5., -2.5e+4, inf, -Infinity, nan, YAML's .inf (no YAML
+# 1.1 octal, sexagesimal or underscores: "010" is ten)
+_INT_RE = re.compile(r"[+-]?\d+")
+_FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_SPECIAL_RE = re.compile(r"([+-]?)\.?(inf|infinity|nan)", re.IGNORECASE)
+
+
+def _number(text: str) -> Any:
+    """`text` as an int or float when it spells a decimal number (or inf/nan), else unchanged."""
+    t = text.strip()
+    if _INT_RE.fullmatch(t):
+        return int(t)
+    if _FLOAT_RE.fullmatch(t):
+        return float(t)
+    special = _SPECIAL_RE.fullmatch(t)
+    if special:
+        return float(special.group(1) + special.group(2))
+    return text
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML whose plain-scalar numbers are the decimal spellings above (config files and --set values)."""
+
+
+_NUMBER_TAG = "tag:core_jax,2026:number"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    _NUMBER_TAG, re.compile(f"^(?:{_INT_RE.pattern}|{_FLOAT_RE.pattern}|{_SPECIAL_RE.pattern})$", re.IGNORECASE),
+    list("+-0123456789.iInN"))
+_Loader.add_constructor(_NUMBER_TAG, lambda loader, node: _number(loader.construct_scalar(node)))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+def _get(tree: Mapping, key: str) -> Any:
+    node: Any = tree
+    for k in key.split("."):
+        node = node[k]
+    return node
+
+
+def _check_rules(cls: type, tree: dict, where: str, ruled: frozenset = frozenset()) -> None:
+    """Checks `cls`'s own rules on its section, then every float without a rule is finite, then the subsections.
+
+    `ruled`: the full keys a rule of an enclosing section already decided (they may allow inf).
+    """
+    rules = list(cls.config_rules(tree)) if hasattr(cls, "config_rules") else []
+    for key, rule in rules:
+        value = _get(tree, key)
+        if value is not None and not rule.ok(value):
+            raise ConfigError(f"config key {where + key!r} must be {rule.allowed}, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    ruled = ruled | {where + key for key, _ in rules}
+    for name in _init_fields(cls):
+        tp, value = hints[name], tree[name]
+        if dataclasses.is_dataclass(tp):
+            _check_rules(tp, value, where + name + ".", ruled)
+        elif where + name not in ruled and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key {where + name!r} must be a finite number, got {value!r}")
+        elif where + name not in ruled and isinstance(value, tuple) and any(
+                isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise ConfigError(f"config key {where + name!r} must hold finite numbers, got {list(value)!r}")
+
+
+def _build(cls: type[T], tree: dict, where: str) -> T:
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _build(hints[name], value, where + name + ".") if dataclasses.is_dataclass(hints[name])
+              else value for name, value in tree.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a dataclass's own cross-field check; name the section it came from
+        section = where.rstrip(".")
+        raise ConfigError(f"{section}: {e}" if section and section + "." not in str(e) else str(e)) from None
 
 
 def to_dict(cfg: Any) -> dict:
@@ -103,7 +256,11 @@ def to_dict(cfg: Any) -> dict:
 
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
-    """Applies `a.b.c=value` strings (values parsed as YAML) to a nested dict, returning a new dict."""
+    """Applies `a.b.c=value` strings to a nested dict, returning a new dict.
+
+    Values are YAML (`true`, `[a, b]`, `{k: v}`, `null`) whose numbers are decimal spellings as people type them
+    (`1e-3`, `.5`, `inf`; `010` is ten), unlike YAML 1.1, which reads `1e-3` as a string and `010` as octal.
+    """
     out = _deepcopy(data)
     for item in overrides:
         if "=" not in item:
@@ -113,7 +270,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         if not all(keys):
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw)
+            value = _load_yaml(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: cannot parse value ({e.__class__.__name__})") from None
         node = out
@@ -137,9 +294,17 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found; see configs/ for the shipped ones")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = _load_yaml(path.read_text(encoding="utf-8-sig"))
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") \
+                from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+        if data is None:
+            raise ConfigError(f"config file {str(path)!r} is empty; give at least its name and the sections "
+                              f"you change (see configs/)")
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at top level")
     data = apply_overrides(data, overrides)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from core_jax import sharding as shd
 from core_jax.checkpoint import Checkpointer
+from core_jax.config import Rule, at_least, between, positive
 from core_jax.optim import OptimConfig, make_optimizer
 
 
@@ -38,6 +39,17 @@ class TrainConfig:
     eval_every: int = 0           # > 0: call the task's eval_fn(params, step) every this many steps (and at the end)
     seed: int = 0
     optim: OptimConfig = OptimConfig()
+
+    @staticmethod
+    def config_rules(section: dict) -> list[tuple[str, Rule]]:
+        """Allowed ranges (checked by core_jax.config when the config is loaded)."""
+        below_one = Rule(lambda v: 0 <= v < 1, "in [0, 1)")
+        return [("steps", at_least(1)), ("log_every", at_least(1)), ("ckpt_every", at_least(1)),
+                ("keep_checkpoints", at_least(1)), ("eval_every", at_least(0)),
+                ("optim.lr", positive()), ("optim.warmup_frac", between(0, 1)), ("optim.warmup_steps", at_least(0)),
+                ("optim.warmup_init", at_least(0)), ("optim.decay_frac", between(0, 1)),
+                ("optim.min_lr_frac", between(0, 1)), ("optim.b1", below_one), ("optim.b2", below_one),
+                ("optim.eps", positive()), ("optim.weight_decay", at_least(0)), ("optim.clip_norm", at_least(0))]
 
 
 class TrainState(struct.PyTreeNode):

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from core_jax.cli import add_train_parser, train_from_args
+from core_jax.cli import Interrupted, add_train_parser, train_from_args
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,4 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return e.exit_status
     return 0

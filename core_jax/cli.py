@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -19,8 +20,20 @@ def add_train_parser(sub, what: str, config_hint: str, example: str) -> argparse
     return t
 
 
+class Interrupted(Exception):
+    """Training stopped early by SIGINT/SIGTERM after saving a checkpoint; exit with `exit_status` (128 + signal)."""
+
+    def __init__(self, signum: int, step: int, workdir: Path):
+        self.exit_status = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; the checkpoint is saved in "
+                         f"{workdir}; rerun the same command to resume")
+
+
 def train_from_args(args, config_cls: type, run_training: Callable[[Any, Path], Any]) -> tuple[Any, Path, Any]:
-    """Loads the config, trains (or resumes) into the workdir, reports; returns (config, workdir, result)."""
+    """Loads the config, trains (or resumes) into the workdir, reports; returns (config, workdir, result).
+
+    Raises `Interrupted` when a signal stopped training (the caller skips any evaluation and exits with its status).
+    """
     from core_jax.config import load_config
     from core_jax.sharding import maybe_initialize_distributed
 
@@ -33,4 +46,6 @@ def train_from_args(args, config_cls: type, run_training: Callable[[Any, Path], 
         print(f"resumed from step {result.resumed_from}", file=sys.stderr)
     if result.history:
         print(json.dumps(result.history[-1]))
+    if result.interrupted_by is not None:
+        raise Interrupted(result.interrupted_by, int(result.state.step), workdir)
     return cfg, workdir, result

@@ -3,19 +3,22 @@
 A task supplies three pure pieces — `init_params(rng)`, `loss_fn(params, batch, rng) -> (loss, metrics)` and
 `batch_fn(step) -> dict of numpy arrays` (deterministic in the step, so the step *is* the data-stream position;
 batches may come in a few different shapes, each compiled once) — and optionally `eval_fn(params, step) -> dict`
-(validation, logged with an `eval/` prefix every `eval_every` steps); `train` does the rest: AdamW, sharding over all devices, Orbax checkpoints every `ckpt_every` steps and on
-SIGTERM/Ctrl-C, metrics as JSON lines, and a progress bar. Restarting with the same workdir resumes exactly.
+(validation, logged with an `eval/` prefix every `eval_every` steps); `train` does the rest: AdamW, sharding over
+all devices, Orbax checkpoints every `ckpt_every` steps and promptly on SIGTERM/Ctrl-C (the host never runs more
+than two steps ahead of the device), metrics as JSON lines that read as one run across restarts, and a progress
+bar of finished steps. Restarting with the same workdir resumes exactly.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,12 +93,88 @@ class TrainResult:
     history: list[dict]
     resumed_from: int | None
     data_wait_s: float = 0.0   # time spent inside batch_fn (host-side data the step did not hide)
+    interrupted_by: int | None = None  # the signal (SIGINT, SIGTERM) that stopped training early, after saving
+
+
+MAX_STEPS_IN_FLIGHT = 2  # dispatched steps not yet finished; bounds how long a signal waits for the device
+
+
+class _Pending(NamedTuple):
+    step: int          # the step count once this step has run
+    metrics: dict      # its metrics, still on the device
+    log: bool          # whether this step writes a metrics record
+
+
+class _MetricsLog:
+    """metrics.jsonl of one run across restarts: rows past the restored step are dropped (they were trained again
+    after the resume), and `time_s`/`data_wait_s` continue from the last kept row."""
+
+    def __init__(self, path: Path | None, start: int):
+        self.path, self.file = path, None
+        self.time_offset = self.wait_offset = 0.0
+        if path is None:
+            return
+        kept = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= start:
+                    kept.append(line)
+                    self.time_offset = float(row.get("time_s", self.time_offset))
+                    self.wait_offset = float(row.get("data_wait_s", self.wait_offset))
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+        self.file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT set `signum` instead of killing the process (main thread only); a second SIGINT raises
+    KeyboardInterrupt as usual. The previous handlers come back on exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                break
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, loss_fn: LossFn,
           batch_fn: Callable[[int], dict], meta: dict | None = None, stop_at: int | None = None,
           progress: bool = True, mesh=None, eval_fn: Callable[[Any, int], dict] | None = None) -> TrainResult:
-    """Runs (or resumes) training to `cfg.steps`. `stop_at` ends early after saving (used to test resumption)."""
+    """Runs (or resumes) training to `cfg.steps`. `stop_at` ends early after saving (used to test resumption).
+
+    At most `MAX_STEPS_IN_FLIGHT` steps run ahead of the host, so SIGTERM or Ctrl-C (first press) stops within
+    about that many steps: the state is saved, the final evaluation is skipped, and the result's `interrupted_by`
+    holds the signal. The progress bar counts finished steps.
+    """
     mesh = mesh or shd.data_mesh()
     tx = make_optimizer(cfg.optim, cfg.steps)
     repl = shd.replicated(mesh)
@@ -115,48 +194,60 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
     step_fn = jax.jit(make_train_step(loss_fn, tx), in_shardings=(repl, shd.batch_sharding(mesh)),
                       out_shardings=(repl, repl), donate_argnums=0)
 
-    metrics_file = None
+    log_path = None
     if workdir and jax.process_index() == 0:
         Path(workdir).mkdir(parents=True, exist_ok=True)
-        metrics_file = open(Path(workdir) / "metrics.jsonl", "a")
-
-    interrupted = {"flag": False}
-    old_handler = None
-    try:
-        old_handler = signal.signal(signal.SIGTERM, lambda *_: interrupted.__setitem__("flag", True))
-    except ValueError:  # not the main thread
-        pass
+        log_path = Path(workdir) / "metrics.jsonl"
+    metrics_log = _MetricsLog(log_path, start)
 
     history: list[dict] = []
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or jax.process_index() != 0,
                desc="train", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
     t0 = time.perf_counter()
     data_wait_s = 0.0
+    pending: collections.deque[_Pending] = collections.deque()
+
+    def finish_oldest(eval_metrics: dict | None = None) -> None:
+        """Waits for the oldest dispatched step, counts it, and writes its record if it logs."""
+        p = pending.popleft()
+        host = _to_host(p.metrics)  # blocks until the step has run
+        bar.update(1)
+        if p.log:
+            record = dict(host, step=p.step, time_s=round(metrics_log.time_offset + time.perf_counter() - t0, 3),
+                          data_wait_s=round(metrics_log.wait_offset + data_wait_s, 3))
+            if eval_metrics:
+                record.update({f"eval/{k}": float(v) for k, v in eval_metrics.items()})
+            history.append(record)
+            metrics_log.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+
+    saved = start
+    stop = _StopSignals()
     try:
-        for step in range(start, end):
-            state, metrics = step_fn(state, shd.shard_batch(next_batch, mesh))
-            done = step + 1
-            if done < end:  # generated on the host while the device runs the step just dispatched
-                t_data = time.perf_counter()
-                next_batch = batch_fn(done)
-                data_wait_s += time.perf_counter() - t_data
-            evaluate = eval_fn is not None and cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == end)
-            if done % cfg.log_every == 0 or done == end or evaluate:
-                record = dict(_to_host(metrics), step=done, time_s=round(time.perf_counter() - t0, 3),
-                              data_wait_s=round(data_wait_s, 3))
-                if evaluate:
-                    record.update({f"eval/{k}": float(v) for k, v in eval_fn(state.params, done).items()})
-                history.append(record)
-                if metrics_file:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-            bar.update(1)
-            if ckpt is not None and (done % cfg.ckpt_every == 0 or done == end or interrupted["flag"]):
-                ckpt.save(done, state, meta)
-            if interrupted["flag"]:
-                break
-    except KeyboardInterrupt:
+        with stop:
+            for step in range(start, end):
+                if stop.signum is not None:
+                    break
+                state, metrics = step_fn(state, shd.shard_batch(next_batch, mesh))
+                done = step + 1
+                evaluate = eval_fn is not None and cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == end)
+                pending.append(_Pending(done, metrics, done % cfg.log_every == 0 or done == end or evaluate))
+                if done < end:  # generated on the host while the device runs the step just dispatched
+                    t_data = time.perf_counter()
+                    next_batch = batch_fn(done)
+                    data_wait_s += time.perf_counter() - t_data
+                while len(pending) > (0 if evaluate else MAX_STEPS_IN_FLIGHT):
+                    finish_oldest(eval_fn(state.params, done) if evaluate and len(pending) == 1 else None)
+                if ckpt is not None and (done % cfg.ckpt_every == 0 or done == end or stop.signum is not None):
+                    while pending:
+                        finish_oldest()
+                    ckpt.save(done, state, meta)
+                    saved = done
+            while pending:
+                finish_oldest()
+            if ckpt is not None and stop.signum is not None and saved != int(state.step):
+                ckpt.save(int(state.step), state, meta)
+    except KeyboardInterrupt:  # a second Ctrl-C: save what is there unless the interrupt hit a step
         if ckpt is not None:
             try:
                 ckpt.save(int(state.step), state, meta)
@@ -165,10 +256,8 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
         raise
     finally:
         bar.close()
-        if metrics_file:
-            metrics_file.close()
+        metrics_log.close()
         if ckpt is not None:
             ckpt.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
-    return TrainResult(state=state, history=history, resumed_from=resumed_from, data_wait_s=data_wait_s)
+    return TrainResult(state=state, history=history, resumed_from=resumed_from, data_wait_s=data_wait_s,
+                       interrupted_by=stop.signum)

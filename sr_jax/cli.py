@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from core_jax.cli import add_train_parser, train_from_args
+from core_jax.cli import Interrupted, add_train_parser, train_from_args
 
 DELEGATED = {"fit": "sr_jax.fit_cli", "bench": "sr_jax.bench_cli"}
 
@@ -118,4 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return e.exit_status
     return 0

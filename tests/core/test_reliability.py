@@ -1,0 +1,169 @@
+"""Stopping and restarting the training loop: bounded run-ahead, prompt save on SIGTERM/Ctrl-C, exit status
+128 + signal from the CLI, and metrics.jsonl that reads as one run across restarts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from core_jax import train as trainlib
+from core_jax.config import load_config
+from core_jax.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def toy(steps=8, **kw):
+    return load_config(TrainConfig, None, [f"steps={steps}", "log_every=1", "ckpt_every=1000",
+                                           "optim.lr=0.1", *[f"{k}={v}" for k, v in kw.items()]])
+
+
+def init_params(rng):
+    return {"w": jnp.zeros(4)}
+
+
+def loss_fn(params, batch, rng):
+    return jnp.mean((params["w"] - batch["x"]) ** 2), {}
+
+
+def batches(step):
+    return {"x": np.full((2, 4), float(step % 3), np.float32)}
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_host_runs_at_most_two_steps_ahead(monkeypatch):
+    """When batch_fn(s) runs (right after step s-1 was dispatched), steps up to s-3 have been waited for: the host
+    never has more than MAX_STEPS_IN_FLIGHT = 2 earlier steps outstanding, even with no logging due (log_every
+    100). Waiting for a step = fetching its metrics (`_to_host`), which is what is counted here; JAX's asynchronous
+    dispatch would otherwise let the host run ahead of an accelerator by many steps."""
+    fetched = []
+    real_to_host = trainlib._to_host
+    monkeypatch.setattr(trainlib, "_to_host", lambda m: fetched.append(1) or real_to_host(m))
+    lag = []
+
+    def batch_fn(step):
+        lag.append(step - len(fetched))  # steps dispatched minus steps waited for
+        return batches(step)
+
+    result = train(toy(steps=12, log_every=100), None, init_params, loss_fn, batch_fn, progress=False)
+    assert max(lag) == 3 and len(fetched) == 12 and len(result.history) == 1, lag
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_promptly_and_rerun_resumes(tmp_path, signum):
+    def batch_fn(step):
+        if step == 3:
+            os.kill(os.getpid(), signum)  # arrives while step 2 runs
+        return batches(step)
+
+    cfg = toy(steps=50)
+    first = train(cfg, tmp_path, init_params, loss_fn, batch_fn, progress=False)
+    stopped = int(first.state.step)
+    assert first.interrupted_by == signum
+    assert 3 <= stopped <= 5  # within the steps in flight (MAX_STEPS_IN_FLIGHT = 2), not at 50
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [stopped]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    second = train(cfg, tmp_path, init_params, loss_fn, batches, progress=False)
+    assert second.resumed_from == stopped and second.interrupted_by is None and int(second.state.step) == 50
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 51))  # one run: every step once, in order
+    times = [r["time_s"] for r in rows]
+    assert times == sorted(times)
+
+
+def test_metrics_after_resume_read_as_one_run(tmp_path):
+    """A run killed after its checkpoint at step 4 had logged steps 5..6: the rerun trains 5..6 again, and the
+    file keeps one row per step with time_s continuing from the last kept row."""
+    cfg = toy(steps=8)
+    train(cfg, tmp_path, init_params, loss_fn, batches, progress=False, stop_at=4)
+    rows = read_metrics(tmp_path)
+    last_time = rows[-1]["time_s"]
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # what the killed process wrote after its last save
+        f.write(json.dumps(dict(rows[-1], step=5, time_s=last_time + 50)) + "\n")
+        f.write(json.dumps(dict(rows[-1], step=6, time_s=last_time + 60)) + "\n")
+        f.write('{"loss": 0.1, "st')  # cut short by the kill
+    result = train(cfg, tmp_path, init_params, loss_fn, batches, progress=False)
+    assert result.resumed_from == 4
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(r["time_s"] >= last_time for r in rows[4:]) and rows[4]["time_s"] < last_time + 50
+    assert [r["time_s"] for r in rows] == sorted(r["time_s"] for r in rows)
+
+
+def test_metrics_without_checkpoint_start_over(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0, "time_s": 9.0}) + "\n")
+    train(toy(steps=2), tmp_path, init_params, loss_fn, batches, progress=False)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert read_metrics(tmp_path)[0]["time_s"] < 9.0
+
+
+TINY = str(ROOT / "configs" / "arith_tiny.yaml")
+SMALL = ["model.width=16", "model.ffn=32", "model.heads=2", "model.recurrences=1", "data.batch_size=4",
+         "train.log_every=1", "train.ckpt_every=1000"]
+
+
+def test_cli_sigterm_exits_143_and_rerun_resumes(tmp_path, capsys):
+    """A real SIGTERM to `run.py arith train`: checkpoint at the signal, no evaluation, exit status 143."""
+    from arith_jax.cli import main
+
+    work = tmp_path / "run"
+    sets = [a for s in SMALL for a in ("--set", s)]
+    cmd = ["train", "--config", TINY, "--workdir", str(work), *sets]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "arith", *cmd, "--set", "train.steps=100000"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = work / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    t_signal = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert time.time() - t_signal < 30, "the save should not wait for many dispatched steps"
+    assert proc.returncode == 143, err[-2000:]
+    assert "interrupted by SIGTERM" in err and "rerun the same command to resume" in err and "Traceback" not in err
+    saved = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and saved[0] >= 3  # saved on the signal, not at ckpt_every=1000
+    assert not (work / "eval.json").exists()  # no evaluation after an interruption
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1)) and steps[-1] >= saved[0] - 2
+
+    # the rerun (asked to stop where the checkpoint is, so it trains nothing) resumes from the saved step
+    assert main(cmd + ["--set", f"train.steps={saved[0]}", "--eval-max-len", "0"]) == 0
+    assert f"resumed from step {saved[0]}" in capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, saved[0] + 1))
+
+
+@pytest.mark.parametrize("package,signum", [("arith", signal.SIGINT), ("sr", signal.SIGTERM)])
+def test_cli_exit_status_is_128_plus_signal(monkeypatch, tmp_path, capsys, package, signum):
+    """Both packages' train commands: an interrupted run exits 128 + signal (130 Ctrl-C, 143 SIGTERM) and skips
+    the evaluation."""
+    import importlib
+    from types import SimpleNamespace
+
+    def interrupted_run(cfg, workdir):
+        return trainlib.TrainResult(state=SimpleNamespace(step=7), history=[{"step": 7, "loss": 1.0}],
+                                    resumed_from=None, interrupted_by=signum)
+
+    def no_evaluation(*a, **k):
+        raise AssertionError("evaluated after an interruption")
+
+    monkeypatch.setattr(importlib.import_module(f"{package}_jax.train"), "run_training", interrupted_run)
+    monkeypatch.setattr("arith_jax.evaluate.run_evaluation", no_evaluation)
+    config = {"arith": TINY, "sr": str(ROOT / "configs" / "sr_tiny.yaml")}[package]
+    main = importlib.import_module(f"{package}_jax.cli").main
+    assert main(["train", "--config", config, "--workdir", str(tmp_path)]) == 128 + signum
+    err = capsys.readouterr().err
+    assert f"interrupted by {signal.Signals(signum).name} at step 7" in err

@@ -1,41 +1,45 @@
 """`python run.py arith {train,eval,solve,export}`: the command line of the arithmetic package.
 
-Every user error (bad config key, missing checkpoint, malformed problem) ends in one line on stderr and exit
-status 2, never a traceback.
+Every user error (bad flag or config key, missing checkpoint, malformed problem, unwritable output) ends in one
+line on stderr and exit status 2, never a traceback; outputs are checked for writability before the work starts.
+`solve --file` reports each bad line as `FILE:LINE: error: ...`, answers the others, and exits 2 if any failed.
+An interrupted `train` exits with 128 + the signal (130 for Ctrl-C, 143 for SIGTERM) after saving.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
-from core_jax.cli import Interrupted, add_train_parser, train_from_args
+from core_jax.cli import (Interrupted, OneLineParser, UsageError, add_train_parser, check_writable,
+                          check_writable_dir, int_at_least, int_list_at_least, train_from_args)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run.py arith", description="Abacus-embedding arithmetic transformers")
+def _parser() -> OneLineParser:
+    p = OneLineParser(prog="run.py arith", description="Abacus-embedding arithmetic transformers")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = add_train_parser(sub, "a model", "configs/arith_*.yaml", "model.recurrences=8")
-    t.add_argument("--eval-max-len", type=int, default=None,
+    t.add_argument("--eval-max-len", type=int_at_least(0), default=None,
                    help="after training, evaluate the grid up to this length (default: eval.max_len; 0 = skip)")
 
     e = sub.add_parser("eval", help="accuracy grid (JSON + heatmap) of a checkpoint")
     e.add_argument("--checkpoint", help="training workdir or export (default: the shipped model)")
-    e.add_argument("--max-len", type=int, help="grid up to this operand length (default: eval.max_len)")
-    e.add_argument("--n", type=int, help="problems per cell (default: eval.n_per_cell)")
-    e.add_argument("--sweep", help="comma-separated equal operand lengths beyond the grid, e.g. 30,40,50")
-    e.add_argument("--recurrences", type=int, help="passes at test time (looped models)")
+    e.add_argument("--max-len", type=int_at_least(1), help="grid up to this operand length (default: eval.max_len)")
+    e.add_argument("--n", type=int_at_least(1), help="problems per cell (default: eval.n_per_cell)")
+    e.add_argument("--sweep", type=int_list_at_least(1),
+                   help="comma-separated equal operand lengths beyond the grid, e.g. 30,40,50")
+    e.add_argument("--recurrences", type=int_at_least(1), help="passes at test time (looped models)")
     e.add_argument("--json", help="write the report here")
     e.add_argument("--plot", help="write the heatmap PNG here")
 
     s = sub.add_parser("solve", help="answer problems such as 123+456")
     s.add_argument("problems", nargs="*", help='problems in ordinary digit order, e.g. "123+456"')
-    s.add_argument("--file", help="a text file with one problem per line")
+    s.add_argument("--file", help="a UTF-8 text file with one problem per line (blank lines are skipped)")
     s.add_argument("--checkpoint", help="training workdir or export (default: the shipped model)")
-    s.add_argument("--recurrences", type=int, help="passes at test time (looped models)")
+    s.add_argument("--recurrences", type=int_at_least(1), help="passes at test time (looped models)")
 
     x = sub.add_parser("export", help="write a parameters-only copy of a checkpoint")
     x.add_argument("--checkpoint", required=True)
@@ -43,11 +47,35 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_lengths(cfg, flag: str, lengths) -> None:
+    """One-line error when an evaluation length is beyond what the model's position table holds."""
+    from arith_jax.config import fits_positions
+    from core_jax.config import to_dict
+
+    model = to_dict(cfg.model)
+    for n in lengths:
+        if not fits_positions(model, cfg.data.task, n, n, train=False):
+            limit = max((k for k in range(1, n) if fits_positions(model, cfg.data.task, k, k, train=False)),
+                        default=0)
+            raise UsageError(f"{flag} {n} is beyond this model's position table (model.table_size "
+                             f"{cfg.model.table_size}): at most {limit}")
+
+
+def _check_recurrences(cfg, recurrences: int | None) -> None:
+    if recurrences is not None and not cfg.model.shared and recurrences != cfg.model.recurrences:
+        raise UsageError(f"--recurrences {recurrences}: this model has separate weights per pass and runs exactly "
+                         f"{cfg.model.recurrences}; only looped (shared) models take other values")
+
+
 def _train(args) -> None:
     from arith_jax.config import ArithConfig
     from arith_jax.evaluate import run_evaluation
     from arith_jax.train import build_model, run_training
 
+    if args.eval_max_len:
+        from core_jax.config import load_config
+
+        _check_lengths(load_config(ArithConfig, args.config, args.set), "--eval-max-len", [args.eval_max_len])
     cfg, workdir, result = train_from_args(args, ArithConfig, run_training)
     max_len = cfg.eval.max_len if args.eval_max_len is None else args.eval_max_len
     if max_len:
@@ -63,52 +91,120 @@ def _eval(args) -> None:
     from arith_jax.solver import DEFAULT_MODEL
     from arith_jax.train import load_trained
 
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_writable(path, flag)
     cfg, model, params = load_trained(args.checkpoint or DEFAULT_MODEL)
-    sweep = tuple(int(v) for v in args.sweep.split(",")) if args.sweep else cfg.eval.sweep
-    max_len = args.max_len or cfg.eval.max_len
-    if max_len < 1:
-        raise ValueError("--max-len must be at least 1")
-    report = run_evaluation(model, params, cfg.data.task, cfg.data.max_len, max_len,
-                            args.n or cfg.eval.n_per_cell, sweep, args.json, args.plot,
-                            batch_size=cfg.eval.batch_size, recurrences=args.recurrences or cfg.eval.recurrences,
-                            seed=cfg.eval.seed)
+    sweep = cfg.eval.sweep if args.sweep is None else args.sweep
+    max_len = cfg.eval.max_len if args.max_len is None else args.max_len
+    n = cfg.eval.n_per_cell if args.n is None else args.n
+    recurrences = cfg.eval.recurrences if args.recurrences is None else args.recurrences
+    _check_lengths(cfg, "--max-len", [max_len])
+    _check_lengths(cfg, "--sweep", sweep)
+    _check_recurrences(cfg, recurrences)
+    if args.plot and sweep:
+        plot = Path(args.plot)
+        check_writable(plot.with_name(plot.stem + "_sweep.png"), "--plot (its sweep figure)")
+    report = run_evaluation(model, params, cfg.data.task, cfg.data.max_len, max_len, n, sweep, args.json, args.plot,
+                            batch_size=cfg.eval.batch_size, recurrences=recurrences, seed=cfg.eval.seed)
     summary = {k: v for k, v in report.items() if k != "grid"}
     print(json.dumps(summary, indent=1))
 
 
-def _solve(args) -> None:
+def _read_problem_file(name: str) -> list[tuple[int, str]]:
+    """(line number, text) of each non-blank line of a UTF-8 file (a byte-order mark is allowed)."""
+    path = Path(name)
+    if not path.is_file():
+        raise ValueError(f"problem file {name!r} not found")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"problem file {name!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ValueError(f"cannot read problem file {name!r}: {e.strerror}") from None
+    return [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _answer_each(solver, problems: list[str]) -> list[str | ValueError]:
+    """Solver.solve's answer to each problem, or the ValueError it raises for that problem alone: one call when
+    every problem is good, halving the list to find the bad ones otherwise."""
+    try:
+        return list(solver.solve(problems))
+    except ValueError as e:
+        if len(problems) == 1:
+            return [e]
+        mid = len(problems) // 2
+        return _answer_each(solver, problems[:mid]) + _answer_each(solver, problems[mid:])
+
+
+def _solve(args) -> int:
+    from arith_jax.data import parse_problem
     from arith_jax.solver import Solver
 
-    problems = list(args.problems)
+    # (where to report an error, problem text): command-line problems first, then the file's lines
+    items = [("error", p) for p in args.problems]
     if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise ValueError(f"problem file {args.file!r} not found")
-        problems += [line for line in path.read_text().splitlines() if line.strip()]
-    if not problems:
+        items += [(f"{args.file}:{i}: error", line) for i, line in _read_problem_file(args.file)]
+    if not items:
         raise ValueError('no problems given; pass them as arguments ("123+456") or with --file')
     solver = Solver.load(args.checkpoint, recurrences=args.recurrences)
-    for answer in solver.solve(problems):
-        print(answer)
+    _check_recurrences(solver.cfg, args.recurrences)
+    if solver.task == "sort":
+        raise ValueError("this model sorts; solve takes addition and multiplication problems")
+    results: list[str | ValueError] = []
+    for _, text in items:  # syntax errors without the model
+        try:
+            if _NEGATIVE.fullmatch(text):
+                raise _negative_problem(text)
+            parse_problem(text)
+            results.append("")
+        except ValueError as e:
+            results.append(e)
+    good = [i for i, r in enumerate(results) if not isinstance(r, ValueError)]
+    for i, answer in zip(good, _answer_each(solver, [items[i][1] for i in good])):
+        results[i] = answer
+    for (where, _), result in zip(items, results):
+        if isinstance(result, ValueError):
+            print(f"{where}: {' '.join(str(result).split())}", file=sys.stderr)
+        else:
+            print(result)
+    return 2 if any(isinstance(r, ValueError) for r in results) else 0
 
 
 def _export(args) -> None:
     from arith_jax.train import export_params, load_trained
 
+    check_writable_dir(args.out, "--out")
     cfg, _, params = load_trained(args.checkpoint)
     print(export_params(cfg, params, args.out))
 
 
+_NEGATIVE = re.compile(r"\s*-\s*\d.*|.*[+*x]\s*-\s*\d.*")  # -5+3, 5+-3, 5 * -3
+
+
+def _negative_problem(text: str) -> UsageError:
+    return UsageError(f"problem {text.strip()!r}: negative numbers are not supported; operands are whole "
+                      f"numbers >= 0")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     from core_jax.checkpoint import CheckpointError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        {"train": _train, "eval": _eval, "solve": _solve, "export": _export}[args.command](args)
-    except (ValueError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        try:
+            args = _parser().parse_args(argv)
+        except UsageError:
+            negative = [a for a in argv[1:] if _NEGATIVE.fullmatch(a)] if argv[:1] == ["solve"] else []
+            if negative:
+                raise _negative_problem(negative[0]) from None
+            raise
+        status = {"train": _train, "eval": _eval, "solve": _solve, "export": _export}[args.command](args)
+    except (ValueError, CheckpointError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(e, file=sys.stderr)
         return e.exit_status
-    return 0
+    return status or 0

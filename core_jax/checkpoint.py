@@ -8,6 +8,8 @@ restoring falls back to the newest readable one.
 from __future__ import annotations
 
 import logging
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +48,59 @@ class Checkpointer:
         abstract = jax.tree_util.tree_map(_with_sharding, target)
         errors = []
         for s in steps:
+            previous_hook = _quiet_closed_loop_reports()
             try:
                 out = self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                       meta=ocp.args.JsonRestore()))
-                if errors:
-                    log.warning("skipped unreadable checkpoint(s): %s", "; ".join(errors))
-                return out["state"], dict(out["meta"]), s
             except Exception as e:  # noqa: BLE001 - any read failure means "corrupt", reported below
-                errors.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                errors.append(f"{self.directory / str(s)}: {_reason(e)}")  # the quiet hook stays: reads are late
+                continue
+            sys.unraisablehook = previous_hook  # a clean read leaves nothing outstanding
+            if errors:
+                log.warning("skipped unreadable checkpoint(s): %s", "; ".join(errors))
+            return out["state"], dict(out["meta"]), s
         raise CheckpointError(
-            f"checkpoint(s) in {self.directory} are unreadable or do not match this model "
-            f"({'; '.join(errors)}); delete the broken step directories or train into a new --workdir")
+            f"checkpoint(s) unreadable or not of this model: {'; '.join(errors)}; delete the broken step "
+            f"directories (or restore them from a copy) or train into a new --workdir")
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _reason(e: Exception) -> str:
+    """A short reason for a failed read: tensorstore's first line is a 2,000-character spec; keep its status code
+    and the array it was reading."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    if len(text) <= 200:
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    status = re.match(r"([A-Z_]{4,}):", text)
+    arrays = [a for a in re.findall(r'\\?"path\\?":\\?"([^"\\]+?)/?\\?"', text) if not a.endswith("state")
+              and "/" not in a]
+    return (f"{type(e).__name__}{' ' + status.group(1) if status else ''}"
+            f"{' reading ' + arrays[-1] if arrays else ': ' + text[:160] + '...'}")
+
+
+def _quiet_closed_loop_reports():
+    """Installs (once) a sys.unraisablehook that drops exactly the 'Event loop is closed' reports and passes every
+    other one to the previous hook; returns the hook that was installed before.
+
+    When a restore fails, tensorstore's outstanding reads finish on Orbax's already closed event loop, and Python
+    would print a traceback for each, some while the restore is still unwinding and some seconds later. The hook
+    is installed before each read, taken back after a clean one, and kept after a failed one.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop", False):
+        return previous
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._drops_closed_loop = True
+    sys.unraisablehook = hook
+    return previous
 
 
 def _with_sharding(x):

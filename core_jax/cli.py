@@ -1,13 +1,101 @@
-"""What every package's command line shares: the `train` subcommand (config, --set overrides, resumable workdir)."""
+"""What every package's command line shares: the `train` subcommand (config, --set overrides, resumable workdir),
+one-line usage errors, range-checked flag types, and writability checks that run before the work starts."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+
+class UsageError(ValueError):
+    """A bad command line; printed as one `error: ...` line with exit status 2, like every other user error."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise `UsageError` (one line) instead of printing the usage and exiting;
+    its subcommand parsers are of the same class."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def int_at_least(lo: int) -> Callable[[str], int]:
+    """argparse type: an integer >= lo (the message names the allowed range)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def int_list_at_least(lo: int) -> Callable[[str], tuple[int, ...]]:
+    """argparse type: comma-separated integers, each >= lo, e.g. 30,40,50."""
+    item = int_at_least(lo)
+
+    def parse(text: str) -> tuple[int, ...]:
+        parts = [p.strip() for p in text.split(",")]
+        if not all(parts):
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers >= {lo}, got {text!r}")
+        try:
+            return tuple(item(p) for p in parts)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers >= {lo}, got {text!r}") from None
+    parse.__name__ = f"list of integers >= {lo}"
+    return parse
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Raises ValueError (one line) unless a file can be written at `path`, whose folder must exist: writes and
+    deletes a probe file there, so read-only, missing or full locations fail before any work starts."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write {what} {str(path)!r}: it is a folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"cannot write {what} {str(path)!r}: permission denied")
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        raise ValueError(f"cannot write {what} {str(path)!r}: " + (
+            f"folder {str(folder)!r} does not exist" if existing.is_dir()
+            else f"{str(existing)!r} is a file, not a folder"))
+    _probe(folder, f"{what} {str(path)!r}")
+
+
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """Like `check_writable` for a folder that will receive files (a training workdir, an export); the folder is
+    created if it does not exist yet."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"cannot write {what} {str(path)!r}: it is a file, not a folder")
+    _probe(path.absolute(), f"{what} {str(path)!r}")
+
+
+def _probe(folder: Path, what: str) -> None:
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"cannot write {what}: {str(existing)!r} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write {what}: {e.strerror or e}") from None
 
 
 def add_train_parser(sub, what: str, config_hint: str, example: str) -> argparse.ArgumentParser:
@@ -40,6 +128,7 @@ def train_from_args(args, config_cls: type, run_training: Callable[[Any, Path], 
     maybe_initialize_distributed()
     cfg = load_config(config_cls, args.config, args.set)
     workdir = Path(args.workdir or Path("runs") / cfg.name)
+    check_writable_dir(workdir, "--workdir")
     print(f"training {cfg.name} into {workdir}", file=sys.stderr)
     result = run_training(cfg, workdir)
     if result.resumed_from is not None:

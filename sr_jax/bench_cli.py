@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from core_jax.cli import check_writable, int_at_least
+
 from . import feynman
 
 
@@ -65,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, help="only the first N equations (after the other filters)")
     p.add_argument("--problems", help="comma-separated equation names, e.g. I.6.2a,II.38.14")
     p.add_argument("--max-vars", type=_positive_int, help="only equations with at most K variables")
-    p.add_argument("--seed", type=int, default=0, help="benchmark seed; each problem's seed derives from it")
+    p.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="benchmark seed; each problem's seed derives from it")
     p.add_argument("--n-train", type=_positive_int, default=200, help="training points per problem")
     p.add_argument("--n-test", type=_positive_int, default=200, help="test points per problem")
     p.add_argument("--noise", type=_nonnegative_float, default=0.0,
@@ -127,8 +130,8 @@ def _bench(args, make_regressor: Callable[[int], Any] | None, method: str) -> No
             import pyoperon.sklearn  # noqa: F401
         except ImportError as e:
             raise ValueError(f"pyoperon {feynman.operon_version()} is installed but does not import: {e}") from None
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise ValueError(f"--json {args.json}: directory {Path(args.json).resolve().parent} does not exist")
+    if args.json:
+        check_writable(args.json, "--json")
     table = feynman.load_feynman(args.table)
     names = [n.strip() for n in args.problems.split(",") if n.strip()] if args.problems else None
     problems = feynman.select_problems(table.problems, max_vars=args.max_vars, limit=args.limit, names=names)

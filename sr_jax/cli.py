@@ -6,18 +6,18 @@ line on stderr and exit status 2, never a traceback.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-from core_jax.cli import Interrupted, add_train_parser, train_from_args
+from core_jax.cli import (Interrupted, OneLineParser, add_train_parser, check_writable, check_writable_dir,
+                          int_at_least, train_from_args)
 
 DELEGATED = {"fit": "sr_jax.fit_cli", "bench": "sr_jax.bench_cli"}
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run.py sr", description="End-to-end symbolic regression with transformers",
+def _parser() -> OneLineParser:
+    p = OneLineParser(prog="run.py sr", description="End-to-end symbolic regression with transformers",
                                 epilog="also: `run.py sr fit -h` (fit a formula to a CSV), `run.py sr bench -h`")
     sub = p.add_subparsers(dest="command", required=True)
     add_train_parser(sub, "an E2E model", "configs/sr_*.yaml", "train.steps=2000")
@@ -28,11 +28,12 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="in-domain scores of a model on fresh generated problems")
     e.add_argument("--checkpoint", help="training workdir or export (default: the shipped model)")
-    e.add_argument("--n", type=int, default=100, help="problems (default 100)")
-    e.add_argument("--seed", type=int, default=1, help="generator seed of the problems (default 1)")
-    e.add_argument("--points", type=int, default=200, help="points per problem (default 200)")
+    e.add_argument("--n", type=int_at_least(1), default=100, help="problems (default 100)")
+    e.add_argument("--seed", type=int_at_least(0), default=1, help="generator seed of the problems (default 1)")
+    e.add_argument("--points", type=int_at_least(1), default=200, help="points per problem (default 200)")
     e.add_argument("--decoding", choices=["greedy", "beam", "sample"], default="beam")
-    e.add_argument("--beam-size", type=int, default=10, help="beam width or number of samples (default 10)")
+    e.add_argument("--beam-size", type=int_at_least(1), default=10,
+                   help="beam width or number of samples (default 10)")
     e.add_argument("--json", help="also write the scores here")
 
     x = sub.add_parser("export", help="write a parameters-only copy of a checkpoint")
@@ -70,11 +71,8 @@ def _eval(args) -> None:
 
     from sr_jax.train import load_trained, validate, validation_problems
 
-    for flag, value in (("--n", args.n), ("--points", args.points), ("--beam-size", args.beam_size)):
-        if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
     if args.json:
-        _check_writable(args.json)
+        check_writable(args.json, "--json")
     tm = load_trained(args.checkpoint)
     cfg = dataclasses.replace(tm.config, eval=dataclasses.replace(tm.config.eval, n_problems=args.n, seed=args.seed,
                                                                    n_points=args.points))
@@ -87,19 +85,10 @@ def _eval(args) -> None:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
 
 
-def _check_writable(path: str) -> None:
-    parent = Path(path).absolute().parent
-    if not parent.is_dir():
-        raise ValueError(f"cannot write {path!r}: folder {str(parent)!r} does not exist")
-    import os
-
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"cannot write {path!r}: folder {str(parent)!r} is not writable")
-
-
 def _export(args) -> None:
     from sr_jax.train import export_params, load_trained
 
+    check_writable_dir(args.out, "--out")
     print(export_params(load_trained(args.checkpoint), args.out))
 
 
@@ -109,14 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return importlib.import_module(DELEGATED[argv[0]]).main(argv[1:])
-    args = _parser().parse_args(argv)
     from core_jax.checkpoint import CheckpointError
-    from core_jax.config import ConfigError
 
     try:
+        args = _parser().parse_args(argv)
         {"train": _train, "describe": _describe, "eval": _eval, "export": _export}[args.command](args)
-    except (ValueError, ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, CheckpointError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(e, file=sys.stderr)

@@ -13,6 +13,8 @@ import math
 import sys
 from pathlib import Path
 
+from core_jax.cli import check_writable, int_at_least
+
 _SOURCES = ("model", "prior", "bases")
 
 
@@ -36,8 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", default=",".join(_SOURCES),
                    help=f"comma-separated candidate sources, any of {','.join(_SOURCES)} (default: all)")
     p.add_argument("--model", help="trained transformer directory (default: the shipped model)")
-    p.add_argument("--seed", type=int, default=0, help="random_state of the fit (default 0)")
-    p.add_argument("--n-prior", type=int, default=32, help="skeletons drawn from the generator's prior")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="random_state of the fit (default 0)")
+    p.add_argument("--n-prior", type=int_at_least(0), default=32, help="skeletons drawn from the generator's prior")
     return p
 
 
@@ -161,6 +163,10 @@ def main(argv: list[str]) -> int:
                              else "--sources is empty")
         features = [f.strip() for f in args.features.split(",")] if args.features else None
         x, y, names = read_csv(args.csv, args.target, features)
+        if args.json not in (None, "-"):
+            check_writable(args.json, "--json")
+        if args.plot:
+            check_writable(args.plot, "--plot")
         from .estimator import SymbolicTransformerRegressor
 
         est = SymbolicTransformerRegressor(model_path=args.model, candidate_sources=sources,

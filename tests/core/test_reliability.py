@@ -167,3 +167,29 @@ def test_cli_exit_status_is_128_plus_signal(monkeypatch, tmp_path, capsys, packa
     assert main(["train", "--config", config, "--workdir", str(tmp_path)]) == 128 + signum
     err = capsys.readouterr().err
     assert f"interrupted by {signal.Signals(signum).name} at step 7" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--n", "0"], "argument --n: expected an integer >= 1, got 0"),
+    (["eval", "--beam-size", "-2"], "argument --beam-size: expected an integer >= 1, got -2"),
+    (["eval", "--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+    (["eval", "--json", "/proc/r.json"], "cannot write --json '/proc/r.json'"),
+    (["export", "--checkpoint", "x", "--out", "/proc/exported"], "cannot write --out '/proc/exported'"),
+    (["train", "--config", str(ROOT / "configs" / "sr_tiny.yaml"), "--set", "train.steps=0"],
+     "config key 'train.steps' must be >= 1, got 0"),
+    (["train", "--config", str(ROOT / "configs" / "sr_tiny.yaml"), "--workdir", "/proc/run"],
+     "cannot write --workdir '/proc/run'"),
+    (["eval", "--decoding", "best"], "argument --decoding: invalid choice: 'best'"),
+])
+def test_sr_cli_one_line_errors_before_work(capsys, argv, message):
+    from sr_jax.cli import main
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_empty_config_file_is_one_line(capsys, tmp_path):
+    from arith_jax.cli import main
+    (tmp_path / "empty.yaml").write_text("")
+    assert main(["train", "--config", str(tmp_path / "empty.yaml")]) == 2
+    assert f"config file '{tmp_path / 'empty.yaml'}' is empty" in capsys.readouterr().err

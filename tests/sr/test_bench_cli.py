@@ -38,8 +38,10 @@ def _linear(seed):
     (["feynman", "--problems", "I.99.9"], "unknown Feynman equations ['I.99.9']"),
     (["feynman", "--problems", "I.9.18", "--max-vars", "2"], "no equation has at most 2 variables"),
     (["feynman", "--table", "/nonexistent/table.csv"], "not found"),
-    (["feynman", "--json", "/nonexistent/dir/out.json"], "does not exist"),
+    (["feynman", "--json", "/nonexistent/dir/out.json"], "folder '/nonexistent/dir' does not exist"),
     (["feynman", "--bogus"], "unrecognized arguments: --bogus"),
+    (["feynman", "--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+    (["feynman", "--json", "/proc/out.json"], "cannot write --json '/proc/out.json'"),
 ])
 def test_errors_are_one_line_exit_2(capsys, argv, message):
     assert main(argv, make_regressor=_linear) == 2

@@ -79,3 +79,24 @@ def test_fit_prints_formula_front_json_and_plot(capsys, good, tmp_path):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(argv[:7] + ["--json"]) == 0  # --json alone: JSON on stdout
     assert json.loads(capsys.readouterr().out)["expression"] == rep["expression"]
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_unwritable_outputs_fail_before_the_fit(capsys, good, tmp_path, monkeypatch, flag):
+    import sr_jax.estimator
+
+    def no_fit(*a, **k):
+        raise AssertionError("fitted although the output cannot be written")
+    monkeypatch.setattr(sr_jax.estimator.SymbolicTransformerRegressor, "fit", no_fit)
+    err = run_err(capsys, [good, "--target", "y", flag, str(tmp_path / "no" / "out")])
+    assert f"cannot write {flag}" in err and "does not exist" in err
+    err = run_err(capsys, [good, "--target", "y", flag, str(tmp_path)])
+    assert "it is a folder" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
+    (["--n-prior", "-3"], "argument --n-prior: expected an integer >= 0, got -3"),
+])
+def test_bad_numbers_are_one_line_errors(capsys, good, argv, message):
+    assert message in run_err(capsys, [good, "--target", "y", *argv])

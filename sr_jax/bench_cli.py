@@ -186,4 +186,7 @@ def main(argv: list[str] | None = None, make_regressor: Callable[[int], Any] | N
     except (_UsageError, ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0

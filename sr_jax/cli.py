@@ -109,4 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(e, file=sys.stderr)
         return e.exit_status
+    except KeyboardInterrupt:  # outside training (or a second Ctrl-C): stop without a traceback
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -123,3 +123,11 @@ def test_corrupt_checkpoint_is_one_line_without_asyncio_noise(tmp_path):
     assert out.stderr.count("\n") == 1 and "Event loop is closed" not in out.stderr, out.stderr[-3000:]
     assert f"{bad / '0'}:" in out.stderr and "delete the broken step directories" in out.stderr
     assert len(out.stderr) < 400
+
+
+def test_ctrl_c_outside_training_is_one_line_130(capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("arith_jax.solver.Solver.load", interrupted)
+    assert main(["solve", "1+2"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

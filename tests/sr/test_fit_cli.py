@@ -100,3 +100,13 @@ def test_unwritable_outputs_fail_before_the_fit(capsys, good, tmp_path, monkeypa
 ])
 def test_bad_numbers_are_one_line_errors(capsys, good, argv, message):
     assert message in run_err(capsys, [good, "--target", "y", *argv])
+
+
+def test_ctrl_c_is_one_line_130(capsys, good, monkeypatch):
+    import sr_jax.fit_cli
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sr_jax.fit_cli, "read_csv", interrupted)
+    assert main([good, "--target", "y"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

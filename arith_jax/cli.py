@@ -94,7 +94,7 @@ def _eval(args) -> None:
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             check_writable(path, flag)
-    cfg, model, params = load_trained(args.checkpoint or DEFAULT_MODEL)
+    cfg, model, params = load_trained(DEFAULT_MODEL if args.checkpoint is None else args.checkpoint)
     sweep = cfg.eval.sweep if args.sweep is None else args.sweep
     max_len = cfg.eval.max_len if args.max_len is None else args.max_len
     n = cfg.eval.n_per_cell if args.n is None else args.n

@@ -23,6 +23,7 @@ def build_model(cfg: ArithConfig) -> ArithModel:
 
 def run_training(cfg: ArithConfig, workdir: str | Path | None, *, stop_at: int | None = None,
                  progress: bool = True, mesh=None) -> TrainResult:
+    cfglib.validate(cfg)  # configs built in Python meet the same rules as loaded ones
     model = build_model(cfg)
     return train(cfg.train, workdir, model.init, model.loss, functools.partial(make_batch, cfg.data),
                  meta={"kind": "train_state", "task": "arith", "config": cfglib.to_dict(cfg)}, stop_at=stop_at,

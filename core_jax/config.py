@@ -76,6 +76,15 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
     return _build(cls, tree, where)
 
 
+def validate(cfg: Any, where: str = "") -> None:
+    """Checks an already built config (e.g. made with `dataclasses.replace` in Python) against the same rules
+    the loader applies; `where` prefixes the keys in the message (e.g. "train." for a TrainConfig)."""
+    def tree(v):
+        return {f.name: tree(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init} \
+            if dataclasses.is_dataclass(v) else v
+    _check_rules(type(cfg), tree(cfg), where)
+
+
 def _init_fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if f.init}
 

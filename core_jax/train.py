@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from core_jax import sharding as shd
 from core_jax.checkpoint import Checkpointer
-from core_jax.config import Rule, at_least, between, positive
+from core_jax.config import Rule, at_least, between, positive, validate
 from core_jax.optim import OptimConfig, make_optimizer
 
 
@@ -173,8 +173,10 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
 
     At most `MAX_STEPS_IN_FLIGHT` steps run ahead of the host, so SIGTERM or Ctrl-C (first press) stops within
     about that many steps: the state is saved, the final evaluation is skipped, and the result's `interrupted_by`
-    holds the signal. The progress bar counts finished steps.
+    holds the signal. The progress bar counts finished steps. `cfg` must satisfy `TrainConfig.config_rules`
+    (checked here too, for configs built in Python rather than loaded).
     """
+    validate(cfg, "train.")
     mesh = mesh or shd.data_mesh()
     tx = make_optimizer(cfg.optim, cfg.steps)
     repl = shd.replicated(mesh)

@@ -193,3 +193,17 @@ def test_empty_config_file_is_one_line(capsys, tmp_path):
     (tmp_path / "empty.yaml").write_text("")
     assert main(["train", "--config", str(tmp_path / "empty.yaml")]) == 2
     assert f"config file '{tmp_path / 'empty.yaml'}' is empty" in capsys.readouterr().err
+
+
+def test_configs_built_in_python_are_checked_too(tmp_path):
+    import dataclasses
+
+    from core_jax.config import ConfigError
+    with pytest.raises(ConfigError, match="'train.log_every' must be >= 1, got 0"):
+        train(dataclasses.replace(toy(), log_every=0), None, init_params, loss_fn, batches, progress=False)
+    from arith_jax.config import ArithConfig
+    from arith_jax.train import run_training
+    cfg = load_config(ArithConfig, ROOT / "configs" / "arith_tiny.yaml")
+    bad = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, sweep=(0,)))
+    with pytest.raises(ConfigError, match="'eval.sweep' must be a list of items each >= 1"):
+        run_training(bad, tmp_path)

@@ -1,18 +1,29 @@
 """Batched greedy decoding under jit, with a KV cache (default) or by re-running the whole buffer (reference).
 
-Both modes are `core_jax.decode.greedy` over a one-token step function. Prompts in a batch share one length
-(exact operand lengths, as in the original's eval), so no left padding is needed: the prompt minus its last token
-is the context, its last token is the first input of the loop. Decoding stops as soon as every row has produced
-EOS; positions after a row's EOS are PAD.
+Both modes are `core_jax.decode.greedy` over a one-token step function. Prompts of different lengths share one
+program: they are right-padded to the batch's width P and `lengths_B` says where each ends. Padding on the right
+keeps every prompt token at the position it has unpadded (absolute index from 0, hence the same RoPE angle,
+learned position and FIRE query normaliser; Abacus ids count digits from the left), and causal attention never
+lets a real token see the padding to its right. Each row then continues from its own last prompt token at its
+own position, so row b computes exactly what it would compute alone at its exact length. `max_new_B` gives every
+row its own answer budget: a row that has generated that many tokens is finished (its later slots are PAD), so a
+batch stops once every row has produced EOS or used its budget.
 
-Cached: the context's keys/values are written into the cache in one call, then every step feeds one token at the
-cache's write index. Its Abacus id (the index of a digit within its number, from 1; 0 for non-digits) follows
-from the previous token's: a digit continues the previous token's count, anything else resets it to 0.
-Uncached: the step writes the token into a token buffer and re-runs the model on the whole buffer.
+Cached: the padded prompt minus its last column is prefilled into the cache in one call (slots past a row's own
+prompt get keys/values of padding, which its queries never attend to and which its own decoding overwrites); every
+step then feeds one token per row, row b at cache slot (= position) lengths_B[b] - 1 + t, with the model mapped
+over rows so each row has its own position. The Abacus id of a fed token (the index of a digit within its number,
+from 1; 0 for non-digits) follows from the previous token's: a digit continues the count, anything else resets it.
+Uncached: every step writes each row's token into a token buffer at its own index and re-runs the model on the
+whole buffer (positions 0..S-1 for every row, exact for the same reason).
+
+`compiled_programs()` counts the programs traced so far (one compilation each); the callers that decode many
+problems (`arith_jax.evaluate.solve_prompts`) pad prompts into `length_bucket`s to keep that count small.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -25,20 +36,35 @@ from arith_jax.tokenizer import DIGIT_IDS, EOS, PAD
 from core_jax import decode
 from core_jax.attention import KVCache
 
+SMALLEST_BUCKET = 32  # prompts (and answers) shorter than this share one padded length
+_programs = 0         # programs traced by greedy_decode in this process
+
+
+def compiled_programs() -> int:
+    """Number of decoding programs traced (each one compiled once) by `greedy_decode` in this process."""
+    return _programs
+
+
+def length_bucket(n: int, smallest: int = SMALLEST_BUCKET) -> int:
+    """The padded length for a prompt or answer of n tokens: the smallest power of two >= max(n, smallest)."""
+    if n < 1:
+        raise ValueError(f"a length to bucket must be >= 1, got {n}")
+    return max(smallest, 1 << (n - 1).bit_length())
+
 
 class _CachedState(NamedTuple):
     """The step function's cache in cached mode (greedy never looks inside it)."""
 
     kv: KVCache              # leaves [passes, layers, B, S, heads, head_dim]
-    index: jnp.ndarray       # int32 scalar: absolute position of the token fed next
-    abacus_B: jnp.ndarray    # int32: Abacus id of the token fed last
+    index_B: jnp.ndarray     # int32: absolute position (= cache slot) of each row's token fed next
+    abacus_B: jnp.ndarray    # int32: Abacus id of each row's token fed last
 
 
 class _BufferState(NamedTuple):
-    """The step function's cache in uncached mode: every token so far, and where the next one goes."""
+    """The step function's cache in uncached mode: every token so far, and where each row's next one goes."""
 
     tokens_BxS: jnp.ndarray
-    index: jnp.ndarray
+    index_B: jnp.ndarray
 
 
 def _is_digit(tokens):
@@ -51,52 +77,89 @@ def _pad_after_eos(tokens_BxT):
     return jnp.where(seen > 0, PAD, tokens_BxT)
 
 
+def _force_eos_past_budget(logits_BxV, step_B, max_new_B):
+    """Rows that have generated their budget emit EOS (cut away afterwards), so the loop can stop."""
+    eos_only = jnp.where(jnp.arange(logits_BxV.shape[-1]) == EOS, 0.0, -jnp.inf)
+    return jnp.where((step_B >= max_new_B)[:, None], eos_only[None, :], logits_BxV)
+
+
+def _apply_per_row(model: ArithModel, params, tokens_BxQ, abacus_BxQ, kv: KVCache, index_B, recurrences):
+    """model.apply with a cache, row b's Q tokens at positions (and cache slots) index_B[b] + 0..Q-1."""
+    def one_row(tokens_Q, abacus_Q, kv_row, index):
+        kv_1 = jax.tree_util.tree_map(lambda x: x[:, :, None], kv_row)   # back to [passes, layers, 1, S, H, D]
+        logits_1xQxV, kv_1 = model.apply(params, tokens_Q[None], abacus_BxQ=abacus_Q[None], cache=kv_1,
+                                         start=index, recurrences=recurrences)
+        return logits_1xQxV[0], jax.tree_util.tree_map(lambda x: x[:, :, 0], kv_1)
+
+    rows = KVCache(2, 2)  # the batch axis of the cache leaves
+    return jax.vmap(one_row, in_axes=(0, 0, rows, 0), out_axes=(0, rows))(tokens_BxQ, abacus_BxQ, kv, index_B)
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(model: ArithModel, max_new: int, recurrences: int | None, use_cache: bool, stop_at_eos: bool):
     # without the stop, no token counts as EOS inside the loop (every row runs max_new steps); PAD after EOS is
     # applied afterwards, so the answers are the same either way
     eos_id = EOS if stop_at_eos else -1
+    # the passes run as a rolled loop: unrolling speeds training up but makes decoding programs slower to compile
+    model = ArithModel(dataclasses.replace(model.cfg, scan_unroll=1), model.vocab_size)
 
-    def cached(params, prompts_BxP):
+    def cached(params, prompts_BxP, lengths_B, max_new_B):
         B, P = prompts_BxP.shape
         kv = model.init_cache(B, P + max_new, recurrences)
         if P > 1:
             _, kv = model.apply(params, prompts_BxP[:, :-1], cache=kv, start=0, recurrences=recurrences)
-        start = _CachedState(kv, jnp.int32(P - 1), abacus_ids(prompts_BxP)[:, P - 2] if P > 1
-                             else jnp.zeros((B,), jnp.int32))
+        first_B = lengths_B - 1
+        prev_abacus_B = jnp.take_along_axis(abacus_ids(prompts_BxP), jnp.maximum(first_B - 1, 0)[:, None], 1)[:, 0]
+        start = _CachedState(kv, first_B, jnp.where(first_B > 0, prev_abacus_B, 0))
 
         def tokens_to_logits(tokens_Bx1, s: _CachedState):
             aba_Bx1 = jnp.where(_is_digit(tokens_Bx1), s.abacus_B[:, None] + 1, 0)
-            logits, kv = model.apply(params, tokens_Bx1, abacus_BxQ=aba_Bx1, cache=s.kv, start=s.index,
-                                     recurrences=recurrences)
-            return logits[:, 0], _CachedState(kv, s.index + 1, aba_Bx1[:, 0])
+            logits_BxQxV, kv = _apply_per_row(model, params, tokens_Bx1, aba_Bx1, s.kv, s.index_B, recurrences)
+            logits = _force_eos_past_budget(logits_BxQxV[:, 0], s.index_B - first_B, max_new_B)
+            return logits, _CachedState(kv, s.index_B + 1, aba_Bx1[:, 0])
 
-        return decode.greedy(tokens_to_logits, start, prompts_BxP[:, -1], max_len=max_new, eos_id=eos_id,
+        last_B = jnp.take_along_axis(prompts_BxP, first_B[:, None], 1)[:, 0]
+        return decode.greedy(tokens_to_logits, start, last_B, max_len=max_new, eos_id=eos_id,
                              pad_id=PAD).tokens_BxT
 
-    def uncached(params, prompts_BxP):
+    def uncached(params, prompts_BxP, lengths_B, max_new_B):
         B, P = prompts_BxP.shape
         buffer = jnp.concatenate([prompts_BxP, jnp.full((B, max_new), PAD, jnp.int32)], axis=1)
+        first_B = lengths_B - 1
+        slots_S = jnp.arange(buffer.shape[1])
 
         def tokens_to_logits(tokens_Bx1, s: _BufferState):
-            tokens = jax.lax.dynamic_update_slice(s.tokens_BxS, tokens_Bx1, (0, s.index))
+            tokens = jnp.where(slots_S[None, :] == s.index_B[:, None], tokens_Bx1, s.tokens_BxS)
             logits = model.apply(params, tokens, recurrences=recurrences)
-            return (jax.lax.dynamic_index_in_dim(logits, s.index, axis=1, keepdims=False),
-                    _BufferState(tokens, s.index + 1))
+            logits = jnp.take_along_axis(logits, s.index_B[:, None, None], axis=1)[:, 0]
+            return (_force_eos_past_budget(logits, s.index_B - first_B, max_new_B),
+                    _BufferState(tokens, s.index_B + 1))
 
-        return decode.greedy(tokens_to_logits, _BufferState(buffer, jnp.int32(P - 1)), prompts_BxP[:, -1],
+        last_B = jnp.take_along_axis(prompts_BxP, first_B[:, None], 1)[:, 0]
+        return decode.greedy(tokens_to_logits, _BufferState(buffer, first_B), last_B,
                              max_len=max_new, eos_id=eos_id, pad_id=PAD).tokens_BxT
 
     fn = cached if use_cache else uncached
-    if stop_at_eos:
-        return jax.jit(fn)
-    return jax.jit(lambda params, prompts: _pad_after_eos(fn(params, prompts)))
+
+    def program(params, prompts_BxP, lengths_B, max_new_B):
+        global _programs
+        _programs += 1  # runs once per trace, i.e. once per compiled program
+        tokens_BxT = fn(params, prompts_BxP, lengths_B, max_new_B)
+        if not stop_at_eos:
+            tokens_BxT = _pad_after_eos(tokens_BxT)
+        return jnp.where(jnp.arange(max_new)[None, :] < max_new_B[:, None], tokens_BxT, PAD)
+
+    return jax.jit(program)
 
 
-def greedy_decode(model: ArithModel, params, prompts_BxP, max_new: int, *, recurrences: int | None = None,
-                  use_cache: bool = True, stop_at_eos: bool = True) -> np.ndarray:
+def greedy_decode(model: ArithModel, params, prompts_BxP, max_new: int, *, lengths_B=None, max_new_B=None,
+                  recurrences: int | None = None, use_cache: bool = True, stop_at_eos: bool = True) -> np.ndarray:
     """Generated token ids [B, max_new] (EOS included, PAD after it).
 
+    prompts_BxP: token ids; with `lengths_B`, row b's prompt is prompts_BxP[b, :lengths_B[b]] and the rest of the
+    row is ignored (any ids), otherwise every row is a whole prompt. `max_new_B` (default: max_new for every row)
+    caps row b's answer at max_new_B[b] tokens; its slots after that are PAD. Row b's ids are the same as
+    decoding its prompt alone at its exact length with max_new_B[b] (see the module docstring).
     `stop_at_eos=False` always runs max_new steps (for benchmarks, where an untrained model's early EOS would
     flatter the timing); the returned ids are the same.
     """
@@ -105,5 +168,13 @@ def greedy_decode(model: ArithModel, params, prompts_BxP, max_new: int, *, recur
     prompts = np.asarray(prompts_BxP)
     if prompts.ndim != 2 or prompts.shape[1] < 1:
         raise ValueError(f"prompts must be a [batch, length >= 1] array of token ids, got shape {prompts.shape}")
+    B, P = prompts.shape
+    lengths = np.full(B, P, np.int32) if lengths_B is None else np.asarray(lengths_B, np.int32)
+    if lengths.shape != (B,) or (lengths < 1).any() or (lengths > P).any():
+        raise ValueError(f"lengths_B must hold one prompt length in 1..{P} per row ({B} rows), got {lengths_B}")
+    budgets = np.full(B, max_new, np.int32) if max_new_B is None else np.asarray(max_new_B, np.int32)
+    if budgets.shape != (B,) or (budgets < 1).any() or (budgets > max_new).any():
+        raise ValueError(f"max_new_B must hold one answer budget in 1..{max_new} per row ({B} rows), "
+                         f"got {max_new_B}")
     fn = _compiled(model, int(max_new), recurrences, bool(use_cache), bool(stop_at_eos))
-    return np.asarray(fn(params, jnp.asarray(prompts, jnp.int32)))
+    return np.asarray(fn(params, jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths), jnp.asarray(budgets)))

@@ -1,8 +1,9 @@
 """Exact-match accuracy: over a len_a × len_b grid (saved as JSON and a heatmap) and equal-length sweeps.
 
 A problem counts as solved only if the generated answer matches every token *and* ends with EOS at the right
-place (spec §6.2; for sorting this is stricter than the original, which ignored EOS). Problems are grouped by
-prompt length and decoded in fixed-size batches, so a whole grid compiles once per distinct prompt length.
+place (spec §6.2; for sorting this is stricter than the original, which ignored EOS). Problems are padded into
+prompt-length buckets (powers of two) and decoded in fixed-size batches, so a whole grid compiles one program per
+bucket, and every answer is the one its prompt gets decoded alone at its exact length.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from arith_jax.data import answer_length, make_eval_cell
-from arith_jax.decode import greedy_decode
+from arith_jax.decode import greedy_decode, length_bucket
 from arith_jax.model import ArithModel
 from arith_jax.plots import plot_accuracy_grid, plot_length_sweep
 from arith_jax.tokenizer import EOS, PAD, Tokenizer
@@ -32,27 +33,40 @@ def exact_match(generated_BxN: np.ndarray, targets: list[list[int]]) -> np.ndarr
 
 def solve_prompts(model: ArithModel, params, prompts: list[np.ndarray], max_new: list[int], *,
                   batch_size: int = 256, recurrences: int | None = None, use_cache: bool = True,
-                  progress: bool = False, desc: str = "decode") -> list[np.ndarray]:
-    """Greedy generations for prompts of any lengths, batched by length (rows padded to `batch_size`)."""
+                  progress: bool = False, desc: str = "decode", bucket: bool = True) -> list[np.ndarray]:
+    """Greedy generations for prompts of any lengths: row i has exactly max_new[i] tokens (EOS, then PAD).
+
+    With `bucket` (default), prompts are right-padded to their `length_bucket` and answers to the bucket of the
+    group's longest budget, so any mix of lengths compiles one program per bucket (powers of two from
+    `SMALLEST_BUCKET`); every chunk of a call has the same number of rows (batch_size, or the smallest power of
+    two that holds the largest group). Each answer is what decoding its prompt alone at its exact length gives
+    (`greedy_decode`). `bucket=False` groups prompts by exact length instead (the reference).
+    """
+    if len(prompts) != len(max_new):
+        raise ValueError(f"got {len(prompts)} prompts but {len(max_new)} answer lengths")
+    key = (lambda n: length_bucket(n)) if bucket else (lambda n: n)
     groups: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(prompts):
-        groups[len(p)].append(i)
+        groups[key(len(p))].append(i)
+    rows = min(batch_size, _pow2_at_least(max((len(ix) for ix in groups.values()), default=1)))
     results: list[np.ndarray | None] = [None] * len(prompts)
-    total = sum(-(-len(ix) // batch_size) for ix in groups.values())
+    total = sum(-(-len(ix) // rows) for ix in groups.values())
     with tqdm(total=total, disable=not progress, desc=desc, dynamic_ncols=True,
               mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
-        for length in sorted(groups):
-            idx = groups[length]
-            new = -(-max(max_new[i] for i in idx) // 4) * 4  # round up: fewer distinct shapes to compile
-            bs = min(batch_size, _pow2_at_least(len(idx)))
-            for s in range(0, len(idx), bs):
-                chunk = idx[s:s + bs]
-                rows = np.stack([prompts[i] for i in chunk])
-                if len(chunk) < bs:
-                    rows = np.concatenate([rows, np.repeat(rows[:1], bs - len(chunk), axis=0)])
-                gen = greedy_decode(model, params, rows, new, recurrences=recurrences, use_cache=use_cache)
+        for width in sorted(groups):
+            idx = groups[width]
+            new = max(max_new[i] for i in idx)
+            new = max(width, length_bucket(new)) if bucket else new
+            for s in range(0, len(idx), rows):
+                chunk = idx[s:s + rows] + idx[:1] * max(0, rows - len(idx[s:s + rows]))  # fill with a repeat
+                batch = np.full((rows, width), PAD, np.int32)
                 for j, i in enumerate(chunk):
-                    results[i] = gen[j]
+                    batch[j, :len(prompts[i])] = prompts[i]
+                gen = greedy_decode(model, params, batch, new, lengths_B=[len(prompts[i]) for i in chunk],
+                                    max_new_B=[max_new[i] for i in chunk], recurrences=recurrences,
+                                    use_cache=use_cache)
+                for j, i in enumerate(chunk[:min(rows, len(idx) - s)]):
+                    results[i] = gen[j, :max_new[i]]
                 bar.update(1)
     return results  # type: ignore[return-value]
 
@@ -72,7 +86,7 @@ def cell_problems(task: str, la: int, lb: int, n: int, seed: int):
 
 def accuracy_cells(model: ArithModel, params, task: str, cells: list[tuple[int, int]], n: int, *, seed: int = 1234,
                    batch_size: int = 256, recurrences: int | None = None, progress: bool = True) -> dict:
-    """{(la, lb): accuracy} for each cell, all cells decoded together (grouped by prompt length)."""
+    """{(la, lb): accuracy} for each cell, all cells decoded together (padded into prompt-length buckets)."""
     prompts, targets, max_new, owner = [], [], [], []
     for cell in cells:
         p, t = cell_problems(task, *cell, n, seed)

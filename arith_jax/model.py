@@ -218,9 +218,13 @@ class ArithModel:
         if train and "abacus" in cfg.positions and cfg.abacus_max_k > 0:
             rng, r_k = jax.random.split(rng)
             abacus_BxQ = self._train_abacus_ids(abacus_BxQ, r_k)
-        abacus_BxQ = jnp.minimum(abacus_BxQ, cfg.table_size - 1)  # callers validate lengths against the table
+        # callers validate lengths against the tables; clamping keeps padding past them finite (it is never
+        # attended to, but a NaN there would still poison the attention's weighted sum: 0 * NaN = NaN)
+        abacus_BxQ = jnp.minimum(abacus_BxQ, cfg.table_size - 1)
+        table_pos_Q = jnp.minimum(pos_Q, cfg.table_size - 1)
 
-        e = self.embed.apply({"params": params["embed"]}, tokens_BxQ, abacus_BxQ, pos_Q).astype(_dtype(cfg.dtype))
+        e = self.embed.apply({"params": params["embed"]}, tokens_BxQ, abacus_BxQ, table_pos_Q)
+        e = e.astype(_dtype(cfg.dtype))
         if train and cfg.init_noise > 0:
             rng, r_h = jax.random.split(rng)
             h = cfg.init_noise * jax.random.normal(r_h, e.shape, jnp.float32).astype(e.dtype)

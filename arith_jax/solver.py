@@ -18,7 +18,11 @@ _TASK_NAMES = {"add": "addition", "mul": "multiplication", "sort": "sorting"}
 
 
 class Solver:
-    """Solver.load().solve(["123+456"]) -> ["579"]. Problems are batched by prompt length."""
+    """Solver.load().solve(["123+456"]) -> ["579"].
+
+    Problems of any mix of lengths are padded into a few length buckets (`arith_jax.evaluate.solve_prompts`), so a
+    call compiles one decoding program per bucket; every answer is the one its problem gets alone.
+    """
 
     def __init__(self, cfg, model, params, recurrences: int | None = None, batch_size: int = 256):
         self.cfg, self.model, self.params = cfg, model, params

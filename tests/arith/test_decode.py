@@ -1,11 +1,16 @@
-"""Cached decoding equals uncached decoding; generation stops at EOS and pads after it."""
+"""Cached decoding equals uncached decoding; generation stops at EOS and pads after it; prompts of different
+lengths padded into one batch decode exactly as alone, and a mix of lengths compiles one program per bucket."""
+
+import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from arith_jax.data import make_eval_cell
-from arith_jax.decode import greedy_decode
+from arith_jax.decode import compiled_programs, greedy_decode, length_bucket
+from arith_jax.evaluate import solve_prompts
 from arith_jax.model import ArithModel, ModelConfig
 from arith_jax.tokenizer import EOS, PAD
 
@@ -54,3 +59,120 @@ def test_running_past_eos_gives_the_same_ids():
     # a one-token prompt has no context to prefill
     np.testing.assert_array_equal(greedy_decode(model, params, prompts[:, -1:], 5),
                                   greedy_decode(model, params, prompts[:, -1:], 5, use_cache=False))
+
+
+# ---------------------------------------------------------------------------------------- padded decoding
+# Prompts of different lengths decoded in one padded batch must get exactly the tokens greedy decoding gives each
+# prompt alone at its exact length. The reference below is the definition of greedy decoding: one plain forward
+# pass over prompt + generated answer, unpadded (all rows have the same total length), whose argmax at every
+# answer position must be the generated token. Parameters are drawn with unit variance so the argmax depends on
+# every input, and FIRE's threshold is lowered so its normaliser max(query position, L) varies with the position.
+
+def _spread_params(model, seed):
+    """Weights and embeddings of unit variance (LayerNorms as initialised): answers that vary with every input."""
+    params = model.init(jax.random.PRNGKey(seed))
+    paths, tree = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(paths))
+    leaves = [jax.random.normal(k, x.shape) if str(path[-1].key) in ("kernel", "embedding") else x
+              for k, (path, x) in zip(keys, paths)]
+    params = jax.tree_util.tree_unflatten(tree, leaves)
+    for layer in params["block"].values():
+        if "fire" in layer["attn"]:
+            fire = layer["attn"]["fire"]
+            fire["c"] = jnp.ones_like(fire["c"])
+            fire["L_multiplier"] = jnp.full_like(fire["L_multiplier"], 0.01)  # L = 5.12
+    return params
+
+
+def _mixed_prompts(rng, lengths):
+    """Random prompts over digits, operators and '=' (so Abacus ids restart inside them)."""
+    return [rng.integers(4, 18, size=n).astype(np.int32) for n in lengths]
+
+
+def _assert_greedy_at_exact_length(model, params, prompts, budgets, gens, total):
+    """gens[b] is the greedy continuation of prompts[b] alone: checked by one unpadded forward of each row."""
+    seqs = np.stack([np.concatenate([p, g[:n]]) for p, g, n in zip(prompts, gens, budgets)])
+    assert seqs.shape[1] == total
+    logits = np.asarray(_forward(model)(params, jnp.asarray(seqs[:, :-1]), 0))
+    checked = 0
+    for b, (p, g, n) in enumerate(zip(prompts, gens, budgets)):
+        for t in range(n):
+            assert np.argmax(logits[b, len(p) - 1 + t]) == g[t], (b, t, g)
+            checked += 1
+            if g[t] == EOS:
+                assert (g[t + 1:] == PAD).all()
+                break
+    assert checked >= len(prompts)
+    assert len(set(np.concatenate(gens).tolist())) >= 3, "the model answers too uniformly to test anything"
+    return logits
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(model):
+    return jax.jit(lambda params, tokens, start: model.apply(params, tokens, start=start))
+
+
+@pytest.mark.parametrize("positions,looped", [
+    (("abacus", "fire"), False), (("abacus", "fire"), True), (("rope",), False), (("rope",), True),
+    ((), False), ((), True), (("learned", "fire"), False)],
+    ids=["abacus+fire-standard", "abacus+fire-looped", "rope-standard", "rope-looped", "nope-standard",
+         "nope-looped", "learned+fire-standard"])
+def test_padded_decoding_equals_exact_length(positions, looped):
+    cfg = ModelConfig(width=16, ffn=32, heads=2, layers=1 if looped else 2, recurrences=3 if looped else 1,
+                      input_injection=looped, positions=positions, table_size=64)
+    model = ArithModel(cfg, 19)
+    params = _spread_params(model, 3)
+    rng = np.random.default_rng(0)
+    lengths = [3, 9, 12, 17]
+    budgets = [15 - n + 3 for n in lengths]      # prompt + budget = 18 tokens for every row
+    prompts = _mixed_prompts(rng, lengths)
+    gens = solve_prompts(model, params, prompts, budgets)          # one bucket: rows padded to 32 tokens
+    assert [len(g) for g in gens] == budgets
+    logits = _assert_greedy_at_exact_length(model, params, prompts, budgets, gens, total=18)
+
+    # what follows a row's prompt is never seen: garbage there instead of PAD changes nothing
+    rows = np.stack([np.concatenate([p, rng.integers(0, 19, size=32 - len(p))]) for p in prompts]).astype(np.int32)
+    again = greedy_decode(model, params, rows, 32, lengths_B=lengths, max_new_B=budgets)
+    for g, a, n in zip(gens, again, budgets):
+        np.testing.assert_array_equal(g, a[:n])
+        assert (a[n:] == PAD).all()
+    if positions == ("learned", "fire"):
+        # absolute positions matter to this model (RoPE alone would not care): a row left-padded by 3 would have
+        # its positions shifted by 3 and answer differently
+        seqs = np.stack([np.concatenate([p, g]) for p, g in zip(prompts, gens)])
+        shifted = np.asarray(_forward(model)(params, jnp.asarray(seqs[:, :-1]), 3))
+        assert (np.argmax(shifted, -1) != np.argmax(logits, -1)).any()
+
+
+def test_bucketing_bounds_the_compiled_programs():
+    """Prompts of 38 different lengths compile one program per bucket (32 and 64) and batch size."""
+    cfg = ModelConfig(width=16, ffn=32, heads=2, layers=1, recurrences=2, input_injection=True,
+                      positions=("abacus", "fire"), table_size=128)
+    model = ArithModel(cfg, 19)
+    params = _spread_params(model, 5)
+    rng = np.random.default_rng(1)
+    lengths = list(range(3, 41))
+    budgets = [44 - n for n in lengths]
+    prompts = _mixed_prompts(rng, lengths)
+    before = compiled_programs()
+    gens = solve_prompts(model, params, prompts, budgets, batch_size=8)
+    assert compiled_programs() - before == 2 == len({length_bucket(n) for n in lengths})
+    _assert_greedy_at_exact_length(model, params, prompts, budgets, gens, total=44)
+    # another mix inside the same buckets compiles nothing new
+    more = [5, 33, 20, 40, 7, 9, 11, 30]   # 6 in the first bucket: chunks of 8 rows again
+    solve_prompts(model, params, _mixed_prompts(rng, more), [44 - n for n in more], batch_size=8)
+    assert compiled_programs() - before == 2
+    # the uncached reference decodes the same padded batches to the same answers (first bucket: one program)
+    plain = solve_prompts(model, params, prompts[:30], budgets[:30], batch_size=8, use_cache=False)
+    for a, b in zip(gens, plain):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_decode_rejects_bad_lengths():
+    cfg = ModelConfig(width=16, ffn=32, heads=2, layers=1, recurrences=1, table_size=64)
+    model = ArithModel(cfg, 19)
+    prompts = np.full((2, 5), 4, np.int32)
+    with pytest.raises(ValueError, match="lengths_B"):
+        greedy_decode(model, None, prompts, 4, lengths_B=[5, 6])
+    with pytest.raises(ValueError, match="max_new_B"):
+        greedy_decode(model, None, prompts, 4, max_new_B=[4, 5])

@@ -7,8 +7,9 @@ Every loop is written against
 which feeds one token per row (the previous output, BOS on the first call) and returns the next-token logits
 and the updated cache. The cache is an opaque pytree: greedy and sample never look inside it. Beam search
 needs one convention: every cache leaf with ndim >= 1 has a leading batch axis (B rows, then B*K during the
-search, row b*K + k being beam k of input b); leaves with ndim 0 (a shared write index) are left as they are.
-`tile_beams` repeats a cache (or any per-row pytree) to B*K rows.
+search, rows b*K .. b*K+K-1 holding the K beams of input b in an order the search keeps track of); leaves with
+ndim 0 (a shared write index) are left as they are. `tile_beams` repeats a cache (or any per-row pytree) to B*K
+rows.
 
 Everything traces inside a caller's `jax.jit`: lengths and the beam size are static ints, loops are
 `lax.while_loop`s that stop as soon as every row has finished (or at `max_len` generated tokens).
@@ -189,13 +190,66 @@ def sample(tokens_to_logits: TokensToLogits, cache, bos_B, rng, *, temperature: 
 
 
 # ----------------------------------------------------------------------------------------------- beam search
+def _assign_rows(parent_row_BxK):
+    """Physical rows for the new beams, moving as little history as possible.
+
+    parent_row_BxK: the row (0..K-1 within its input row) holding each new beam's parent. The first new beam of
+    each parent (in k order) keeps the parent's row; the others take, in k order, the rows that no first child
+    kept (ascending). Returns (row_BxK, copied_BxK): each new beam's row, and which beams need their parent's
+    history copied into it (sources are kept rows, destinations are rows no beam kept, so copies never clash).
+    """
+    K = parent_row_BxK.shape[1]
+    same = parent_row_BxK[:, :, None] == parent_row_BxK[:, None, :]               # [B, K(k), K(j)]
+    earlier = jnp.arange(K)[None, :] < jnp.arange(K)[:, None]                     # j < k
+    copied = jnp.any(same & earlier[None], axis=2)
+    kept = jnp.any((parent_row_BxK[:, :, None] == jnp.arange(K)) & ~copied[:, :, None], axis=1)   # [B, K rows]
+    free_rank = jnp.cumsum(~kept, axis=1) - 1                                     # rank among free rows
+    copy_rank = jnp.cumsum(copied, axis=1) - 1
+    match = (~kept[:, None, :]) & (free_rank[:, None, :] == copy_rank[:, :, None])   # [B, K(k), K(rows)]
+    row = jnp.where(copied, jnp.argmax(match, axis=2), parent_row_BxK).astype(jnp.int32)
+    return row, copied
+
+
+def _copy_histories(cache, src_N, dst_N, n_copies, t, prefix_axis, chunk):
+    """Copy rows src_N[i] -> dst_N[i] for i < n_copies of every cache leaf with ndim >= 1, in place.
+
+    Leaves with more than prefix_axis axes get only positions [0, t] along prefix_axis copied, in chunks of
+    `chunk` positions (dynamic_slice and dynamic_update_slice move a window that would pass the end back by the
+    same amount, so it re-copies positions from the same source row); the other leaves get whole rows.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(cache)
+    chunks = 1 if prefix_axis is None else (t + chunk) // chunk          # ceil((t + 1) / chunk)
+
+    def body(i, leaves):
+        copy, c = i // chunks, i % chunks
+        src, dst = src_N[copy], dst_N[copy]
+        out = []
+        for x in leaves:
+            if not jnp.ndim(x):
+                out.append(x)
+                continue
+            start = [src] + [0] * (x.ndim - 1)
+            size = [1] + list(x.shape[1:])
+            if prefix_axis is not None and x.ndim > prefix_axis:
+                size[prefix_axis] = min(chunk, x.shape[prefix_axis])
+                start[prefix_axis] = c * chunk
+            piece = jax.lax.dynamic_slice(x, start, size)
+            start[0] = dst
+            out.append(jax.lax.dynamic_update_slice(x, piece, start))
+        return out
+
+    leaves = jax.lax.fori_loop(0, n_copies * chunks, body, leaves)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 class _BeamState(NamedTuple):
     t: jnp.ndarray                 # int32 scalar: index of the token generated next
     alive_tokens_BxKxT: jnp.ndarray
     alive_log_prob_BxK: jnp.ndarray  # -inf for empty beams; sorted descending along K
-    last_BK: jnp.ndarray           # token fed next, row b*K + k
-    cache: Any                     # B*K rows
-    constraint_state: Any          # B*K rows
+    alive_tok_BxK: jnp.ndarray     # last token of each alive beam (fed next)
+    row_BxK: jnp.ndarray           # physical cache row (within the input row) of each alive beam
+    cache: Any                     # B*K physical rows: row b*K + row_BxK[b, k] holds beam k's history
+    constraint_state: Any          # B*K rows in beam order (row b*K + k is beam k)
     fin_tokens_BxKxT: jnp.ndarray
     fin_score_BxK: jnp.ndarray     # -inf for empty slots; sorted descending along K
     fin_log_prob_BxK: jnp.ndarray
@@ -205,7 +259,8 @@ class _BeamState(NamedTuple):
 
 def beam_search(tokens_to_logits: TokensToLogits, cache, bos_B, *, beam_size: int, max_len: int, eos_id: int,
                 pad_id: int, length_penalty: float = 1.0, early_stopping: bool = True,
-                constraint: Constraint | None = None, constraint_state=None) -> BeamOutput:
+                constraint: Constraint | None = None, constraint_state=None, prefix_axis: int | None = None,
+                copy_chunk: int = 32) -> BeamOutput:
     """Beam search with beam_size hypotheses per row; `cache` and `constraint_state` have B rows (tiled inside).
 
     Each step expands every alive beam by every token and ranks the 2K best extensions by summed log-prob (so at
@@ -220,15 +275,28 @@ def beam_search(tokens_to_logits: TokensToLogits, cache, bos_B, *, beam_size: in
     finished one (bound: its current log-prob, which can only fall, over the most favourable final length), so
     the result is what the beam would give if run to max_len. A row also stops when no alive beam is left.
     The loop ends when every row has stopped or max_len tokens were generated.
+
+    Cache rows are not reordered by beam: a beam's history stays in its cache row, the first extension of a beam
+    keeps that row, and only further extensions of the same beam get the history copied into a row whose beam
+    was dropped (the logits are read in beam order, so the search is the same as with a cache gathered by beam).
+    `prefix_axis` (static int or None): the axis of the cache leaves that indexes decoding positions when the
+    step that generates token t writes entry t there and reads no entry past it before writing it (a KV cache:
+    axis 1 of [rows, length, heads, head_dim]); a copy then moves only entries 0..t, `copy_chunk` entries at a
+    time. Leaves with fewer axes, and every leaf when prefix_axis is None, are copied whole.
     """
     _check_args(max_len, eos_id, pad_id, constraint, constraint_state)
     if not isinstance(beam_size, int) or beam_size < 1:
         raise ValueError(f"beam_size must be a static int >= 1, got {beam_size!r}")
+    if prefix_axis is not None and (not isinstance(prefix_axis, int) or prefix_axis < 1):
+        raise ValueError(f"prefix_axis must be None or a static int >= 1 (axis 0 is the row), got {prefix_axis!r}")
+    if not isinstance(copy_chunk, int) or copy_chunk < 1:
+        raise ValueError(f"copy_chunk must be a static int >= 1, got {copy_chunk!r}")
     K = beam_size
     bos_B = jnp.asarray(bos_B, jnp.int32)
     B = bos_B.shape[0]
     length_penalty = jnp.float32(length_penalty)
     neg_inf = jnp.float32(-jnp.inf)
+    base_B = jnp.arange(B, dtype=jnp.int32)[:, None] * K
 
     def norm(log_prob, length):
         return log_prob / (length.astype(jnp.float32) + 1.0) ** length_penalty
@@ -237,7 +305,16 @@ def beam_search(tokens_to_logits: TokensToLogits, cache, bos_B, *, beam_size: in
         return (s.t < max_len) & ~jnp.all(s.row_done_B)
 
     def body(s: _BeamState):
-        logits, cache = _step_logits(tokens_to_logits, s.last_BK, s.cache, constraint, s.constraint_state)
+        # feed each cache row the last token of the beam that lives there; read the logits back in beam order
+        beam_of_row = jnp.argsort(s.row_BxK, axis=1)
+        feed = jnp.take_along_axis(s.alive_tok_BxK, beam_of_row, axis=1).reshape(B * K)
+        logits, cache = tokens_to_logits(feed[:, None], s.cache)
+        if jnp.ndim(logits) != 2 or logits.shape[0] != B * K:
+            raise ValueError(f"tokens_to_logits must return logits of shape [{B * K}, vocab], "
+                             f"got {jnp.shape(logits)}")
+        logits = jnp.take(logits.astype(jnp.float32), (base_B + s.row_BxK).reshape(B * K), axis=0)
+        if constraint is not None:
+            logits = jnp.where(constraint.allowed(s.constraint_state), logits, -jnp.inf)
         V = logits.shape[-1]
         logp_BxKxV = jax.nn.log_softmax(logits, axis=-1).reshape(B, K, V)
         cand_BxKV = (s.alive_log_prob_BxK[:, :, None] + logp_BxKxV).reshape(B, K * V)
@@ -268,11 +345,18 @@ def beam_search(tokens_to_logits: TokensToLogits, cache, bos_B, *, beam_size: in
         alive_lp, keep = jax.lax.top_k(alive_key, K)
         alive_tokens = jnp.take_along_axis(top_tokens, keep[:, :, None], axis=1)
         alive_tok = jnp.take_along_axis(top_tok, keep, axis=1)
-        src_rows = (jnp.arange(B)[:, None] * K + jnp.take_along_axis(top_beam, keep, axis=1)).reshape(B * K)
-        cache = _gather_rows(cache, src_rows)
+        parent_BxK = jnp.take_along_axis(top_beam, keep, axis=1)
+        row, copied = _assign_rows(jnp.take_along_axis(s.row_BxK, parent_BxK, axis=1))
+        if K > 1:
+            # the copies, compacted to the front: parent's row -> the new beam's row
+            first = jnp.argsort(~copied.reshape(B * K), stable=True)
+            src = jnp.take((base_B + jnp.take_along_axis(s.row_BxK, parent_BxK, axis=1)).reshape(B * K), first)
+            dst = jnp.take((base_B + row).reshape(B * K), first)
+            cache = _copy_histories(cache, src, dst, copied.sum(), s.t, prefix_axis, copy_chunk)
         cstate = s.constraint_state
         if constraint is not None:
-            cstate = constraint.advance(_gather_rows(cstate, src_rows), alive_tok.reshape(B * K))
+            cstate = constraint.advance(_gather_rows(cstate, (base_B + parent_BxK).reshape(B * K)),
+                                        alive_tok.reshape(B * K))
 
         # which rows stop
         full = jnp.all(fin_score > neg_inf, axis=1)
@@ -285,7 +369,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache, bos_B, *, beam_size: in
             stop = full & (fin_score[:, K - 1] >= bound)
         row_done = s.row_done_B | stop | ~(alive_lp[:, 0] > neg_inf)
         return _BeamState(t=s.t + 1, alive_tokens_BxKxT=alive_tokens, alive_log_prob_BxK=alive_lp,
-                          last_BK=alive_tok.reshape(B * K), cache=cache, constraint_state=cstate,
+                          alive_tok_BxK=alive_tok, row_BxK=row, cache=cache, constraint_state=cstate,
                           fin_tokens_BxKxT=fin_tokens, fin_score_BxK=fin_score, fin_log_prob_BxK=fin_log_prob,
                           fin_length_BxK=fin_length, row_done_B=row_done)
 
@@ -294,7 +378,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache, bos_B, *, beam_size: in
     init = _BeamState(
         t=jnp.int32(0), alive_tokens_BxKxT=empty_tokens,
         alive_log_prob_BxK=empty_scores.at[:, 0].set(0.0),   # one live beam per row at the start
-        last_BK=jnp.repeat(bos_B, K), cache=tile_beams(cache, K),
+        alive_tok_BxK=jnp.repeat(bos_B[:, None], K, axis=1),
+        row_BxK=jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (B, K)), cache=tile_beams(cache, K),
         constraint_state=None if constraint is None else tile_beams(constraint_state, K),
         fin_tokens_BxKxT=empty_tokens, fin_score_BxK=empty_scores, fin_log_prob_BxK=empty_scores,
         fin_length_BxK=jnp.zeros((B, K), jnp.int32), row_done_B=jnp.zeros((B,), bool))

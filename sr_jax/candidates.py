@@ -42,8 +42,10 @@ def _bucket(n: int, minimum: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _program(model, decoding: str, width: int, max_len: int, length_penalty: float, temperature: float):
-    """jit(params, points, mask, n_vars, rng) -> greedy output and (for beam/sample) the extra hypotheses."""
+def decoding_program(model, decoding: str, width: int, max_len: int, length_penalty: float, temperature: float):
+    """The jitted program of one request, cached: (params, points, mask, n_vars, rng) -> (greedy tokens [B, T],
+    greedy log-probs [B], then for beam/sample the extra hypotheses' tokens [B, width, T] and log-probs
+    [B, width], None for greedy), inputs as `encode_datasets` returns them."""
     from .constraints import initial_state, prefix_grammar
 
     grammar = prefix_grammar(model.vocab, max_len)
@@ -59,7 +61,8 @@ def _program(model, decoding: str, width: int, max_len: int, length_penalty: flo
             extra = decode.beam_search(fn, model.init_cache(B, max_len + 1), jnp.full((B,), EOS, jnp.int32),
                                        beam_size=width, max_len=max_len, eos_id=EOS, pad_id=PAD,
                                        length_penalty=length_penalty, constraint=grammar,
-                                       constraint_state=initial_state(n_vars_B))
+                                       constraint_state=initial_state(n_vars_B),
+                                       prefix_axis=1)   # DecodeCache leaves: [rows, position, heads, head_dim]
             return greedy.tokens_BxT, greedy.log_prob_B, extra.tokens_BxKxT, extra.log_prob_BxK
         if decoding == "sample":
             rows = B * width
@@ -113,7 +116,7 @@ def model_candidates(trained, datasets: Sequence[tuple[np.ndarray, np.ndarray]],
     if width < 1:
         raise ValueError(f"beam_size / n_samples must be >= 1, got {width}")
     points, mask, n_vars = encode_datasets(datasets, cfg.model.max_dim)
-    program = _program(model, decoding, width, int(max_len), float(length_penalty), float(temperature))
+    program = decoding_program(model, decoding, width, int(max_len), float(length_penalty), float(temperature))
     g_tok, g_lp, x_tok, x_lp = jax.device_get(program(params, points, mask, n_vars, jax.random.PRNGKey(seed)))
     out = []
     for b in range(len(datasets)):

@@ -14,7 +14,10 @@ generated tokens. The rules, per row, over the decoder vocabulary's kinds (`sr_j
     dataset has at least one) and EOS. So a hypothesis never reaches a state it cannot complete.
   * `operators` (optional) restricts the operators to a subset of the vocabulary's.
 
-Everything is jnp and vectorised over the rows; `prefix_grammar` closes over static int arrays of the vocabulary.
+Everything is jnp and vectorised over the rows. The rules are read from per-token tables (`GrammarTables`, one
+entry per decoder id) with no per-kind branching, so the mask is a few comparisons of [B, 1] state against [1, V]
+tables. The tables are numpy arrays baked into the program by default; a jitted caller can pass them as arguments
+(`prefix_grammar(..., tables=traced)`), which keeps XLA from folding anything about them at compile time.
 """
 
 from __future__ import annotations
@@ -56,62 +59,89 @@ def initial_state(n_vars_B) -> GrammarState:
                         done_B=jnp.zeros((B,), bool))
 
 
-def prefix_grammar(vocab: DecoderVocab, max_len: int, operators: Sequence[str] | None = None) -> Constraint:
-    """Constraint for decoding prefix expressions of at most max_len generated tokens (EOS included).
+_BIG = np.iinfo(np.int32).max
 
-    `operators`: the operators that may be generated (default: all of the vocabulary's).
-    """
-    if not isinstance(max_len, int) or max_len < 2:
-        raise ValueError(f"max_len must be an int >= 2 (the shortest expression is a variable, then EOS), "
-                         f"got {max_len!r}")
-    kind_np = np.asarray(vocab.kind, np.int32)
-    usable_np = np.ones(len(vocab), bool)
+
+class GrammarTables(NamedTuple):
+    """The grammar's rules per decoder id (arrays of shape [V]; numpy, or jnp arrays traced as jit arguments)."""
+
+    float_pos_V: object     # int32: the float position the token needs (FLOAT_NONE outside a constant)
+    min_open_V: object      # int32: open slots needed before it, at least ...
+    max_open_V: object      # int32: ... and at most (EOS: exactly 0)
+    extra_V: object         # int32: tokens needed after it beyond one per open slot (see the module docstring)
+    variable_V: object      # int32: i for x_i, -1 otherwise (x_i needs i < n_vars)
+    usable_V: object        # bool: may be generated at all (not PAD, not an excluded operator)
+    pad_V: object           # bool: PAD (the only token of a finished row)
+    open_delta_V: object    # int32: open slots after it minus before it
+    float_after_V: object   # int32: float position after it
+    eos_V: object           # bool: EOS (finishes the row)
+
+
+def grammar_tables(vocab: DecoderVocab, operators: Sequence[str] | None = None) -> GrammarTables:
+    """The numpy tables of the prefix grammar over `vocab`; `operators`: the operators that may be generated."""
+    kind = np.asarray(vocab.kind, np.int32)
+    is_op = (kind == KIND_BINARY) | (kind == KIND_UNARY)
+    usable = kind != KIND_PAD
     if operators is not None:
         unknown = [o for o in operators if o not in vocab.operators]
         if unknown:
             raise ValueError(f"operator {unknown[0]!r} is not in the decoder vocabulary; it has "
                              f"{', '.join(vocab.operators)}")
-        is_op = (kind_np == KIND_BINARY) | (kind_np == KIND_UNARY)
-        usable_np &= ~is_op | np.array([w in set(operators) for w in vocab.id2word])
-    kind = jnp.asarray(kind_np)[None, :]                          # [1, V]
-    variable = jnp.asarray(vocab.variable, jnp.int32)[None, :]    # [1, V]
-    usable = jnp.asarray(usable_np)[None, :]
-    kind_flat = jnp.asarray(kind_np)
+        usable &= ~is_op | np.array([w in set(operators) for w in vocab.id2word])
+    in_float = (kind == KIND_MANTISSA) | (kind == KIND_EXPONENT)
+    i32 = lambda x: np.asarray(x, np.int32)
+    return GrammarTables(
+        float_pos_V=i32(np.select([kind == KIND_MANTISSA, kind == KIND_EXPONENT],
+                                  [FLOAT_AFTER_SIGN, FLOAT_AFTER_MANTISSA], FLOAT_NONE)),
+        # inside a constant: no condition on open; EOS: open == 0; operators, variables, signs: open > 0
+        min_open_V=i32(np.where(in_float | (kind == KIND_EOS), 0, 1)),
+        max_open_V=i32(np.where(kind == KIND_EOS, 0, _BIG)),
+        # tokens still needed after a token = open (before it) + extra: binary (open + 1 slots, EOS), unary (open,
+        # EOS), sign (open - 1 slots, mantissa, exponent, EOS), mantissa (open - 1, exponent, EOS); variable,
+        # exponent (open - 1, EOS) and EOS (open is 0) need exactly open
+        extra_V=i32(np.select([(kind == KIND_BINARY) | (kind == KIND_SIGN),
+                               (kind == KIND_UNARY) | (kind == KIND_MANTISSA)], [2, 1], 0)),
+        variable_V=i32(vocab.variable),
+        usable_V=usable,
+        pad_V=kind == KIND_PAD,
+        # open slots after a token, relative to before (a constant's slot is filled by its exponent)
+        open_delta_V=i32(np.select([kind == KIND_BINARY, kind == KIND_VARIABLE, kind == KIND_EXPONENT],
+                                   [1, -1, -1], 0)),
+        float_after_V=i32(np.select([kind == KIND_SIGN, kind == KIND_MANTISSA],
+                                    [FLOAT_AFTER_SIGN, FLOAT_AFTER_MANTISSA], FLOAT_NONE)),
+        eos_V=kind == KIND_EOS)
 
-    # open slots after a token, relative to before (a constant's slot is filled by its exponent)
-    open_delta = jnp.asarray(np.select([kind_np == KIND_BINARY, kind_np == KIND_VARIABLE, kind_np == KIND_EXPONENT],
-                                       [1, -1, -1], 0), jnp.int32)
-    # tokens still needed after a token = open (before it) + extra: binary (open + 1 slots, EOS), unary (open, EOS),
-    # sign (open - 1 slots, mantissa, exponent, EOS), mantissa (open - 1, exponent, EOS); variable, exponent
-    # (open - 1, EOS) and EOS (open is 0) need exactly open
-    extra = jnp.asarray(np.select([(kind_np == KIND_BINARY) | (kind_np == KIND_SIGN),
-                                   (kind_np == KIND_UNARY) | (kind_np == KIND_MANTISSA)], [2, 1], 0),
-                        jnp.int32)[None, :]
+
+def prefix_grammar(vocab: DecoderVocab, max_len: int, operators: Sequence[str] | None = None, *,
+                   tables: GrammarTables | None = None) -> Constraint:
+    """Constraint for decoding prefix expressions of at most max_len generated tokens (EOS included).
+
+    `operators`: the operators that may be generated (default: all of the vocabulary's). `tables`: the per-token
+    tables to read, e.g. `grammar_tables(vocab, operators)` passed through a jitted function's arguments (default:
+    those tables as constants of the program; `operators` is then ignored).
+    """
+    if not isinstance(max_len, int) or max_len < 2:
+        raise ValueError(f"max_len must be an int >= 2 (the shortest expression is a variable, then EOS), "
+                         f"got {max_len!r}")
+    t = grammar_tables(vocab, operators) if tables is None else tables
+    if jnp.shape(t.usable_V) != (len(vocab),):
+        raise ValueError(f"grammar tables have {jnp.shape(t.usable_V)} entries; the vocabulary has {len(vocab)} ids")
+    row = lambda x: jnp.asarray(x)[None, :]                       # [1, V]
 
     def allowed(s: GrammarState):
         open_ = s.open_B[:, None]
-        fpos = s.float_pos_B[:, None]
-        fits = open_ + extra <= max_len - s.length_B[:, None] - 1
-        in_float = fpos != FLOAT_NONE
-        ok = jnp.select(
-            [kind == KIND_MANTISSA, kind == KIND_EXPONENT, kind == KIND_EOS, kind == KIND_PAD],
-            [fpos == FLOAT_AFTER_SIGN, fpos == FLOAT_AFTER_MANTISSA, ~in_float & (open_ == 0),
-             jnp.zeros_like(open_, bool)],
-            ~in_float & (open_ > 0))                              # operators, variables, signs
-        ok = ok & usable & fits
-        ok = ok & ((kind != KIND_VARIABLE) | (variable < s.n_vars_B[:, None]))
-        done = s.done_B[:, None]
-        return jnp.where(done, kind == KIND_PAD, ok)
+        ok = (row(t.usable_V) & (s.float_pos_B[:, None] == row(t.float_pos_V))
+              & (open_ >= row(t.min_open_V)) & (open_ <= row(t.max_open_V))
+              & (open_ + row(t.extra_V) <= max_len - 1 - s.length_B[:, None])
+              & (row(t.variable_V) < s.n_vars_B[:, None]))
+        return jnp.where(s.done_B[:, None], row(t.pad_V), ok)
 
     def advance(s: GrammarState, token_B):
-        k = kind_flat[token_B]
         live = ~s.done_B
-        fpos = jnp.select([k == KIND_SIGN, k == KIND_MANTISSA], [FLOAT_AFTER_SIGN, FLOAT_AFTER_MANTISSA],
-                          FLOAT_NONE)
-        return GrammarState(open_B=jnp.where(live, s.open_B + open_delta[token_B], s.open_B),
-                            float_pos_B=jnp.where(live, fpos, s.float_pos_B).astype(jnp.int32),
+        return GrammarState(open_B=jnp.where(live, s.open_B + jnp.asarray(t.open_delta_V)[token_B], s.open_B),
+                            float_pos_B=jnp.where(live, jnp.asarray(t.float_after_V)[token_B], s.float_pos_B),
                             length_B=s.length_B + live.astype(jnp.int32),
                             n_vars_B=s.n_vars_B,
-                            done_B=s.done_B | (k == KIND_EOS))
+                            done_B=s.done_B | jnp.asarray(t.eos_V)[token_B])
 
     return Constraint(allowed=allowed, advance=advance)

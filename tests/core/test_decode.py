@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from core_jax.decode import BeamOutput, Constraint, DecodeOutput, beam_search, greedy, sample, tile_beams
+from core_jax.decode import BeamOutput, Constraint, DecodeOutput, _assign_rows, beam_search, greedy, sample, tile_beams
 
 PAD, EOS = 0, 1
 
@@ -47,6 +47,26 @@ def fake_model(table):
         return logits, FakeCache(hist, cache.steps_B + 1, cache.index + 1)
 
     return tokens_to_logits
+
+
+def history_model(table_MxVxV):
+    """Logits table[h, current token], h = sum over every token fed so far of (position + 1) * token, mod M: a
+    model that reads its whole cache history (entries past the write index are garbage and must not matter)."""
+    table = jnp.asarray(table_MxVxV)
+
+    def tokens_to_logits(tokens_Bx1, cache: FakeCache):
+        hist = jax.lax.dynamic_update_slice(cache.history_BxL, tokens_Bx1, (0, cache.index))
+        pos = jnp.arange(hist.shape[1])
+        h = jnp.sum(jnp.where(pos <= cache.index, (pos + 1) * hist, 0), axis=1) % table.shape[0]
+        return table[h, tokens_Bx1[:, 0]], FakeCache(hist, cache.steps_B + 1, cache.index + 1)
+
+    return tokens_to_logits
+
+
+def ref_history_logp(table_MxVxV, bos, seq):
+    fed = [bos] + list(seq)
+    h = sum((i + 1) * tok for i, tok in enumerate(fed)) % table_MxVxV.shape[0]
+    return np_log_softmax(table_MxVxV[h, fed[-1]])
 
 
 def fresh_cache(batch, max_len):
@@ -107,14 +127,16 @@ def ref_greedy(table, bos, max_len, mask_fn=None):
     return seq, total
 
 
-def ref_beam(table, bos, K, max_len, length_penalty, early_stopping, mask_fn=None, never_stop=False):
-    """Plain-Python beam search with the documented semantics (the original's loop over ranked extensions)."""
+def ref_beam(table, bos, K, max_len, length_penalty, early_stopping, mask_fn=None, never_stop=False, logp_fn=None):
+    """Plain-Python beam search with the documented semantics (the original's loop over ranked extensions);
+    logp_fn(bos, seq) -> next-token log-probs replaces the trigram table's."""
     score = lambda lp, n: lp / (n + 1) ** length_penalty
+    logp_fn = logp_fn or (lambda b, seq: ref_logp(table, b, seq, mask_fn))
     alive, fin = [((), 0.0)], []
     for t in range(max_len):
         cands = []
         for seq, lp in alive:
-            step = ref_logp(table, bos, seq, mask_fn)
+            step = logp_fn(bos, seq)
             cands += [(lp + step[v], seq + (v,)) for v in range(len(step)) if np.isfinite(step[v])]
         cands.sort(key=lambda c: -c[0])
         alive = []
@@ -176,15 +198,19 @@ def run_sample(table, bos_B, rng, *, max_len, temperature):
                   max_len=max_len, eos_id=EOS, pad_id=PAD)
 
 
-@functools.partial(jax.jit, static_argnames=("beam_size", "max_len", "early_stopping", "constrained", "min_len"))
-def run_beam(table, bos_B, *, beam_size, max_len, length_penalty, early_stopping, constrained=False, min_len=2):
-    B, V = bos_B.shape[0], table.shape[0]
+@functools.partial(jax.jit, static_argnames=("beam_size", "max_len", "early_stopping", "constrained", "min_len",
+                                             "prefix_axis", "copy_chunk", "history"))
+def run_beam(table, bos_B, *, beam_size, max_len, length_penalty, early_stopping, constrained=False, min_len=2,
+             prefix_axis=1, copy_chunk=32, history=False):
+    B, V = bos_B.shape[0], table.shape[-1]
     kw = {}
     if constrained:
         kw = dict(constraint=no_repeat(V, min_len),
                   constraint_state=NoRepeat(jnp.full((B,), -1, jnp.int32), jnp.zeros((B,), jnp.int32)))
-    return beam_search(fake_model(table), fresh_cache(B, max_len), bos_B, beam_size=beam_size, max_len=max_len,
-                       eos_id=EOS, pad_id=PAD, length_penalty=length_penalty, early_stopping=early_stopping, **kw)
+    model = history_model(table) if history else fake_model(table)
+    return beam_search(model, fresh_cache(B, max_len), bos_B, beam_size=beam_size, max_len=max_len,
+                       eos_id=EOS, pad_id=PAD, length_penalty=length_penalty, early_stopping=early_stopping,
+                       prefix_axis=prefix_axis, copy_chunk=copy_chunk, **kw)
 
 
 def check_layout(tokens_T, length, eos_id=EOS):
@@ -265,6 +291,10 @@ def test_argument_errors():
                pad_id=PAD)
     with pytest.raises(ValueError, match="beam_size"):
         beam_search(fake_model(table), cache, bos, beam_size=0, max_len=4, eos_id=EOS, pad_id=PAD)
+    with pytest.raises(ValueError, match="prefix_axis"):
+        beam_search(fake_model(table), cache, bos, beam_size=2, max_len=4, eos_id=EOS, pad_id=PAD, prefix_axis=0)
+    with pytest.raises(ValueError, match="copy_chunk"):
+        beam_search(fake_model(table), cache, bos, beam_size=2, max_len=4, eos_id=EOS, pad_id=PAD, copy_chunk=0)
     with pytest.raises(ValueError, match="logits of shape"):
         greedy(lambda t, c: (jnp.zeros((2, 1, 5)), c), cache, bos, max_len=4, eos_id=EOS, pad_id=PAD)
 
@@ -351,9 +381,9 @@ def test_beam_finds_the_brute_force_best(length_penalty, early_stopping):
             np.testing.assert_allclose(out.log_prob_BxK[b, 0], best[0][2], rtol=1e-5)
 
 
-def compare_with_reference(out, table, bos, K, max_len, lp, early, mask_fn=None, never_stop=False):
+def compare_with_reference(out, table, bos, K, max_len, lp, early, mask_fn=None, never_stop=False, logp_fn=None):
     for b in range(len(bos)):
-        ref = ref_beam(table, int(bos[b]), K, max_len, lp, early, mask_fn, never_stop)
+        ref = ref_beam(table, int(bos[b]), K, max_len, lp, early, mask_fn, never_stop, logp_fn)
         for k, (score, seq, logp, fin) in enumerate(ref):
             assert bool(out.finished_BxK[b, k]) == fin
             assert row_tokens(out.tokens_BxKxT[b, k], out.length_BxK[b, k]) == list(seq)
@@ -371,6 +401,37 @@ def test_beam_equals_python_reference(seed, lp, early):
     bos = np.array([1, 2, 5, 7], np.int32)
     out = run_beam(table, bos, beam_size=3, max_len=7, length_penalty=lp, early_stopping=early)
     compare_with_reference(out, table, bos, 3, 7, lp, early)
+
+
+@pytest.mark.parametrize("K,prefix_axis,chunk", [(9, None, 32), (5, 1, 3), (2, 1, 4)])
+def test_beam_moves_whole_histories(K, prefix_axis, chunk):
+    """A model that reads every token of its cache history: beams that take another beam's history (copied
+    row, whole or 0..t in chunks, windows clamped at the end of an 11-entry buffer) decode as the reference."""
+    bos = np.array([2, 3, 5], np.int32)
+    for seed in range(2):
+        rng = np.random.default_rng(seed)
+        table = (rng.normal(size=(13, 6, 6)) * 2.0).astype(np.float32)
+        table[..., PAD] = -np.inf
+        out = run_beam(table, bos, beam_size=K, max_len=10, length_penalty=1.0, early_stopping=False,
+                       prefix_axis=prefix_axis, copy_chunk=chunk, history=True)
+        compare_with_reference(out, None, bos, K, 10, 1.0, False,
+                               logp_fn=functools.partial(ref_history_logp, table))
+
+
+@settings(max_examples=30, deadline=None)
+@given(parents=st.lists(st.lists(st.integers(0, 5), min_size=6, max_size=6), min_size=1, max_size=4))
+def test_assign_rows_keeps_first_children_in_place(parents):
+    parent_BxK = np.array(parents, np.int32)
+    row, copied = map(np.asarray, _assign_rows(jnp.asarray(parent_BxK)))
+    for b in range(parent_BxK.shape[0]):
+        assert sorted(row[b]) == list(range(6))                      # every row holds exactly one beam
+        for k in range(6):
+            first = parent_BxK[b, k] not in parent_BxK[b, :k]
+            assert copied[b, k] == (not first)
+            if first:
+                assert row[b, k] == parent_BxK[b, k]                 # history stays where it is
+            else:
+                assert row[b, k] not in parent_BxK[b]               # copied into a row no beam keeps
 
 
 @pytest.mark.parametrize("lp", [0.0, 1.0, -0.5])

@@ -13,8 +13,10 @@ from hypothesis import given, settings, strategies as st
 
 from core_jax.decode import beam_search, greedy, sample
 from sr_jax import generator
-from sr_jax.constraints import GrammarState, initial_state, prefix_grammar
-from sr_jax.vocab import EOS, KIND_BINARY, KIND_UNARY, KIND_VARIABLE, PAD, DecoderVocab
+from sr_jax.constraints import (FLOAT_AFTER_MANTISSA, FLOAT_AFTER_SIGN, FLOAT_NONE, GrammarState, grammar_tables,
+                                initial_state, prefix_grammar)
+from sr_jax.vocab import (EOS, KIND_BINARY, KIND_EOS, KIND_EXPONENT, KIND_MANTISSA, KIND_PAD, KIND_SIGN, KIND_UNARY,
+                          KIND_VARIABLE, PAD, DecoderVocab)
 
 VOCAB = DecoderVocab()
 V = len(VOCAB)
@@ -163,6 +165,61 @@ def test_float_triples_and_eos_rules():
     assert words(state) == {"<PAD>"} and int(state.length_B[0]) == 4
 
 
+def rules_by_kind(open_, fpos, length, n_vars, done, max_len, token, usable=True):
+    """The grammar's rules written per token kind, for one row and one token (the module docstring's list)."""
+    kind, var = KIND[token], VOCAB.variable[token]
+    if done:
+        return kind == KIND_PAD
+    if kind == KIND_PAD or not usable:
+        return False
+    extra = {KIND_BINARY: 2, KIND_SIGN: 2, KIND_UNARY: 1, KIND_MANTISSA: 1}.get(kind, 0)
+    if open_ + extra > max_len - length - 1:
+        return False
+    if kind == KIND_MANTISSA:
+        return fpos == FLOAT_AFTER_SIGN
+    if kind == KIND_EXPONENT:
+        return fpos == FLOAT_AFTER_MANTISSA
+    if fpos != FLOAT_NONE:
+        return False
+    if kind == KIND_EOS:
+        return open_ == 0
+    return open_ > 0 and (kind != KIND_VARIABLE or var < n_vars)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_mask_equals_the_rules_by_kind_and_tables_may_be_arguments(seed):
+    """The table-driven mask equals the per-kind rules on random states; tables traced as jit arguments give
+    the same mask and the same next state as tables baked in as constants."""
+    rng = np.random.default_rng(seed)
+    B, max_len = 16, 12
+    state = GrammarState(open_B=jnp.asarray(rng.integers(0, 8, B), jnp.int32),
+                         float_pos_B=jnp.asarray(rng.integers(0, 3, B), jnp.int32),
+                         length_B=jnp.asarray(rng.integers(0, max_len, B), jnp.int32),
+                         n_vars_B=jnp.asarray(rng.integers(1, 11, B), jnp.int32),
+                         done_B=jnp.asarray(rng.random(B) < 0.2))
+    ops = ("add", "mul", "sin", "exp") if seed % 2 else None
+    baked = prefix_grammar(VOCAB, max_len, ops)
+    mask = np.asarray(baked.allowed(state))
+    usable = np.array([ops is None or KIND[i] not in (KIND_BINARY, KIND_UNARY) or VOCAB.id2word[i] in ops
+                       for i in range(V)])
+    st_np = [np.asarray(x) for x in state]
+    for b in range(B):
+        want = [rules_by_kind(*(x[b] for x in st_np), max_len, i, usable[i]) for i in range(V)]
+        np.testing.assert_array_equal(mask[b], want)
+    tokens = jnp.asarray(rng.integers(0, V, B), jnp.int32)
+
+    @jax.jit
+    def traced(tables, state, tokens):
+        g = prefix_grammar(VOCAB, max_len, tables=tables)
+        return g.allowed(state), g.advance(state, tokens)
+
+    got_mask, got_next = traced(grammar_tables(VOCAB, ops), state, tokens)
+    np.testing.assert_array_equal(got_mask, mask)
+    for a, b in zip(got_next, baked.advance(state, tokens)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_argument_errors():
     with pytest.raises(ValueError, match="max_len"):
         prefix_grammar(VOCAB, 1)
@@ -170,3 +227,5 @@ def test_argument_errors():
         prefix_grammar(VOCAB, 10, operators=["add", "sinh"])
     with pytest.raises(ValueError, match="at least one variable"):
         initial_state(np.array([2, 0]))
+    with pytest.raises(ValueError, match="entries; the vocabulary has"):
+        prefix_grammar(VOCAB, 10, tables=grammar_tables(DecoderVocab(max_exponent=-3)))

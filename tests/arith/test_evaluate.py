@@ -1,4 +1,5 @@
-"""Evaluation: exact match needs the EOS in place; grids run for every task; solve_prompts batches by length."""
+"""Evaluation: exact match needs the EOS in place; grids run for every task and compile one program per length
+bucket; solve_prompts answers as decoding each prompt alone."""
 
 import json
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from arith_jax.config import ArithConfig
+from arith_jax.decode import compiled_programs
 from arith_jax.evaluate import accuracy_grid, exact_match, run_evaluation, solve_prompts
 from arith_jax.train import build_model
 from arith_jax.tokenizer import EOS, PAD
@@ -29,8 +31,10 @@ def test_grid_runs_for_every_task(task, tmp_path):
     cfg = load_config(ArithConfig, TINY, [f"data.task={task}", "data.max_len=3", "data.max_count=3"])
     model = build_model(cfg)
     params = model.init(jax.random.PRNGKey(0))
+    before = compiled_programs()
     report = run_evaluation(model, params, task, 2, 3, 3, (4,), tmp_path / "r.json", tmp_path / "r.png",
-                            batch_size=8, progress=False)
+                            batch_size=4, progress=False)
+    assert compiled_programs() - before <= 1  # every prompt of grid and sweep fits the first bucket
     grid = np.array(json.loads((tmp_path / "r.json").read_text())["grid"])
     assert grid.shape == (3, 3) and ((grid >= 0) & (grid <= 1)).all()
     assert "4" in report["sweep"] and (tmp_path / "r.png").exists() and (tmp_path / "r_sweep.png").exists()

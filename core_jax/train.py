@@ -249,8 +249,10 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
                 finish_oldest()
             if ckpt is not None and stop.signum is not None and saved != int(state.step):
                 ckpt.save(int(state.step), state, meta)
-    except KeyboardInterrupt:  # a second Ctrl-C: save what is there unless the interrupt hit a step
-        if ckpt is not None:
+    except KeyboardInterrupt:
+        # after a first signal this is a second Ctrl-C: stop at once, the last complete checkpoint stays; without
+        # one (signals could not be caught here), save what is there unless the interrupt hit a step
+        if ckpt is not None and stop.signum is None:
             try:
                 ckpt.save(int(state.step), state, meta)
             except RuntimeError:  # interrupted inside a step: its input buffers were donated; keep the last save

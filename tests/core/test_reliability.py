@@ -207,3 +207,16 @@ def test_configs_built_in_python_are_checked_too(tmp_path):
     bad = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, sweep=(0,)))
     with pytest.raises(ConfigError, match="'eval.sweep' must be a list of items each >= 1"):
         run_training(bad, tmp_path)
+
+
+def test_second_ctrl_c_stops_at_once(tmp_path):
+    def batch_fn(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # first: stop after saving ...
+            os.kill(os.getpid(), signal.SIGINT)  # ... second: stop now
+        return batches(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(toy(steps=50), tmp_path, init_params, loss_fn, batch_fn, progress=False)
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]  # no save was started
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

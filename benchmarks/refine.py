@@ -24,7 +24,7 @@ Two scenarios, both printed:
 
 Results are recorded in BENCHMARKS.md.
 
-Run: python benchmarks/refine.py [--scenario both|worst|e2e] [--n 256] [--maxiter N]
+Run: python benchmarks/refine.py [--scenario both|worst|e2e] [--n 256] [--maxiter N] [--no-compact]
      [--linesearch lockstep|backtracking|zoom] [--hessian hybrid|bfgs] [--dtype float64|float32]
 """
 from __future__ import annotations
@@ -228,6 +228,8 @@ def main(argv=None):
     ap.add_argument("--maxls", type=int, default=None)
     ap.add_argument("--hessian", default=None, help="default: sr_jax.refine's (hybrid)")
     ap.add_argument("--dtype", default=None, choices=("float64", "float32"), help="default: sr_jax.refine's (float64)")
+    ap.add_argument("--no-compact", action="store_true",
+                    help="refine(compact=False): one uninterrupted program (converged candidates keep costing)")
     ap.add_argument("--repeats", type=int, default=3, help="extra timed calls after the second one (median)")
     ap.add_argument("--loss-rtol", type=float, default=1e-6, help="ours matches if <= scipy * (1 + this) + 1e-12")
     args = ap.parse_args(argv)
@@ -235,7 +237,8 @@ def main(argv=None):
     import jax
 
     kw = {k: v for k, v in dict(maxiter=args.maxiter, tol=args.tol, linesearch=args.linesearch,
-                                maxls=args.maxls, hessian=args.hessian, dtype=args.dtype).items() if v is not None}
+                                maxls=args.maxls, hessian=args.hessian, dtype=args.dtype,
+                                compact=False if args.no_compact else None).items() if v is not None}
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
           f"{jax.default_backend()}, date {datetime.date.today().isoformat()}")
     print("command: python benchmarks/refine.py " + " ".join(sys.argv[1:] if argv is None else argv))

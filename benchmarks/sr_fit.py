@@ -1,5 +1,5 @@
 """SymbolicTransformerRegressor speed: one fit once compiled, the first fit of a fresh process (with and without the
-persistent compilation cache), and B datasets in one batched fit vs B separate fits.
+persistent compilation cache, which a user turns on with ``sr_jax.enable_compilation_cache()``), and B datasets in one batched fit vs B separate fits.
 
     python benchmarks/sr_fit.py [--datasets 64] [--points 200] [--dim 2] [--sources prior,bases] [--model DIR]
                                 [--skip-cold] [--json out.json]
@@ -28,7 +28,10 @@ _COLD = """
 import sys, time
 import numpy as np
 t0 = time.perf_counter()
+import sr_jax
 from sr_jax import SymbolicTransformerRegressor
+if {cache!r}:
+    sr_jax.enable_compilation_cache()
 from sr_jax.generator import GeneratorConfig, sample
 t1 = time.perf_counter()
 s = sample(0, GeneratorConfig(min_input_dimension={dim}, max_input_dimension={dim}, n_points={points}))
@@ -49,11 +52,9 @@ def datasets(n: int, dim: int, points: int):
 
 def cold_start(args, sources, cache: bool) -> dict:
     """import / first fit / second fit seconds in a fresh process; cache: a persistent cache warmed by a first run."""
-    code = _COLD.format(dim=args.dim, points=args.points, sources=sources, model=args.model)
+    code = _COLD.format(dim=args.dim, points=args.points, sources=sources, model=args.model, cache=cache)
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, XDG_CACHE_HOME=tmp)
-        if not cache:
-            env["SR_JAX_NO_COMPILATION_CACHE"] = "1"
         runs = 2 if cache else 1  # the first run fills the cache, the second reads it
         for _ in range(runs):
             out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

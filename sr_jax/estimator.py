@@ -33,9 +33,9 @@ same ``random_state`` (those draws depend on ``random_state`` and the dataset's 
 greedy and beam candidates do not depend on the batch either, its samples (``decoding="sample"``) may.
 
 Compilation: refinement compiles one program per tape shape bucket; compiled programs are reused across fits in a
-process and, unless ``SR_JAX_NO_COMPILATION_CACHE=1`` or the user has configured a JAX compilation cache already,
-persisted in JAX's compilation cache under ``$XDG_CACHE_HOME/sr_jax/jax`` (default ``~/.cache/sr_jax/jax``), so a
-new process skips XLA's compilation of shapes seen before (tracing still runs once per shape and process).
+process. The estimator never changes JAX's global settings; to also skip XLA's compilation in later processes, turn
+on JAX's persistent compilation cache yourself, e.g. with ``sr_jax.enable_compilation_cache()`` (``run.py`` does
+this for its commands).
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -236,6 +237,9 @@ class SymbolicTransformerRegressor:
         validation_fraction: share of rows held out for selection (when there are at least 40 rows).
         complexity_tolerance: relative loss slack within which the simplest candidate wins.
         tidy: snap the chosen formula's constants to short values when that does not hurt the fit.
+        max_time: seconds (None: no limit), a soft limit on a fit: refinement stops at its next checkpoint once
+            the time since ``fit`` began is spent (candidates still running keep their best constants so far).
+            Compilation counts; the transformer's decoding runs to its end.
         random_state: int seed (None: a fresh one per fit) for row shuffling, the prior and sampling.
 
     Fitted attributes (lists, one entry per dataset, after a batched fit): ``expression_`` (sympy, user names),
@@ -249,7 +253,7 @@ class SymbolicTransformerRegressor:
                  max_number_bags: int = 4, decoding: str = "beam", beam_size: int = 4, n_samples: int = 32,
                  temperature: float = 1.0, n_prior: int = 32, max_refine_points: int = 1024,
                  refine_iterations: int = 100, validation_fraction: float = 0.25,
-                 complexity_tolerance: float = 0.05, tidy: bool = True, random_state=None):
+                 complexity_tolerance: float = 0.05, tidy: bool = True, max_time=None, random_state=None):
         self.model_path = model_path
         self.candidate_sources = candidate_sources
         self.max_input_points = max_input_points
@@ -264,6 +268,7 @@ class SymbolicTransformerRegressor:
         self.validation_fraction = validation_fraction
         self.complexity_tolerance = complexity_tolerance
         self.tidy = tidy
+        self.max_time = max_time
         self.random_state = random_state
 
     # ----- scikit-learn protocol -------------------------------------------------------------------------------
@@ -311,6 +316,9 @@ class SymbolicTransformerRegressor:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if float(self.complexity_tolerance) < 0:
             raise ValueError(f"complexity_tolerance must be >= 0, got {self.complexity_tolerance}")
+        if self.max_time is not None and not (isinstance(self.max_time, (int, float, np.integer, np.floating))
+                                              and float(self.max_time) > 0):
+            raise ValueError(f"max_time must be a positive number of seconds or None, got {self.max_time!r}")
         if self.decoding not in ("greedy", "beam", "sample"):
             raise ValueError(f"decoding must be 'greedy', 'beam' or 'sample', got {self.decoding!r}")
         seed = self.random_state
@@ -324,6 +332,7 @@ class SymbolicTransformerRegressor:
     def fit(self, X, y, feature_names=None) -> "SymbolicTransformerRegressor":
         """Fit one dataset (X: (N, D) array or DataFrame, y: (N,)), or a batch: lists of X and of y (and
         optionally a list of feature-name lists). Returns self."""
+        t_start = time.perf_counter()
         sources, seed = self._check_params()
         batched = _is_batch(X)
         if batched:
@@ -337,12 +346,11 @@ class SymbolicTransformerRegressor:
                     enumerate(zip(X, y, names_list))]
         else:
             data = [_check_dataset(X, y, feature_names)]
-        _enable_compilation_cache()
         trained = _load_model(self.model_path) if "model" in sources else None
         width = min(MAX_FEATURES, trained.config.model.max_dim) if trained is not None else MAX_FEATURES
         prepared = [self._prepare(x, yy, names, seed, width) for x, yy, names, _ in data]
         pools = self._pools(prepared, sources, seed, trained)
-        results = self._refine(prepared, pools)
+        results = self._refine(prepared, pools, t_start)
         fits = [self._select(p, pool, res) for p, pool, res in zip(prepared, pools, results)]
 
         def out(values):
@@ -402,12 +410,13 @@ class SymbolicTransformerRegressor:
         return [dedupe(pool) or [Candidate(Expression([float(p.y_N.mean())]), "basis")]
                 for pool, p in zip(pools, prepared)]
 
-    def _refine(self, prepared: list[_Prepared], pools: list[list[Candidate]]):
-        from .refine import refine
+    def _refine(self, prepared: list[_Prepared], pools: list[list[Candidate]], t_start: float):
+        from .refinement import refine
 
+        left = None if self.max_time is None else max(float(self.max_time) - (time.perf_counter() - t_start), 0.0)
         res = refine([[c.expression for c in pool] for pool in pools],
                      [p.z_NxK[p.train] for p in prepared], [p.y_N[p.train] for p in prepared],
-                     maxiter=int(self.refine_iterations))
+                     maxiter=int(self.refine_iterations), max_time=left)
         return res.expressions
 
     def _select(self, p: _Prepared, pool: list[Candidate], refined: list[Expression]):
@@ -637,25 +646,19 @@ def _load_model(path):
     return load_trained(path)
 
 
-_CACHE_STATE = {"done": False}
-
-
-def _enable_compilation_cache():
-    """Point JAX's persistent compilation cache at the user cache dir once per process, unless opted out
-    (``SR_JAX_NO_COMPILATION_CACHE=1``) or the user configured a cache directory already."""
-    if _CACHE_STATE["done"]:
-        return
-    _CACHE_STATE["done"] = True
-    if os.environ.get("SR_JAX_NO_COMPILATION_CACHE", "") not in ("", "0"):
-        return
+def enable_compilation_cache(path=None) -> Path:
+    """Turn on JAX's persistent compilation cache (a global JAX setting, so only when you ask): compiled programs
+    are kept on disk under ``path`` (default ``$XDG_CACHE_HOME/sr_jax/jax``, i.e. ``~/.cache/sr_jax/jax``) and a
+    new process loads them instead of compiling again (tracing still runs once per shape and process). Returns the
+    directory. An unwritable directory is a ValueError."""
     import jax
 
-    if jax.config.jax_compilation_cache_dir:
-        return
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    path = base / "sr_jax" / "jax"
+    if path is None:
+        path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sr_jax" / "jax"
+    path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return
+    except OSError as e:
+        raise ValueError(f"cannot create the compilation cache directory {path}: {e.strerror}") from None
     jax.config.update("jax_compilation_cache_dir", str(path))
+    return path

@@ -374,6 +374,42 @@ def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, m
     return Tape(sig, arrays, consts, n_consts, tuple(len(d) for d in dsets), tuple(tuple(d) for d in dsets))
 
 
+def scaled_signature(sig: TapeSignature, fraction: float, n_features: int) -> TapeSignature:
+    """``sig`` shrunk to ``fraction`` of its expressions (and, with slack, of its node and constant capacities),
+    over ``n_features`` input columns: the shape a subset of a batch can continue in (refinement's lane compaction).
+
+    A pure function of its arguments, so every subset of every batch placed in ``sig`` continues in the same few
+    programs (one per fraction). The slack is there because a subset need not be a fair sample of the batch (the
+    candidates refinement keeps are often the deeper ones); ``compile_tape_into`` says whether a subset fits."""
+    def shrink(c: int, step: int = 2) -> int:
+        return min(c, max(step, -(-int(np.ceil(1.5 * fraction * c)) // step) * step))
+
+    levels = tuple(tuple((g, shrink(c)) for g, c in groups) for groups in sig.levels)
+    return TapeSignature(sig.n_datasets, n_features, max(1, int(sig.n_expressions * fraction)), sig.n_consts,
+                         shrink(sig.n_const_slots, 4), shrink(sig.n_feature_uses, 4), levels)
+
+
+def compile_tape_into(sig: TapeSignature, expressions: Sequence, feature_offsets: Sequence[int] | None = None):
+    """One dataset's expressions compiled into the given signature; None when they do not fit (too many
+    expressions, constants per expression, constant or variable leaves, or nodes for its levels)."""
+    exprs = _check_expressions(list(expressions), sig.n_features)
+    if len(exprs) > sig.n_expressions or max((len(e.constants) for e in exprs), default=0) > sig.n_consts:
+        return None
+    p = _parse(exprs, feature_offsets)
+    if max(p.features, default=-1) >= sig.n_features:
+        return None
+    levels = _place(sig, p)
+    if levels is None:
+        return None
+    filled = _fill(sig, p, levels)
+    consts = np.zeros((1, sig.n_expressions, sig.n_consts))
+    for c in p.consts:
+        consts[0, c.expr, c.index] = c.value
+    n_consts = np.zeros((1, sig.n_expressions), np.int32)
+    n_consts[0, : len(p.n_consts)] = p.n_consts
+    return Tape(sig, {k: v[None] for k, v in filled.items()}, consts, n_consts, (len(exprs),), (tuple(exprs),))
+
+
 def _fill(sig: TapeSignature, p: _Parsed, levels: list):
     """Index arrays for one dataset.
 

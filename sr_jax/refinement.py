@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 import warnings
 from typing import NamedTuple, Optional, Sequence
 
@@ -217,15 +218,12 @@ class _Lane(NamedTuple):
     gn_below: jax.Array  # its Gauss-Newton matrix is formed where its loss is <= this (set by lockstep_minimize)
 
 
-def _make_solver(sig, maxiter: int, tol: float, linesearch: str, implicit: bool, maxls: int = 30,
-                 hessian: str = "hybrid"):
-    """``solve(c0_ExP, rows_E, active_E, problem) -> (c_ExP, _SolverStats)``, vmapped over candidates.
+def _make_objective(sig, use_gn: bool):
+    """The per-candidate objective ``(c_P, lane, problem) -> ((loss, B_PxP), grad_P)`` for one tape signature.
 
-    With ``implicit`` the solution is differentiable w.r.t. ``problem`` (``jaxopt.implicit_diff.custom_root`` with
-    the batch gradient as optimality condition): d(refined constants)/d(x, y) by the implicit function theorem.
+    A ``custom_vmap`` function: vmapped over candidates, its rule evaluates the whole tape once for every lane.
     """
     e_b = sig.n_expressions
-    use_gn = linesearch == "lockstep" and hessian == "hybrid"
 
     def batch_eval(consts_ExP, lane: _Lane, problem: Problem):
         """(losses, gradients, Gauss-Newton matrices) of the whole batch from one tape pass."""
@@ -254,6 +252,19 @@ def _make_solver(sig, maxiter: int, tol: float, linesearch: str, implicit: bool,
         consts = jnp.zeros((e_b, c.shape[-1]), c.dtype).at[lane.row].set(c)
         l, g, gn = batch_eval(consts, lane, problem)
         return jax.vmap(_mask_value)(l[lane.row], g[lane.row], gn[lane.row], lane.active), ((True, True), True)
+
+    return objective
+
+
+def _make_solver(sig, maxiter: int, tol: float, linesearch: str, implicit: bool, maxls: int = 30,
+                 hessian: str = "hybrid"):
+    """``solve(c0_ExP, rows_E, active_E, problem) -> (c_ExP, _SolverStats)``, vmapped over candidates.
+
+    With ``implicit`` the solution is differentiable w.r.t. ``problem`` (``jaxopt.implicit_diff.custom_root`` with
+    the batch gradient as optimality condition): d(refined constants)/d(x, y) by the implicit function theorem.
+    """
+    use_gn = linesearch == "lockstep" and hessian == "hybrid"
+    objective = _make_objective(sig, use_gn)
 
     if linesearch == "lockstep":
         def gn_objective(c_P, gn_below, lane, problem):
@@ -309,7 +320,8 @@ class LockstepState(NamedTuple):
     gauss_newton_PxP: jax.Array  # the last Gauss-Newton matrix B the objective formed (zeros before)
 
 
-def lockstep_minimize(objective, c0_P, *args, maxiter: int, tol: float, gauss_newton: bool = False):
+def lockstep_minimize(objective, c0_P, *args, maxiter, tol: float, gauss_newton: bool = False,
+                      state: Optional[LockstepState] = None):
     """Minimise ``objective`` from ``c0_P`` with exactly ONE objective evaluation per iteration; ``(c_P, state)``.
 
     ``objective(c_P, gn_below, *args) -> ((loss, B_PxP), grad_P)``: B is the Gauss-Newton matrix of a least-squares
@@ -333,13 +345,13 @@ def lockstep_minimize(objective, c0_P, *args, maxiter: int, tol: float, gauss_ne
     Without Gauss-Newton: plain BFGS from H = I, rescaled by y.s / y.y after the first step (Nocedal & Wright
     eq. 6.20), first step of length 1 as scipy's BFGS. BFGS updates are skipped when the curvature y.s is not
     positive, so H stays positive definite.
+
+    Resuming: pass the ``state`` a previous call returned (with its ``c_P``) to continue where it stopped; ``maxiter``
+    may be a traced integer (it bounds ``state.n_evaluations``, which counts from the very start), so one compiled
+    program runs a minimisation in chunks (see ``refine``'s lane compaction).
     """
-    dtype, n = c0_P.dtype, c0_P.shape[-1]
-    inf = jnp.asarray(jnp.inf, dtype)
-    zero_i = jnp.asarray(0, jnp.int32)
-    state = LockstepState(n_evaluations=zero_i, n_accepted=zero_i, loss=inf, grad_P=jnp.zeros_like(c0_P),
-                          grad_norm=inf, step=jnp.asarray(0.0, dtype), inv_hessian_PxP=jnp.eye(n, dtype=dtype),
-                          initial_loss=inf, gauss_newton_PxP=jnp.zeros((n, n), dtype))
+    if state is None:
+        state = init_lockstep_state(c0_P)
 
     def cond(carry):
         return (carry[1].n_evaluations < maxiter) & (carry[1].grad_norm > tol)
@@ -348,6 +360,19 @@ def lockstep_minimize(objective, c0_P, *args, maxiter: int, tol: float, gauss_ne
         return _lockstep_update(objective, gauss_newton, *carry, args)
 
     return jax.lax.while_loop(cond, body, (c0_P, state))
+
+
+def init_lockstep_state(c0_P) -> LockstepState:
+    """The state ``lockstep_minimize`` starts from (nothing evaluated yet; works on numpy or JAX arrays, with any
+    leading batch axes)."""
+    xp = np if isinstance(c0_P, np.ndarray) else jnp
+    lead, n, dtype = c0_P.shape[:-1], c0_P.shape[-1], c0_P.dtype
+    inf = xp.full(lead, np.inf, dtype)
+    zero_i = xp.zeros(lead, np.int32)
+    return LockstepState(n_evaluations=zero_i, n_accepted=zero_i, loss=inf, grad_P=xp.zeros_like(c0_P),
+                         grad_norm=inf, step=xp.zeros(lead, dtype),
+                         inv_hessian_PxP=xp.broadcast_to(xp.eye(n, dtype=dtype), lead + (n, n)),
+                         initial_loss=inf, gauss_newton_PxP=xp.zeros(lead + (n, n), dtype))
 
 
 def _lockstep_update(objective, gauss_newton: bool, c_P, state: LockstepState, args):
@@ -423,13 +448,15 @@ def _gn_inverse(B):
     # Gauss-Jordan without pivoting (the damped matrix is symmetric positive definite), in plain jnp ops: a LAPACK
     # call inside the lax.switch of _gn_inverse_where deadlocked XLA's CPU runtime (jax 0.10)
     # (in place: after step k, column k holds the inverse's column, so no augmented matrix is needed)
-    m = reg
-    for k in range(n):
+    # (a fori_loop, not a Python loop: one copy of the step in the program instead of P, which compiles faster)
+    def eliminate(k, m):
         inv_piv = 1.0 / m[k, k]
         row = m[k] * inv_piv
         col = m[:, k]
         m = m - col[:, None] * row[None, :]
-        m = m.at[k].set(row).at[:, k].set(-col * inv_piv).at[k, k].set(inv_piv)
+        return m.at[k].set(row).at[:, k].set(-col * inv_piv).at[k, k].set(inv_piv)
+
+    m = jax.lax.fori_loop(0, n, eliminate, reg)
     return 0.5 * (m + m.T)  # a zero pivot gives inf/NaN: the caller falls back to the identity
 
 
@@ -475,8 +502,9 @@ def _mask_value(l, g, gn, active):
 @functools.lru_cache(maxsize=32)
 def _refine_program(sig, maxiter: int, tol: float, linesearch: str, maxls: int, dtype: np.dtype,
                     hessian: str = "hybrid"):
-    """Jitted (datasets-vmapped) refinement for one tape signature and float dtype; cached so that a batch of the
-    same bucket reuses it. Call it under ``interpreter.precision(dtype)``."""
+    """Jitted (datasets-vmapped) refinement with jaxopt's BFGS and line search (or only the start's loss, with
+    ``maxiter=0``) for one tape signature and float dtype; cached so that a batch of the same bucket reuses it.
+    Call it under ``interpreter.precision(dtype)``."""
     solve = _make_solver(sig, maxiter, tol, linesearch, False, maxls, hessian)
 
     def one_dataset(arrays, c0, real, x, y, w):
@@ -488,17 +516,11 @@ def _refine_program(sig, maxiter: int, tol: float, linesearch: str, maxls: int, 
             return dict(consts=c0, losses=l0, initial_losses=l0, improved=jnp.zeros_like(real),
                         n_iterations=jnp.zeros(rows.shape, jnp.int32),
                         grad_norm=jnp.where(jnp.isfinite(l0), jnp.sqrt(jnp.sum(g0 * g0, axis=1)), jnp.inf))
-        if linesearch == "lockstep":  # the solver evaluates the start itself; a non-finite one comes back as _big
-            c_end, stats = solve(c0, rows, real, problem)
-            l0, l_end = stats.initial_loss, stats.final_loss
-            active = real & (l0 < _big(l0.dtype))
-            l0 = jnp.where(active, l0, jnp.inf)
-        else:
-            l0 = _losses(sig, problem, c0)
-            active = real & (l0 < _big(l0.dtype))
-            l0 = jnp.where(active, l0, jnp.inf)
-            c_end, stats = solve(c0, rows, active, problem)
-            l_end = _losses(sig, problem, c_end)
+        l0 = _losses(sig, problem, c0)
+        active = real & (l0 < _big(l0.dtype))
+        l0 = jnp.where(active, l0, jnp.inf)
+        c_end, stats = solve(c0, rows, active, problem)
+        l_end = _losses(sig, problem, c_end)
         better = active & jnp.isfinite(l_end) & (l_end <= l0)
         c_best = jnp.where(better[:, None], c_end, c0)
         l_best = jnp.where(better, l_end, l0)
@@ -510,6 +532,177 @@ def _refine_program(sig, maxiter: int, tol: float, linesearch: str, maxls: int, 
         return jax.vmap(one_dataset)(arrays, c0, real, x, y, w)
 
     return jax.jit(program)
+
+
+@functools.lru_cache(maxsize=32)
+def _lockstep_program(sig, tol: float, dtype: np.dtype, hessian: str):
+    """Jitted chunk of lockstep refinement for one tape signature: ``(arrays, c, state, real, x, y, w, stop_at) ->
+    (c, state)``, ``jax.vmap``-ed over the leading (dataset) axis. Every candidate runs until its gradient norm is
+    at most ``tol`` or its evaluation count reaches ``stop_at`` (a traced integer: every chunk of a run, whatever
+    its end, reuses one program). Call it under ``interpreter.precision(dtype)``."""
+    use_gn = hessian == "hybrid"
+    objective = _make_objective(sig, use_gn)
+
+    def gn_objective(c_P, gn_below, lane, problem):
+        return objective(c_P, lane._replace(gn_below=gn_below), problem)
+
+    def one_dataset(arrays, c_ExP, state, real_E, x, y, w, stop_at):
+        problem = make_problem(arrays, x, y, w)
+        lane = _Lane(jnp.arange(sig.n_expressions), real_E, jnp.full(real_E.shape, jnp.inf, c_ExP.dtype))
+
+        def run(c_P, st, ln):
+            return lockstep_minimize(gn_objective, c_P, ln, problem, maxiter=stop_at, tol=tol, gauss_newton=use_gn,
+                                     state=st)
+
+        return jax.vmap(run)(c_ExP, state, lane)
+
+    def program(arrays, c, state, real, x, y, w, stop_at):
+        itp.COMPILE_COUNTER["refine"] += 1  # trace-time only
+        return jax.vmap(one_dataset, in_axes=(0, 0, 0, 0, 0, 0, 0, None))(arrays, c, state, real, x, y, w, stop_at)
+
+    return jax.jit(program)
+
+
+# Evaluation counts after which the host looks at which candidates still run and, when at most half of the
+# batch's bucket does, moves them to a smaller tape (a smaller compiled program) for the rest of the run.
+_CHECKPOINTS = (8, 16, 32, 64)
+# ``compact=None`` compacts batches of at least this many (bucketed) candidates. Each compaction may compile a
+# program for a new, smaller tape; below this size the time saved rarely repays that compilation.
+_COMPACT_MIN_EXPRESSIONS = 128
+_MIN_FRACTION = 1 / 32  # the smallest tape a run continues on, as a fraction of its batch's
+
+
+class _Run:
+    """A lockstep refinement in progress on ONE tape (``batch`` with one entry on the vmapped axis): the live
+    candidates' tape and arrays, where each row came from, and the finished rows' results in the original rows."""
+
+    def __init__(self, batch: "_Batch", dtype, maxiter: int):
+        self.batch, self.dtype, self.maxiter = batch, dtype, maxiter
+        tape = batch.tape
+        self.exprs = [e for _, _, ex in batch.slots for e in ex]
+        self.folded = batch.y_BxN.ndim == 3
+        self.d = batch.x_BxNxD.shape[2] // len(batch.slots) if self.folded else batch.x_BxNxD.shape[2]
+        self.dataset = np.concatenate([[b] * len(ex) for b, (_, _, ex) in enumerate(batch.slots)]).astype(int)
+        self.origin = np.arange(len(self.exprs))  # original row of each current row
+        e0, p0 = tape.consts.shape[1:]
+        self.final = dict(consts=np.array(tape.consts[0], np.float64), n_evaluations=np.zeros(e0, np.int64),
+                          grad_norm=np.full(e0, np.inf), initial_loss=np.full(e0, np.inf), loss=np.full(e0, np.inf))
+        self.sig = tape.signature
+        self.arrays, self.c = itp.device_arrays(tape, dtype)
+        self.state = jax.tree_util.tree_map(jnp.asarray, init_lockstep_state(np.asarray(tape.consts, dtype)))
+        self.real = jnp.asarray(batch.real_BxE)
+        self.x, self.y, self.w = (jnp.asarray(a, dtype) for a in (batch.x_BxNxD, batch.y_BxN, batch.w_BxN))
+
+    def step(self, stop_at: int, tol: float, hessian: str) -> None:
+        program = _lockstep_program(self.sig, tol, self.dtype, hessian)
+        self.c, self.state = program(self.arrays, self.c, self.state, self.real, self.x, self.y, self.w, stop_at)
+
+    def record(self, c, state) -> None:
+        """Copy the current rows' results (host arrays of the single vmapped entry) into their original rows."""
+        n, rows = len(self.origin), self.origin
+        self.final["consts"][rows, : c.shape[-1]] = c[0, :n]
+        for k in ("n_evaluations", "grad_norm", "initial_loss", "loss"):
+            self.final[k][rows] = getattr(state, k)[0, :n]
+
+    def running(self, state, tol: float) -> np.ndarray:
+        n = len(self.origin)
+        return (state.n_evaluations[0, :n] < self.maxiter) & (state.grad_norm[0, :n] > tol)
+
+    def compact(self, c, state, live: np.ndarray) -> bool:
+        """Continue with only the ``live`` current rows, on a smaller tape; False (nothing changed) when no smaller
+        shape holds them.
+
+        The smaller tapes are the batch's own signature scaled by 1/2, 1/4, ... (``interpreter.scaled_signature``,
+        a pure function of the batch's signature), so every call whose batch lands in the same signature reuses
+        the same few compiled programs, whichever candidates are still running."""
+        root, n = self.batch.tape.signature, len(live)
+        exprs = [self.exprs[self.origin[i]] for i in live]
+        offsets = None
+        if self.folded:  # keep only the live datasets' columns (their variables are renumbered accordingly)
+            datasets, rank = np.unique(self.dataset[self.origin[live]], return_inverse=True)
+            offsets = list(rank * self.d)
+        fraction = 1.0
+        while int(root.n_expressions * fraction / 2) >= n and fraction > _MIN_FRACTION:
+            fraction /= 2
+        tape = None
+        while tape is None and int(root.n_expressions * fraction) < self.sig.n_expressions:
+            e_b = int(root.n_expressions * fraction)
+            n_cols = min(len(self.batch.slots), e_b) * self.d if self.folded else root.n_features
+            tape = itp.compile_tape_into(itp.scaled_signature(root, fraction, n_cols), exprs, offsets)
+            fraction *= 2
+        if tape is None:
+            return False
+        x = self.batch.x_BxNxD
+        if self.folded:
+            cols = (datasets[:, None] * self.d + np.arange(self.d)).reshape(-1)
+            x = np.zeros(x.shape[:2] + (tape.signature.n_features,), x.dtype)
+            x[:, :, : len(cols)] = self.batch.x_BxNxD[:, :, cols]
+        e_b, p_b = tape.consts.shape[1:]
+        n = len(live)
+
+        def rows(a, fill):  # (1, E, ...) live rows first, padded with ``fill`` rows, constant axes cut to p_b
+            a = a[0, live]
+            a = a[(slice(None),) + tuple(slice(0, p_b) for _ in a.shape[1:])]
+            pad = np.broadcast_to(fill, (e_b - n,) + a.shape[1:])
+            return np.concatenate([a, pad.astype(a.dtype)])[None]
+
+        padding = init_lockstep_state(np.zeros((1, p_b), c.dtype))
+        padding = padding._replace(grad_norm=np.zeros(1, c.dtype))  # padding rows never run
+        self.state = jax.tree_util.tree_map(lambda a, f: jnp.asarray(rows(a, f[0])), state, padding)
+        self.c = jnp.asarray(rows(c, np.zeros(p_b, c.dtype)))
+        self.real = jnp.asarray((np.arange(e_b) < n)[None])
+        if self.folded:
+            y, w = np.zeros((1, e_b, x.shape[1])), np.ones((1, e_b, x.shape[1]))
+            y[0, :n], w[0, :n] = self.batch.y_BxN[0, self.origin[live]], self.batch.w_BxN[0, self.origin[live]]
+            self.y, self.w = jnp.asarray(y, self.dtype), jnp.asarray(w, self.dtype)
+        self.x = jnp.asarray(x, self.dtype)
+        self.sig, self.origin = tape.signature, self.origin[live]
+        self.arrays = {k: jnp.asarray(v) for k, v in tape.arrays.items()}
+        return True
+
+
+def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dtype, compact,
+                     deadline: Optional[float] = None) -> dict:
+    """Run the lockstep solver on ``batch``; per-candidate results as the host arrays ``refine`` reports.
+
+    With ``compact`` or a ``deadline`` (and one tape, i.e. one dataset or folded datasets) the run stops at
+    ``_CHECKPOINTS``. With ``compact``, when the candidates still running fit in a bucket at most half the current
+    one, they continue on a tape of their own, so candidates that have converged stop costing. Stopping and
+    resuming is exact (``lockstep_minimize`` carries its whole state), so the results are an uninterrupted run's up
+    to rounding. Past the ``deadline`` (a ``time.perf_counter()`` value) the run ends at the next checkpoint.
+    """
+    if compact is None:
+        compact = batch.tape.signature.n_expressions >= _COMPACT_MIN_EXPRESSIONS
+    if not (compact or deadline is not None) or batch.x_BxNxD.shape[0] != 1:  # one uninterrupted run
+        arrays, c0 = itp.device_arrays(batch.tape, dtype)
+        program = _lockstep_program(batch.tape.signature, tol, dtype, hessian)
+        state0 = jax.tree_util.tree_map(jnp.asarray, init_lockstep_state(np.asarray(batch.tape.consts, dtype)))
+        c, state = jax.device_get(program(arrays, c0, state0, jnp.asarray(batch.real_BxE),
+                                          *(jnp.asarray(a, dtype) for a in (batch.x_BxNxD, batch.y_BxN, batch.w_BxN)),
+                                          maxiter))
+        final = dict(consts=c, n_evaluations=state.n_evaluations, grad_norm=state.grad_norm,
+                     initial_loss=state.initial_loss, loss=state.loss)
+    else:
+        run = _Run(batch, dtype, maxiter)
+        checkpoints = list(_CHECKPOINTS) + list(range(2 * _CHECKPOINTS[-1], maxiter, _CHECKPOINTS[-1]))
+        for stop_at in [k for k in checkpoints if k < maxiter] + [maxiter]:
+            run.step(stop_at, tol, hessian)
+            c, state = jax.device_get((run.c, run.state))
+            run.record(c, state)
+            live = np.flatnonzero(run.running(state, tol))
+            if stop_at == maxiter or not len(live) or (deadline is not None and time.perf_counter() >= deadline):
+                break
+            if compact and len(live) <= run.sig.n_expressions // 2:
+                run.compact(c, state, live)
+        final = {k: v[None] for k, v in run.final.items()}
+    c0 = np.asarray(batch.tape.consts, np.float64)
+    real, l0, l_end = batch.real_BxE, np.asarray(final["initial_loss"], np.float64), np.asarray(final["loss"], np.float64)
+    active = real & (l0 < _big(dtype))
+    l0 = np.where(active, l0, np.inf)
+    better = active & np.isfinite(l_end) & (l_end <= l0)
+    return dict(consts=np.where(better[..., None], final["consts"], c0), losses=np.where(better, l_end, l0),
+                initial_losses=l0, improved=better & (l_end < l0), n_iterations=final["n_evaluations"],
+                grad_norm=final["grad_norm"])
 
 
 _LINESEARCHES = ("lockstep", "backtracking", "zoom")
@@ -626,7 +819,8 @@ def _folded_batch(exprs, xs, ys) -> _Batch:
 
 def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5,
            linesearch: str = "lockstep", hessian: str = "hybrid", maxls: int = 10, dtype=None,
-           fold_datasets: bool = True) -> RefineResult:
+           fold_datasets: bool = True, compact: Optional[bool] = None,
+           max_time: Optional[float] = None) -> RefineResult:
     """Refine the constants of every candidate with BFGS on MSE / var(y), all in one jitted call.
 
     ``expressions``: candidates (Expression or prefix lists) whose numbers are the initial constants; for several
@@ -647,19 +841,43 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5
     batch of B datasets costs one tape pass per BFGS evaluation like a batch of candidates on one dataset. With
     False, the program is ``jax.vmap``-ed over datasets (much slower on CPU for many datasets of one candidate:
     batched gathers with per-dataset indices, and every dataset padded to the largest one's groups).
+    ``compact`` (lockstep, one dataset or folded datasets): candidates that have converged stop costing: at a few
+    evaluation counts (``_CHECKPOINTS``) the candidates still running move to a tape of their own when they fit in
+    a bucket at most half the current one (a smaller program, compiled once per shape). The solver's state carries
+    over exactly, so the results are those of an uninterrupted run up to rounding (a different tape layout sums in
+    another order). None (default): compact batches of at least ``_COMPACT_MIN_EXPRESSIONS`` (bucketed)
+    candidates, where the time saved repays compiling the smaller programs; False: one uninterrupted program.
+    ``max_time`` (seconds, lockstep on one tape): a soft limit on the solver's time (compilation included): past
+    it, the run ends at its next checkpoint, and candidates still running keep the best constants found so far
+    (``converged`` False).
     """
+    t_start = time.perf_counter()
     exprs, xs, ys, multi = _as_datasets(expressions, X, y)
     _check_options(maxiter, tol, linesearch, hessian, maxls)
+    if max_time is not None and not max_time >= 0:
+        raise ValueError(f"max_time must be a number of seconds >= 0 (or None), got {max_time!r}")
     dtype = itp.resolve_dtype(dtype)
     batch = _folded_batch(exprs, xs, ys) if multi and fold_datasets else _stacked_batch(exprs, xs, ys)
     itp.check_range(batch.x_BxNxD, "X", dtype)
     itp.check_range(batch.y_BxN, "y", dtype)
     with itp.precision(dtype):
-        arrays, c0 = itp.device_arrays(batch.tape, dtype)
-        program = _refine_program(batch.tape.signature, int(maxiter), float(tol), linesearch, int(maxls), dtype,
-                                  hessian)
-        out = jax.device_get(program(arrays, c0, jnp.asarray(batch.real_BxE), jnp.asarray(batch.x_BxNxD, dtype),
-                                     jnp.asarray(batch.y_BxN, dtype), jnp.asarray(batch.w_BxN, dtype)))
+        if linesearch == "lockstep" and maxiter > 0:
+            deadline = None if max_time is None else t_start + float(max_time)
+            out = _lockstep_refine(batch, int(maxiter), float(tol), hessian, dtype, compact, deadline)
+        else:
+            out = _jaxopt_refine(batch, int(maxiter), float(tol), linesearch, int(maxls), dtype, hessian)
+    return _result(batch, out, tol, multi)
+
+
+def _jaxopt_refine(batch: "_Batch", maxiter: int, tol: float, linesearch: str, maxls: int, dtype, hessian: str):
+    """jaxopt's BFGS with its line search (or, with ``maxiter=0``, the start only), in one call."""
+    arrays, c0 = itp.device_arrays(batch.tape, dtype)
+    program = _refine_program(batch.tape.signature, maxiter, tol, linesearch, maxls, dtype, hessian)
+    return jax.device_get(program(arrays, c0, jnp.asarray(batch.real_BxE), jnp.asarray(batch.x_BxNxD, dtype),
+                                  jnp.asarray(batch.y_BxN, dtype), jnp.asarray(batch.w_BxN, dtype)))
+
+
+def _result(batch: "_Batch", out: dict, tol: float, multi: bool) -> RefineResult:
     per = []
     for b, lo, ex in batch.slots:
         rows = slice(lo, lo + len(ex))

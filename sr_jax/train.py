@@ -54,7 +54,7 @@ def validate(tm: TrainedModel, problems: list, refine_maxiter: int = 100, *, dec
     """
     from sr_jax.candidates import model_candidates
     from sr_jax.metrics import accuracy, r2
-    from sr_jax.refine import refine
+    from sr_jax.refinement import refine
 
     if not problems:
         return {}

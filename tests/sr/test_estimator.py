@@ -27,7 +27,24 @@ def small(**kw) -> SymbolicTransformerRegressor:
 
 @pytest.fixture(scope="module")
 def fitted():
-    return small().fit(X1, Y1)
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_x64)
+    reg = small().fit(X1, Y1)
+    assert (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_x64) == before  # no global JAX setting changed
+    return reg
+
+
+def test_compilation_cache_only_on_request(tmp_path):
+    import sr_jax
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        assert sr_jax.enable_compilation_cache(tmp_path / "cache") == tmp_path / "cache"
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="cannot create the compilation cache directory"):
+        sr_jax.enable_compilation_cache(tmp_path / "file" / "cache")
 
 
 # ----- scikit-learn conventions -------------------------------------------------------------------------------------
@@ -205,6 +222,8 @@ def test_validation_names_the_column_and_the_dataset():
         small().fit(X1, Y1, feature_names=["a", "b"])
     with pytest.raises(ValueError, match="candidate_sources"):
         small(candidate_sources=("prior", "magic")).fit(X1, Y1)
+    with pytest.raises(ValueError, match="max_time must be a positive number"):
+        small(max_time=0).fit(X1, Y1)
     with pytest.raises(ValueError, match="random_state"):
         small(random_state=-1).fit(X1, Y1)
 

@@ -1,3 +1,4 @@
+import importlib
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,7 +108,7 @@ def test_loss_is_exact_for_any_magnitude_of_y(k, dtype):
     in float32, but y is compared after scaling by a power of two."""
     import importlib
 
-    rf = importlib.import_module("sr_jax.refine")
+    rf = importlib.import_module("sr_jax.refinement")
     if dtype == "float32":
         k = k // 9  # within float32's range
     base = 1.0 + np.sin(np.arange(50.0))
@@ -173,7 +174,7 @@ def test_gauss_newton_pass_matches_autodiff():
     import importlib
 
     import sr_jax.interpreter as itp
-    rf = importlib.import_module("sr_jax.refine")
+    rf = importlib.import_module("sr_jax.refinement")
     cands = [perturbed(0.3, 0), Expression(["add", 0.5, "mul", 1.2, "cos", "x_1"]), Expression([3.0])]
     tape = itp.compile_tape([cands], 2)
     arrays, c0 = itp.device_arrays(tape, jnp.float32)
@@ -203,7 +204,7 @@ def test_gauss_newton_only_where_needed_equals_full():
     import importlib
 
     import sr_jax.interpreter as itp
-    rf = importlib.import_module("sr_jax.refine")
+    rf = importlib.import_module("sr_jax.refinement")
     cands = [perturbed(0.3, s) for s in range(64)]
     tape = itp.compile_tape([cands], 2)
     arrays, c0 = itp.device_arrays(tape, jnp.float32)
@@ -275,3 +276,52 @@ def test_make_refine_fn_is_differentiable_end_to_end():
             up, down = value_and_grad(jnp.asarray(y + h * v))[0], value_and_grad(jnp.asarray(y - h * v))[0]
             np.testing.assert_allclose(float(np.asarray(g) @ v), (float(up) - float(down)) / (2 * h), rtol=1e-5)
     assert not jax.config.jax_enable_x64
+
+
+def test_compaction_continues_the_running_candidates_exactly(monkeypatch):
+    """Converged candidates stop costing: the ones still running move to a smaller tape (a smaller bucket, only
+    their datasets' columns), and the results are an uninterrupted run's up to rounding, on one dataset and on
+    folded datasets."""
+    refine_mod = importlib.import_module("sr_jax.refinement")
+    sizes = []
+    original = refine_mod._Run.compact
+
+    def spy(self, c, state, live):
+        done = original(self, c, state, live)
+        if done:
+            sizes.append((len(live), self.sig.n_expressions))
+        return done
+
+    monkeypatch.setattr(refine_mod._Run, "compact", spy)
+    fast = [perturbed(0.05, s) for s in range(5)]  # near their solution: 3-4 evaluations each
+    slow = [Expression(["add", 0.1, "mul", 3.0, "sin", "add", 2.0, "mul", 4.0, "x_0"]),  # ~12 evaluations
+            Expression(["div", 1.0, "add", 0.1, "mul", 1.0, "x_1"])]  # ~55 evaluations
+    cands = fast + slow
+    one = refine(cands, X, Y, compact=False)
+    comp = refine(cands, X, Y, compact=True)
+    assert sizes[0] == (2, 2)  # after 8 evaluations, from the 8-candidate bucket to 2
+    np.testing.assert_allclose(comp.losses, one.losses, rtol=1e-6, atol=1e-14)
+    np.testing.assert_array_equal(comp.n_iterations, one.n_iterations)
+    for a, b in zip(comp.expressions, one.expressions):
+        np.testing.assert_allclose(a.constants, b.constants, rtol=1e-6, atol=1e-12)
+    # folded datasets: dataset b's candidates read its own columns, also after the running ones were renumbered
+    sizes.clear()
+    xs = [X * (1 + 0.1 * b) for b in range(len(cands))]
+    ys = [1.5 + 2.0 * np.sin(0.7 * x[:, 0]) - 0.3 * x[:, 1] for x in xs]
+    one = refine([[e] for e in cands], xs, ys, compact=False)
+    comp = refine([[e] for e in cands], xs, ys, compact=True)
+    assert sizes[0] == (2, 2)
+    for b in range(len(cands)):
+        np.testing.assert_allclose(comp.losses[b], one.losses[b], rtol=1e-6, atol=1e-14)
+        np.testing.assert_array_equal(comp.n_iterations[b], one.n_iterations[b])
+
+
+def test_max_time_ends_the_run_at_the_next_checkpoint():
+    slow = Expression(["add", 1.0, "mul", 1.0, "exp", "mul", 3.0, "x_1"])  # runs to maxiter without a limit
+    res = refine([slow, perturbed(0.05, 0)], X, Y, max_time=0)
+    first_checkpoint = importlib.import_module("sr_jax.refinement")._CHECKPOINTS[0]
+    assert res.n_iterations[0] == first_checkpoint and not res.converged[0]
+    assert res.converged[1] and res.losses[1] < 1e-10
+    assert res.losses[0] <= res.initial_losses[0]
+    with pytest.raises(ValueError, match="max_time must be a number of seconds"):
+        refine([slow], X, Y, max_time=-1.0)

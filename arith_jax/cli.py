@@ -162,7 +162,7 @@ def _solve(args) -> int:
         except ValueError as e:
             results.append(e)
     good = [i for i, r in enumerate(results) if not isinstance(r, ValueError)]
-    for i, answer in zip(good, _answer_each(solver, [items[i][1] for i in good])):
+    for i, answer in zip(good, _answer_each(solver, [items[i][1] for i in good]) if good else []):
         results[i] = answer
     for (where, _), result in zip(items, results):
         if isinstance(result, ValueError):

@@ -1,15 +1,18 @@
-"""The E2E transformer: embedder shapes and padding, point-order invariance, cached = uncached decoding steps,
-grouped decoding rows, config validation, the paper config's size."""
+"""The E2E transformer: embedder shapes and padding, point-order invariance, cached = uncached decoding steps and
+beam search, grouped decoding rows, config validation, the paper config's size."""
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from core_jax.config import ConfigError, load_config
+from core_jax.decode import beam_search
 from sr_jax.config import SRConfig
-from sr_jax.model import E2EModel, ModelConfig
+from sr_jax.model import E2EModel, ModelConfig, bos
 from sr_jax.train import build_model
-from sr_jax.vocab import POINT_PAD
+from sr_jax.vocab import EOS, PAD, POINT_PAD
 
 CFG = ModelConfig(emb_dim=8, width=32, heads=4, enc_layers=1, dec_layers=2, max_len=16)
 
@@ -73,6 +76,35 @@ def test_rows_of_a_dataset_share_its_memory(model_params):
     step = model.decoder_fn(params, model.context(params, points, mask))
     logits, _ = step(jnp.repeat(tokens[:, :1], 3, axis=0), model.init_cache(6, 16))
     np.testing.assert_allclose(logits.reshape(2, 3, -1), np.repeat(full[:, :1], 3, axis=1), atol=1e-5)
+
+
+class History(NamedTuple):
+    tokens_RxL: jnp.ndarray   # tokens fed so far
+    index: jnp.ndarray
+
+
+def test_beam_search_with_the_kv_cache_equals_recomputing_the_prefix(model_params):
+    """Beam search over the real KV cache, beams' histories copied up to the current position only (stale entries
+    past it stay in the buffer), finds the same hypotheses as beam search over a cache of plain tokens that
+    recomputes the whole prefix at every step."""
+    model, params = model_params
+    points, mask, _ = _inputs()
+    context = model.context(params, points, mask)
+    K, T = 4, 10
+
+    def uncached(tokens_Rx1, h: History):
+        fed = jax.lax.dynamic_update_slice(h.tokens_RxL, tokens_Rx1, (0, h.index))
+        logits, _ = model.decoder.apply({"params": params["decoder"]}, fed, memory_kvs=context.memory_kvs,
+                                        memory_mask_BxN=context.memory_mask_BxN)
+        return jnp.take(logits, h.index, axis=1), History(fed, h.index + 1)
+
+    kw = dict(beam_size=K, max_len=T, eos_id=EOS, pad_id=PAD, early_stopping=False)
+    cached = jax.jit(lambda: beam_search(model.decoder_fn(params, context), model.init_cache(2, T + 1), bos(2),
+                                         prefix_axis=1, copy_chunk=4, **kw))()
+    ref = jax.jit(lambda: beam_search(uncached, History(jnp.zeros((2, T + 1), jnp.int32), jnp.int32(0)), bos(2),
+                                      **kw))()
+    np.testing.assert_array_equal(cached.tokens_BxKxT, ref.tokens_BxKxT)
+    np.testing.assert_allclose(cached.log_prob_BxK, ref.log_prob_BxK, rtol=1e-4, atol=1e-4)
 
 
 def test_loss_masks_padding(model_params):

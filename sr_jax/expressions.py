@@ -4,67 +4,33 @@ One representation serves the generator, the tokenizer, the JAX interpreter and 
 tokens where operators and variables are strings (``"add"``, ``"x_0"``) and constants are Python floats.
 Conversions to/from sympy, infix text and LaTeX live here, plus a float64 numpy evaluator that is the reference
 semantics for the JAX interpreter (IEEE behaviour: ``log`` of a negative is NaN, ``1/0`` is inf, never an error).
+What each operator is (its functions, printed forms, names in text and sympy) comes from ``sr_jax.operators``.
+Trees of any depth work everywhere except in the text parsers, which refuse nesting deeper than
+``MAX_PARSE_DEPTH`` with a ValueError, and in sympy itself (``to_sympy`` says so the same way).
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import decimal
 import math
 import re
+import sys
 from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
 import sympy
+
+# the operator table lives in sr_jax.operators; its names are re-exported here, where they were first defined
+from .operators import BINARY_OPERATORS, OPERATORS, UNARY_OPERATORS, Operator  # noqa: F401
+from .operators import FUNCTION_NAMES, LATEX_COMMANDS, SYMPY_EXPONENTS, SYMPY_HEADS
 
 Token = Union[str, float]
 
 MAX_VARIABLES = 10
 VARIABLES = tuple(f"x_{i}" for i in range(MAX_VARIABLES))
 _VAR_RE = re.compile(r"^x_(\d+)$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Operator:
-    """One operator: arity, numpy function, sympy constructor, infix and LaTeX templates."""
-
-    name: str
-    arity: int
-    np_fn: Callable
-    sympy_fn: Callable
-    infix: str  # format string with {0}, {1}
-    latex: str
-
-
-def _np_inv(a):
-    return np.divide(1.0, a)
-
-
-OPERATORS: dict[str, Operator] = {
-    op.name: op
-    for op in [
-        Operator("add", 2, np.add, lambda a, b: a + b, "({0} + {1})", "\\left({0} + {1}\\right)"),
-        Operator("sub", 2, np.subtract, lambda a, b: a - b, "({0} - {1})", "\\left({0} - {1}\\right)"),
-        Operator("mul", 2, np.multiply, lambda a, b: a * b, "({0} * {1})", "\\left({0} \\cdot {1}\\right)"),
-        Operator("div", 2, np.divide, lambda a, b: a / b, "({0} / {1})", "\\frac{{{0}}}{{{1}}}"),
-        Operator("pow", 2, np.power, lambda a, b: a**b, "({0} ** {1})", "\\left({0}\\right)^{{{1}}}"),
-        Operator("inv", 1, _np_inv, lambda a: 1 / a, "(1 / {0})", "\\frac{{1}}{{{0}}}"),
-        Operator("abs", 1, np.abs, sympy.Abs, "abs({0})", "\\left|{0}\\right|"),
-        Operator("sqrt", 1, np.sqrt, sympy.sqrt, "sqrt({0})", "\\sqrt{{{0}}}"),
-        Operator("log", 1, np.log, sympy.log, "log({0})", "\\log{{\\left({0}\\right)}}"),
-        Operator("exp", 1, np.exp, sympy.exp, "exp({0})", "e^{{{0}}}"),
-        Operator("sin", 1, np.sin, sympy.sin, "sin({0})", "\\sin{{\\left({0}\\right)}}"),
-        Operator("cos", 1, np.cos, sympy.cos, "cos({0})", "\\cos{{\\left({0}\\right)}}"),
-        Operator("tan", 1, np.tan, sympy.tan, "tan({0})", "\\tan{{\\left({0}\\right)}}"),
-        Operator("arcsin", 1, np.arcsin, sympy.asin, "arcsin({0})", "\\arcsin{{\\left({0}\\right)}}"),
-        Operator("arccos", 1, np.arccos, sympy.acos, "arccos({0})", "\\arccos{{\\left({0}\\right)}}"),
-        Operator("arctan", 1, np.arctan, sympy.atan, "arctan({0})", "\\arctan{{\\left({0}\\right)}}"),
-        Operator("pow2", 1, np.square, lambda a: a**2, "({0} ** 2)", "\\left({0}\\right)^{{2}}"),
-        Operator("pow3", 1, lambda a: a * a * a, lambda a: a**3, "({0} ** 3)", "\\left({0}\\right)^{{3}}"),
-    ]
-}
-BINARY_OPERATORS = tuple(n for n, o in OPERATORS.items() if o.arity == 2)
-UNARY_OPERATORS = tuple(n for n, o in OPERATORS.items() if o.arity == 1)
-_INFIX_FUNCTIONS = {"abs", "sqrt", "log", "exp", "sin", "cos", "tan", "arcsin", "arccos", "arctan"}
+# Deepest nesting the text parsers accept (brackets, function arguments, signs, powers; see _InfixParser._enter)
+MAX_PARSE_DEPTH = 100
 
 
 def variable_index(token: str) -> int | None:
@@ -144,6 +110,11 @@ class Expression:
         return len(self.tokens)
 
     @property
+    def depth(self) -> int:
+        """Height of the tree: 1 for a single leaf, 1 + the deepest argument's for an operator."""
+        return self._fold(lambda t: 1, lambda op, a: 1 + max(a))
+
+    @property
     def constants(self) -> np.ndarray:
         return np.array([t for t in self.tokens if isinstance(t, float)], dtype=np.float64)
 
@@ -210,12 +181,21 @@ class Expression:
         def leaf(t):
             return sympy.Float(t, 17) if isinstance(t, float) else syms[t]
 
-        return self._fold(leaf, lambda op, a: OPERATORS[op].sympy_fn(*a))
+        with sympy_depth_errors(self):
+            return self._fold(leaf, lambda op, a: OPERATORS[op].sympy_fn(*a))
 
     @classmethod
     def from_sympy(cls, expr) -> "Expression":
         """Convert a sympy expression over symbols x_0..x_9 (n-ary Add/Mul become nested binary nodes)."""
-        return cls(_sympy_to_prefix(sympy.sympify(expr)))
+        with sympy_depth_errors(None):
+            try:
+                expr = sympy.sympify(expr)
+            except sympy.SympifyError as err:
+                text = str(expr)
+                shown = text if len(text) <= 60 else text[:40] + "..." + text[-10:]
+                cause = str(err.base_exc).splitlines()[0] if getattr(err, "base_exc", None) else "not an expression"
+                raise ValueError(f"sympy cannot read {shown!r}: {cause}") from None
+        return cls(_sympy_to_prefix(expr))
 
     # ----- text ------------------------------------------------------------------------------------------------
     def infix(self) -> str:
@@ -247,7 +227,7 @@ class Expression:
         pow2/pow3; any other power is ``pow``. Unary minus on a number gives a negative constant, on anything
         else ``mul(-1.0, e)``.
         """
-        return cls(_InfixParser(text).parse())
+        return cls(_InfixParser(text).parse_checked())
 
     @classmethod
     def from_latex(cls, text: str) -> "Expression":
@@ -261,7 +241,19 @@ class Expression:
         behave as in ``from_infix``: ``\\frac{1}{a}`` is ``inv``, ``a^{2}`` / ``a^{3}`` are pow2/pow3. Implicit
         multiplication (``2x_0``) is rejected rather than guessed.
         """
-        return cls(_LatexParser(text).parse())
+        return cls(_LatexParser(text).parse_checked())
+
+
+@contextlib.contextmanager
+def sympy_depth_errors(expr: "Expression | None"):
+    """Turn sympy's RecursionError on very deep trees into a one-line ValueError that names the limit."""
+    try:
+        yield
+    except RecursionError:
+        what = "the expression" if expr is None else f"an expression {expr.depth} levels deep"
+        raise ValueError(f"sympy cannot handle {what}: its recursion exceeds Python's recursion limit "
+                         f"({sys.getrecursionlimit()} frames, sys.getrecursionlimit()); a few hundred levels is "
+                         "sympy's practical depth limit") from None
 
 
 def _latex_float(v: float) -> str:
@@ -283,42 +275,57 @@ def _latex_float(v: float) -> str:
     return f"\\left(-{s}\\right)" if math.copysign(1.0, v) < 0 else s
 
 
-def _sympy_to_prefix(e) -> list:
-    if isinstance(e, sympy.Symbol):
-        if variable_index(e.name) is None:
-            raise ValueError(f"unknown symbol {e.name!r} in sympy expression; only x_0..x_9 are supported")
-        return [e.name]
-    if e.is_Number or e.is_NumberSymbol:
-        v = complex(e)
-        if v.imag != 0:
-            raise ValueError(f"complex constant {e} cannot be represented")
-        return [float(v.real)]
-    if isinstance(e, sympy.Add) or isinstance(e, sympy.Mul):
-        name = "add" if isinstance(e, sympy.Add) else "mul"
-        args = list(e.args)
-        out = _sympy_to_prefix(args[0])
-        for a in args[1:]:
-            out = [name] + out + _sympy_to_prefix(a)
-        return out
-    if isinstance(e, sympy.Pow):
-        base, ex = e.args
-        if ex == 2:
-            return ["pow2"] + _sympy_to_prefix(base)
-        if ex == 3:
-            return ["pow3"] + _sympy_to_prefix(base)
-        if ex == -1:
-            return ["inv"] + _sympy_to_prefix(base)
-        if ex == sympy.Rational(1, 2):
-            return ["sqrt"] + _sympy_to_prefix(base)
-        return ["pow"] + _sympy_to_prefix(base) + _sympy_to_prefix(ex)
-    funcs = {sympy.Abs: "abs", sympy.log: "log", sympy.exp: "exp", sympy.sin: "sin", sympy.cos: "cos",
-             sympy.tan: "tan", sympy.asin: "arcsin", sympy.acos: "arccos", sympy.atan: "arctan"}
-    for f, name in funcs.items():
-        if isinstance(e, f):
-            if len(e.args) != 1:
-                raise ValueError(f"{name} with {len(e.args)} arguments is not supported")
-            return [name] + _sympy_to_prefix(e.args[0])
-    raise ValueError(f"sympy node {type(e).__name__} ({e}) has no equivalent operator in this library")
+def _sympy_to_prefix(root) -> list:
+    """Prefix tokens of a sympy tree, walked with an explicit stack (any depth)."""
+    out: list = []
+    todo = [root]  # sympy nodes still to emit, next on top
+    while todo:
+        e = todo.pop()
+        if isinstance(e, sympy.Symbol):
+            if variable_index(e.name) is None:
+                raise ValueError(f"unknown symbol {e.name!r} in sympy expression; only x_0..x_9 are supported")
+            out.append(e.name)
+            continue
+        if e.is_Number or e.is_NumberSymbol:
+            v = complex(e)
+            if v.imag != 0:
+                raise ValueError(f"complex constant {e} cannot be represented")
+            out.append(float(v.real))
+            continue
+        if isinstance(e, sympy.Pow):
+            base, ex = e.args
+            name = next((n for k, n in SYMPY_EXPONENTS.items() if ex == k), None)
+            out.append(name or "pow")
+            todo.extend([base] if name else [ex, base])
+            continue
+        name = next((n for head, n in SYMPY_HEADS.items() if isinstance(e, head)), None)
+        if name is None:
+            raise ValueError(f"sympy node {type(e).__name__} ({e}) has no equivalent operator in this library")
+        arity = OPERATORS[name].arity
+        if arity == 1 and len(e.args) != 1:
+            raise ValueError(f"{name} with {len(e.args)} arguments is not supported")
+        out.extend([name] * (len(e.args) - 1) if arity == 2 else [name])  # n-ary Add/Mul: nested, left first
+        todo.extend(reversed(e.args))
+    return out
+
+
+class _Nesting:
+    """``with parser.nesting:`` around a recursive step: counts the depth, refuses more than MAX_PARSE_DEPTH.
+
+    A context manager, not a decorator, so that counting adds no Python frame to the recursion it bounds."""
+
+    __slots__ = ("parser", "depth")
+
+    def __init__(self, parser):
+        self.parser, self.depth = parser, 0
+
+    def __enter__(self):
+        self.depth += 1
+        if self.depth > MAX_PARSE_DEPTH:
+            raise ValueError(self.parser.too_deep())
+
+    def __exit__(self, *exc):
+        self.depth -= 1
 
 
 class _InfixParser:
@@ -326,7 +333,11 @@ class _InfixParser:
 
     Tokens are ``(kind, text, character)``; the grammar looks only at ``text``, so ``_LatexParser`` reuses the
     precedence levels by changing the token tables below and the ``_atom`` / ``_exponent`` leaves.
+    Depth: every step that recurses (an atom: brackets, a function's argument, ...; a sign; an exponent) enters
+    ``self.nesting``, so more than ``MAX_PARSE_DEPTH`` levels is a ValueError instead of a RecursionError.
     """
+
+    _WHAT = "infix text"
 
     _PRODUCT_OPS = {"*": "mul", "/": "div"}
     _POWER_OP = "**"
@@ -336,6 +347,7 @@ class _InfixParser:
 
     def __init__(self, text: str):
         self.text = text
+        self.nesting = _Nesting(self)
         self.toks: list[tuple[str, str, int]] = []
         pos = 0
         text = text.rstrip()
@@ -360,6 +372,18 @@ class _InfixParser:
         t = self._next()
         if t[1] != value:
             raise ValueError(f"expected {value!r} at character {t[2]} of {self.text!r}, found {t[1] or 'end'!r}")
+
+    def too_deep(self) -> str:
+        shown = self.text if len(self.text) <= 60 else self.text[:40] + "..." + self.text[-10:]
+        return (f"{self._WHAT} {shown!r} is nested more than {MAX_PARSE_DEPTH} levels deep (brackets, function "
+                f"arguments, signs and powers), the parsers' depth limit (sr_jax.expressions.MAX_PARSE_DEPTH)")
+
+    def parse_checked(self) -> list:
+        """``parse``; a nesting deeper than the caller's remaining Python stack allows is the depth-limit error."""
+        try:
+            return self.parse()
+        except RecursionError:
+            raise ValueError(self.too_deep()) from None
 
     def parse(self) -> list:
         out = self._sum()
@@ -387,19 +411,19 @@ class _InfixParser:
         return _num(left)
 
     def _unary(self):
-        if self._peek()[1] == "-":
-            self._next()
-            return _negated(_num(self._unary()))
-        if self._peek()[1] == "+":
-            self._next()
-            return self._unary()
+        if self._peek()[1] in ("-", "+"):
+            negate = self._next()[1] == "-"
+            with self.nesting:
+                operand = self._unary()
+            return _negated(_num(operand)) if negate else operand
         return self._power()
 
     def _power(self):
         base = self._atom()
         if self._peek()[1] == self._POWER_OP:
             self._next()
-            ex = self._exponent()
+            with self.nesting:
+                ex = self._exponent()
             if ex == ["__int__", 2.0]:
                 return ["pow2"] + _num(base)
             if ex == ["__int__", 3.0]:
@@ -413,31 +437,33 @@ class _InfixParser:
     def _unary_power(self):
         if self._peek()[1] == "-":
             self._next()
-            return _negated(_num(self._unary_power()))
+            with self.nesting:
+                return _negated(_num(self._unary_power()))
         return self._power()
 
     def _atom(self):
-        kind, val, pos = self._next()
-        if kind == "int":
-            return ["__int__", float(val)]
-        if kind == "float":
-            return [float(val)]
-        if val == "(":
-            inner = self._sum()
-            self._expect(")")
-            return inner
-        if kind == "name":
-            if variable_index(val) is not None:
-                return [val]
-            if val in _INFIX_FUNCTIONS or val in ("inv", "pow2", "pow3"):
-                self._expect("(")
-                arg = _num(self._sum())
+        with self.nesting:
+            kind, val, pos = self._next()
+            if kind == "int":
+                return ["__int__", float(val)]
+            if kind == "float":
+                return [float(val)]
+            if val == "(":
+                inner = self._sum()
                 self._expect(")")
-                return [val] + arg
-            if val in ("pi", "e"):
-                return [math.pi if val == "pi" else math.e]
-            raise ValueError(f"unknown symbol {val!r} at character {pos} of {self.text!r}")
-        raise ValueError(f"unexpected {val or 'end of text'!r} at character {pos} of {self.text!r}")
+                return inner
+            if kind == "name":
+                if variable_index(val) is not None:
+                    return [val]
+                if val in FUNCTION_NAMES or val in UNARY_OPERATORS:  # sin(a), ln(a), inv(a), ...
+                    self._expect("(")
+                    arg = _num(self._sum())
+                    self._expect(")")
+                    return [FUNCTION_NAMES.get(val, val)] + arg
+                if val in ("pi", "e"):
+                    return [math.pi if val == "pi" else math.e]
+                raise ValueError(f"unknown symbol {val!r} at character {pos} of {self.text!r}")
+            raise ValueError(f"unexpected {val or 'end of text'!r} at character {pos} of {self.text!r}")
 
 
 def _negated(operand: list) -> list:
@@ -455,11 +481,9 @@ def _num(toks: list) -> list:
 
 
 # ----- LaTeX input ---------------------------------------------------------------------------------------------
-_LATEX_FUNCTIONS = {"sin": "sin", "cos": "cos", "tan": "tan", "arcsin": "arcsin", "arccos": "arccos",
-                    "arctan": "arctan", "log": "log", "ln": "log", "exp": "exp"}  # \sin ... as commands
-# ``\operatorname{...}`` / ``\mathrm{...}`` names: the commands' names plus sympy's spellings.
-_LATEX_NAMES = {**_LATEX_FUNCTIONS, "asin": "arcsin", "acos": "arccos", "atan": "arctan", "abs": "abs",
-                "sqrt": "sqrt"}
+_LATEX_FUNCTIONS = LATEX_COMMANDS  # \sin ... as commands
+# ``\operatorname{...}`` / ``\mathrm{...}`` names: the operator table's function names and aliases.
+_LATEX_NAMES = FUNCTION_NAMES
 _LATEX_CONSTANTS = {"\\pi": math.pi, "\\infty": math.inf, "e": math.e, "NaN": math.nan, "nan": math.nan}
 _LATEX_FRACS = ("\\frac", "\\dfrac", "\\tfrac")
 _LATEX_COMMANDS = frozenset({"\\" + f for f in _LATEX_FUNCTIONS} | set(_LATEX_FRACS)
@@ -476,6 +500,7 @@ class _LatexParser(_InfixParser):
     ``m \\cdot 10^{k}`` after a number literal is one constant, parsed from its decimal text so that it is exact.
     """
 
+    _WHAT = "LaTeX"
     _PRODUCT_OPS = {"\\cdot": "mul", "\\times": "mul", "*": "mul", "/": "div", "\\div": "div"}
     _POWER_OP = "^"
     _TOKEN_RE = re.compile(
@@ -491,6 +516,7 @@ class _LatexParser(_InfixParser):
 
     def __init__(self, text: str):
         self.text = text
+        self.nesting = _Nesting(self)
         self.toks: list[tuple[str, str, int]] = []
         self.i = 0
         braces: list[int] = []  # positions of open '{', checked here so the error names the unclosed one
@@ -561,7 +587,8 @@ class _LatexParser(_InfixParser):
     def _power(self):
         if self._peek()[:2] == ("name", "e") and self._peek_at(1)[1] == "^":  # e^{a} is exp(a)
             self.i += 2
-            return ["exp"] + _num(self._exponent())
+            with self.nesting:
+                return ["exp"] + _num(self._exponent())
         return super()._power()
 
     def _exponent(self):
@@ -611,35 +638,36 @@ class _LatexParser(_InfixParser):
         return ["__int__", float(val)] if kind == "int" else [float(val)]
 
     def _atom(self, scientific: bool = True):
-        if self._peek()[1] == "{":
-            return self._group()
-        kind, val, pos = self._next()
-        if kind in ("int", "float"):
-            return self._number(kind, val, scientific)
-        if kind == "var":
-            return [val]
-        if val in _LATEX_GROUPS:
-            inner = self._sum()
-            self._expect(_LATEX_GROUPS[val])
-            return inner
-        if val in _LATEX_BARS:
-            inner = self._sum()
-            self._expect(_LATEX_BARS[val])
-            return ["abs"] + inner
-        if val in _LATEX_FRACS:
-            num, den = self._argument(val), self._argument(val)
-            return ["inv"] + _num(den) if num == ["__int__", 1.0] else ["div"] + _num(num) + _num(den)
-        if val == "\\sqrt":
-            if self._peek()[1] == "[":
-                raise ValueError(f"'\\sqrt[...]' at character {pos} of {self.text!r}: n-th roots are not supported, "
-                                 f"write a power")
-            return ["sqrt"] + _num(self._argument(val))
-        fn = _LATEX_FUNCTIONS.get(val[1:]) if kind == "cmd" else _LATEX_NAMES.get(val) if kind == "name" else None
-        if fn is not None:
-            return [fn] + _num(self._function_argument())
-        if val in _LATEX_CONSTANTS:
-            return [_LATEX_CONSTANTS[val]]
-        if kind == "name":
-            raise ValueError(f"unknown symbol {val!r} at character {pos} of {self.text!r}; variables are written "
-                             f"x_0..x_{MAX_VARIABLES - 1} or x_{{0}}")
-        raise ValueError(f"unexpected {val or 'end of text'!r} at character {pos} of {self.text!r}")
+        with self.nesting:
+            if self._peek()[1] == "{":
+                return self._group()
+            kind, val, pos = self._next()
+            if kind in ("int", "float"):
+                return self._number(kind, val, scientific)
+            if kind == "var":
+                return [val]
+            if val in _LATEX_GROUPS:
+                inner = self._sum()
+                self._expect(_LATEX_GROUPS[val])
+                return inner
+            if val in _LATEX_BARS:
+                inner = self._sum()
+                self._expect(_LATEX_BARS[val])
+                return ["abs"] + inner
+            if val in _LATEX_FRACS:
+                num, den = self._argument(val), self._argument(val)
+                return ["inv"] + _num(den) if num == ["__int__", 1.0] else ["div"] + _num(num) + _num(den)
+            if val == "\\sqrt":
+                if self._peek()[1] == "[":
+                    raise ValueError(f"'\\sqrt[...]' at character {pos} of {self.text!r}: n-th roots are not supported, "
+                                     f"write a power")
+                return ["sqrt"] + _num(self._argument(val))
+            fn = _LATEX_FUNCTIONS.get(val[1:]) if kind == "cmd" else _LATEX_NAMES.get(val) if kind == "name" else None
+            if fn is not None:
+                return [fn] + _num(self._function_argument())
+            if val in _LATEX_CONSTANTS:
+                return [_LATEX_CONSTANTS[val]]
+            if kind == "name":
+                raise ValueError(f"unknown symbol {val!r} at character {pos} of {self.text!r}; variables are written "
+                                 f"x_0..x_{MAX_VARIABLES - 1} or x_{{0}}")
+            raise ValueError(f"unexpected {val or 'end of text'!r} at character {pos} of {self.text!r}")

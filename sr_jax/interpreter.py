@@ -46,7 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .expressions import OPERATORS, Expression, variable_index
+from .expressions import Expression, variable_index
+from .operators import BINARY_OPERATORS, CHEAP_OPERATORS, OPERATORS
 
 COMPILE_COUNTER = {"evaluate": 0, "refine": 0}
 try:  # the scoped x64 switch: jax.enable_x64 in current JAX, jax.experimental.enable_x64 before
@@ -113,19 +114,26 @@ def check_range(a, name: str, dtype: np.dtype) -> None:
 
 
 # ----- cheap arithmetic merged into one group per level ----------------------------------------------------------
-CHEAP_OPS = ("add", "sub", "mul", "div", "inv", "abs", "pow2", "pow3")
+# The operator table's ``cheap`` operators; a node's code is its operator's index here. Which operators are cheap
+# and every function below come from ``sr_jax.operators``: the loops run at trace time only.
+CHEAP_OPS = CHEAP_OPERATORS
 _CHEAP_CODE = {op: i for i, op in enumerate(CHEAP_OPS)}
 
 
+def _apply(op: str, a, b):
+    """``op``'s JAX function on a (and b for a binary operator)."""
+    return OPERATORS[op].jax_fn(a, b) if OPERATORS[op].arity == 2 else OPERATORS[op].jax_fn(a)
+
+
 def _cheap_fwd(a, b, code):
-    cases = [a + b, a - b, a * b, a / b, 1.0 / a, jnp.abs(a), a * a, a * a * a]
-    return jax.lax.select_n(code, *cases)
+    """Every cheap operator on (a, b), each element keeping the one its code names (one select)."""
+    return jax.lax.select_n(code, *[_apply(op, a, b) for op in CHEAP_OPS])
 
 
 # ----- host-side compilation ---------------------------------------------------------------------------------------
 # Group order inside a level: the binary groups first (their second arguments are gathered, nobody else's).
-_BINARY_GROUPS = ("cheap", "pow")
-_UNARY_GROUPS = tuple(o for o in OPERATORS if o not in CHEAP_OPS and o != "pow")
+_BINARY_GROUPS = ("cheap",) + tuple(o for o in BINARY_OPERATORS if o not in CHEAP_OPS)
+_UNARY_GROUPS = tuple(o for o in OPERATORS if o not in CHEAP_OPS and o not in BINARY_OPERATORS)
 _GROUP_ORDER = {g: i for i, g in enumerate(_BINARY_GROUPS + _UNARY_GROUPS)}
 
 
@@ -491,42 +499,27 @@ def _fill(sig: TapeSignature, p: _Parsed, levels: list):
 
 # ----- device-side evaluation --------------------------------------------------------------------------------------
 def _group_apply(g, a, b, code):
+    """Outputs of one group: its operator's JAX function, or the cheap group's per-node select."""
     if g == "cheap":
         return _cheap_fwd(a, b, jnp.broadcast_to(code[:, None], a.shape))
-    fn = _RAW_OPS[g]
-    return fn(a, b) if OPERATORS[g].arity == 2 else fn(a)
+    return _apply(g, a, b)
 
 
 def _group_derivs(g, a, b, out, code):
     """Local derivatives (d out/d a, d out/d b), zeroed where the output or the derivative is not finite."""
     if g == "cheap":
         code = jnp.broadcast_to(code[:, None], a.shape)
-        one, zero = jnp.ones_like(a), jnp.zeros_like(a)
-        da = jax.lax.select_n(code, one, one, b, 1.0 / b, -out * out, jnp.sign(a), 2.0 * a, 3.0 * a * a)
-        db = jax.lax.select_n(code, one, -one, a, -out / b, zero, zero, zero, zero)
+        zero = jnp.zeros_like(a)
+        ds = [OPERATORS[op].derivative(jnp, a, b, out) for op in CHEAP_OPS]
+        da = jax.lax.select_n(code, *[d[0] for d in ds])
+        db = jax.lax.select_n(code, *[d[1] if len(d) > 1 else zero for d in ds])
     else:
-        ds = _RAW_DERIVS[g](a, b, out)
+        ds = OPERATORS[g].derivative(jnp, a, b, out)
         da, db = ds[0], (ds[1] if len(ds) > 1 else None)
     ok = jnp.isfinite(out)
     da = jnp.where(ok & jnp.isfinite(da), da, 0.0)
     db = None if db is None else jnp.where(ok & jnp.isfinite(db), db, 0.0)
     return da, db
-
-
-_RAW_OPS = {"pow": jnp.power, "sqrt": jnp.sqrt, "log": jnp.log, "exp": jnp.exp, "sin": jnp.sin, "cos": jnp.cos,
-            "tan": jnp.tan, "arcsin": jnp.arcsin, "arccos": jnp.arccos, "arctan": jnp.arctan}
-_RAW_DERIVS = {
-    "pow": lambda a, b, o: (b * jnp.power(a, b - 1.0), o * jnp.log(a)),
-    "sqrt": lambda a, b, o: (0.5 / o,),
-    "log": lambda a, b, o: (1.0 / a,),
-    "exp": lambda a, b, o: (o,),
-    "sin": lambda a, b, o: (jnp.cos(a),),
-    "cos": lambda a, b, o: (-jnp.sin(a),),
-    "tan": lambda a, b, o: (1.0 + o * o,),
-    "arcsin": lambda a, b, o: (1.0 / jnp.sqrt(1.0 - a * a),),
-    "arccos": lambda a, b, o: (-1.0 / jnp.sqrt(1.0 - a * a),),
-    "arctan": lambda a, b, o: (1.0 / (1.0 + a * a),),
-}
 
 
 def _level_args(arrays, v, cvals, lo, hi, blo, bhi):

@@ -45,21 +45,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from sr_jax.expressions import OPERATORS, Expression, variable_index  # noqa: E402
 from sr_jax.generator import GeneratorConfig, sample  # noqa: E402
 
-_D = {  # derivative(s) of each operator given args and output (numpy)
-    "add": lambda a, b, o: (1.0, 1.0), "sub": lambda a, b, o: (1.0, -1.0), "mul": lambda a, b, o: (b, a),
-    "div": lambda a, b, o: (1.0 / b, -o / b), "pow": lambda a, b, o: (b * a ** (b - 1), o * np.log(a)),
-    "inv": lambda a, b, o: (-o * o,), "abs": lambda a, b, o: (np.sign(a),), "sqrt": lambda a, b, o: (0.5 / o,),
-    "log": lambda a, b, o: (1.0 / a,), "exp": lambda a, b, o: (o,), "sin": lambda a, b, o: (np.cos(a),),
-    "cos": lambda a, b, o: (-np.sin(a),), "tan": lambda a, b, o: (1.0 + o * o,),
-    "arcsin": lambda a, b, o: (1.0 / np.sqrt(1 - a * a),), "arccos": lambda a, b, o: (-1.0 / np.sqrt(1 - a * a),),
-    "arctan": lambda a, b, o: (1.0 / (1 + a * a),), "pow2": lambda a, b, o: (2 * a,), "pow3": lambda a, b, o: (3 * a * a,),
-}
-
-
 def numpy_objective(expr: Expression, x: np.ndarray, y: np.ndarray):
     """f(c) -> (MSE/var(y), gradient) with a numpy reverse pass over the expression's post-order tape."""
     # post-order program: (kind, payload, child indices)
-    prog, stack, ci = [], [], 0
+    prog, stack = [], []
     consts_pos = [i for i, t in enumerate(expr.tokens) if isinstance(t, float)]
     const_id = {p: k for k, p in enumerate(consts_pos)}
     for pos in range(len(expr.tokens) - 1, -1, -1):
@@ -95,7 +84,7 @@ def numpy_objective(expr: Expression, x: np.ndarray, y: np.ndarray):
                 if k == "c":
                     g[p] += ct[i].sum()
                 elif k == "op":
-                    ds = _D[p](vals[a[0]], vals[a[1]] if len(a) > 1 else None, vals[i])
+                    ds = OPERATORS[p].derivative(np, vals[a[0]], vals[a[1]] if len(a) > 1 else None, vals[i])
                     for j, d in zip(a, ds):
                         contrib = ct[i] * d
                         ct[j] = contrib if ct[j] is None else ct[j] + contrib

@@ -24,6 +24,8 @@ from .expressions import OPERATORS, Expression, variable_index
 
 SPECIAL_WORDS = ("<EOS>", "<X>", "</X>", "<Y>", "</Y>", "</POINTS>", "<INPUT_PAD>", "<OUTPUT_PAD>", "<PAD>",
                  "(", ")", "SPECIAL", "OOD_unary_op", "OOD_binary_op", "OOD_constant")
+# the original vocabulary's operator words, in its order (their ids are the original's; every one is in
+# sr_jax.operators.OPERATORS, see tests/sr/test_operators.py)
 _REAL_OPERATORS = ("add", "sub", "mul", "div", "abs", "inv", "sqrt", "log", "exp", "sin", "arcsin", "cos", "arccos",
                    "tan", "arctan", "pow2", "pow3")
 EQUATION_SYMBOLS = tuple(

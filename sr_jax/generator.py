@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .expressions import UNARY_OPERATORS, Expression
+from .expressions import BINARY_OPERATORS, OPERATORS, UNARY_OPERATORS, Expression, variable_index
 
 _DEFAULT_DOWNSAMPLE = "div_0,arcsin_0,arccos_0,tan_0.2,arctan_0.2,sqrt_5,pow2_3,inv_3"
 
@@ -56,7 +56,7 @@ class GeneratorConfig:
         if self.max_unary_ops < self.min_unary_ops or self.min_unary_ops < 0:
             raise ValueError("need 0 <= min_unary_ops <= max_unary_ops")
         bad = set(self.unary_operators) - set(UNARY_OPERATORS)
-        bad |= set(self.binary_operators) - {"add", "sub", "mul", "div", "pow"}
+        bad |= set(self.binary_operators) - set(BINARY_OPERATORS)
         if bad:
             raise ValueError(f"unknown operators in config: {sorted(bad)}")
         if self.max_centroids < 1 or self.max_len < 1:
@@ -338,7 +338,7 @@ class ExpressionGenerator:
                 all_y = np.concatenate([y] + [v[1] for v in pred_sets.values()])
                 y = y + gamma * np.sqrt(np.mean(all_y**2)) * rng.standard_normal(y.shape)
             n_un = sum(1 for t in expr.tokens if t in self._unary_set)
-            n_bin = sum(1 for t in expr.tokens if t in ("add", "sub", "mul", "div", "pow"))
+            n_bin = sum(1 for t in expr.tokens if t in BINARY_OPERATORS)
             info = dict(pinfo, d_in=d, n_input_points=len(y), n_unary_ops=n_un, n_binary_ops=n_bin,
                         unary_budget=n_unary, rejections=rejections)
             return Sample(expr, x, y, info, pred_sets)
@@ -349,23 +349,17 @@ class ExpressionGenerator:
 
 
 def _eval_raise(expr: Expression, x: np.ndarray) -> np.ndarray:
-    """Evaluation where any floating-point error raises (the reference's seterr(all='raise'))."""
-    from .expressions import OPERATORS, variable_index
-
+    """Evaluation where any floating-point error raises (the reference's seterr(all='raise')): an operator's
+    ``domain_error`` in the operator table says where it fails."""
     n = x.shape[0]
 
     def leaf(t):
         return np.full(n, t) if isinstance(t, float) else x[:, variable_index(t)]
 
     def node(op, args):
-        if op in ("log", "sqrt", "div", "inv", "arcsin", "arccos"):
-            a = args[0] if op != "div" else args[1]
-            if op == "log" and (a <= 0).any() or op == "sqrt" and (a < 0).any():
-                raise FloatingPointError(op)
-            if op in ("div", "inv") and (a == 0).any():
-                raise FloatingPointError(op)
-            if op in ("arcsin", "arccos") and (np.abs(a) > 1).any():
-                raise FloatingPointError(op)
+        fails = OPERATORS[op].domain_error
+        if fails is not None and fails(*args):
+            raise FloatingPointError(op)
         return OPERATORS[op].np_fn(*args)
 
     return expr._fold(leaf, node)

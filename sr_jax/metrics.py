@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
-from .expressions import OPERATORS, VARIABLES, Expression
+from .expressions import OPERATORS, VARIABLES, Expression, sympy_depth_errors
 
 
 def _pair(y_true, y_pred):
@@ -96,9 +96,11 @@ def symbolically_equivalent(a: Expression, b: Expression, up_to_constants: bool 
     of inv, sqrt, pow2 and pow3 stay numbers (``1 / x_0`` is not ``x_0 ** 2``). Sympy canonicalisation is not
     complete, so ``False`` can be a false negative for exotic rewrites.
     """
-    if not up_to_constants:
-        return bool(sympy.simplify(a.to_sympy() - b.to_sympy()) == 0)
-    return _canonical_skeleton(_with_placeholders(a)) == _canonical_skeleton(_with_placeholders(b))
+    deeper = a if a.depth >= b.depth else b
+    with sympy_depth_errors(deeper):
+        if not up_to_constants:
+            return bool(sympy.simplify(a.to_sympy() - b.to_sympy()) == 0)
+        return _canonical_skeleton(_with_placeholders(a)) == _canonical_skeleton(_with_placeholders(b))
 
 
 _PLACEHOLDER = sympy.Symbol("C")

@@ -29,7 +29,7 @@ Token = Union[str, float]
 MAX_VARIABLES = 10
 VARIABLES = tuple(f"x_{i}" for i in range(MAX_VARIABLES))
 _VAR_RE = re.compile(r"^x_(\d+)$")
-# Deepest nesting the text parsers accept (brackets, function arguments, signs, powers; see _InfixParser._enter)
+# Deepest nesting the text parsers accept (brackets, function arguments, signs, powers; see _Nesting)
 MAX_PARSE_DEPTH = 100
 
 
@@ -221,7 +221,9 @@ class Expression:
 
     @classmethod
     def from_infix(cls, text: str) -> "Expression":
-        """Parse infix text (+ - * / **, functions abs sqrt log exp sin cos tan arcsin arccos arctan, x_i, numbers).
+        """Parse infix text (+ - * / **, functions abs sqrt log exp sin cos tan arcsin arccos arctan, also spelled
+        ln asin acos atan, and inv pow2 pow3 by name; x_i, numbers). Nesting deeper than ``MAX_PARSE_DEPTH``
+        levels is a ValueError.
 
         ``1 / e`` with the integer literal 1 is ``inv``; ``e ** 2`` / ``e ** 3`` with integer literals are
         pow2/pow3; any other power is ``pow``. Unary minus on a number gives a negative constant, on anything
@@ -239,7 +241,8 @@ class Expression:
         grouping by ``( ) [ ] { }`` and ``\\left( \\right)``, ``x_0`` / ``x_{0}``, numbers such as ``3.5`` and
         ``1.2 \\cdot 10^{-3}`` (one constant), ``\\pi``, ``e``, ``\\infty``, spacing commands. Integer literals
         behave as in ``from_infix``: ``\\frac{1}{a}`` is ``inv``, ``a^{2}`` / ``a^{3}`` are pow2/pow3. Implicit
-        multiplication (``2x_0``) is rejected rather than guessed.
+        multiplication (``2x_0``) is rejected rather than guessed; nesting deeper than ``MAX_PARSE_DEPTH`` levels
+        (each bracket, argument, sign or superscript is one) is a ValueError.
         """
         return cls(_LatexParser(text).parse_checked())
 

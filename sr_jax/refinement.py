@@ -29,6 +29,13 @@ shortens the next step instead of running an inner line search), so no iteration
 of the batch; ``maxiter`` counts evaluations. jaxopt's public BFGS with its own line searches stays available
 ("backtracking", "zoom").
 
+Lane compaction: in a large batch most candidates converge within a few evaluations while a few run to ``maxiter``.
+So the lockstep run stops at a few evaluation counts (``_CHECKPOINTS``; ``lockstep_minimize`` resumes from its
+state exactly), and when at most half of the tape's rows still run, those continue on a smaller tape: the batch's
+own signature scaled by 1/2, 1/4, ... (``interpreter.scaled_signature``), into which the running candidates are
+placed. The scaled shapes depend only on the batch's signature, not on which candidates still run, so a process
+compiles at most a handful of programs per signature and reuses them for every later batch of that signature.
+
 Gauss-Newton hybrid (default ``hessian="hybrid"``): the loss is a mean of squares, so the tape's reverse sweep can
 be seeded with a constant, which yields every candidate's Jacobian at once (``_batch_gauss_newton``) and with it
 the Gauss-Newton matrix, at the cost of one gradient. BFGS then restarts from the (damped) Gauss-Newton inverse
@@ -684,7 +691,9 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
                      initial_loss=state.initial_loss, loss=state.loss)
     else:
         run = _Run(batch, dtype, maxiter)
-        checkpoints = list(_CHECKPOINTS) + list(range(2 * _CHECKPOINTS[-1], maxiter, _CHECKPOINTS[-1]))
+        checkpoints = list(_CHECKPOINTS)
+        if deadline is not None:  # and every _CHECKPOINTS[-1] evaluations after the last
+            checkpoints += list(range(2 * _CHECKPOINTS[-1], maxiter, _CHECKPOINTS[-1]))
         for stop_at in [k for k in checkpoints if k < maxiter] + [maxiter]:
             run.step(stop_at, tol, hessian)
             c, state = jax.device_get((run.c, run.state))

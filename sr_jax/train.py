@@ -85,6 +85,7 @@ def validate(tm: TrainedModel, problems: list, refine_maxiter: int = 100, *, dec
 
 def run_training(cfg: SRConfig, workdir: str | Path | None, *, stop_at: int | None = None,
                  progress: bool = True, mesh=None) -> TrainResult:
+    cfglib.validate(cfg)  # configs built in Python meet the same rules as loaded ones
     model = build_model(cfg)
     problems = validation_problems(cfg) if cfg.train.eval_every > 0 else []
 

@@ -293,13 +293,14 @@ def test_compaction_continues_the_running_candidates_exactly(monkeypatch):
         return done
 
     monkeypatch.setattr(refine_mod._Run, "compact", spy)
+    monkeypatch.setattr(refine_mod, "_CHECKPOINTS", (8,))  # one compaction per run: fewer programs to compile
     fast = [perturbed(0.05, s) for s in range(5)]  # near their solution: 3-4 evaluations each
     slow = [Expression(["add", 0.1, "mul", 3.0, "sin", "add", 2.0, "mul", 4.0, "x_0"]),  # ~12 evaluations
             Expression(["div", 1.0, "add", 0.1, "mul", 1.0, "x_1"])]  # ~55 evaluations
     cands = fast + slow
     one = refine(cands, X, Y, compact=False)
     comp = refine(cands, X, Y, compact=True)
-    assert sizes[0] == (2, 2)  # after 8 evaluations, from the 8-candidate bucket to 2
+    assert sizes == [(2, 2)]  # after 8 evaluations, from the 8-candidate bucket to 2
     np.testing.assert_allclose(comp.losses, one.losses, rtol=1e-6, atol=1e-14)
     np.testing.assert_array_equal(comp.n_iterations, one.n_iterations)
     for a, b in zip(comp.expressions, one.expressions):
@@ -310,7 +311,7 @@ def test_compaction_continues_the_running_candidates_exactly(monkeypatch):
     ys = [1.5 + 2.0 * np.sin(0.7 * x[:, 0]) - 0.3 * x[:, 1] for x in xs]
     one = refine([[e] for e in cands], xs, ys, compact=False)
     comp = refine([[e] for e in cands], xs, ys, compact=True)
-    assert sizes[0] == (2, 2)
+    assert sizes == [(2, 2)]
     for b in range(len(cands)):
         np.testing.assert_allclose(comp.losses[b], one.losses[b], rtol=1e-6, atol=1e-14)
         np.testing.assert_array_equal(comp.n_iterations[b], one.n_iterations[b])

@@ -67,7 +67,7 @@ def _pin(threads: int) -> None:
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:threads]))
 
 
-def worker_jax(model_name: str, threads: int, steps: int, warmup: int) -> float:
+def worker_jax(model_name: str, threads: int, steps: int, warmup: int, extra: list[str]) -> float:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
                                f" intra_op_parallelism_threads={threads}")
@@ -88,7 +88,7 @@ def worker_jax(model_name: str, threads: int, steps: int, warmup: int) -> float:
                  "model.positions=[abacus]", f"model.abacus_max_k={MAX_K}", f"model.table_size={TABLE}",
                  "model.abacus_train_ids=shift", "model.abacus_k_per_row=false", "model.scan_unroll=1",
                  f"data.max_len={MAX_DIGITS}", f"data.batch_size={BATCH}", "train.optim.clip_norm=0.5",
-                 "train.optim.lr=0.0001"]
+                 "train.optim.lr=0.0001", *extra]
     cfg = load_config(ArithConfig, ROOT / "configs" / "arith_add_small.yaml", overrides)
     assert cfg.data.seq_len == SEQ, cfg.data.seq_len
     model = build_model(cfg)
@@ -174,12 +174,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--torch-compile", action="store_true", help="the original's torch.compile of the block")
+    ap.add_argument("--jax-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for this project's side, e.g. model.scan_unroll=4")
     ap.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker == "jax":
-        print(json.dumps({"tokens_per_s": worker_jax(args.model, args.threads[0], args.steps, args.warmup)}))
+        print(json.dumps({"tokens_per_s": worker_jax(args.model, args.threads[0], args.steps, args.warmup,
+                                                     args.jax_set)}))
         return
     if args.worker == "torch":
         print(json.dumps({"tokens_per_s": worker_torch(args.model, args.threads[0], args.steps, args.warmup,
@@ -194,6 +197,8 @@ def main() -> None:
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--original", args.original]
         if args.torch_compile:
             cmd.append("--torch-compile")
+        for kv in args.jax_set:
+            cmd += ["--jax-set", kv]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
 

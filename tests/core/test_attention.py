@@ -1,5 +1,7 @@
 """Attention: KV-cached incremental computation equals the full causal pass; masks; RoPE and FIRE properties."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,14 +14,15 @@ from core_jax.positions import FireBias, apply_rope
 @pytest.mark.parametrize("rope,fire", [(False, False), (True, False), (False, True), (True, True)])
 def test_cache_equals_full_pass(rope, fire):
     attn = Attention(num_heads=4, rope=rope, fire=fire)
+    apply = jax.jit(functools.partial(attn.apply, causal=True))  # cache_index traced: one program per shape
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 16))
-    params = attn.init(jax.random.PRNGKey(1), x, causal=True)
-    full, _ = attn.apply(params, x, causal=True)
+    params = jax.jit(functools.partial(attn.init, causal=True))(jax.random.PRNGKey(1), x)
+    full, _ = apply(params, x)
     cache = KVCache.zeros(2, 12, 4, 4)
-    out, cache = attn.apply(params, x[:, :5], causal=True, cache=cache, cache_index=0)
+    out, cache = apply(params, x[:, :5], cache=cache, cache_index=0)
     outs = [out]
     for t in range(5, 9):
-        o, cache = attn.apply(params, x[:, t:t + 1], causal=True, cache=cache, cache_index=t)
+        o, cache = apply(params, x[:, t:t + 1], cache=cache, cache_index=t)
         outs.append(o)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
 

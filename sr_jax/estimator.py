@@ -52,6 +52,7 @@ import sympy
 
 from .candidates import Candidate
 from .expressions import VARIABLES, Expression
+from .operators import OPERATORS, SYMPY_HEADS
 from .pool import basis_candidates, correlation_order, dedupe, prior_candidates
 
 MAX_FEATURES = 10  # the transformer's input width; more features are reduced by correlation
@@ -527,8 +528,6 @@ def _same(a, b) -> bool:
 
 
 # ----- evaluation of a user-space formula ------------------------------------------------------------------------
-_FUNCTIONS = {sympy.sin: "sin", sympy.cos: "cos", sympy.tan: "tan", sympy.asin: "arcsin", sympy.acos: "arccos",
-              sympy.atan: "arctan", sympy.exp: "exp", sympy.log: "log", sympy.Abs: "abs"}
 
 
 def evaluate_sympy(expr: sympy.Expr, env: dict, xp=np):
@@ -552,10 +551,11 @@ def evaluate_sympy(expr: sympy.Expr, env: dict, xp=np):
         if e == sympy.Rational(1, 2):
             return xp.sqrt(args[0])
         return args[0] ** (int(e) if e.is_Integer else args[1])
-    name = _FUNCTIONS.get(expr.func)
-    if name is None:
+    name = SYMPY_HEADS.get(expr.func)  # sin, exp, Abs, ... (the operator table's sympy node classes)
+    if name is None or OPERATORS[name].arity != 1:
         raise ValueError(f"cannot evaluate {expr.func.__name__} in {expr}")
-    return getattr(xp, name)(args[0])
+    op = OPERATORS[name]
+    return (op.np_fn if xp is np else op.jax_fn)(args[0])
 
 
 def _column_fn(expr: sympy.Expr, symbols: Sequence[sympy.Symbol], xp) -> Callable:

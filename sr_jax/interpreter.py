@@ -7,9 +7,9 @@ every node. Here the whole batch is compiled on the host into one *tape*:
   input column, then one per internal node (``TapeSignature.node_base`` onwards). Constants are not in ``V``: they
   are gathered from the ``consts`` input array where an argument is a constant, so refinement can differentiate
   w.r.t. them;
-* internal nodes grouped by (height, group): at each height one "cheap" group holds add/sub/mul/div/inv/abs/
-  pow2/pow3 nodes (a per-node select among a few flops, cheaper than more gathers), and every transcendental
-  operator (sqrt, log, exp, sin, cos, tan, arcsin, arccos, arctan, pow) present at that height gets its own group,
+* internal nodes grouped by (height, group): at each height one "cheap" group holds the operators the table
+  (``sr_jax.operators``) marks ``cheap`` (add, mul, div, pow2, ...: a per-node select among a few flops, cheaper
+  than more gathers), and every other operator (sqrt, log, exp, sin, ..., pow) present at that height gets its own group,
   so a transcendental is computed only for nodes that use it. Each level: gather its arguments, apply each group,
   write the level's outputs into ``V`` in place (its rows are contiguous).
 * reverse mode is a hand-written reverse tape (custom_vjp) with one in-place buffer ``K`` (see ``_fill``); seeded
@@ -54,7 +54,6 @@ try:  # the scoped x64 switch: jax.enable_x64 in current JAX, jax.experimental.e
     _X64_SCOPE = jax.enable_x64
 except AttributeError:  # pragma: no cover - older JAX
     from jax.experimental import enable_x64 as _X64_SCOPE
-_OP_ORDER = tuple(OPERATORS)  # fixed operator order for signatures
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -142,7 +141,7 @@ class TapeSignature:
     """Static structure of a compiled batch: everything that, if changed, needs a new XLA program.
 
     ``levels`` is one entry per level (node height 1, 2, ...): a tuple of (group, capacity), binary groups first.
-    At each level one "cheap" group holds the add/sub/mul/div/inv/abs/pow2/pow3 nodes and every other operator
+    At each level one "cheap" group holds the nodes of the table's cheap operators and every other operator
     present gets its own group, padded to a bucketed capacity. ``n_const_slots``: constant leaves of the whole batch
     (bucketed); ``n_feature_uses``: variable leaves (bucketed, only used for d/dX).
     """

@@ -576,7 +576,7 @@ _CHECKPOINTS = (8, 16, 32, 64)
 # ``compact=None`` compacts batches of at least this many (bucketed) candidates. Each compaction may compile a
 # program for a new, smaller tape; below this size the time saved rarely repays that compilation.
 _COMPACT_MIN_EXPRESSIONS = 128
-_MIN_FRACTION = 1 / 32  # the smallest tape a run continues on, as a fraction of its batch's
+_MIN_FRACTION = 1 / 8  # the smallest tape a run continues on, as a fraction of its batch's (bounds the programs)
 
 
 class _Run:

@@ -168,7 +168,7 @@ def float_spellings(draw):
     return f"{sign}{whole}{dot}{frac}{exp}"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(float_spellings())
 def test_every_float_spelling_parses(text):
     cfg = load_config(Outer, None, [f"inner.rate={text}"])

@@ -25,6 +25,7 @@ Two scenarios, both printed:
 Results are recorded in BENCHMARKS.md.
 
 Run: python benchmarks/refine.py [--scenario both|worst|e2e] [--n 256] [--maxiter N] [--no-compact]
+     [--compare-compact]
      [--linesearch lockstep|backtracking|zoom] [--hessian hybrid|bfgs] [--dtype float64|float32]
 """
 from __future__ import annotations
@@ -219,6 +220,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, choices=("float64", "float32"), help="default: sr_jax.refine's (float64)")
     ap.add_argument("--no-compact", action="store_true",
                     help="refine(compact=False): one uninterrupted program (converged candidates keep costing)")
+    ap.add_argument("--compare-compact", action="store_true",
+                    help="instead: in one process, alternate compact=True / compact=False calls on the scored batch "
+                         "(both compiled first) and print process CPU and wall seconds per call")
     ap.add_argument("--repeats", type=int, default=3, help="extra timed calls after the second one (median)")
     ap.add_argument("--loss-rtol", type=float, default=1e-6, help="ours matches if <= scipy * (1 + this) + 1e-12")
     args = ap.parse_args(argv)
@@ -232,10 +236,43 @@ def main(argv=None):
           f"{jax.default_backend()}, date {datetime.date.today().isoformat()}")
     print("command: python benchmarks/refine.py " + " ".join(sys.argv[1:] if argv is None else argv))
     out = {}
+    if args.compare_compact:
+        return compare_compact(args, kw)
     if args.scenario in ("both", "worst"):
         out["worst"] = run_worst(args, kw)
     if args.scenario in ("both", "e2e"):
         out["e2e"] = run_e2e(args, kw)
+    return out
+
+
+def compare_compact(args, kw):
+    """Lane compaction on / off, alternating in one process after compiling both: CPU and wall seconds per call."""
+    import sr_jax
+
+    kw = {k: v for k, v in kw.items() if k != "compact"}
+    calls = {}
+    if args.scenario in ("both", "worst"):
+        cands, x, y = build_problem(args.n)
+        calls["worst"] = lambda compact: sr_jax.refine(cands, x, y, compact=compact, **kw)
+    if args.scenario in ("both", "e2e"):
+        probs = build_e2e_problem(args.n)
+        d = max(x.shape[1] for _, x, _ in probs)
+        calls["e2e"] = lambda compact: sr_jax.refine([[e] for e, _, _ in probs], [_pad_cols(x, d) for _, x, _ in probs],
+                                                     [y for _, _, y in probs], compact=compact, **kw)
+    out = {}
+    for name, call in calls.items():
+        for compact in (True, False):
+            call(compact)  # compile
+        times = {True: [], False: []}
+        for _ in range(max(args.repeats, 1)):
+            for compact in (True, False):
+                c0, t0 = time.process_time(), time.perf_counter()
+                call(compact)
+                times[compact].append((time.process_time() - c0, time.perf_counter() - t0))
+        out[name] = times
+        for compact in (True, False):
+            print(f"{name}: compact={compact}: CPU s per call " + ", ".join(f"{c:.2f}" for c, _ in times[compact])
+                  + "; wall s " + ", ".join(f"{w:.2f}" for _, w in times[compact]))
     return out
 
 

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 import sympy
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from sr_jax.expressions import BINARY_OPERATORS, UNARY_OPERATORS, VARIABLES, Expression
 from sr_jax.generator import sample
@@ -36,9 +36,27 @@ def test_infix_round_trip_is_exact(seed):
 @settings(max_examples=10, deadline=None)
 @given(st.integers(0, 10**6))
 def test_sympy_round_trip_same_values(seed):
+    """Same values wherever they are well conditioned: sympy folds constants (c * exp(a + b x) becomes
+    c e^a * exp(b x)), which changes them in the last bits, and e.g. sin(0.1 * exp(49.9 x)) turns such last-bit
+    changes into anything. So points whose value moves under a 1e-12 relative change of the constants are not
+    compared (sample(64) has 15 of 149)."""
     s = sample(seed)
     back = Expression.from_sympy(s.expression.to_sympy())
-    np.testing.assert_allclose(back.evaluate_numpy(s.x_NxD), s.y_N, rtol=1e-8, atol=1e-8 * np.abs(s.y_N).max())
+    tol = 1e-8 * np.abs(s.y_N).max()
+    with np.errstate(all="ignore"):
+        nudged = s.expression.with_constants(s.expression.constants * (1 + 1e-12)).evaluate_numpy(s.x_NxD)
+    stable = np.abs(nudged - s.y_N) <= 1e-3 * tol
+    assume(stable.mean() >= 0.5)
+    np.testing.assert_allclose(back.evaluate_numpy(s.x_NxD)[stable], s.y_N[stable], rtol=1e-8, atol=tol)
+
+
+def test_sympy_round_trip_of_an_ill_conditioned_sample():
+    s = sample(64)  # sin(... 0.12 * exp(49.9 x_1) ...): equal where the value does not hinge on the last bits
+    back = Expression.from_sympy(s.expression.to_sympy())
+    nudged = s.expression.with_constants(s.expression.constants * (1 + 1e-12)).evaluate_numpy(s.x_NxD)
+    stable = np.abs(nudged - s.y_N) <= 1e-11 * np.abs(s.y_N).max()
+    assert 0.5 < stable.mean() < 1.0
+    np.testing.assert_allclose(back.evaluate_numpy(s.x_NxD)[stable], s.y_N[stable], rtol=1e-8)
 
 
 def test_infix_special_forms():

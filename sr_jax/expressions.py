@@ -28,7 +28,7 @@ Token = Union[str, float]
 
 MAX_VARIABLES = 10
 VARIABLES = tuple(f"x_{i}" for i in range(MAX_VARIABLES))
-_VAR_RE = re.compile(r"^x_(\d+)$")
+_VAR_RE = re.compile(r"^x_(\d+)$", re.ASCII)
 # Deepest nesting the text parsers accept (brackets, function arguments, signs, powers; see _Nesting)
 MAX_PARSE_DEPTH = 100
 
@@ -346,7 +346,7 @@ class _InfixParser:
     _POWER_OP = "**"
 
     _TOKEN_RE = re.compile(r"\s*(?:(\d+\.\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)|(\d+)|(inf|nan)"
-                           r"|([A-Za-z_][A-Za-z_0-9]*)|(\*\*|[-+*/(),]))")
+                           r"|([A-Za-z_][A-Za-z_0-9]*)|(\*\*|[-+*/(),]))", re.ASCII)
 
     def __init__(self, text: str):
         self.text = text
@@ -357,7 +357,10 @@ class _InfixParser:
         while pos < len(text):
             m = self._TOKEN_RE.match(text, pos)
             if m is None or m.end() == pos:
-                raise ValueError(f"cannot parse infix text at character {pos}: {text[pos:pos + 20]!r}")
+                at = text[pos:].lstrip()[:1]
+                hint = ("; powers are written ** (x_0**2), not ^" if at == "^" else
+                        "; write numbers with the ASCII digits 0-9" if at.isdigit() else "")
+                raise ValueError(f"cannot parse infix text at character {pos}: {text[pos:pos + 20]!r}{hint}")
             kind = ("float", "int", "float", "name", "punct")[next(i for i, g in enumerate(m.groups()) if g)]
             self.toks.append((kind, m.group(m.lastindex), m.start(m.lastindex)))
             pos = m.end()
@@ -514,7 +517,7 @@ class _LatexParser(_InfixParser):
         r"|\\(?:operatorname|mathrm)\s*\{\s*(?P<name>[A-Za-z]+)\s*\}"
         r"|(?P<cmd>\\[A-Za-z]+)"
         r"|(?P<letter>[A-Za-z])"
-        r"|(?P<punct>[-+*/()\[\]{}|^])"
+        r"|(?P<punct>[-+*/()\[\]{}|^])", re.ASCII
     )
 
     def __init__(self, text: str):

@@ -247,3 +247,18 @@ def test_latex_hand_written_matches_sympy():
 def test_latex_parse_errors_name_the_problem(tex, msg):
     with pytest.raises(ValueError, match=msg):
         Expression.from_latex(tex)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("x_0^2", r"powers are written \*\* \(x_0\*\*2\), not \^"),
+    ("\u0661 + x_0", "ASCII digits 0-9"),  # one rule with the arithmetic CLI: only 0-9 are digits
+    ("x_\u0661", "ASCII digits 0-9"),
+])
+def test_infix_errors_suggest_the_fix(text, match):
+    with pytest.raises(ValueError, match=match):
+        Expression.from_infix(text)
+
+
+def test_latex_rejects_non_ascii_digits():
+    with pytest.raises(ValueError, match="unexpected '\u0661'"):
+        Expression.from_latex("\u0661 + x_0")

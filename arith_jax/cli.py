@@ -13,8 +13,8 @@ import re
 import sys
 from pathlib import Path
 
-from core_jax.cli import (Interrupted, OneLineParser, UsageError, add_train_parser, check_writable,
-                          check_writable_dir, int_at_least, int_list_at_least, train_from_args)
+from core_jax.cli import (OneLineParser, UsageError, add_train_parser, check_writable, check_writable_dir,
+                          int_at_least, int_list_at_least, run_command, train_from_args)
 
 
 def _parser() -> OneLineParser:
@@ -189,10 +189,9 @@ def _negative_problem(text: str) -> UsageError:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from core_jax.checkpoint import CheckpointError
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def command():
         try:
             args = _parser().parse_args(argv)
         except UsageError:
@@ -200,14 +199,6 @@ def main(argv: list[str] | None = None) -> int:
             if negative:
                 raise _negative_problem(negative[0]) from None
             raise
-        status = {"train": _train, "eval": _eval, "solve": _solve, "export": _export}[args.command](args)
-    except (ValueError, CheckpointError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        print(e, file=sys.stderr)
-        return e.exit_status
-    except KeyboardInterrupt:  # outside training (or a second Ctrl-C): stop without a traceback
-        print("interrupted", file=sys.stderr)
-        return 130
-    return status or 0
+        return {"train": _train, "eval": _eval, "solve": _solve, "export": _export}[args.command](args)
+
+    return run_command(command)

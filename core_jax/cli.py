@@ -138,3 +138,23 @@ def train_from_args(args, config_cls: type, run_training: Callable[[Any, Path], 
     if result.interrupted_by is not None:
         raise Interrupted(result.interrupted_by, int(result.state.step), workdir)
     return cfg, workdir, result
+
+
+def run_command(command) -> int:
+    """Run a CLI command (a function of no arguments returning an exit status or None) the way every command of
+    this project ends: a bad input, file or checkpoint is one ``error: ...`` line on stderr and status 2, an
+    interrupted training run its ``Interrupted`` line and 128+signal, Ctrl-C anywhere else ``interrupted`` and 130;
+    never a traceback."""
+    from core_jax.checkpoint import CheckpointError
+
+    try:
+        return command() or 0
+    except (ValueError, CheckpointError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:  # outside training (or a second Ctrl-C): stop without a traceback
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from core_jax.cli import (Interrupted, OneLineParser, add_train_parser, check_writable, check_writable_dir,
-                          int_at_least, train_from_args)
+from core_jax.cli import (OneLineParser, add_train_parser, check_writable, check_writable_dir, int_at_least,
+                          run_command, train_from_args)
 
 DELEGATED = {"fit": "sr_jax.fit_cli", "bench": "sr_jax.bench_cli"}
 
@@ -98,18 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return importlib.import_module(DELEGATED[argv[0]]).main(argv[1:])
-    from core_jax.checkpoint import CheckpointError
-
-    try:
+    def command():
         args = _parser().parse_args(argv)
         {"train": _train, "describe": _describe, "eval": _eval, "export": _export}[args.command](args)
-    except (ValueError, CheckpointError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        print(e, file=sys.stderr)
-        return e.exit_status
-    except KeyboardInterrupt:  # outside training (or a second Ctrl-C): stop without a traceback
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command(command)

@@ -69,18 +69,28 @@ def test_outputs_checked_before_the_work(capsys, monkeypatch, tmp_path):
     assert not (tmp_path / "missing").exists()
 
 
-@pytest.mark.skipif(sys.platform == "win32" or __import__("os").geteuid() == 0,
-                    reason="permissions do not bind root")
 def test_read_only_folder(capsys, monkeypatch, tmp_path):
+    """A folder where no file can be created (read-only mount, no permission) fails in one line before any work.
+    Simulated at the probe's file creation, so it also holds when the tests run as root (whom chmod does not
+    bind)."""
+    import tempfile
+
+    import core_jax.cli
+
     _no_evaluation(monkeypatch)
     ro = tmp_path / "ro"
     ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        assert "Permission denied" in one_line_error(capsys, ["eval", "--json", str(ro / "r.json")])
-        assert "Permission denied" in one_line_error(capsys, ["train", "--config", TINY, "--workdir", str(ro)])
-    finally:
-        ro.chmod(0o755)
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kw):
+        if dir is not None and Path(dir).resolve() == ro.resolve():
+            raise PermissionError(13, "Permission denied", str(ro))
+        return real_mkstemp(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(core_jax.cli.tempfile, "mkstemp", mkstemp)
+    assert "Permission denied" in one_line_error(capsys, ["eval", "--json", str(ro / "r.json")])
+    assert "Permission denied" in one_line_error(capsys, ["train", "--config", TINY, "--workdir", str(ro)])
+    assert not any(ro.iterdir())  # nothing was started there
 
 
 def test_solve_file_reports_each_bad_line_and_answers_the_rest(capsys, tmp_path):

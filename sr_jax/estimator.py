@@ -317,8 +317,8 @@ class SymbolicTransformerRegressor:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if float(self.complexity_tolerance) < 0:
             raise ValueError(f"complexity_tolerance must be >= 0, got {self.complexity_tolerance}")
-        if self.max_time is not None and not (isinstance(self.max_time, (int, float, np.integer, np.floating))
-                                              and float(self.max_time) > 0):
+        if self.max_time is not None and (isinstance(self.max_time, (bool, np.bool_)) or not (
+                isinstance(self.max_time, (int, float, np.integer, np.floating)) and float(self.max_time) > 0)):
             raise ValueError(f"max_time must be a positive number of seconds or None, got {self.max_time!r}")
         if self.decoding not in ("greedy", "beam", "sample"):
             raise ValueError(f"decoding must be 'greedy', 'beam' or 'sample', got {self.decoding!r}")

@@ -224,6 +224,8 @@ def test_validation_names_the_column_and_the_dataset():
         small(candidate_sources=("prior", "magic")).fit(X1, Y1)
     with pytest.raises(ValueError, match="max_time must be a positive number"):
         small(max_time=0).fit(X1, Y1)
+    with pytest.raises(ValueError, match="max_time must be a positive number"):
+        small(max_time=True).fit(X1, Y1)
     with pytest.raises(ValueError, match="random_state"):
         small(random_state=-1).fit(X1, Y1)
 

@@ -5,8 +5,8 @@ tokens where operators and variables are strings (``"add"``, ``"x_0"``) and cons
 Conversions to/from sympy, infix text and LaTeX live here, plus a float64 numpy evaluator that is the reference
 semantics for the JAX interpreter (IEEE behaviour: ``log`` of a negative is NaN, ``1/0`` is inf, never an error).
 What each operator is (its functions, printed forms, names in text and sympy) comes from ``sr_jax.operators``.
-Trees of any depth work everywhere except in the text parsers, which refuse nesting deeper than
-``MAX_PARSE_DEPTH`` with a ValueError, and in sympy itself (``to_sympy`` says so the same way).
+Trees of any depth work everywhere, the text parsers included (they keep their pending work on an explicit
+stack, not Python's); only sympy itself recurses, and ``to_sympy`` turns its depth limit into a one-line ValueError.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import decimal
 import math
 import re
 import sys
-from typing import Callable, Iterable, Sequence, Union
+from typing import Callable, Generator, Iterable, Sequence, Union
 
 import numpy as np
 import sympy
@@ -29,8 +29,6 @@ Token = Union[str, float]
 MAX_VARIABLES = 10
 VARIABLES = tuple(f"x_{i}" for i in range(MAX_VARIABLES))
 _VAR_RE = re.compile(r"^x_(\d+)$", re.ASCII)
-# Deepest nesting the text parsers accept (brackets, function arguments, signs, powers; see _Nesting)
-MAX_PARSE_DEPTH = 100
 
 
 def variable_index(token: str) -> int | None:
@@ -222,14 +220,13 @@ class Expression:
     @classmethod
     def from_infix(cls, text: str) -> "Expression":
         """Parse infix text (+ - * / **, functions abs sqrt log exp sin cos tan arcsin arccos arctan, also spelled
-        ln asin acos atan, and inv pow2 pow3 by name; x_i, numbers). Nesting deeper than ``MAX_PARSE_DEPTH``
-        levels is a ValueError.
+        ln asin acos atan, and inv pow2 pow3 by name; x_i, numbers). Any nesting depth parses.
 
         ``1 / e`` with the integer literal 1 is ``inv``; ``e ** 2`` / ``e ** 3`` with integer literals are
         pow2/pow3; any other power is ``pow``. Unary minus on a number gives a negative constant, on anything
         else ``mul(-1.0, e)``.
         """
-        return cls(_InfixParser(text).parse_checked())
+        return cls(_InfixParser(text).parse())
 
     @classmethod
     def from_latex(cls, text: str) -> "Expression":
@@ -241,10 +238,9 @@ class Expression:
         grouping by ``( ) [ ] { }`` and ``\\left( \\right)``, ``x_0`` / ``x_{0}``, numbers such as ``3.5`` and
         ``1.2 \\cdot 10^{-3}`` (one constant), ``\\pi``, ``e``, ``\\infty``, spacing commands. Integer literals
         behave as in ``from_infix``: ``\\frac{1}{a}`` is ``inv``, ``a^{2}`` / ``a^{3}`` are pow2/pow3. Implicit
-        multiplication (``2x_0``) is rejected rather than guessed; nesting deeper than ``MAX_PARSE_DEPTH`` levels
-        (each bracket, argument, sign or superscript is one) is a ValueError.
+        multiplication (``2x_0``) is rejected rather than guessed. Any nesting depth parses.
         """
-        return cls(_LatexParser(text).parse_checked())
+        return cls(_LatexParser(text).parse())
 
 
 @contextlib.contextmanager
@@ -312,35 +308,57 @@ def _sympy_to_prefix(root) -> list:
     return out
 
 
-class _Nesting:
-    """``with parser.nesting:`` around a recursive step: counts the depth, refuses more than MAX_PARSE_DEPTH.
+# What a grammar rule returns: a leaf as a token list (``["x_0"]``, ``[2.5]``, or the integer-literal marker
+# ``["__int__", 2.0]`` that ``_num`` turns into a constant), or an operator node ``(op, arg, ...)`` whose arguments
+# are such trees. Nodes share their arguments instead of copying them (no token is copied once per level);
+# ``_prefix`` flattens the tree once at the end.
+_Tree = Union[list, tuple]
+# A grammar rule is a generator: it yields the sub-parse it needs (a generator of the same kind) and receives that
+# sub-parse's tree; its own tree is its return value. ``_drive`` runs them on a list, so nesting costs list
+# entries, not Python frames, and no depth can raise RecursionError.
+_Parse = Generator["_Parse", _Tree, _Tree]
 
-    A context manager, not a decorator, so that counting adds no Python frame to the recursion it bounds."""
 
-    __slots__ = ("parser", "depth")
+def _drive(step: _Parse) -> _Tree:
+    """Run a grammar rule and every sub-parse it yields with an explicit stack; return the rule's tree."""
+    stack = [step]
+    value = None  # what the step on top receives next: None to start it, else its sub-parse's result
+    while True:
+        try:
+            sub = stack[-1].send(value)
+        except StopIteration as done:
+            stack.pop()
+            if not stack:
+                return done.value
+            value = done.value
+        else:
+            stack.append(sub)
+            value = None
 
-    def __init__(self, parser):
-        self.parser, self.depth = parser, 0
 
-    def __enter__(self):
-        self.depth += 1
-        if self.depth > MAX_PARSE_DEPTH:
-            raise ValueError(self.parser.too_deep())
-
-    def __exit__(self, *exc):
-        self.depth -= 1
+def _prefix(tree: _Tree) -> list:
+    """Prefix tokens of a parse tree (explicit stack, any depth)."""
+    out: list = []
+    todo = [tree]
+    while todo:
+        t = todo.pop()
+        if isinstance(t, tuple):
+            out.append(t[0])
+            todo.extend(reversed(t[1:]))
+        else:
+            out.extend(_num(t))
+    return out
 
 
 class _InfixParser:
-    """Small recursive-descent parser; precedence: + - < * / < unary - < ** (right associative).
+    """Small recursive-descent grammar, run without recursion; precedence: + - < * / < unary - < ** (right
+    associative).
 
     Tokens are ``(kind, text, character)``; the grammar looks only at ``text``, so ``_LatexParser`` reuses the
     precedence levels by changing the token tables below and the ``_atom`` / ``_exponent`` leaves.
-    Depth: every step that recurses (an atom: brackets, a function's argument, ...; a sign; an exponent) enters
-    ``self.nesting``, so more than ``MAX_PARSE_DEPTH`` levels is a ValueError instead of a RecursionError.
+    Each grammar rule is a generator (``_Parse``) that yields the rules it descends into; ``parse`` runs them with
+    ``_drive``, so the depth of the text is bounded by memory, not by Python's recursion limit.
     """
-
-    _WHAT = "infix text"
 
     _PRODUCT_OPS = {"*": "mul", "/": "div"}
     _POWER_OP = "**"
@@ -350,7 +368,6 @@ class _InfixParser:
 
     def __init__(self, text: str):
         self.text = text
-        self.nesting = _Nesting(self)
         self.toks: list[tuple[str, str, int]] = []
         pos = 0
         text = text.rstrip()
@@ -379,111 +396,95 @@ class _InfixParser:
         if t[1] != value:
             raise ValueError(f"expected {value!r} at character {t[2]} of {self.text!r}, found {t[1] or 'end'!r}")
 
-    def too_deep(self) -> str:
-        shown = self.text if len(self.text) <= 60 else self.text[:40] + "..." + self.text[-10:]
-        return (f"{self._WHAT} {shown!r} is nested more than {MAX_PARSE_DEPTH} levels deep (brackets, function "
-                f"arguments, signs and powers), the parsers' depth limit (sr_jax.expressions.MAX_PARSE_DEPTH)")
-
-    def parse_checked(self) -> list:
-        """``parse``; a nesting deeper than the caller's remaining Python stack allows is the depth-limit error."""
-        try:
-            return self.parse()
-        except RecursionError:
-            raise ValueError(self.too_deep()) from None
-
     def parse(self) -> list:
-        out = self._sum()
+        tree = _drive(self._sum())
         t = self._peek()
         if t[0] != "end":
             raise ValueError(f"unexpected {t[1]!r} at character {t[2]} of {self.text!r}")
-        return out
+        return _prefix(tree)
 
-    def _sum(self):
-        left = self._product()
+    def _sum(self) -> _Parse:
+        left = yield self._product()
         while self._peek()[1] in ("+", "-"):
             op = "add" if self._next()[1] == "+" else "sub"
-            left = [op] + left + self._product()
+            left = (op, left, (yield self._product()))
         return left
 
-    def _product(self):
-        left = self._unary()
+    def _product(self) -> _Parse:
+        left = yield self._unary()
         while self._peek()[1] in self._PRODUCT_OPS:
             op = self._PRODUCT_OPS[self._next()[1]]
-            right = _num(self._unary())
+            right = _num((yield self._unary()))
             if op == "div" and left == ["__int__", 1.0]:
-                left = ["inv"] + right
+                left = ("inv", right)
             else:
-                left = [op] + _num(left) + right
+                left = (op, _num(left), right)
         return _num(left)
 
-    def _unary(self):
+    def _unary(self) -> _Parse:
         if self._peek()[1] in ("-", "+"):
             negate = self._next()[1] == "-"
-            with self.nesting:
-                operand = self._unary()
+            operand = yield self._unary()
             return _negated(_num(operand)) if negate else operand
-        return self._power()
+        return (yield self._power())
 
-    def _power(self):
-        base = self._atom()
+    def _power(self) -> _Parse:
+        base = yield self._atom()
         if self._peek()[1] == self._POWER_OP:
             self._next()
-            with self.nesting:
-                ex = self._exponent()
+            ex = yield self._exponent()
             if ex == ["__int__", 2.0]:
-                return ["pow2"] + _num(base)
+                return ("pow2", _num(base))
             if ex == ["__int__", 3.0]:
-                return ["pow3"] + _num(base)
-            return ["pow"] + _num(base) + _num(ex)
+                return ("pow3", _num(base))
+            return ("pow", _num(base), _num(ex))
         return base
 
-    def _exponent(self):
-        return self._unary_power()
+    def _exponent(self) -> _Parse:
+        return (yield self._unary_power())
 
-    def _unary_power(self):
+    def _unary_power(self) -> _Parse:
         if self._peek()[1] == "-":
             self._next()
-            with self.nesting:
-                return _negated(_num(self._unary_power()))
-        return self._power()
+            return _negated(_num((yield self._unary_power())))
+        return (yield self._power())
 
-    def _atom(self):
-        with self.nesting:
-            kind, val, pos = self._next()
-            if kind == "int":
-                return ["__int__", float(val)]
-            if kind == "float":
-                return [float(val)]
-            if val == "(":
-                inner = self._sum()
+    def _atom(self) -> _Parse:
+        kind, val, pos = self._next()
+        if kind == "int":
+            return ["__int__", float(val)]
+        if kind == "float":
+            return [float(val)]
+        if val == "(":
+            inner = yield self._sum()
+            self._expect(")")
+            return inner
+        if kind == "name":
+            if variable_index(val) is not None:
+                return [val]
+            if val in FUNCTION_NAMES or val in UNARY_OPERATORS:  # sin(a), ln(a), inv(a), ...
+                self._expect("(")
+                arg = _num((yield self._sum()))
                 self._expect(")")
-                return inner
-            if kind == "name":
-                if variable_index(val) is not None:
-                    return [val]
-                if val in FUNCTION_NAMES or val in UNARY_OPERATORS:  # sin(a), ln(a), inv(a), ...
-                    self._expect("(")
-                    arg = _num(self._sum())
-                    self._expect(")")
-                    return [FUNCTION_NAMES.get(val, val)] + arg
-                if val in ("pi", "e"):
-                    return [math.pi if val == "pi" else math.e]
-                raise ValueError(f"unknown symbol {val!r} at character {pos} of {self.text!r}")
-            raise ValueError(f"unexpected {val or 'end of text'!r} at character {pos} of {self.text!r}")
+                return (FUNCTION_NAMES.get(val, val), arg)
+            if val in ("pi", "e"):
+                return [math.pi if val == "pi" else math.e]
+            raise ValueError(f"unknown symbol {val!r} at character {pos} of {self.text!r}")
+        raise ValueError(f"unexpected {val or 'end of text'!r} at character {pos} of {self.text!r}")
 
 
-def _negated(operand: list) -> list:
+def _negated(operand: _Tree) -> _Tree:
     """Unary minus: a literal is negated in place, anything else becomes mul(-1, operand)."""
-    if len(operand) == 1 and isinstance(operand[0], float):
+    if isinstance(operand, list) and len(operand) == 1 and isinstance(operand[0], float):
         return [-operand[0]]
-    return ["mul", -1.0] + operand
+    return ("mul", [-1.0], operand)
 
 
-def _num(toks: list) -> list:
+def _num(tree: _Tree) -> _Tree:
     """Turn a pending integer literal marker into an ordinary float constant."""
-    if toks and toks[0] == "__int__":
-        return [toks[1]]
-    return toks
+    if isinstance(tree, list) and tree[0] == "__int__":
+        return [tree[1]]
+    return tree
 
 
 # ----- LaTeX input ---------------------------------------------------------------------------------------------
@@ -506,7 +507,6 @@ class _LatexParser(_InfixParser):
     ``m \\cdot 10^{k}`` after a number literal is one constant, parsed from its decimal text so that it is exact.
     """
 
-    _WHAT = "LaTeX"
     _PRODUCT_OPS = {"\\cdot": "mul", "\\times": "mul", "*": "mul", "/": "div", "\\div": "div"}
     _POWER_OP = "^"
     _TOKEN_RE = re.compile(
@@ -522,7 +522,6 @@ class _LatexParser(_InfixParser):
 
     def __init__(self, text: str):
         self.text = text
-        self.nesting = _Nesting(self)
         self.toks: list[tuple[str, str, int]] = []
         self.i = 0
         braces: list[int] = []  # positions of open '{', checked here so the error names the unclosed one
@@ -577,11 +576,11 @@ class _LatexParser(_InfixParser):
         return "; implicit multiplication is not supported, write \\cdot" if self._starts_atom(tok) else ""
 
     def parse(self) -> list:
-        out = self._sum()
+        tree = _drive(self._sum())
         t = self._peek()
         if t[0] != "end":
             raise ValueError(f"unexpected {t[1]!r} at character {t[2]} of {self.text!r}{self._hint(t)}")
-        return out
+        return _prefix(tree)
 
     def _expect(self, value):
         t = self._peek()
@@ -590,42 +589,46 @@ class _LatexParser(_InfixParser):
                              f"{self._hint(t)}")
         self._next()
 
-    def _power(self):
+    def _power(self) -> _Parse:
         if self._peek()[:2] == ("name", "e") and self._peek_at(1)[1] == "^":  # e^{a} is exp(a)
             self.i += 2
-            with self.nesting:
-                return ["exp"] + _num(self._exponent())
-        return super()._power()
+            return ("exp", _num((yield self._exponent())))
+        return (yield super()._power())
 
-    def _exponent(self):
-        return self._argument("^")
+    def _exponent(self) -> _Parse:
+        return (yield self._argument("^"))
 
-    def _argument(self, after: str):
+    def _argument(self, after: str) -> _Parse:
         """Argument of a command or superscript: a braced group or, as in TeX, a single token."""
         if self._peek()[1] == "{":
-            return self._group()
+            return (yield self._group())
         kind, val, pos = self._peek()
         if kind == "end":
             raise ValueError(f"missing argument of {after!r} at character {pos} of {self.text!r}")
         if kind in ("int", "float") and len(val) > 1:
             raise ValueError(f"ambiguous {val!r} at character {pos} of {self.text!r}: TeX gives only its first "
                              f"character to {after}; write {{{val}}}")
-        return self._atom(scientific=False)
+        return (yield self._atom(scientific=False))
 
-    def _group(self):
+    def _group(self) -> _Parse:
         """``{...}``; braces are invisible in TeX, so ``{2}`` stays the integer literal (``a^{2}`` is pow2)."""
         self._expect("{")
         start = self.i
-        out = self._sum()
-        inner = [t for t in self.toks[start:self.i] if t[1] not in ("{", "}")]
+        out = yield self._sum()
         self._expect("}")
-        return ["__int__", out[0]] if len(inner) == 1 and inner[0][0] == "int" else out
+        return ["__int__", out[0]] if self._lone_int(start, self.i - 1) else out
 
-    def _function_argument(self):
+    def _lone_int(self, start: int, stop: int) -> bool:
+        """Whether tokens ``start:stop`` are one integer literal, in braces or not (stops at the second token)."""
+        inner = (self.toks[j] for j in range(start, stop) if self.toks[j][1] not in ("{", "}"))
+        first, second = next(inner, None), next(inner, None)
+        return first is not None and second is None and first[0] == "int"
+
+    def _function_argument(self) -> _Parse:
         """``\\sin(a)``, sympy's ``\\sin{\\left(a\\right)}``, or bare ``\\sin a`` (which takes ``a^{2}`` whole)."""
         if self._peek()[1] in _LATEX_GROUPS:
-            return self._atom()
-        return self._power()
+            return (yield self._atom())
+        return (yield self._power())
 
     def _number(self, kind: str, val: str, scientific: bool):
         """A literal; when ``scientific``, a following ``\\cdot 10^{k}`` joins it into the constant ``float('mek')``."""
@@ -643,37 +646,37 @@ class _LatexParser(_InfixParser):
                     return [float(f"{val}e{t[3]}")]
         return ["__int__", float(val)] if kind == "int" else [float(val)]
 
-    def _atom(self, scientific: bool = True):
-        with self.nesting:
-            if self._peek()[1] == "{":
-                return self._group()
-            kind, val, pos = self._next()
-            if kind in ("int", "float"):
-                return self._number(kind, val, scientific)
-            if kind == "var":
-                return [val]
-            if val in _LATEX_GROUPS:
-                inner = self._sum()
-                self._expect(_LATEX_GROUPS[val])
-                return inner
-            if val in _LATEX_BARS:
-                inner = self._sum()
-                self._expect(_LATEX_BARS[val])
-                return ["abs"] + inner
-            if val in _LATEX_FRACS:
-                num, den = self._argument(val), self._argument(val)
-                return ["inv"] + _num(den) if num == ["__int__", 1.0] else ["div"] + _num(num) + _num(den)
-            if val == "\\sqrt":
-                if self._peek()[1] == "[":
-                    raise ValueError(f"'\\sqrt[...]' at character {pos} of {self.text!r}: n-th roots are not supported, "
-                                     f"write a power")
-                return ["sqrt"] + _num(self._argument(val))
-            fn = _LATEX_FUNCTIONS.get(val[1:]) if kind == "cmd" else _LATEX_NAMES.get(val) if kind == "name" else None
-            if fn is not None:
-                return [fn] + _num(self._function_argument())
-            if val in _LATEX_CONSTANTS:
-                return [_LATEX_CONSTANTS[val]]
-            if kind == "name":
-                raise ValueError(f"unknown symbol {val!r} at character {pos} of {self.text!r}; variables are written "
-                                 f"x_0..x_{MAX_VARIABLES - 1} or x_{{0}}")
-            raise ValueError(f"unexpected {val or 'end of text'!r} at character {pos} of {self.text!r}")
+    def _atom(self, scientific: bool = True) -> _Parse:
+        if self._peek()[1] == "{":
+            return (yield self._group())
+        kind, val, pos = self._next()
+        if kind in ("int", "float"):
+            return self._number(kind, val, scientific)
+        if kind == "var":
+            return [val]
+        if val in _LATEX_GROUPS:
+            inner = yield self._sum()
+            self._expect(_LATEX_GROUPS[val])
+            return inner
+        if val in _LATEX_BARS:
+            inner = yield self._sum()
+            self._expect(_LATEX_BARS[val])
+            return ("abs", inner)
+        if val in _LATEX_FRACS:
+            num = yield self._argument(val)
+            den = yield self._argument(val)
+            return ("inv", _num(den)) if num == ["__int__", 1.0] else ("div", _num(num), _num(den))
+        if val == "\\sqrt":
+            if self._peek()[1] == "[":
+                raise ValueError(f"'\\sqrt[...]' at character {pos} of {self.text!r}: n-th roots are not supported, "
+                                 f"write a power")
+            return ("sqrt", _num((yield self._argument(val))))
+        fn = _LATEX_FUNCTIONS.get(val[1:]) if kind == "cmd" else _LATEX_NAMES.get(val) if kind == "name" else None
+        if fn is not None:
+            return (fn, _num((yield self._function_argument())))
+        if val in _LATEX_CONSTANTS:
+            return [_LATEX_CONSTANTS[val]]
+        if kind == "name":
+            raise ValueError(f"unknown symbol {val!r} at character {pos} of {self.text!r}; variables are written "
+                             f"x_0..x_{MAX_VARIABLES - 1} or x_{{0}}")
+        raise ValueError(f"unexpected {val or 'end of text'!r} at character {pos} of {self.text!r}")

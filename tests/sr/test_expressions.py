@@ -1,4 +1,6 @@
+import contextlib
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -262,3 +264,110 @@ def test_infix_errors_suggest_the_fix(text, match):
 def test_latex_rejects_non_ascii_digits():
     with pytest.raises(ValueError, match="unexpected '\u0661'"):
         Expression.from_latex("\u0661 + x_0")
+
+
+# ----- depth (issue 10): the parsers keep their pending work on a list, not on Python's stack --------------------
+_DEEP_CONSTANTS = (1.0, 2.0, 3.0, -1.0, -0.0, 0.0, 0.5, 1e-300, -2.5e300, math.inf, -math.inf, 10.0)
+
+
+@st.composite
+def _deep_expressions(draw, min_depth: int = 300, max_depth: int = 1000) -> Expression:
+    """A random tree ``depth`` levels deep: a chain of random operators, each binary one with a small random tree
+    on a random side (the leaves and side trees include the literals the parsers treat specially: 1, 2, 3,
+    negatives, -0.0, inf)."""
+    depth = draw(st.integers(min_depth, max_depth))
+    sides = draw(st.lists(_any_expression, min_size=1, max_size=4))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    leaves = [[c] for c in _DEEP_CONSTANTS] + [[v] for v in VARIABLES[:3]] + [list(s.tokens) for s in sides]
+    tokens = list(leaves[rng.integers(len(leaves))])
+    for _ in range(depth - 1):
+        op = str(rng.choice(UNARY_OPERATORS + BINARY_OPERATORS))
+        if op in UNARY_OPERATORS:
+            tokens = [op] + tokens
+        else:
+            side = leaves[rng.integers(len(leaves))]
+            tokens = [op] + (tokens + side if rng.random() < 0.5 else side + tokens)
+    e = Expression(tokens)
+    assert e.depth >= depth
+    return e
+
+
+@settings(max_examples=15, deadline=None)
+@given(_deep_expressions())
+def test_infix_round_trip_of_deep_expressions(e):
+    assert _bits(Expression.from_infix(e.infix())) == _bits(e)
+
+
+@settings(max_examples=15, deadline=None)
+@given(_deep_expressions())
+def test_latex_round_trip_of_deep_expressions(e):
+    assert _bits(Expression.from_latex(e.latex())) == _bits(e)
+
+
+def _frames() -> int:
+    f, n = sys._getframe(), 0
+    while f is not None:
+        f, n = f.f_back, n + 1
+    return n
+
+
+@contextlib.contextmanager
+def _python_stack_of(frames: int):
+    """Allow only ``frames`` more Python frames than the caller has: any recursion per level of a deep text fails."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(_frames() + frames)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)
+
+
+@pytest.mark.parametrize("parse, text, want", [
+    ("infix", "(" * 5000 + "x_0" + ")" * 5000, ["x_0"]),
+    ("infix", "-" * 3000 + "x_0", ["mul", -1.0] * 3000 + ["x_0"]),
+    ("infix", "x_0" + " ** x_1" * 3000, ["pow", "x_0"] + ["pow", "x_1"] * 2999 + ["x_1"]),  # right associative
+    ("infix", "-" * 3001 + "2", [-2.0]),  # signs on a literal fold into it
+    ("infix", "sin(" * 3000 + "x_0" + ")" * 3000, ["sin"] * 3000 + ["x_0"]),
+    ("latex", "{" * 3000 + "x_0" + "}" * 3000, ["x_0"]),
+    ("latex", "\\sqrt" * 3000 + " x_0", ["sqrt"] * 3000 + ["x_0"]),
+    ("latex", "\\frac{1}{" * 1000 + "x_0" + "}" * 1000, ["inv"] * 1000 + ["x_0"]),
+    ("latex", "e^{" * 1000 + "x_0" + "}" * 1000, ["exp"] * 1000 + ["x_0"]),
+    ("latex", "\\left(" * 1000 + "x_0" + "\\right)" * 1000, ["x_0"]),
+    ("latex", "x_0^{" * 1000 + "2" + "}" * 1000, ["pow", "x_0"] * 999 + ["pow2", "x_0"]),
+])
+def test_deep_text_parses_within_a_few_python_frames(parse, text, want):
+    """Thousands of levels parse with 40 Python frames to spare (the parsers do not recurse per level)."""
+    reader = Expression.from_infix if parse == "infix" else Expression.from_latex
+    with _python_stack_of(40):
+        got = reader(text)
+    assert _bits(got) == _bits(Expression(want))
+
+
+@settings(max_examples=4, deadline=None)
+@given(_deep_expressions(2000, 3000))
+def test_writers_and_parsers_need_no_python_stack(e):
+    with _python_stack_of(40):
+        assert Expression.from_infix(e.infix()) == e
+        assert Expression.from_latex(e.latex()) == e
+
+
+_INFIX_PIECES = ["(", ")", "sin(", "ln(", "-", "+", "**", "*", "/", "x_0", "2", "1.5", ",", "^", "foo", "1e5", " "]
+_LATEX_PIECES = ["{", "}", "(", ")", "\\frac", "\\sqrt", "\\left(", "\\right)", "^", "e", "|", "\\sin", "x_{1}",
+                 "10", "\\cdot", "-", "2", "\\left|", "\\right|", "[", "]", "y", " "]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 1500), st.lists(st.sampled_from(_INFIX_PIECES), max_size=40),
+       st.lists(st.sampled_from(_LATEX_PIECES), max_size=40))
+def test_any_text_is_an_expression_or_a_one_line_value_error(depth, infix_pieces, latex_pieces):
+    """Deep, malformed text: the parsers answer with an expression or a one-line ValueError, never a
+    RecursionError or another exception."""
+    for reader, text in [(Expression.from_infix, "(" * depth + "".join(infix_pieces) + ")" * depth),
+                         (Expression.from_infix, "sin(" * depth + "".join(infix_pieces)),
+                         (Expression.from_latex, "{" * depth + "".join(latex_pieces) + "}" * depth),
+                         (Expression.from_latex, "\\sqrt{" * depth + "".join(latex_pieces))]:
+        try:
+            with _python_stack_of(40):
+                reader(text)
+        except ValueError as err:
+            assert "\n" not in str(err)

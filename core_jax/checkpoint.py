@@ -1,14 +1,18 @@
 """Orbax checkpoints of the whole training state (model, optimizer, step = data-stream position) plus metadata.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed mid-save leaves
-the previous checkpoint intact. A checkpoint that cannot be read is reported with the path and what to do, and
-restoring falls back to the newest readable one.
+the previous checkpoint intact. A save that fails (disk full, folder removed, no permission) removes its partial
+directory and raises `SaveError` naming the folder and the reason; the previous checkpoint stays intact. A checkpoint
+that cannot be read is reported with the path and what to do, and restoring falls back to the newest readable one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,15 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory that is missing, empty or unreadable."""
+
+
+class SaveError(CheckpointError):
+    """A checkpoint (or another file of a run) that could not be written; `reason` is the system's reason, e.g.
+    'No space left on device'."""
+
+    def __init__(self, what: str, reason: str):
+        self.what, self.reason = what, reason
+        super().__init__(f"cannot write {what}: {reason}")
 
 
 class Checkpointer:
@@ -36,9 +49,17 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        self.manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                             meta=ocp.args.JsonSave(meta)), force=True)
-        self.manager.wait_until_finished()
+        """Writes `step` atomically; on failure removes the partial write and raises `SaveError` (one line, instead
+        of the tracebacks Orbax's writer threads log)."""
+        try:
+            with _quiet_orbax_errors():
+                self.manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                     meta=ocp.args.JsonSave(meta)), force=True)
+                self.manager.wait_until_finished()
+        except (OSError, ValueError, RuntimeError) as e:  # tensorstore reports failed writes as ValueError
+            for partial in self.directory.glob(f"{int(step)}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            raise SaveError(f"the checkpoint of step {int(step)} in {self.directory}", write_reason(e)) from None
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict, int]:
         """Restores into the structure/shardings of `target`; tries older steps if the newest is unreadable."""
@@ -65,6 +86,32 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def write_reason(e: BaseException) -> str:
+    """The system's reason for a failed write: an OSError's text, or the error code tensorstore appends to its
+    messages (``[os_error_code='28']`` is 'No space left on device'); else a short form of the error."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    code = re.search(r"os_error_code='(\d+)'", str(e))
+    return os.strerror(int(code.group(1))) if code else _reason(e)
+
+
+class _DropOrbaxErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+@contextlib.contextmanager
+def _quiet_orbax_errors():
+    """Drops the error reports (with tracebacks) Orbax's threads log through absl while a save runs: a failed save
+    is reported once, by `Checkpointer.save`'s exception."""
+    absl_logger, drop = logging.getLogger("absl"), _DropOrbaxErrors()
+    absl_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(drop)
 
 
 def _reason(e: Exception) -> str:

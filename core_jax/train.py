@@ -28,7 +28,7 @@ from flax import struct
 from tqdm.auto import tqdm
 
 from core_jax import sharding as shd
-from core_jax.checkpoint import Checkpointer
+from core_jax.checkpoint import Checkpointer, CheckpointError, SaveError, write_reason
 from core_jax.config import Rule, at_least, between, positive, validate
 from core_jax.optim import OptimConfig, make_optimizer
 
@@ -107,7 +107,8 @@ class _Pending(NamedTuple):
 
 class _MetricsLog:
     """metrics.jsonl of one run across restarts: rows past the restored step are dropped (they were trained again
-    after the resume), and `time_s`/`data_wait_s` continue from the last kept row."""
+    after the resume), and `time_s`/`data_wait_s` continue from the last kept row. A failed write (disk full, ...)
+    raises `SaveError`; the file keeps every row written before it."""
 
     def __init__(self, path: Path | None, start: int):
         self.path, self.file = path, None
@@ -126,18 +127,31 @@ class _MetricsLog:
                     self.time_offset = float(row.get("time_s", self.time_offset))
                     self.wait_offset = float(row.get("data_wait_s", self.wait_offset))
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(path)
-        self.file = open(path, "a")
+            try:
+                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.replace(path)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise SaveError(str(path), write_reason(e)) from None
+        try:
+            self.file = open(path, "a")
+        except OSError as e:
+            raise SaveError(str(path), write_reason(e)) from None
 
     def write(self, record: dict) -> None:
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as e:
+                raise SaveError(str(self.path), write_reason(e)) from None
 
     def close(self) -> None:
         if self.file:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # the failed write was reported; what it could not write is lost either way
+                pass
 
 
 class _StopSignals:
@@ -166,6 +180,14 @@ class _StopSignals:
             signal.signal(sig, old)
 
 
+def _resume_hint(ckpt: Checkpointer | None) -> str:
+    last = ckpt.latest_step() if ckpt is not None else None
+    if last is None:
+        return "no checkpoint was written before it: free space there and rerun the same command to start again"
+    return (f"the checkpoint of step {last} in {ckpt.directory} is intact: free space there (or move the workdir to "
+            f"a disk with room) and rerun the same command to resume from step {last}")
+
+
 def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, loss_fn: LossFn,
           batch_fn: Callable[[int], dict], meta: dict | None = None, stop_at: int | None = None,
           progress: bool = True, mesh=None, eval_fn: Callable[[Any, int], dict] | None = None) -> TrainResult:
@@ -174,7 +196,9 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
     At most `MAX_STEPS_IN_FLIGHT` steps run ahead of the host, so SIGTERM or Ctrl-C (first press) stops within
     about that many steps: the state is saved, the final evaluation is skipped, and the result's `interrupted_by`
     holds the signal. The progress bar counts finished steps. `cfg` must satisfy `TrainConfig.config_rules`
-    (checked here too, for configs built in Python rather than loaded).
+    (checked here too, for configs built in Python rather than loaded). A checkpoint or metrics.jsonl write that
+    fails (disk full, folder removed, ...) raises a one-line `CheckpointError` naming the file, the reason and the
+    step a rerun resumes from; the previous checkpoint stays intact.
     """
     validate(cfg, "train.")
     mesh = mesh or shd.data_mesh()
@@ -200,7 +224,13 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
     if workdir and jax.process_index() == 0:
         Path(workdir).mkdir(parents=True, exist_ok=True)
         log_path = Path(workdir) / "metrics.jsonl"
-    metrics_log = _MetricsLog(log_path, start)
+    try:
+        metrics_log = _MetricsLog(log_path, start)
+    except SaveError as e:
+        hint = _resume_hint(ckpt)
+        if ckpt is not None:
+            ckpt.close()
+        raise CheckpointError(f"{e}; {hint}") from None
 
     history: list[dict] = []
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or jax.process_index() != 0,
@@ -249,6 +279,8 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
                 finish_oldest()
             if ckpt is not None and stop.signum is not None and saved != int(state.step):
                 ckpt.save(int(state.step), state, meta)
+    except SaveError as e:  # disk full, folder removed, ...: say what survived and how to go on
+        raise CheckpointError(f"{e}; {_resume_hint(ckpt)}") from None
     except KeyboardInterrupt:
         # after a first signal this is a second Ctrl-C: stop at once, the last complete checkpoint stays; without
         # one (signals could not be caught here), save what is there unless the interrupt hit a step

@@ -1,6 +1,7 @@
 """Stopping and restarting the training loop: bounded run-ahead, prompt save on SIGTERM/Ctrl-C, exit status
 128 + signal from the CLI, and metrics.jsonl that reads as one run across restarts."""
 
+import errno
 import json
 import os
 import signal
@@ -219,3 +220,136 @@ def test_second_ctrl_c_stops_at_once(tmp_path):
         train(toy(steps=50), tmp_path, init_params, loss_fn, batch_fn, progress=False)
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]  # no save was started
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ----- a disk that fills up during training (issue 10) ----------------------------------------------------------
+def _failing_saves(monkeypatch, fail_at: int, error: Exception):
+    """Orbax's save raises `error` for step `fail_at` after writing part of it (its temporary folder), as a full
+    disk does; other steps save normally."""
+    import orbax.checkpoint as ocp
+
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step == fail_at:
+            (Path(self.directory) / f"{step}.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
+            raise error
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+
+
+ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+# what tensorstore raises for the same failure (its message abridged)
+TENSORSTORE_ENOSPC = ValueError('OUT_OF_RANGE: Error writing "w/0.0" in OCDBT database at local file "ckpt/": '
+                                "Failed to write 368956 bytes to file 7: No space left [os_error_code='28']")
+
+
+@pytest.mark.parametrize("error", [ENOSPC, TENSORSTORE_ENOSPC], ids=["oserror", "tensorstore"])
+def test_full_disk_at_a_save_keeps_the_previous_checkpoint(monkeypatch, tmp_path, error):
+    from core_jax.checkpoint import CheckpointError
+
+    cfg = toy(steps=6, ckpt_every=3)
+    _failing_saves(monkeypatch, 6, error)
+    with pytest.raises(CheckpointError) as err:
+        train(cfg, tmp_path, init_params, loss_fn, batches, progress=False)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("cannot write the checkpoint of step 6 in ")
+    assert "No space left on device" in message and "resume from step 3" in message, message
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]  # partial write removed
+    monkeypatch.undo()  # the disk has room again: the rerun resumes
+    result = train(cfg, tmp_path, init_params, loss_fn, batches, progress=False)
+    assert result.resumed_from == 3 and int(result.state.step) == 6
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 7))
+
+
+def test_full_disk_before_any_checkpoint(monkeypatch, tmp_path):
+    from core_jax.checkpoint import CheckpointError
+
+    _failing_saves(monkeypatch, 3, ENOSPC)
+    with pytest.raises(CheckpointError, match="no checkpoint was written before it: free space there and rerun"):
+        train(toy(steps=6, ckpt_every=3), tmp_path, init_params, loss_fn, batches, progress=False)
+
+
+class _FullDiskFile:
+    """A text file whose writes fail with ENOSPC after `room` of them succeeded."""
+
+    def __init__(self, path, mode, room):
+        self.file, self.room = open(path, mode), room
+
+    def write(self, text):
+        self.room -= 1
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.file.write(text)
+
+    def flush(self):
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def test_full_disk_at_a_metrics_row(monkeypatch, tmp_path):
+    from core_jax.checkpoint import CheckpointError
+
+    cfg = toy(steps=8, ckpt_every=3)
+    monkeypatch.setattr(trainlib, "open", lambda path, mode: _FullDiskFile(path, mode, room=4), raising=False)
+    with pytest.raises(CheckpointError) as err:
+        train(cfg, tmp_path, init_params, loss_fn, batches, progress=False)
+    message = str(err.value)
+    assert message.startswith(f"cannot write {tmp_path / 'metrics.jsonl'}: No space left on device; the checkpoint "
+                              f"of step 3 in "), message
+    assert "\n" not in message and "resume from step 3" in message
+    monkeypatch.undo()
+    assert train(cfg, tmp_path, init_params, loss_fn, batches, progress=False).resumed_from == 3
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 9))
+
+
+@pytest.mark.parametrize("package", ["arith", "sr"])
+def test_cli_full_disk_is_one_line(monkeypatch, tmp_path, capsys, package):
+    """Both packages' `train` through core_jax.train: the failed save is one `error:` line, exit 2, no evaluation
+    (resuming afterwards is tested on the loop above)."""
+    import importlib
+
+    config = {"arith": TINY, "sr": str(ROOT / "configs" / "sr_tiny.yaml")}[package]
+    main = importlib.import_module(f"{package}_jax.cli").main
+    sets = {"arith": SMALL, "sr": []}[package] + ["train.steps=2", "train.ckpt_every=1"]
+    _failing_saves(monkeypatch, 2, ENOSPC)
+    monkeypatch.setattr("arith_jax.evaluate.run_evaluation", lambda *a, **k: pytest.fail("evaluated"))
+    assert main(["train", "--config", config, "--workdir", str(tmp_path), *[a for s in sets for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot write the checkpoint of step 2 in ") and "Traceback" not in err
+    assert "No space left on device" in err[-1] and "rerun the same command to resume from step 1" in err[-1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+
+
+_REAL_FULL_DISK = """
+import sys
+import numpy as np
+from core_jax.checkpoint import Checkpointer, SaveError
+ck = Checkpointer(sys.argv[1], keep=2)
+ck.save(1, {"w": np.arange(100, dtype=np.float32)}, {})
+try:
+    ck.save(2, {"w": np.random.default_rng(0).normal(size=100_000).astype(np.float32)}, {})
+except SaveError as e:
+    print(e, file=sys.stderr)
+ck.close()
+"""
+
+
+def test_a_real_failed_write_through_orbax_is_one_line(tmp_path):
+    """A write limit (RLIMIT_FSIZE, the same failure path in tensorstore as a full disk) hit inside Orbax: one line
+    with the system's reason, no tracebacks logged by Orbax's threads, the partial step removed."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    proc = subprocess.run([sys.executable, "-c", _REAL_FULL_DISK, str(tmp_path / "ck")], cwd=ROOT, text=True,
+                          capture_output=True, timeout=300, preexec_fn=limit_file_size,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"cannot write the checkpoint of step 2 in {tmp_path / 'ck'}: File too large"
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["1"]

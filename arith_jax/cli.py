@@ -3,18 +3,21 @@
 Every user error (bad flag or config key, missing checkpoint, malformed problem, unwritable output) ends in one
 line on stderr and exit status 2, never a traceback; outputs are checked for writability before the work starts.
 `solve --file` reports each bad line as `FILE:LINE: error: ...`, answers the others, and exits 2 if any failed.
-An interrupted `train` exits with 128 + the signal (130 for Ctrl-C, 143 for SIGTERM) after saving.
+An interrupted `train` exits with 128 + the signal (130 for Ctrl-C, 143 for SIGTERM) after saving; so does one
+interrupted during the evaluation after training (the checkpoint was saved before it).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 from pathlib import Path
 
-from core_jax.cli import (OneLineParser, UsageError, add_train_parser, check_writable, check_writable_dir,
-                          int_at_least, int_list_at_least, run_command, train_from_args)
+from core_jax.cli import (Interrupted, OneLineParser, UsageError, add_train_parser, check_writable,
+                          check_writable_dir, int_at_least, int_list_at_least, run_command, signal_name,
+                          train_from_args)
 
 
 def _parser() -> OneLineParser:
@@ -79,10 +82,16 @@ def _train(args) -> None:
     cfg, workdir, result = train_from_args(args, ArithConfig, run_training)
     max_len = cfg.eval.max_len if args.eval_max_len is None else args.eval_max_len
     if max_len:
-        report = run_evaluation(build_model(cfg), result.state.params, cfg.data.task, cfg.data.max_len, max_len,
-                                cfg.eval.n_per_cell, cfg.eval.sweep, workdir / "eval.json",
-                                workdir / "eval.png", batch_size=cfg.eval.batch_size,
-                                recurrences=cfg.eval.recurrences, seed=cfg.eval.seed)
+        try:
+            report = run_evaluation(build_model(cfg), result.state.params, cfg.data.task, cfg.data.max_len, max_len,
+                                    cfg.eval.n_per_cell, cfg.eval.sweep, workdir / "eval.json",
+                                    workdir / "eval.png", batch_size=cfg.eval.batch_size,
+                                    recurrences=cfg.eval.recurrences, seed=cfg.eval.seed)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (core_jax.cli.Stopped): the trained state is saved
+            name = signal_name(e)
+            raise Interrupted(signal.Signals[name], f"interrupted by {name} during the evaluation after training; "
+                              f"the checkpoint of step {int(result.state.step)} is saved in {workdir}; evaluate it "
+                              f"with `run.py arith eval --checkpoint {workdir}`") from None
         print(json.dumps({k: report[k] for k in ("in_distribution_acc", "out_of_distribution_acc")}))
 
 

@@ -4,6 +4,7 @@ one-line usage errors, range-checked flag types, and writability checks that run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -109,12 +110,46 @@ def add_train_parser(sub, what: str, config_hint: str, example: str) -> argparse
 
 
 class Interrupted(Exception):
-    """Training stopped early by SIGINT/SIGTERM after saving a checkpoint; exit with `exit_status` (128 + signal)."""
+    """A command stopped by SIGINT/SIGTERM after keeping what it had (e.g. training saved a checkpoint): print the
+    message, exit with `exit_status` (128 + signal)."""
 
-    def __init__(self, signum: int, step: int, workdir: Path):
+    def __init__(self, signum: int, message: str):
         self.exit_status = 128 + signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; the checkpoint is saved in "
-                         f"{workdir}; rerun the same command to resume")
+        super().__init__(message)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT while a command runs (outside the training loop, which catches them itself to save first):
+    unwinds the command like Ctrl-C does; `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def signal_name(e: KeyboardInterrupt) -> str:
+    """SIGTERM for a `Stopped` by SIGTERM, else SIGINT (Ctrl-C)."""
+    return signal.Signals(getattr(e, "signum", signal.SIGINT)).name
+
+
+@contextlib.contextmanager
+def _signals_stop_the_command():
+    """SIGTERM and SIGINT raise `Stopped` in the main thread while the block runs (SIGTERM would otherwise end the
+    process at once, without a word); the previous handlers come back afterwards."""
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            old[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread: signals stay as they are
+            break
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def train_from_args(args, config_cls: type, run_training: Callable[[Any, Path], Any]) -> tuple[Any, Path, Any]:
@@ -136,25 +171,29 @@ def train_from_args(args, config_cls: type, run_training: Callable[[Any, Path], 
     if result.history:
         print(json.dumps(result.history[-1]))
     if result.interrupted_by is not None:
-        raise Interrupted(result.interrupted_by, int(result.state.step), workdir)
+        raise Interrupted(result.interrupted_by, f"interrupted by {signal.Signals(result.interrupted_by).name} at step "
+                          f"{int(result.state.step)}; the checkpoint is saved in {workdir}; rerun the same command to "
+                          f"resume")
     return cfg, workdir, result
 
 
 def run_command(command) -> int:
     """Run a CLI command (a function of no arguments returning an exit status or None) the way every command of
     this project ends: a bad input, file or checkpoint is one ``error: ...`` line on stderr and status 2, an
-    interrupted training run its ``Interrupted`` line and 128+signal, Ctrl-C anywhere else ``interrupted`` and 130;
-    never a traceback."""
+    interrupted training run (or the evaluation after it) its ``Interrupted`` line and 128+signal, Ctrl-C anywhere
+    else ``interrupted`` and 130, SIGTERM ``interrupted by SIGTERM`` and 143; never a traceback."""
     from core_jax.checkpoint import CheckpointError
 
-    try:
-        return command() or 0
-    except (ValueError, CheckpointError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        print(e, file=sys.stderr)
-        return e.exit_status
-    except KeyboardInterrupt:  # outside training (or a second Ctrl-C): stop without a traceback
-        print("interrupted", file=sys.stderr)
-        return 130
+    with _signals_stop_the_command():
+        try:
+            return command() or 0
+        except (ValueError, CheckpointError, OSError) as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        except Interrupted as e:
+            print(e, file=sys.stderr)
+            return e.exit_status
+        except KeyboardInterrupt as e:  # outside training (or a second Ctrl-C): stop without a traceback
+            name = signal_name(e)
+            print("interrupted" if name == "SIGINT" else f"interrupted by {name}", file=sys.stderr)
+            return 128 + signal.Signals[name]

@@ -154,18 +154,41 @@ class _MetricsLog:
                 pass
 
 
+class _EvalStopped(BaseException):
+    """Raised inside the task's eval_fn by a first SIGTERM/SIGINT: the evaluation is dropped and training stops
+    (a BaseException, so that no `except Exception` in the evaluation swallows it)."""
+
+
 class _StopSignals:
-    """SIGTERM and SIGINT set `signum` instead of killing the process (main thread only); a second SIGINT raises
-    KeyboardInterrupt as usual. The previous handlers come back on exit."""
+    """SIGTERM and SIGINT set `signum` instead of killing the process (main thread only); during `evaluating()` they
+    also abandon the evaluation (`_EvalStopped`); a second SIGINT raises KeyboardInterrupt as usual. The previous
+    handlers come back on exit."""
 
     def __init__(self):
         self.signum: int | None = None
         self._old: dict = {}
+        self._in_eval = False
 
     def _handle(self, signum, frame):
         self.signum = signum
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, self._old.get(signal.SIGINT, signal.default_int_handler))
+        if self._in_eval:
+            self._in_eval = False  # raise once
+            raise _EvalStopped
+
+    def evaluating(self, evaluate: Callable[[], dict]) -> dict | None:
+        """`evaluate()`, or None when a signal came before or during it."""
+        if self.signum is not None:
+            return None
+        self._in_eval = True
+        try:
+            try:
+                return evaluate()
+            finally:
+                self._in_eval = False
+        except _EvalStopped:
+            return None
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -195,7 +218,7 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
 
     At most `MAX_STEPS_IN_FLIGHT` steps run ahead of the host, so SIGTERM or Ctrl-C (first press) stops within
     about that many steps: the state is saved, the final evaluation is skipped, and the result's `interrupted_by`
-    holds the signal. The progress bar counts finished steps. `cfg` must satisfy `TrainConfig.config_rules`
+    holds the signal; a signal during an `eval_fn` call abandons that evaluation at once and stops the same way. The progress bar counts finished steps. `cfg` must satisfy `TrainConfig.config_rules`
     (checked here too, for configs built in Python rather than loaded). A checkpoint or metrics.jsonl write that
     fails (disk full, folder removed, ...) raises a one-line `CheckpointError` naming the file, the reason and the
     step a rerun resumes from; the previous checkpoint stays intact.
@@ -269,7 +292,8 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
                     next_batch = batch_fn(done)
                     data_wait_s += time.perf_counter() - t_data
                 while len(pending) > (0 if evaluate else MAX_STEPS_IN_FLIGHT):
-                    finish_oldest(eval_fn(state.params, done) if evaluate and len(pending) == 1 else None)
+                    finish_oldest(stop.evaluating(lambda: eval_fn(state.params, done))
+                                  if evaluate and len(pending) == 1 else None)
                 if ckpt is not None and (done % cfg.ckpt_every == 0 or done == end or stop.signum is not None):
                     while pending:
                         finish_oldest()

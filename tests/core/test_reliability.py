@@ -353,3 +353,101 @@ def test_a_real_failed_write_through_orbax_is_one_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.strip() == f"cannot write the checkpoint of step 2 in {tmp_path / 'ck'}: File too large"
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["1"]
+
+
+# ----- a signal during an evaluation (issue 10) -----------------------------------------------------------------
+def _signal_then_wait(signum):
+    """Sends `signum` to this process, then waits up to a minute as a long evaluation would."""
+    os.kill(os.getpid(), signum)
+    for _ in range(600):
+        time.sleep(0.1)
+    raise AssertionError("the evaluation was not stopped by the signal")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_a_validation_stops_at_once(tmp_path, signum):
+    """The task's eval_fn is abandoned at the signal (not run to its end), the step it evaluated is saved, and the
+    rerun resumes there."""
+    calls = []
+
+    def eval_fn(params, step):
+        calls.append(step)
+        return _signal_then_wait(signum) if step == 4 else {"score": 1.0}
+
+    cfg = toy(steps=50, eval_every=2)
+    t0 = time.time()
+    result = train(cfg, tmp_path, init_params, loss_fn, batches, progress=False, eval_fn=eval_fn)
+    assert time.time() - t0 < 30 and calls == [2, 4]
+    assert result.interrupted_by == signum and int(result.state.step) == 4
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [4]
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and "eval/score" in rows[1] and "eval/score" not in rows[3]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    resumed = train(toy(steps=6, eval_every=2), tmp_path, init_params, loss_fn, batches, progress=False,
+                    eval_fn=lambda p, s: {"score": 2.0})
+    assert resumed.resumed_from == 4 and int(resumed.state.step) == 6
+
+
+def test_cli_signal_during_the_arith_evaluation_after_training(monkeypatch, tmp_path, capsys):
+    """`run.py arith train` evaluates after training: SIGTERM there stops the evaluation, keeps the final
+    checkpoint (saved before it) and exits 143 with one line."""
+    from types import SimpleNamespace
+
+    from arith_jax.cli import main
+
+    def trained(cfg, workdir):
+        return trainlib.TrainResult(state=SimpleNamespace(step=6, params=None), history=[], resumed_from=None)
+
+    monkeypatch.setattr("arith_jax.train.run_training", trained)
+    monkeypatch.setattr("arith_jax.evaluate.run_evaluation", lambda *a, **k: _signal_then_wait(signal.SIGTERM))
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main(["train", "--config", TINY, "--workdir", str(tmp_path)]) == 143
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"interrupted by SIGTERM during the evaluation after training; the checkpoint of step 6 is saved in "
+        f"{tmp_path}; evaluate it with `run.py arith eval --checkpoint {tmp_path}`")
+    assert signal.getsignal(signal.SIGTERM) is handler  # the command's handlers are taken back
+
+
+def test_cli_signal_during_the_sr_validation(monkeypatch, tmp_path, capsys):
+    """`run.py sr train` with a validation hook (train.eval_every): SIGTERM inside it stops the run at once with the
+    step saved, exit 143."""
+    from sr_jax.cli import main
+
+    monkeypatch.setattr("sr_jax.train.validate", lambda *a, **k: _signal_then_wait(signal.SIGTERM))
+    sets = ["train.steps=4", "train.eval_every=2", "train.ckpt_every=100", "eval.n_problems=1"]
+    assert main(["train", "--config", str(ROOT / "configs" / "sr_tiny.yaml"), "--workdir", str(tmp_path),
+                 *[a for s in sets for a in ("--set", s)]]) == 143
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (f"interrupted by SIGTERM at step 2; the checkpoint is saved in {tmp_path}; rerun the same "
+                       f"command to resume")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+
+
+def test_sigterm_during_a_real_evaluation_after_training(tmp_path):
+    """A real SIGTERM to `run.py arith train` while its evaluation runs (a grid far longer than the test waits):
+    exit 143 within seconds, one line, the trained checkpoint kept, no eval.json."""
+    import threading
+
+    work = tmp_path / "run"
+    sets = SMALL + ["train.steps=2", "eval.n_per_cell=100000", "eval.max_len=2"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "arith", "train", "--config", TINY, "--workdir",
+                             str(work), *[a for s in sets for a in ("--set", s)]],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 240
+    while time.time() < deadline and "eval:" not in "".join(err) and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(1.0)  # inside the evaluation's first batches
+    proc.send_signal(signal.SIGTERM)
+    t_signal = time.time()
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    stderr = "".join(err)
+    assert time.time() - t_signal < 20, stderr[-2000:]
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr and stderr.rstrip().splitlines()[-1].endswith(
+        f"interrupted by SIGTERM during the evaluation after training; the checkpoint of step 2 is saved in {work}; "
+        f"evaluate it with `run.py arith eval --checkpoint {work}`"), stderr[-2000:]
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["2"] and not (work / "eval.json").exists()

@@ -15,8 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
-from core_jax.cli import (Interrupted, OneLineParser, UsageError, add_train_parser, check_writable,
-                          check_writable_dir, int_at_least, int_list_at_least, run_command, signal_name,
+from core_jax.cli import (Interrupted, OneLineParser, UsageError, add_train_parser, check_plot_path,
+                          check_writable, check_writable_dir, int_at_least, int_list_at_least, run_command, signal_name,
                           train_from_args)
 
 
@@ -100,9 +100,10 @@ def _eval(args) -> None:
     from arith_jax.solver import DEFAULT_MODEL
     from arith_jax.train import load_trained
 
-    for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path:
-            check_writable(path, flag)
+    if args.json:
+        check_writable(args.json, "--json")
+    if args.plot:
+        check_plot_path(args.plot, "--plot")
     cfg, model, params = load_trained(DEFAULT_MODEL if args.checkpoint is None else args.checkpoint)
     sweep = cfg.eval.sweep if args.sweep is None else args.sweep
     max_len = cfg.eval.max_len if args.max_len is None else args.max_len
@@ -123,6 +124,8 @@ def _eval(args) -> None:
 def _read_problem_file(name: str) -> list[tuple[int, str]]:
     """(line number, text) of each non-blank line of a UTF-8 file (a byte-order mark is allowed)."""
     path = Path(name)
+    if path.is_dir():
+        raise ValueError(f"problem file {name!r} is a folder, not a file")
     if not path.is_file():
         raise ValueError(f"problem file {name!r} not found")
     try:
@@ -156,7 +159,8 @@ def _solve(args) -> int:
     if args.file:
         items += [(f"{args.file}:{i}: error", line) for i, line in _read_problem_file(args.file)]
     if not items:
-        raise ValueError('no problems given; pass them as arguments ("123+456") or with --file')
+        raise ValueError(f"problem file {args.file!r} holds no problems (only blank lines, or empty)" if args.file
+                         else 'no problems given; pass them as arguments ("123+456") or with --file')
     solver = Solver.load(args.checkpoint, recurrences=args.recurrences)
     _check_recurrences(solver.cfg, args.recurrences)
     if solver.task == "sort":

@@ -163,6 +163,9 @@ def _with_sharding(x):
 def read_meta(directory: str | Path, step: int | None = None) -> tuple[dict, int]:
     """Reads only the JSON metadata (e.g. the config) of a checkpoint, to rebuild the model before restoring."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"checkpoint {str(directory)!r} is a file; pass the folder a training run or an export "
+                              f"wrote")
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {str(directory)!r} not found")
     mngr = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(create=False))

@@ -73,6 +73,20 @@ def check_writable(path: str | Path, what: str) -> None:
     _probe(folder, f"{what} {str(path)!r}")
 
 
+def check_plot_path(path: str | Path, what: str) -> None:
+    """`check_writable`, and the file name's extension (if any) must be a format matplotlib writes (png, pdf, svg,
+    ...), so that a figure drawn after the work cannot fail on its name."""
+    check_writable(path, what)
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix:
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        if suffix not in formats:
+            raise ValueError(f"cannot write {what} {str(path)!r}: '.{suffix}' is not an image format matplotlib "
+                             f"writes; use one of {', '.join('.' + f for f in sorted(formats))}")
+
+
 def check_writable_dir(path: str | Path, what: str) -> None:
     """Like `check_writable` for a folder that will receive files (a training workdir, an export); the folder is
     created if it does not exist yet."""

@@ -28,7 +28,7 @@ from flax import struct
 from tqdm.auto import tqdm
 
 from core_jax import sharding as shd
-from core_jax.checkpoint import Checkpointer, CheckpointError, SaveError, write_reason
+from core_jax.checkpoint import Checkpointer, CheckpointError, SaveError, read_meta, write_reason
 from core_jax.config import Rule, at_least, between, positive, validate
 from core_jax.optim import OptimConfig, make_optimizer
 
@@ -203,6 +203,18 @@ class _StopSignals:
             signal.signal(sig, old)
 
 
+def _check_same_task(ckpt: Checkpointer, meta: dict) -> None:
+    """A workdir that holds another package's training run is a one-line error, not a tree-structure mismatch."""
+    try:
+        stored, _ = read_meta(ckpt.directory)
+    except CheckpointError:  # unreadable newest step: restore() falls back to an older one or says so
+        return
+    if "task" in meta and stored.get("task", meta["task"]) != meta["task"]:
+        ckpt.close()
+        raise CheckpointError(f"{ckpt.directory} holds a {stored['task']!r} training run, not {meta['task']!r}; "
+                              f"train into another --workdir")
+
+
 def _resume_hint(ckpt: Checkpointer | None) -> str:
     last = ckpt.latest_step() if ckpt is not None else None
     if last is None:
@@ -233,6 +245,7 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
     ckpt = Checkpointer(Path(workdir) / "checkpoints", keep=cfg.keep_checkpoints) if workdir else None
     resumed_from = None
     if ckpt is not None and ckpt.latest_step() is not None:
+        _check_same_task(ckpt, meta)
         state, _, resumed_from = ckpt.restore(state)
 
     start = int(state.step)

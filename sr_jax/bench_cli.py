@@ -14,18 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from core_jax.cli import check_writable, int_at_least
+from core_jax.cli import OneLineParser, check_writable, int_at_least, run_command
 
 from . import feynman
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's default prints the usage and exits; one line instead
-        raise _UsageError(message)
 
 
 def _positive_int(text: str) -> int:
@@ -62,7 +53,7 @@ def _usable_cores() -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="run.py sr bench", description="Symbolic-regression benchmarks of sr_jax's regressor")
+    p = OneLineParser(prog="run.py sr bench", description="Symbolic-regression benchmarks of sr_jax's regressor")
     p.add_argument("benchmark", choices=["feynman"], help="the AI Feynman table (100 equations)")
     p.add_argument("--limit", type=_positive_int, help="only the first N equations (after the other filters)")
     p.add_argument("--problems", help="comma-separated equation names, e.g. I.6.2a,II.38.14")
@@ -105,9 +96,15 @@ def _our_factory(args, time_limit_s: float | None) -> Callable[[int], Any]:
             print("note: SymbolicTransformerRegressor has no time limit (max_time); --time-per-problem sets "
                   "Operon's limit only, and our seconds are measured", file=sys.stderr)
     try:
-        SymbolicTransformerRegressor(**kwargs)
+        prototype = SymbolicTransformerRegressor(**kwargs)
     except TypeError as e:
         raise ValueError(f"SymbolicTransformerRegressor does not take these options: {e}") from None
+    # checked now, so that a bad --sources or --model is one line instead of a failed fit on every problem
+    prototype._check_params()
+    if "model" in prototype.candidate_sources:
+        from .train import load_trained  # caches the model for the fits
+
+        load_trained(args.model)
     return lambda seed: SymbolicTransformerRegressor(random_state=seed, **kwargs)
 
 
@@ -138,10 +135,15 @@ def _bench(args, make_regressor: Callable[[int], Any] | None, method: str) -> No
     if not problems:
         raise ValueError(f"no equation has at most {args.max_vars} variables" if args.max_vars
                          else "no equations selected")
+    if make_regressor is None:
+        from .estimator import MIN_POINTS
+
+        if args.n_train < MIN_POINTS:
+            raise ValueError(f"--n-train {args.n_train}: SymbolicTransformerRegressor needs at least {MIN_POINTS} "
+                             f"training points")
+        make_regressor = _our_factory(args, args.time_per_problem)
     for note in table.notes:
         print(f"note: {note.name} {note.action}: {note.reason}", file=sys.stderr)
-    if make_regressor is None:
-        make_regressor = _our_factory(args, args.time_per_problem)
     common = dict(n_train=args.n_train, n_test=args.n_test, seed=args.seed, noise=args.noise,
                   recovery_timeout_s=args.recovery_timeout, progress=not args.no_progress)
     records = feynman.run_benchmark(make_regressor, problems, method=method, **common)
@@ -178,15 +180,6 @@ def main(argv: list[str] | None = None, make_regressor: Callable[[int], Any] | N
 
     ``make_regressor(seed)`` benchmarks another scikit-learn-style regressor under the name ``method`` instead of
     ``SymbolicTransformerRegressor`` (the options --sources and --model then do not apply, and --time-per-problem
-    only sets Operon's limit).
+    only sets Operon's limit). Errors and interruptions end as in every command (core_jax.cli.run_command).
     """
-    try:
-        args = _parser().parse_args(argv)
-        _bench(args, make_regressor, method)
-    except (_UsageError, ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(lambda: _bench(_parser().parse_args(argv), make_regressor, method))

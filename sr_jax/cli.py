@@ -30,7 +30,8 @@ def _parser() -> OneLineParser:
     e.add_argument("--checkpoint", help="training workdir or export (default: the shipped model)")
     e.add_argument("--n", type=int_at_least(1), default=100, help="problems (default 100)")
     e.add_argument("--seed", type=int_at_least(0), default=1, help="generator seed of the problems (default 1)")
-    e.add_argument("--points", type=int_at_least(1), default=200, help="points per problem (default 200)")
+    e.add_argument("--points", type=int_at_least(2), default=200,
+                   help="points per problem (default 200; at least 2: the generator normalises the inputs)")
     e.add_argument("--decoding", choices=["greedy", "beam", "sample"], default="beam")
     e.add_argument("--beam-size", type=int_at_least(1), default=10,
                    help="beam width or number of samples (default 10)")

@@ -6,29 +6,18 @@ line on stderr and exit status 2, never a traceback.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
-from core_jax.cli import check_writable, int_at_least
+from core_jax.cli import OneLineParser, check_plot_path, check_writable, int_at_least, run_command
 
 _SOURCES = ("model", "prior", "bases")
 
 
-class _UsageError(ValueError):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2 (argparse would print the usage too)
-        raise _UsageError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="run.py sr fit", description="fit a symbolic formula target = f(features) to a CSV file")
+def _parser() -> OneLineParser:
+    p = OneLineParser(prog="run.py sr fit", description="fit a symbolic formula target = f(features) to a CSV file")
     p.add_argument("csv", help="CSV file with a header row")
     p.add_argument("--target", required=True, help="name of the target column")
     p.add_argument("--features", help="comma-separated feature columns (default: every other column)")
@@ -48,6 +37,8 @@ def read_csv(path: str, target: str, features: list[str] | None = None):
     import numpy as np
 
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{path} is a folder, not a CSV file")
     if not p.is_file():
         raise ValueError(f"no such file: {path}")
     try:
@@ -153,39 +144,35 @@ def plot_pareto(est, path: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of ``python run.py sr fit ...`` (argv without "sr fit"); returns the exit status."""
-    try:
-        args = _parser().parse_args(argv)
-        sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
-        bad = [s for s in sources if s not in _SOURCES]
-        if bad or not sources:
-            raise ValueError(f"--sources: unknown source {bad[0]!r}; choose from {','.join(_SOURCES)}" if bad
-                             else "--sources is empty")
-        features = [f.strip() for f in args.features.split(",")] if args.features else None
-        x, y, names = read_csv(args.csv, args.target, features)
-        if args.json not in (None, "-"):
-            check_writable(args.json, "--json")
-        if args.plot:
-            check_writable(args.plot, "--plot")
-        from .estimator import SymbolicTransformerRegressor
+    """Entry point of ``python run.py sr fit ...`` (argv without "sr fit"); returns the exit status (errors and
+    interruptions end as in every command: core_jax.cli.run_command)."""
+    return run_command(lambda: _fit(argv))
 
-        est = SymbolicTransformerRegressor(model_path=args.model, candidate_sources=sources,
-                                           n_prior=args.n_prior, random_state=args.seed)
-        est.fit(x, y, feature_names=names)
-        rep = _report(est, names, args.target, est.score(x, y))
-        if args.json == "-":
-            print(json.dumps(rep, indent=2))
-        else:
-            print(_text(rep))
-            if args.json:
-                Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
-        if args.plot:
-            plot_pareto(est, args.plot)
-    except (ValueError, OSError) as e:
-        msg = " ".join(str(e).split())
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+def _fit(argv: list[str]) -> None:
+    args = _parser().parse_args(argv)
+    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+    bad = [s for s in sources if s not in _SOURCES]
+    if bad or not sources:
+        raise ValueError(f"--sources: unknown source {bad[0]!r}; choose from {','.join(_SOURCES)}" if bad
+                         else "--sources is empty")
+    features = [f.strip() for f in args.features.split(",")] if args.features else None
+    x, y, names = read_csv(args.csv, args.target, features)
+    if args.json not in (None, "-"):
+        check_writable(args.json, "--json")
+    if args.plot:
+        check_plot_path(args.plot, "--plot")
+    from .estimator import SymbolicTransformerRegressor
+
+    est = SymbolicTransformerRegressor(model_path=args.model, candidate_sources=sources,
+                                       n_prior=args.n_prior, random_state=args.seed)
+    est.fit(x, y, feature_names=names)
+    rep = _report(est, names, args.target, est.score(x, y))
+    if args.json == "-":
+        print(json.dumps(rep, indent=2))
+    else:
+        print(_text(rep))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rep, indent=2) + "\n")
+    if args.plot:
+        plot_pareto(est, args.plot)

@@ -52,10 +52,15 @@ def test_outputs_checked_before_the_work(capsys, monkeypatch, tmp_path):
     _no_evaluation(monkeypatch)
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
+    (tmp_path / "blank.txt").write_text("\n  \n")
     cases = [
         (["eval", "--json", str(tmp_path / "missing" / "r.json")], "folder"),
         (["eval", "--json", str(a_file / "r.json")], "is a file, not a folder"),
         (["eval", "--plot", str(tmp_path)], "it is a folder"),
+        (["eval", "--plot", str(tmp_path / "grid.xyz")], "'.xyz' is not an image format matplotlib writes"),
+        (["solve", "--file", str(tmp_path)], f"problem file '{tmp_path}' is a folder, not a file"),
+        (["solve", "--file", str(tmp_path / "none.txt")], f"problem file '{tmp_path / 'none.txt'}' not found"),
+        (["solve", "--file", str(a_file.with_name("blank.txt"))], "holds no problems (only blank lines, or empty)"),
         (["eval", "--max-len", "127"], "--max-len 127 is beyond this model's position table"),
         (["eval", "--sweep", "30,500"], "--sweep 500 is beyond this model's position table"),
         (["export", "--checkpoint", str(SHIPPED), "--out", str(a_file)], "is a file, not a folder"),

@@ -451,3 +451,14 @@ def test_sigterm_during_a_real_evaluation_after_training(tmp_path):
         f"interrupted by SIGTERM during the evaluation after training; the checkpoint of step 2 is saved in {work}; "
         f"evaluate it with `run.py arith eval --checkpoint {work}`"), stderr[-2000:]
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["2"] and not (work / "eval.json").exists()
+
+
+def test_workdir_of_another_package_is_one_line(tmp_path):
+    from core_jax.checkpoint import CheckpointError
+
+    train(toy(steps=1), tmp_path, init_params, loss_fn, batches, meta={"task": "arith"}, progress=False)
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'checkpoints'} holds a 'arith' training run, not 'sr'; "
+                                              f"train into another --workdir$"):
+        train(toy(steps=2), tmp_path, init_params, loss_fn, batches, meta={"task": "sr"}, progress=False)
+    assert train(toy(steps=2), tmp_path, init_params, loss_fn, batches, meta={"task": "arith"},
+                 progress=False).resumed_from == 1

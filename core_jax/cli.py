@@ -149,12 +149,15 @@ def signal_name(e: KeyboardInterrupt) -> str:
 @contextlib.contextmanager
 def _signals_stop_the_command():
     """SIGTERM and SIGINT raise `Stopped` in the main thread while the block runs (SIGTERM would otherwise end the
-    process at once, without a word); the previous handlers come back afterwards."""
+    process at once, without a word); a signal the process was told to ignore stays ignored; the previous handlers
+    come back afterwards."""
     def stop(signum, frame):
         raise Stopped(signum)
 
     old = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(sig) is signal.SIG_IGN:  # e.g. SIGINT of a background job: keep ignoring it
+            continue
         try:
             old[sig] = signal.signal(sig, stop)
         except ValueError:  # not the main thread: signals stay as they are

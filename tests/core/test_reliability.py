@@ -462,3 +462,18 @@ def test_workdir_of_another_package_is_one_line(tmp_path):
         train(toy(steps=2), tmp_path, init_params, loss_fn, batches, meta={"task": "sr"}, progress=False)
     assert train(toy(steps=2), tmp_path, init_params, loss_fn, batches, meta={"task": "arith"},
                  progress=False).resumed_from == 1
+
+
+def test_commands_keep_ignoring_an_ignored_signal():
+    """A background job started with SIGINT ignored keeps ignoring it; SIGTERM gets the command's one-line stop."""
+    from core_jax.cli import run_command
+
+    seen = {}
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert run_command(lambda: seen.update(int=signal.getsignal(signal.SIGINT),
+                                               term=signal.getsignal(signal.SIGTERM))) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert seen["int"] is signal.SIG_IGN and callable(seen["term"]) and seen["term"] is not signal.SIG_DFL

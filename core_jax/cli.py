@@ -88,8 +88,8 @@ def check_plot_path(path: str | Path, what: str) -> None:
 
 
 def check_writable_dir(path: str | Path, what: str) -> None:
-    """Like `check_writable` for a folder that will receive files (a training workdir, an export); the folder is
-    created if it does not exist yet."""
+    """Like `check_writable` for a folder that will receive files (a training workdir, an export), which need not
+    exist yet (it is created for the check and removed again)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"cannot write {what} {str(path)!r}: it is a file, not a folder")
@@ -97,6 +97,9 @@ def check_writable_dir(path: str | Path, what: str) -> None:
 
 
 def _probe(folder: Path, what: str) -> None:
+    """Writes and deletes a file in `folder`; folders created for the probe are removed again (the command creates
+    them when it writes, so a command that fails later leaves nothing behind)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
         raise ValueError(f"cannot write {what}: {str(existing)!r} is a file, not a folder")
@@ -111,6 +114,10 @@ def _probe(folder: Path, what: str) -> None:
             os.unlink(probe)
     except OSError as e:
         raise ValueError(f"cannot write {what}: {e.strerror or e}") from None
+    finally:
+        for p in missing:
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
 
 def add_train_parser(sub, what: str, config_hint: str, example: str) -> argparse.ArgumentParser:

@@ -90,3 +90,16 @@ def test_checkpoint_that_is_a_file(capsys, csv_file):
 
     err = one_line_error(capsys, main, ["eval", "--checkpoint", csv_file, "--n", "1"])
     assert f"checkpoint '{csv_file}' is a file; pass the folder a training run or an export wrote" in err
+
+
+def test_a_failed_export_leaves_no_folder(capsys, tmp_path):
+    """The writability check creates --out's missing folders only for its probe: the export of a checkpoint of
+    the other package fails in one line and leaves nothing behind."""
+    from pathlib import Path
+
+    from sr_jax.cli import main
+
+    arith_model = Path(__file__).resolve().parents[2] / "arith_jax" / "pretrained" / "add_small"
+    out = tmp_path / "new" / "model"
+    err = one_line_error(capsys, main, ["export", "--checkpoint", str(arith_model), "--out", str(out)])
+    assert f"checkpoint '{arith_model}'" in err and not (tmp_path / "new").exists()

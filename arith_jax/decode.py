@@ -18,7 +18,9 @@ Uncached: every step writes each row's token into a token buffer at its own inde
 whole buffer (positions 0..S-1 for every row, exact for the same reason).
 
 `compiled_programs()` counts the programs traced so far (one compilation each); the callers that decode many
-problems (`arith_jax.evaluate.solve_prompts`) pad prompts into `length_bucket`s to keep that count small.
+problems (`arith_jax.evaluate.solve_prompts`) pad prompts into `length_bucket`s to keep that count small. Programs
+are cached per model configuration and shapes, not per model instance: a second `ArithModel` (or `Solver.load`)
+of the same configuration reuses the first one's programs.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from arith_jax.model import ArithModel, abacus_ids
+from arith_jax.model import ArithModel, ModelConfig, abacus_ids
 from arith_jax.tokenizer import DIGIT_IDS, EOS, PAD
 from core_jax import decode
 from core_jax.attention import KVCache
@@ -96,12 +98,16 @@ def _apply_per_row(model: ArithModel, params, tokens_BxQ, abacus_BxQ, kv: KVCach
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(model: ArithModel, max_new: int, recurrences: int | None, use_cache: bool, stop_at_eos: bool):
+def _compiled(model_type: type, cfg: ModelConfig, vocab_size: int, max_new: int, recurrences: int | None,
+              use_cache: bool, stop_at_eos: bool):
+    """One jitted decoding program per (model class, config, vocabulary, options): keyed by value, not by model
+    instance, so every instance of one model (e.g. two `Solver.load` of one folder) shares its compiled programs.
+    The model's computation depends on nothing else (`ArithModel` holds no parameters)."""
     # without the stop, no token counts as EOS inside the loop (every row runs max_new steps); PAD after EOS is
     # applied afterwards, so the answers are the same either way
     eos_id = EOS if stop_at_eos else -1
     # the passes run as a rolled loop: unrolling speeds training up but makes decoding programs slower to compile
-    model = ArithModel(dataclasses.replace(model.cfg, scan_unroll=1), model.vocab_size)
+    model = model_type(dataclasses.replace(cfg, scan_unroll=1), vocab_size)
 
     def cached(params, prompts_BxP, lengths_B, max_new_B):
         B, P = prompts_BxP.shape
@@ -176,5 +182,6 @@ def greedy_decode(model: ArithModel, params, prompts_BxP, max_new: int, *, lengt
     if budgets.shape != (B,) or (budgets < 1).any() or (budgets > max_new).any():
         raise ValueError(f"max_new_B must hold one answer budget in 1..{max_new} per row ({B} rows), "
                          f"got {max_new_B}")
-    fn = _compiled(model, int(max_new), recurrences, bool(use_cache), bool(stop_at_eos))
+    fn = _compiled(type(model), model.cfg, int(model.vocab_size), int(max_new), recurrences, bool(use_cache),
+                   bool(stop_at_eos))
     return np.asarray(fn(params, jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths), jnp.asarray(budgets)))

@@ -5,6 +5,7 @@ import random
 import pytest
 
 from arith_jax import Solver
+from arith_jax.decode import compiled_programs
 from arith_jax.solver import DEFAULT_MODEL
 
 
@@ -45,3 +46,14 @@ def test_warns_beyond_evaluated_lengths(solver, caplog):
     with caplog.at_level("WARNING"):
         solver.solve(["1" * 40 + "+1"])
     assert "beyond the 30 digits" in caplog.text
+
+
+def test_second_load_compiles_nothing_new(solver):
+    """Decoding programs are cached per model configuration and shapes, not per loaded instance."""
+    problems = ["123+456", "9999999999+1"]
+    want = solver.solve(problems)
+    before = compiled_programs()
+    again = Solver.load()
+    assert again.model is not solver.model and again.params is not solver.params
+    assert again.solve(problems) == want == ["579", "10000000000"]
+    assert compiled_programs() == before

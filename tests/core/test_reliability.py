@@ -325,11 +325,13 @@ def test_cli_full_disk_is_one_line(monkeypatch, tmp_path, capsys, package):
 
 
 _REAL_FULL_DISK = """
-import sys
+import resource, signal, sys
 import numpy as np
 from core_jax.checkpoint import Checkpointer, SaveError
 ck = Checkpointer(sys.argv[1], keep=2)
 ck.save(1, {"w": np.arange(100, dtype=np.float32)}, {})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 try:
     ck.save(2, {"w": np.random.default_rng(0).normal(size=100_000).astype(np.float32)}, {})
 except SaveError as e:
@@ -341,15 +343,8 @@ ck.close()
 def test_a_real_failed_write_through_orbax_is_one_line(tmp_path):
     """A write limit (RLIMIT_FSIZE, the same failure path in tensorstore as a full disk) hit inside Orbax: one line
     with the system's reason, no tracebacks logged by Orbax's threads, the partial step removed."""
-    import resource
-
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
     proc = subprocess.run([sys.executable, "-c", _REAL_FULL_DISK, str(tmp_path / "ck")], cwd=ROOT, text=True,
-                          capture_output=True, timeout=300, preexec_fn=limit_file_size,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                          capture_output=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.strip() == f"cannot write the checkpoint of step 2 in {tmp_path / 'ck'}: File too large"
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["1"]

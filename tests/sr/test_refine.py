@@ -182,14 +182,15 @@ def test_gauss_newton_pass_matches_autodiff():
     x, y, w = jnp.asarray(X, jnp.float32), jnp.asarray(Y, jnp.float32), jnp.ones(len(Y), jnp.float32)
     problem = rf.make_problem(arrays, x, y, w)  # y is scaled by a power of two: B and g are not
     vary = np.var(Y)
-    l1, g1 = rf._batch_value_and_grad(tape.signature, problem, c0[0])
-    l2, g2, gn = rf._batch_gauss_newton(tape.signature, problem, c0[0])
+    # under jit, as refinement runs them (op by op, the tape's many small operations cost a minute to dispatch)
+    l1, g1 = jax.jit(rf._batch_value_and_grad, static_argnums=0)(tape.signature, problem, c0[0])
+    l2, g2, gn = jax.jit(rf._batch_gauss_newton, static_argnums=0)(tape.signature, problem, c0[0])
     np.testing.assert_allclose(l2[:3], l1[:3], rtol=1e-5)
     np.testing.assert_allclose(l1[0], np.mean((cands[0].evaluate_numpy(X) - Y) ** 2) / vary, rtol=1e-5)
     np.testing.assert_allclose(g2[:3], g1[:3], rtol=1e-4, atol=1e-6)
     # the constant expression 3.0: d pred / d c = 1 everywhere, so B = 2 / var(y)
     np.testing.assert_allclose(gn[2, 0, 0], 2.0 / float(vary), rtol=1e-5)
-    jac = jax.jacrev(lambda c: itp.run_tape(tape.signature, arrays, c, x))(c0[0])  # (E, N, E, P)
+    jac = jax.jit(jax.jacrev(lambda c: itp.run_tape(tape.signature, arrays, c, x)))(c0[0])  # (E, N, E, P)
     j1 = jac[1, :, 1, :]  # second candidate's Jacobian, (N, P)
     np.testing.assert_allclose(gn[1], 2 * j1.T @ j1 / (len(Y) * float(vary)), rtol=1e-4, atol=1e-6)
 
@@ -212,10 +213,11 @@ def test_gauss_newton_only_where_needed_equals_full():
     x, y, w = jnp.asarray(X, jnp.float32), jnp.asarray(Y, jnp.float32), jnp.ones(len(Y), jnp.float32)
     problem = rf.make_problem(arrays, x, y, w)
     sig = tape.signature
-    l, g, gn_all = rf._batch_gauss_newton(sig, problem, c0[0])
+    gauss_newton = jax.jit(rf._batch_gauss_newton, static_argnums=0)  # as refinement runs it
+    l, g, gn_all = gauss_newton(sig, problem, c0[0])
     below = jnp.where(jnp.arange(sig.n_expressions) % 7 == 0, jnp.inf, -jnp.inf)  # 10 of 64 need B
     assert int(jnp.sum(below > 0)) <= rf._partial_capacity(sig.n_expressions)
-    l2, g2, gn_some = rf._batch_gauss_newton(sig, problem, c0[0], below)
+    l2, g2, gn_some = gauss_newton(sig, problem, c0[0], below)
     need = np.asarray(below > 0)
     np.testing.assert_allclose(gn_some[need], gn_all[need], rtol=1e-5, atol=1e-7)
     assert float(jnp.abs(gn_some[~need]).max()) == 0.0
@@ -224,9 +226,10 @@ def test_gauss_newton_only_where_needed_equals_full():
     take = jnp.asarray(need[:64])
     B = gn_all[:64] + jnp.eye(gn_all.shape[-1])[None] * 1e-3
     H = jnp.broadcast_to(jnp.eye(B.shape[-1]), B.shape)
-    out = jax.vmap(rf._gn_inverse_where)(take, B, H)
+    out = jax.jit(jax.vmap(rf._gn_inverse_where))(take, B, H)
+    gn_inverse = jax.jit(rf._gn_inverse)
     for i in range(64):
-        want = rf._gn_inverse(B[i]) if need[i] else H[i]
+        want = gn_inverse(B[i]) if need[i] else H[i]
         np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-6)
     k = int(np.flatnonzero(need)[0])
     reg = np.asarray(B[k], np.float64)

@@ -1,4 +1,4 @@
-"""Test-session settings: one JAX persistent compilation cache per test session.
+"""Test-session settings: one JAX persistent compilation cache per test session, and `--cpu-durations=N`.
 
 Several tests compile the very same XLA program in separate `jax.jit` objects (every `run_training` call builds its
 own train step; the CLI tests train and load again in-process and in `run.py` subprocesses). A compilation cache in
@@ -11,10 +11,17 @@ What the tests check is unchanged: the library's own compile counters (`sr_jax.i
 `arith_jax.decode.compiled_programs`) count traces, which happen with or without the cache, and no test reads JAX's
 cache settings except to see that the library leaves them as they were. `MATHFORMERS_TEST_NO_CACHE=1` turns the
 cache off (e.g. to time cold compilations).
+
+`--cpu-durations=N` lists the N tests that used the most CPU seconds (this process and its finished subprocesses),
+a cost that a busy machine inflates much less than wall-clock `--durations`.
 """
 import os
+import resource
 import shutil
 import tempfile
+import time
+
+import pytest
 
 if not os.environ.get("MATHFORMERS_TEST_NO_CACHE"):
     _CACHE = tempfile.mkdtemp(prefix="mathformers-test-jax-cache-")
@@ -28,3 +35,36 @@ if not os.environ.get("MATHFORMERS_TEST_NO_CACHE"):
 
     def pytest_unconfigure(config):
         shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+# ----- `--cpu-durations=N`: the N tests that used the most CPU seconds ------------------------------------------------
+# CPU time of this process (all its threads) plus its finished subprocesses, per test (setup + call + teardown). On
+# a machine shared with other jobs, wall-clock durations (--durations) grow with the load; CPU seconds much less.
+_CPU_ROWS = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cpu-durations", type=int, default=None, metavar="N",
+                     help="report the N tests that used the most CPU seconds (0: all)")
+
+
+def _cpu_seconds() -> float:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = _cpu_seconds()
+    yield
+    _CPU_ROWS.append((_cpu_seconds() - start, item.nodeid))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    n = config.getoption("--cpu-durations")
+    if n is None or not _CPU_ROWS:
+        return
+    rows = sorted(_CPU_ROWS, reverse=True)
+    terminalreporter.write_sep("=", f"CPU seconds per test: {sum(r[0] for r in rows):.1f} in all")
+    for seconds, nodeid in rows[:n or None]:
+        terminalreporter.write_line(f"{seconds:8.1f}s  {nodeid}")

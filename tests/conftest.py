@@ -1,11 +1,11 @@
 """Test-session settings: one JAX persistent compilation cache per test session, and `--cpu-durations=N`.
 
 Several tests compile the very same XLA program in separate `jax.jit` objects (every `run_training` call builds its
-own train step; the CLI tests train and load again in-process and in `run.py` subprocesses). A compilation cache in
-a fresh temporary folder, created here for this session only and removed at its end, lets the second and later
-compilations of an identical program load the first one's executable instead of compiling it again. It starts
-empty, so a clean clone (CI) gets the same saving, and nothing outside the session is read or written. The folder is
-passed to subprocesses through JAX_COMPILATION_CACHE_DIR (which `run.py` respects instead of its own cache).
+own train step; the CLI tests train and load again in-process). A compilation cache in a fresh temporary folder,
+created here for this session only and removed at its end, lets the second and later compilations of an identical
+program in this process load the first one's executable instead of compiling it again. It starts empty, so a clean
+clone (CI) gets the same saving, and nothing outside the session is read or written. Subprocesses are left alone:
+`run.py` children use the cache `run.py` picks for itself, as they would without these tests.
 
 What the tests check is unchanged: the library's own compile counters (`sr_jax.interpreter.COMPILE_COUNTER`,
 `arith_jax.decode.compiled_programs`) count traces, which happen with or without the cache, and no test reads JAX's
@@ -25,13 +25,11 @@ import pytest
 
 if not os.environ.get("MATHFORMERS_TEST_NO_CACHE"):
     _CACHE = tempfile.mkdtemp(prefix="mathformers-test-jax-cache-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"  # the programs worth a disk round trip
 
     import jax
 
     jax.config.update("jax_compilation_cache_dir", _CACHE)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # the programs worth a disk round trip
 
     def pytest_unconfigure(config):
         shutil.rmtree(_CACHE, ignore_errors=True)

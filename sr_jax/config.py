@@ -15,6 +15,11 @@ from sr_jax.model import ModelConfig
 from sr_jax.vocab import DecoderVocab
 
 
+def two_points() -> Rule:
+    """A point count the generator can sample: it standardises each input column, which one point cannot fill."""
+    return Rule(at_least(2).ok, ">= 2 (the generator standardises each input column)")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """In-domain validation during training: fixed generated problems (seed, n_points), greedy candidate."""
@@ -26,7 +31,7 @@ class EvalConfig:
 
     @staticmethod
     def config_rules(section: dict) -> list[tuple[str, Rule]]:
-        return [("n_problems", at_least(0)), ("n_points", at_least(1)), ("seed", at_least(0)),
+        return [("n_problems", at_least(0)), ("n_points", two_points()), ("seed", at_least(0)),
                 ("refine_maxiter", at_least(0))]
 
 
@@ -51,7 +56,7 @@ class SRConfig:
             ("model.max_dim", Rule(lambda v: v <= 10, "<= 10 (variables x_0..x_9)")),
             ("data.seed", at_least(0)), ("data.points_per_batch", at_least(1)), ("data.batch_multiple", at_least(1)),
             ("data.workers", at_least(0)), ("data.prefetch", at_least(0)),
-            ("data.point_buckets", each(at_least(1))), ("data.bucket_weights", each(at_least(0))),
+            ("data.point_buckets", each(two_points())), ("data.bucket_weights", each(at_least(0))),
             ("data.target_buckets", each(Rule(lambda v: 4 <= v <= m["max_len"],
                                               f"in [4, model.max_len = {m['max_len']}] (the decoder's "
                                               f"position table)"))),
@@ -61,8 +66,8 @@ class SRConfig:
                 "min_unary_ops", "max_unary_ops", "min_binary_ops_per_dim", "max_binary_ops_per_dim",
                 "max_binary_ops_offset", "max_unary_depth", "float_precision", "max_exponent_prefactor",
                 "max_exponent", "train_noise_gamma")],
-            *[(f"data.generator.{k}", at_least(1)) for k in (
-                "max_centroids", "min_len_per_dim", "max_len", "n_points", "n_prediction_points", "max_attempts")],
+            *[(f"data.generator.{k}", at_least(1)) for k in ("max_centroids", "min_len_per_dim", "max_attempts")],
+            *[(f"data.generator.{k}", two_points()) for k in ("max_len", "n_points", "n_prediction_points")],
             ("data.generator.prediction_sigmas", each(positive())),
             ("data.generator.max_binary_ops_per_dim", Rule(lambda v: v >= g["min_binary_ops_per_dim"],
                                                            ">= data.generator.min_binary_ops_per_dim")),

@@ -236,7 +236,7 @@ def test_arith_learned_positions_cover_the_sequence():
 @pytest.mark.parametrize("override,message", [
     ("model.heads=0", "'model.heads' must be >= 1, got 0"),
     ("train.ckpt_every=0", "'train.ckpt_every' must be >= 1, got 0"),
-    ("eval.n_points=0", "'eval.n_points' must be >= 1, got 0"),
+    ("eval.n_points=1", r"'eval.n_points' must be >= 2 \(the generator standardises each input column\), got 1"),
     ("data.bucket_weights=[nan]", "'data.bucket_weights' must be a list of items each >= 0"),
     ("model.max_dim=1", r"'data.generator.max_input_dimension' must be in \[1, model.max_dim = 1\], got 2"),
 ])

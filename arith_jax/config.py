@@ -72,6 +72,8 @@ class ArithConfig:
                 why += f", abacus_max_k {m['abacus_max_k']}"
             return Rule(ok, f"<= {limit} (the longest operand the position table holds: {why})")
 
+        if task not in TASKS:  # the position-table rules below need a known task: this one error comes first
+            return [("data.task", one_of(TASKS))]
         return [
             ("model.width", at_least(1)), ("model.heads", at_least(1)),
             ("model.ffn", Rule(lambda v: v >= 2 and v % 2 == 0, "even and >= 2 (GLU: value and gate halves)")),

@@ -300,6 +300,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     data: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config {str(path)!r} is a folder; give a YAML file (see configs/ for the shipped "
+                              f"ones)")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found; see configs/ for the shipped ones")
         try:

@@ -42,6 +42,16 @@ def test_bad_flags_are_one_line_errors(capsys, argv, message):
     assert message in one_line_error(capsys, argv)
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--config", TINY, "--set", "data.task=div"], "config key 'data.task' must be one of ['add', 'mul', 'sort'], "
+                                                   "got 'div'"),
+    (["--config", str(ROOT / "configs")], "is a folder; give a YAML file"),
+])
+def test_bad_config_is_one_line_before_the_workdir(capsys, tmp_path, argv, message):
+    assert message in one_line_error(capsys, ["train", *argv, "--workdir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def _no_evaluation(monkeypatch):
     def fail(*a, **k):
         raise AssertionError("the evaluation ran although its output cannot be written")

@@ -59,6 +59,8 @@ def test_errors_name_the_key(overrides, message):
 def test_missing_and_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(Outer, tmp_path / "none.yaml")
+    with pytest.raises(ConfigError, match=r"^config '.*' is a folder; give a YAML file"):
+        load_config(Outer, tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -179,7 +179,7 @@ def _check_dataset(X, y, feature_names, tag: str = "") -> tuple[np.ndarray, np.n
         r = int(np.flatnonzero(~np.isfinite(yy))[0])
         raise ValueError(f"y{tag} contains NaN or inf (first at row {r}); drop those rows")
     if np.ptp(yy) == 0:
-        raise ValueError(f"y{tag} is constant (every value is {yy[0]!r}): there is nothing to regress")
+        raise ValueError(f"y{tag} is constant (every value is {float(yy[0])!r}): there is nothing to regress")
     names_given = feature_names is not None or cols is not None
     names = [str(n) for n in feature_names] if feature_names is not None else cols
     if names is None:

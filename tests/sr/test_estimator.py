@@ -211,6 +211,12 @@ def test_validation_errors(X, y, match):
         small().fit(X, y)
 
 
+@pytest.mark.parametrize("value", [2.0, -0.1, 1e-300, 3])
+def test_constant_target_message_shows_the_value_as_a_plain_number(value):
+    with pytest.raises(ValueError, match=rf"^y is constant \(every value is {float(value)!r}\): there is nothing"):
+        _check_dataset(X1[:10], np.full(10, value), None)
+
+
 def test_validation_names_the_column_and_the_dataset():
     pd = pytest.importorskip("pandas")
     df = pd.DataFrame({"a": X1[:10, 0], "colour": ["red"] * 10})

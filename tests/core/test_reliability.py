@@ -314,7 +314,9 @@ def test_cli_full_disk_is_one_line(monkeypatch, tmp_path, capsys, package):
 
     config = {"arith": TINY, "sr": str(ROOT / "configs" / "sr_tiny.yaml")}[package]
     main = importlib.import_module(f"{package}_jax.cli").main
-    sets = {"arith": SMALL, "sr": []}[package] + ["train.steps=2", "train.ckpt_every=1"]
+    # the shipped tiny configs with train.steps=2, as in tests/arith/test_cli.py, tests/core/test_train.py and
+    # tests/sr/test_train.py: the session's compilation cache compiles each package's training step once for all
+    sets = ["train.steps=2", "train.ckpt_every=1"]
     _failing_saves(monkeypatch, 2, ENOSPC)
     monkeypatch.setattr("arith_jax.evaluate.run_evaluation", lambda *a, **k: pytest.fail("evaluated"))
     assert main(["train", "--config", config, "--workdir", str(tmp_path), *[a for s in sets for a in ("--set", s)]]) == 2

@@ -25,7 +25,7 @@ Two scenarios, both printed:
 Results are recorded in BENCHMARKS.md.
 
 Run: python benchmarks/refine.py [--scenario both|worst|e2e] [--n 256] [--maxiter N] [--no-compact]
-     [--compare-compact]
+     [--compare-compact] [--profile-eval]
      [--linesearch lockstep|backtracking|zoom] [--hessian hybrid|bfgs] [--dtype float64|float32]
 """
 from __future__ import annotations
@@ -85,7 +85,7 @@ def numpy_objective(expr: Expression, x: np.ndarray, y: np.ndarray):
                 if k == "c":
                     g[p] += ct[i].sum()
                 elif k == "op":
-                    ds = OPERATORS[p].derivative(np, vals[a[0]], vals[a[1]] if len(a) > 1 else None, vals[i])
+                    ds = OPERATORS[p].derivative(np, vals[a[0]], vals[a[1]] if len(a) > 1 else None)
                     for j, d in zip(a, ds):
                         contrib = ct[i] * d
                         ct[j] = contrib if ct[j] is None else ct[j] + contrib
@@ -225,6 +225,9 @@ def main(argv=None):
                          "(both compiled first) and print process CPU and wall seconds per call")
     ap.add_argument("--repeats", type=int, default=3, help="extra timed calls after the second one (median)")
     ap.add_argument("--loss-rtol", type=float, default=1e-6, help="ours matches if <= scipy * (1 + this) + 1e-12")
+    ap.add_argument("--profile-eval", action="store_true",
+                    help="instead: CPU ms of one evaluation of the E2E-like batch (forward, + reverse, value and "
+                         "gradient, Gauss-Newton), alternating, each compiled first")
     args = ap.parse_args(argv)
 
     import jax
@@ -236,6 +239,8 @@ def main(argv=None):
           f"{jax.default_backend()}, date {datetime.date.today().isoformat()}")
     print("command: python benchmarks/refine.py " + " ".join(sys.argv[1:] if argv is None else argv))
     out = {}
+    if args.profile_eval:
+        return profile_eval(args)
     if args.compare_compact:
         return compare_compact(args, kw)
     if args.scenario in ("both", "worst"):
@@ -243,6 +248,53 @@ def main(argv=None):
     if args.scenario in ("both", "e2e"):
         out["e2e"] = run_e2e(args, kw)
     return out
+
+
+def profile_eval(args):
+    """CPU milliseconds of ONE evaluation of the E2E-like batch (folded into one tape, float64), by what it computes:
+    forward only (losses), forward + reverse sweep (the K buffer), value and gradient, and the Gauss-Newton pass.
+    Each program is compiled first, then the kinds alternate (A B C D A B C D ...) ``--repeats`` rounds of 10 calls."""
+    import jax
+    import jax.numpy as jnp
+
+    from sr_jax import interpreter as itp
+    from sr_jax import refinement as rf
+
+    probs = build_e2e_problem(args.n)
+    d = max(x.shape[1] for _, x, _ in probs)
+    batch = rf._folded_batch([[e] for e, _, _ in probs], [_pad_cols(x, d) for _, x, _ in probs],
+                             [y for _, _, y in probs])
+    sig = batch.tape.signature
+    print(f"tape: {sig.n_expressions} candidates x {batch.x_BxNxD.shape[1]} points, {sig.n_nodes_padded} node rows "
+          f"({sig.n_binary} binary) in {len(sig.levels)} levels, {sig.n_features} input columns, float64")
+    with itp.precision(np.float64):
+        arrays = {k: jnp.asarray(v[0]) for k, v in batch.tape.arrays.items()}
+        c = jnp.asarray(batch.tape.consts[0], jnp.float64)
+        problem = rf.make_problem(arrays, jnp.asarray(batch.x_BxNxD[0]), jnp.asarray(batch.y_BxN[0]),
+                                  jnp.asarray(batch.w_BxN[0]))
+
+        def reverse(c, p):
+            saved = itp._forward(sig, p.arrays, c, p.x_NxD)
+            return itp._reverse(sig, p.arrays, saved, jnp.broadcast_to(p.y_scale_Rx1, (c.shape[0], p.x_NxD.shape[0])))
+
+        kinds = {"forward (losses)": lambda c, p: rf._losses(sig, p, c), "forward + reverse sweep": reverse,
+                 "value and gradient": lambda c, p: rf._batch_value_and_grad(sig, p, c),
+                 "Gauss-Newton pass": lambda c, p: rf._batch_gauss_newton(sig, p, c)}
+        fns = {k: jax.jit(f) for k, f in kinds.items()}
+        for f in fns.values():
+            jax.block_until_ready(f(c, problem))
+        ms = {k: [] for k in fns}
+        for _ in range(max(args.repeats, 1)):
+            for k, f in fns.items():
+                t0 = time.process_time()
+                for _ in range(10):
+                    jax.block_until_ready(f(c, problem))
+                ms[k].append(100.0 * (time.process_time() - t0))
+    print("| evaluation | CPU ms per call (each round) | min |")
+    print("|---|---|---|")
+    for k, v in ms.items():
+        print(f"| {k} | {', '.join(f'{t:.1f}' for t in v)} | {min(v):.1f} |")
+    return ms
 
 
 def compare_compact(args, kw):

@@ -20,8 +20,9 @@ every node. Here the whole batch is compiled on the host into one *tape*:
 
 Every size is rounded up to a bucket (powers of two and 1.5x powers of two), and the static structure is
 ``TapeSignature`` (bucketed sizes + the (height, group, capacity) list). A second batch with the same signature reuses
-the compiled program; ``COMPILE_COUNTER`` counts traces. Operator derivatives are where-guarded (zero where the
-value or the derivative is non-finite), so NaN/inf of one candidate never leaks into anyone's gradient.
+the compiled program; ``COMPILE_COUNTER`` counts traces. Local derivatives are computed from the arguments alone
+(never from the node's output) and zeroed where non-finite; each candidate is its own tree, so a NaN/inf reaches
+only that candidate's leaves, where the cotangents are zeroed per point: it never leaks into anyone's gradient.
 
 Glossary (shapes: E_b expressions, P_b constants per expression, N points, D input columns, all bucketed):
 
@@ -504,20 +505,19 @@ def _group_apply(g, a, b, code):
     return _apply(g, a, b)
 
 
-def _group_derivs(g, a, b, out, code):
-    """Local derivatives (d out/d a, d out/d b), zeroed where the output or the derivative is not finite."""
+def _group_derivs(g, a, b, code):
+    """Local derivatives (d out/d a, d out/d b) from the arguments alone, zeroed where they are not finite."""
     if g == "cheap":
         code = jnp.broadcast_to(code[:, None], a.shape)
         zero = jnp.zeros_like(a)
-        ds = [OPERATORS[op].derivative(jnp, a, b, out) for op in CHEAP_OPS]
+        ds = [OPERATORS[op].derivative(jnp, a, b) for op in CHEAP_OPS]
         da = jax.lax.select_n(code, *[d[0] for d in ds])
         db = jax.lax.select_n(code, *[d[1] if len(d) > 1 else zero for d in ds])
     else:
-        ds = OPERATORS[g].derivative(jnp, a, b, out)
+        ds = OPERATORS[g].derivative(jnp, a, b)
         da, db = ds[0], (ds[1] if len(ds) > 1 else None)
-    ok = jnp.isfinite(out)
-    da = jnp.where(ok & jnp.isfinite(da), da, 0.0)
-    db = None if db is None else jnp.where(ok & jnp.isfinite(db), db, 0.0)
+    da = jnp.where(jnp.isfinite(da), da, 0.0)
+    db = None if db is None else jnp.where(jnp.isfinite(db), db, 0.0)
     return da, db
 
 
@@ -585,14 +585,13 @@ def _reverse(sig, arrays, saved, ct_ExN):
     k_buf = jnp.concatenate([jnp.zeros((1, n), dtype), ct_ExN.astype(dtype),
                              jnp.zeros((n_nodes + sig.n_binary, n), dtype)])
     for lo, hi, blo, bhi, groups in reversed(sig.layout):
-        a, b = _level_args(arrays, v, cvals, lo, hi, blo, bhi)
-        out = v[sig.node_base + lo:sig.node_base + hi]
+        a, b = _level_args(arrays, v, cvals, lo, hi, blo, bhi)  # the level's outputs are not read: see _group_derivs
         ct = k_buf[arrays["kpos"][lo:hi]]
         to_a, to_b = [], []
         for g, glo, ghi in groups:
             s = slice(glo - lo, ghi - lo)
             bb = b[glo - lo:ghi - lo] if g in _BINARY_GROUPS else None
-            da, db = _group_derivs(g, a[s], bb, out[s], arrays["code"][glo:ghi])
+            da, db = _group_derivs(g, a[s], bb, arrays["code"][glo:ghi])
             to_a.append(ct[s] * da)
             if g in _BINARY_GROUPS:
                 to_b.append(ct[s] * db)
@@ -602,13 +601,19 @@ def _reverse(sig, arrays, saved, ct_ExN):
     return k_buf
 
 
+def _finite_or_zero(k):
+    """Leaf cotangents per point, zero where a non-finite value (of this candidate's own tree) reached them."""
+    return jnp.where(jnp.isfinite(k), k, 0.0)
+
+
 def _run_tape_bwd(sig, res, ct_ExN):
     saved, arrays, cshape = res
     k_buf = _reverse(sig, arrays, saved, ct_ExN)
     dtype = k_buf.dtype
-    ct_cs = jnp.sum(k_buf[arrays["c_kpos"]], axis=1)
+    ct_cs = jnp.sum(_finite_or_zero(k_buf[arrays["c_kpos"]]), axis=1)
     ct_c = jnp.zeros(cshape[0] * cshape[1], dtype).at[arrays["c_idx"]].add(ct_cs).reshape(cshape)
-    ct_x = jax.ops.segment_sum(k_buf[arrays["f_kpos"]], arrays["f_id"], num_segments=sig.n_features).T
+    ct_x = jax.ops.segment_sum(_finite_or_zero(k_buf[arrays["f_kpos"]]), arrays["f_id"],
+                               num_segments=sig.n_features).T
     int_ct = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, jax.dtypes.float0), arrays)
     return int_ct, ct_c, ct_x
 

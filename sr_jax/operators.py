@@ -10,9 +10,11 @@ Order matters and is part of the interface: decoder vocabulary ids, the interpre
 follow the table order, so new operators go at the end.
 
 Fields that hold functions take arrays: ``np_fn(*args)`` (float64 numpy, IEEE semantics: NaN/inf, never an
-error), ``jax_fn(*args)`` (jax.numpy), ``derivative(xp, a, b, out)`` -> one local derivative per argument
+error), ``jax_fn(*args)`` (jax.numpy), ``derivative(xp, a, b)`` -> one local derivative per argument
 (``d out / d a`` and for binary operators ``d out / d b``) written against the array namespace ``xp`` (``numpy`` or
-``jax.numpy``), where ``b`` is None for unary operators and ``out`` is the operator's value at (a, b).
+``jax.numpy``), where ``b`` is None for unary operators. Derivatives are functions of the arguments only, never of
+the operator's output (``exp`` recomputes ``exp(a)``): the interpreter's reverse pass then reads only the
+arguments, which XLA compiles to a much cheaper program (BENCHMARKS.md, "one evaluation").
 """
 from __future__ import annotations
 
@@ -65,6 +67,16 @@ def _np_pow3(a):
     return a * a * a
 
 
+def _div_derivative(xp, a, b):
+    r = 1.0 / b
+    return r, -(a * r) * r
+
+
+def _inv_derivative(xp, a, b):
+    r = 1.0 / a
+    return (-r * r,)
+
+
 def _outside_unit_interval(a):
     return bool((np.abs(a) > 1).any())
 
@@ -73,74 +85,74 @@ OPERATORS: dict[str, Operator] = {
     op.name: op
     for op in [
         Operator("add", 2, np.add, lambda a, b: a + b,
-                 lambda xp, a, b, o: (xp.ones_like(a), xp.ones_like(a)),
+                 lambda xp, a, b: (xp.ones_like(a), xp.ones_like(a)),
                  lambda a, b: a + b, "({0} + {1})", "\\left({0} + {1}\\right)", sympy_head=sympy.Add, cheap=True),
         Operator("sub", 2, np.subtract, lambda a, b: a - b,
-                 lambda xp, a, b, o: (xp.ones_like(a), -xp.ones_like(a)),
+                 lambda xp, a, b: (xp.ones_like(a), -xp.ones_like(a)),
                  lambda a, b: a - b, "({0} - {1})", "\\left({0} - {1}\\right)", cheap=True),
         Operator("mul", 2, np.multiply, lambda a, b: a * b,
-                 lambda xp, a, b, o: (b, a),
+                 lambda xp, a, b: (b, a),
                  lambda a, b: a * b, "({0} * {1})", "\\left({0} \\cdot {1}\\right)", sympy_head=sympy.Mul,
                  cheap=True),
         Operator("div", 2, np.divide, lambda a, b: a / b,
-                 lambda xp, a, b, o: (1.0 / b, -o / b),
+                 _div_derivative,
                  lambda a, b: a / b, "({0} / {1})", "\\frac{{{0}}}{{{1}}}", cheap=True,
                  domain_error=lambda a, b: bool((b == 0).any())),
         Operator("pow", 2, np.power, jnp.power,
-                 lambda xp, a, b, o: (b * xp.power(a, b - 1.0), o * xp.log(a)),
+                 lambda xp, a, b: (b * xp.power(a, b - 1.0), xp.power(a, b) * xp.log(a)),
                  lambda a, b: a**b, "({0} ** {1})", "\\left({0}\\right)^{{{1}}}", sympy_head=sympy.Pow),
         Operator("inv", 1, _np_inv, lambda a: 1.0 / a,
-                 lambda xp, a, b, o: (-o * o,),
+                 _inv_derivative,
                  lambda a: 1 / a, "(1 / {0})", "\\frac{{1}}{{{0}}}", sympy_exponent=sympy.Integer(-1), cheap=True,
                  domain_error=lambda a: bool((a == 0).any())),
         Operator("abs", 1, np.abs, jnp.abs,
-                 lambda xp, a, b, o: (xp.sign(a),),
+                 lambda xp, a, b: (xp.sign(a),),
                  sympy.Abs, "abs({0})", "\\left|{0}\\right|", sympy_head=sympy.Abs, function_syntax=True,
                  cheap=True),
         Operator("sqrt", 1, np.sqrt, jnp.sqrt,
-                 lambda xp, a, b, o: (0.5 / o,),
+                 lambda xp, a, b: (0.5 / xp.sqrt(a),),
                  sympy.sqrt, "sqrt({0})", "\\sqrt{{{0}}}", sympy_exponent=sympy.Rational(1, 2),
                  function_syntax=True, domain_error=lambda a: bool((a < 0).any())),
         Operator("log", 1, np.log, jnp.log,
-                 lambda xp, a, b, o: (1.0 / a,),
+                 lambda xp, a, b: (1.0 / a,),
                  sympy.log, "log({0})", "\\log{{\\left({0}\\right)}}", sympy_head=sympy.log, function_syntax=True,
                  aliases=("ln",), latex_commands=("log", "ln"), domain_error=lambda a: bool((a <= 0).any())),
         Operator("exp", 1, np.exp, jnp.exp,
-                 lambda xp, a, b, o: (o,),
+                 lambda xp, a, b: (xp.exp(a),),
                  sympy.exp, "exp({0})", "e^{{{0}}}", sympy_head=sympy.exp, function_syntax=True,
                  latex_commands=("exp",)),
         Operator("sin", 1, np.sin, jnp.sin,
-                 lambda xp, a, b, o: (xp.cos(a),),
+                 lambda xp, a, b: (xp.cos(a),),
                  sympy.sin, "sin({0})", "\\sin{{\\left({0}\\right)}}", sympy_head=sympy.sin, function_syntax=True,
                  latex_commands=("sin",)),
         Operator("cos", 1, np.cos, jnp.cos,
-                 lambda xp, a, b, o: (-xp.sin(a),),
+                 lambda xp, a, b: (-xp.sin(a),),
                  sympy.cos, "cos({0})", "\\cos{{\\left({0}\\right)}}", sympy_head=sympy.cos, function_syntax=True,
                  latex_commands=("cos",)),
         Operator("tan", 1, np.tan, jnp.tan,
-                 lambda xp, a, b, o: (1.0 + o * o,),
+                 lambda xp, a, b: (1.0 + xp.tan(a) ** 2,),
                  sympy.tan, "tan({0})", "\\tan{{\\left({0}\\right)}}", sympy_head=sympy.tan, function_syntax=True,
                  latex_commands=("tan",)),
         Operator("arcsin", 1, np.arcsin, jnp.arcsin,
-                 lambda xp, a, b, o: (1.0 / xp.sqrt(1.0 - a * a),),
+                 lambda xp, a, b: (1.0 / xp.sqrt(1.0 - a * a),),
                  sympy.asin, "arcsin({0})", "\\arcsin{{\\left({0}\\right)}}", sympy_head=sympy.asin,
                  function_syntax=True, aliases=("asin",), latex_commands=("arcsin",),
                  domain_error=_outside_unit_interval),
         Operator("arccos", 1, np.arccos, jnp.arccos,
-                 lambda xp, a, b, o: (-1.0 / xp.sqrt(1.0 - a * a),),
+                 lambda xp, a, b: (-1.0 / xp.sqrt(1.0 - a * a),),
                  sympy.acos, "arccos({0})", "\\arccos{{\\left({0}\\right)}}", sympy_head=sympy.acos,
                  function_syntax=True, aliases=("acos",), latex_commands=("arccos",),
                  domain_error=_outside_unit_interval),
         Operator("arctan", 1, np.arctan, jnp.arctan,
-                 lambda xp, a, b, o: (1.0 / (1.0 + a * a),),
+                 lambda xp, a, b: (1.0 / (1.0 + a * a),),
                  sympy.atan, "arctan({0})", "\\arctan{{\\left({0}\\right)}}", sympy_head=sympy.atan,
                  function_syntax=True, aliases=("atan",), latex_commands=("arctan",)),
         Operator("pow2", 1, np.square, lambda a: a * a,
-                 lambda xp, a, b, o: (2.0 * a,),
+                 lambda xp, a, b: (2.0 * a,),
                  lambda a: a**2, "({0} ** 2)", "\\left({0}\\right)^{{2}}", sympy_exponent=sympy.Integer(2),
                  cheap=True),
         Operator("pow3", 1, _np_pow3, lambda a: a * a * a,
-                 lambda xp, a, b, o: (3.0 * a * a,),
+                 lambda xp, a, b: (3.0 * a * a,),
                  lambda a: a**3, "({0} ** 3)", "\\left({0}\\right)^{{3}}", sympy_exponent=sympy.Integer(3),
                  cheap=True),
     ]

@@ -24,4 +24,13 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main() or 0
+    if status >= 128:
+        # interrupted by a signal: the one-line message is printed and the checkpoint saved; end here without the
+        # interpreter's teardown, which can crash (SIGSEGV instead of 128+signal) while XLA threads still compile
+        sys.stdout.flush()
+        sys.stderr.flush()
+        import os
+
+        os._exit(status)
+    sys.exit(status)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Command-line entry point: `python run.py arith ...` (Abacus arithmetic) and `python run.py sr ...`."""
 
+import os
 import sys
 
 
@@ -11,7 +12,6 @@ def main() -> int:
               file=sys.stderr)
         return 2
     import importlib
-    import os
 
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ and not os.environ.get("MATHFORMERS_NO_COMPILE_CACHE"):
         # command-line runs reuse compiled programs across processes (a resumed training run, repeated fits);
@@ -30,7 +30,5 @@ if __name__ == "__main__":
         # interpreter's teardown, which can crash (SIGSEGV instead of 128+signal) while XLA threads still compile
         sys.stdout.flush()
         sys.stderr.flush()
-        import os
-
         os._exit(status)
     sys.exit(status)

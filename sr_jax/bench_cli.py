@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recovery-timeout", type=_positive_float, default=5.0,
                    help="cap in seconds of the sympy part of each symbolic-recovery check")
     p.add_argument("--table", help="the equation table (default: the copy shipped with sr_jax)")
-    p.add_argument("--json", help="write settings, per-problem records and the summary here")
+    p.add_argument("--json", help="write settings, per-problem records and the summary here (rewritten after every problem, with \"complete\": false until the end)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -144,13 +144,26 @@ def _bench(args, make_regressor: Callable[[int], Any] | None, method: str) -> No
         make_regressor = _our_factory(args, args.time_per_problem)
     for note in table.notes:
         print(f"note: {note.name} {note.action}: {note.reason}", file=sys.stderr)
-    common = dict(n_train=args.n_train, n_test=args.n_test, seed=args.seed, noise=args.noise,
-                  recovery_timeout_s=args.recovery_timeout, progress=not args.no_progress)
-    records = feynman.run_benchmark(make_regressor, problems, method=method, **common)
-    ours = feynman.summarize(records)[method]
     settings = {"benchmark": args.benchmark, "problems": [p.name for p in problems], "seed": args.seed,
                 "n_train": args.n_train, "n_test": args.n_test, "noise": args.noise,
                 "time_per_problem": args.time_per_problem, "sources": args.sources, "model": args.model}
+    records: list[dict] = []
+
+    def keep(record: dict) -> None:  # the JSON file is rewritten after every problem: a crash loses nothing done
+        records.append(record)
+        if args.json:
+            _write_report(args.json, settings, table, records, complete=False)
+
+    common = dict(n_train=args.n_train, n_test=args.n_test, seed=args.seed, noise=args.noise,
+                  recovery_timeout_s=args.recovery_timeout, progress=not args.no_progress, on_result=keep)
+    from .interpreter import COMPILE_COUNTER
+
+    programs_before = COMPILE_COUNTER["refine"]
+    feynman.run_benchmark(make_regressor, problems, method=method, **common)
+    ours = feynman.summarize(records)[method]
+    settings["refinement_programs_traced"] = COMPILE_COUNTER["refine"] - programs_before
+    print(f"note: {method} traced {settings['refinement_programs_traced']} refinement program(s) for "
+          f"{len(problems)} problem(s)", file=sys.stderr)
     if args.compare == "operon":
         budget = args.time_per_problem if args.time_per_problem is not None else ours.median_seconds
         if not math.isfinite(budget):
@@ -160,18 +173,26 @@ def _bench(args, make_regressor: Callable[[int], Any] | None, method: str) -> No
         print(f"Operon {feynman.operon_version()}: time limit {operon_s} s per problem "
               f"(pyoperon takes whole seconds; asked for {budget:.2f} s), {args.operon_threads} thread(s)",
               file=sys.stderr)
-        records += feynman.run_benchmark(
-            lambda seed: feynman.OperonRegressor(budget, random_state=seed, n_threads=args.operon_threads),
-            problems, method="operon", **common)
         settings.update(operon_version=feynman.operon_version(), operon_time_limit_s=operon_s,
                         operon_threads=args.operon_threads)
-    summaries = feynman.summarize(records)
-    print(feynman.format_summary(summaries))
+        feynman.run_benchmark(
+            lambda seed: feynman.OperonRegressor(budget, random_state=seed, n_threads=args.operon_threads),
+            problems, method="operon", **common)
+    print(feynman.format_summary(feynman.summarize(records)))
     if args.json:
-        report = {"settings": settings, "table_notes": [n._asdict() for n in table.notes],
-                  "summary": {m: s._asdict() for m, s in summaries.items()}, "results": records}
-        Path(args.json).write_text(json.dumps(_json_safe(report), indent=1) + "\n")
+        _write_report(args.json, settings, table, records, complete=True)
         print(f"wrote {args.json}", file=sys.stderr)
+
+
+def _write_report(path: str, settings: dict, table, records: list[dict], complete: bool) -> None:
+    """Settings, table notes, summary and per-problem records as JSON, written atomically (a temporary file in the
+    same folder, then renamed); ``complete`` is False while problems are still running."""
+    summaries = feynman.summarize(records)
+    report = {"settings": settings, "complete": complete, "table_notes": [n._asdict() for n in table.notes],
+              "summary": {m: s._asdict() for m, s in summaries.items()}, "results": records}
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(_json_safe(report), indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None, make_regressor: Callable[[int], Any] | None = None,

@@ -14,7 +14,8 @@ Pipeline of one ``fit`` (spec sections 6-7, with the original's bugs fixed):
    ``"prior"`` (``pool.prior_candidates``: ``n_prior`` skeletons from the generator's prior), deduplicated by
    skeleton in that order.
 4. All candidates of all datasets are refined in ONE ``sr_jax.refine`` call, on at most ``max_refine_points``
-   training rows per dataset.
+   training rows per dataset (inputs padded with unused zero columns to ``MAX_FEATURES``, so that datasets with
+   different numbers of features share compiled programs).
 5. Selection: every refined candidate is evaluated in float64 on all rows. Its ``loss`` is MSE / var(y) on the
    held-out rows (on the training rows when none are held out). Among the candidates with
    ``loss <= best * (1 + complexity_tolerance) + 1e-9`` the one with the fewest prefix nodes wins (then the lowest
@@ -218,6 +219,11 @@ def _select_features(x: np.ndarray, y: np.ndarray, width: int = MAX_FEATURES) ->
     return correlation_order(x, y)[:width]
 
 
+def _pad_columns(z_NxK: np.ndarray, width: int) -> np.ndarray:
+    """z with zero columns appended up to ``width`` columns (unchanged if it has that many or more)."""
+    return np.pad(z_NxK, ((0, 0), (0, max(width - z_NxK.shape[1], 0))))
+
+
 def _rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), *[int(k) for k in key]])
 
@@ -415,8 +421,11 @@ class SymbolicTransformerRegressor:
         from .refinement import refine
 
         left = None if self.max_time is None else max(float(self.max_time) - (time.perf_counter() - t_start), 0.0)
+        # every dataset's inputs padded with zero columns to MAX_FEATURES (no candidate reads them): fits of datasets
+        # with different numbers of features then share refinement's compiled programs
         res = refine([[c.expression for c in pool] for pool in pools],
-                     [p.z_NxK[p.train] for p in prepared], [p.y_N[p.train] for p in prepared],
+                     [_pad_columns(p.z_NxK[p.train], MAX_FEATURES) for p in prepared],
+                     [p.y_N[p.train] for p in prepared],
                      maxiter=int(self.refine_iterations), max_time=left)
         return res.expressions
 

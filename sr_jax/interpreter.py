@@ -319,6 +319,28 @@ def _capacity(c: int) -> int:
     return -(-c // step) * step
 
 
+def _near(s: TapeSignature, fresh: TapeSignature) -> bool:
+    """Whether a batch whose own signature is ``fresh`` may run in ``s``: same datasets and input columns, at least
+    its expressions and constants per expression, and at most about twice its padded work."""
+    return (s.n_datasets == fresh.n_datasets and s.n_features == fresh.n_features
+            and fresh.n_expressions <= s.n_expressions <= 2 * fresh.n_expressions
+            and fresh.n_consts <= s.n_consts <= 2 * fresh.n_consts
+            and s.n_nodes_padded <= 2 * fresh.n_nodes_padded + 64)
+
+
+def _merge(a: TapeSignature, b: TapeSignature) -> TapeSignature:
+    """The smallest signature that everything placed in ``a`` or ``b`` fits in: every size the larger of the two,
+    every level the union of their groups at the larger capacity."""
+    levels = []
+    for lv in range(max(len(a.levels), len(b.levels))):
+        ga = dict(a.levels[lv]) if lv < len(a.levels) else {}
+        gb = dict(b.levels[lv]) if lv < len(b.levels) else {}
+        levels.append(tuple((g, max(ga.get(g, 0), gb.get(g, 0))) for g in sorted({*ga, *gb}, key=_GROUP_ORDER.get)))
+    return TapeSignature(a.n_datasets, a.n_features, max(a.n_expressions, b.n_expressions),
+                         max(a.n_consts, b.n_consts), max(a.n_const_slots, b.n_const_slots),
+                         max(a.n_feature_uses, b.n_feature_uses), tuple(levels))
+
+
 def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, min_expressions: int = 1,
                  feature_offsets: Sequence[Sequence[int]] | None = None) -> Tape:
     """Compile B lists of expressions (one per dataset) into one padded tape with a common signature.
@@ -327,9 +349,12 @@ def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, m
     expressions from different datasets can share one tape over column-concatenated inputs (see refine).
 
     Shapes come from a small set: sizes are rounded up with some slack, and a batch that can be placed in a
-    recently used signature (same datasets/features/expression and constant buckets; nodes may be delayed to a
-    later level; at most 2x the padded work of a fresh one) reuses it, so a second batch of the same bucket
-    reuses the compiled program.
+    recently used signature (same datasets and features, at least its expression and constant buckets and at most
+    twice them; nodes may be delayed to a later level; at most 2x the padded work of a fresh one) reuses it, so a
+    second batch of the same bucket reuses the compiled program. When none fits, the most recent such signature is
+    grown to the union of its levels and the batch's own (if that stays within the same bounds), so a stream of
+    similar batches settles on a few programs. The signature a batch gets depends on the batches before it; its
+    results do not, up to rounding (padding changes the order of some sums).
     """
     multi = len(expressions_per_dataset) > 1
     dsets = [_check_expressions(list(ex), n_features, f" of dataset {b}" if multi else "")
@@ -356,27 +381,33 @@ def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, m
     fresh = TapeSignature(*key, _capacity(max(len(p.consts) for p in parsed)),
                           _capacity(max(len(p.features) for p in parsed)), tuple(levels))
     sig, levels = fresh, None
-    for s in _SIGNATURES:
-        if (s.n_datasets, s.n_features, s.n_expressions, s.n_consts) == key and \
-                s.n_nodes_padded <= 2 * fresh.n_nodes_padded + 64:
-            levels = [_place(s, p) for p in parsed]
-            if all(lv is not None for lv in levels):
-                sig = s
-                break
-    if sig is fresh:
-        levels = [_place(fresh, p) for p in parsed]
+    near = [s for s in _SIGNATURES if _near(s, fresh)]
+    for s in near:
+        levels = [_place(s, p) for p in parsed]
+        if all(lv is not None for lv in levels):
+            sig = s
+            break
+    else:
+        # nothing recent fits: grow the most recent near signature to hold this batch too (the union of both), so
+        # that a stream of similar but not identical batches (one estimator fit after another) settles on one
+        # program instead of compiling one per batch
+        merged = _merge(near[0], fresh) if near else fresh
+        sig = merged if _near(merged, fresh) else fresh
+        levels = [_place(sig, p) for p in parsed]
         assert all(lv is not None for lv in levels)
+        if sig is merged and near:
+            _SIGNATURES.remove(near[0])
     if sig in _SIGNATURES:
         _SIGNATURES.remove(sig)
     _SIGNATURES.insert(0, sig)
     del _SIGNATURES[32:]
     filled = [_fill(sig, p, lv) for p, lv in zip(parsed, levels)]
     arrays = {k: np.stack([f[k] for f in filled]) for k in filled[0]}
-    consts = np.zeros((len(dsets), e_b, p_b))
+    consts = np.zeros((len(dsets), sig.n_expressions, sig.n_consts))
     for b, p in enumerate(parsed):
         for c in p.consts:
             consts[b, c.expr, c.index] = c.value
-    n_consts = np.zeros((len(dsets), e_b), np.int32)
+    n_consts = np.zeros((len(dsets), sig.n_expressions), np.int32)
     for b, p in enumerate(parsed):
         n_consts[b, : len(p.n_consts)] = p.n_consts
     return Tape(sig, arrays, consts, n_consts, tuple(len(d) for d in dsets), tuple(tuple(d) for d in dsets))

@@ -21,12 +21,15 @@ Sources (``Candidate.source``):
     (a unary times a linear term). All features for D <= 3, the 4 most |Pearson|-correlated with y otherwise.
   - monomial (power law) c0 + c * prod_j x_j ** p_j in the raw features, when every raw feature is positive and y
     has one sign: the exponents come from least squares on log |y|.
+  - sparse sums of products: c0 + sum of 1, 2 or 3 products of powers of the raw features (x_j^a for a in 1, 2, 3,
+    -1, -2, 1/2, -1/2; x_i^a x_j^b and, up to 6 features, x_i^a x_j^b x_k^c for a, b, c in 1, 2, -1), chosen by forward selection and backward elimination.
 
 ``dedupe`` keeps the first candidate of every skeleton (``Expression.skeleton``), so list better-initialised
 sources first.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -187,6 +190,106 @@ def basis_candidates(z_NxD: np.ndarray, y_N: np.ndarray, offset_D: Optional[np.n
     mono = _monomial(z, y, offset, scale)
     if mono is not None:
         out.append(Candidate(mono, "basis"))
+    out += [Candidate(e, "basis") for e in _sparse_products(z, y, offset, scale)]
+    return out
+
+
+# powers of one raw feature in the product library, and of each factor in products of two
+_POWERS = {1.0: lambda a: a, 2.0: lambda a: ["pow2", *a], 3.0: lambda a: ["pow3", *a], -1.0: lambda a: ["inv", *a],
+           -2.0: lambda a: ["inv", "pow2", *a], 0.5: lambda a: ["sqrt", *a], -0.5: lambda a: ["inv", "sqrt", *a]}
+_PAIR_POWERS = (1.0, 2.0, -1.0)
+_MAX_SPARSE_TERMS = 3
+_FORWARD_STEPS = 12
+_MAX_TRIPLE_FEATURES = 6
+
+
+def _product_library(x: np.ndarray, offset, scale) -> list[_Term]:
+    """Products of powers of the raw features: x_j^a (a in _POWERS), x_i^a x_j^b (a, b in _PAIR_POWERS) and
+    x_i^a x_j^b x_k^c (the same powers, up to _MAX_TRIPLE_FEATURES features); only finite, non-constant columns."""
+    n, d = x.shape
+    factor = {}
+    with np.errstate(all="ignore"):
+        for j in range(d):
+            for a, build in _POWERS.items():
+                v = x[:, j] ** a
+                if np.isfinite(v).all():
+                    factor[j, a] = (v, build(_affine(scale[j], offset[j], j)))
+    terms = [_Term(v, t) for (j, a), (v, t) in factor.items()]
+    for i in range(d):
+        for j in range(i + 1, d):
+            for a in _PAIR_POWERS:
+                for b in _PAIR_POWERS:
+                    if (i, a) in factor and (j, b) in factor:
+                        (vi, ti), (vj, tj) = factor[i, a], factor[j, b]
+                        terms.append(_Term(vi * vj, ["mul", *ti, *tj]))
+    if d <= _MAX_TRIPLE_FEATURES:
+        for i in range(d):
+            for j in range(i + 1, d):
+                for k in range(j + 1, d):
+                    for a, b, c in itertools.product(_PAIR_POWERS, repeat=3):
+                        if (i, a) in factor and (j, b) in factor and (k, c) in factor:
+                            (vi, ti), (vj, tj), (vk, tk) = factor[i, a], factor[j, b], factor[k, c]
+                            terms.append(_Term(vi * vj * vk, ["mul", *ti, "mul", *tj, *tk]))
+    return [t for t in terms if np.isfinite(t.values).all() and np.ptp(t.values) > 0]
+
+
+def _sparse_products(z, y, offset, scale) -> list[Expression]:
+    """c0 + a sum of at most ``_MAX_SPARSE_TERMS`` products of powers of the raw features, with least-squares
+    coefficients. Formulas such as x1*y1 + x2*y2 + x3*y3 or m*(v**2 + u**2)/2 are sums of a few such products.
+
+    The terms come from ``_product_library``: forward selection (orthogonal least squares: each step adds the term
+    that lowers the residual sum of squares most, given those chosen) runs ``_FORWARD_STEPS`` steps, then backward
+    elimination drops, one at a time, the term whose removal raises it least. Greedy forward steps often start with
+    a term correlated with the whole sum (x1*y1*x2 for the sum above); the longer forward set usually contains the
+    true terms, which backward elimination keeps. One expression per subset of 1..``_MAX_SPARSE_TERMS`` terms met
+    on either path.
+    """
+    x = z * scale + offset
+    terms = _product_library(x, offset, scale)
+    if not terms:
+        return []
+    cols = np.stack([t.values for t in terms], axis=1)
+    cols = cols - cols.mean(axis=0)  # the intercept is always in the model
+    yc = y - y.mean()
+    total = float(yc @ yc)
+    rest = cols.copy()  # every term's part that the chosen terms do not explain (Gram-Schmidt, one step per pick)
+    floor = 1e-12 * np.sum(cols * cols, axis=0)
+    residual = yc
+    forward: list[int] = []
+    for _ in range(min(_FORWARD_STEPS, len(terms))):
+        norm2 = np.sum(rest * rest, axis=0)
+        with np.errstate(all="ignore"):
+            gain = np.where(norm2 > floor, (rest.T @ residual) ** 2 / norm2, -1.0)
+        gain[forward] = -1.0
+        best = int(np.argmax(gain))
+        if not gain[best] > 0:
+            break
+        forward.append(best)
+        q = rest[:, best] / np.sqrt(norm2[best])
+        rest -= np.outer(q, q @ rest)
+        residual = residual - q * (q @ residual)
+        if residual @ residual <= 1e-24 * total:
+            break  # exact already
+
+    def rss(subset) -> float:
+        a = cols[:, list(subset)]
+        coef, *_ = np.linalg.lstsq(a, yc, rcond=None)
+        r = yc - a @ coef
+        return float(r @ r)
+
+    subsets = [tuple(forward[:k]) for k in range(1, min(len(forward), _MAX_SPARSE_TERMS) + 1)]
+    current = list(forward)
+    while len(current) > 1:
+        drop = min(range(len(current)), key=lambda i: rss(current[:i] + current[i + 1:]))
+        current = current[:drop] + current[drop + 1:]
+        if len(current) <= _MAX_SPARSE_TERMS:
+            subsets.append(tuple(current))
+    out: list[Expression] = []
+    for subset in dict.fromkeys(tuple(sorted(t)) for t in subsets):
+        picked = [terms[i] for i in subset]
+        coef = _fit_linear(picked, y)
+        if coef is not None:
+            out.append(Expression(_linear_expression(coef, picked)))
     return out
 
 

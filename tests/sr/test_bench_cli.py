@@ -70,7 +70,27 @@ def test_run_with_a_test_regressor_writes_json(tmp_path, capsys):
     results = {r["problem"]: r for r in report["results"]}
     assert results["I.12.5"]["r2"] < 0.999  # q2*Ef is not linear
     assert results["I.14.3"]["r2"] < 0.999
-    assert report["summary"]["linear"]["n_problems"] == 3
+    assert report["summary"]["linear"]["n_problems"] == 3 and report["complete"] is True
+
+
+def test_an_interrupted_run_keeps_the_finished_problems_in_the_json(tmp_path, capsys):
+    class StopsOnSecond(LinearRegressor):
+        fits = 0
+
+        def fit(self, X, y):
+            StopsOnSecond.fits += 1
+            if StopsOnSecond.fits == 2:
+                raise KeyboardInterrupt  # as Ctrl-C (or a crash) in the middle of the second problem
+            return super().fit(X, y)
+
+    out = tmp_path / "bench.json"
+    argv = ["feynman", "--problems", "I.12.1,I.14.3", "--json", str(out), "--no-progress"]
+    assert main(argv, make_regressor=lambda seed: StopsOnSecond(), method="linear") == 130
+    report = json.loads(out.read_text())
+    assert report["complete"] is False
+    assert [r["problem"] for r in report["results"]] == ["I.12.1"]
+    assert report["summary"]["linear"]["n_problems"] == 1
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 @pytest.mark.skipif(feynman.operon_version() is None, reason="pyoperon not installed")

@@ -58,6 +58,20 @@ def test_bases_contain_the_exact_answer_before_refinement():
     assert _best(basis_candidates(zp, y, mp, sp), zp, y) < 1e-20
 
 
+def test_sparse_sums_of_products_are_found_before_refinement():
+    """Sums of a few products of powers of the raw features (many physics formulas), where the greedy first pick
+    is a wrong term correlated with the whole sum: backward elimination from the longer forward set recovers them."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(1, 5, (150, 6))
+    z, m, s = _standardise(x)
+    for y in (x[:, 0] * x[:, 3] + x[:, 1] * x[:, 4] + x[:, 2] * x[:, 5],  # a dot product
+              0.5 * x[:, 0] * (x[:, 1] ** 2 + x[:, 2] ** 2 + x[:, 3] ** 2),  # kinetic energy
+              6.67 * x[:, 0] * x[:, 1] * (1 / x[:, 2] - 1 / x[:, 3])):  # a potential difference
+        cands = basis_candidates(z, y, m, s)
+        assert _best(cands, z, y) < 1e-20
+        assert max(len(c.expression.constants) for c in cands) <= 24
+
+
 def test_unary_basis_falls_back_to_the_standardised_feature():
     rng = np.random.default_rng(1)
     x = rng.uniform(-3, 3, (100, 1))

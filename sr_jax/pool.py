@@ -210,10 +210,13 @@ def _product_library(x: np.ndarray, offset, scale) -> list[_Term]:
     factor = {}
     with np.errstate(all="ignore"):
         for j in range(d):
+            # x_j / scale_j = z_j + offset_j / scale_j: the raw feature up to a factor, which the term's coefficient
+            # absorbs; one constant per factor (a slope too would make every product's constants redundant)
+            shift = float(offset[j] / scale[j])
             for a, build in _POWERS.items():
-                v = x[:, j] ** a
+                v = (x[:, j] / scale[j]) ** a
                 if np.isfinite(v).all():
-                    factor[j, a] = (v, build(_affine(scale[j], offset[j], j)))
+                    factor[j, a] = (v, build(["add", f"x_{j}", shift]))
     terms = [_Term(v, t) for (j, a), (v, t) in factor.items()]
     for i in range(d):
         for j in range(i + 1, d):

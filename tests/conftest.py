@@ -1,5 +1,8 @@
 """Test-session settings: one JAX persistent compilation cache per test session, and `--cpu-durations=N`.
 
+The README runs the suite on two worker processes (`-n 2`, pytest-xdist, whole files per worker with
+`--dist loadfile`); the workers share the session's compilation cache.
+
 Several tests compile the very same XLA program in separate `jax.jit` objects (every `run_training` call builds its
 own train step; the CLI tests train and load again in-process). A compilation cache in a fresh temporary folder,
 created here for this session only and removed at its end, lets the second and later compilations of an identical
@@ -13,7 +16,8 @@ cache settings except to see that the library leaves them as they were. `MATHFOR
 cache off (e.g. to time cold compilations).
 
 `--cpu-durations=N` lists the N tests that used the most CPU seconds (this process and its finished subprocesses),
-a cost that a busy machine inflates much less than wall-clock `--durations`.
+a cost that a busy machine inflates much less than wall-clock `--durations`. It reports from the process that runs
+the tests, so use it without `-n` (or with `-n 0`).
 """
 import os
 import resource
@@ -23,16 +27,26 @@ import time
 
 import pytest
 
+_SHARED_CACHE_VAR = "MATHFORMERS_TEST_JAX_CACHE"  # set by the process that created the folder, read by xdist workers
+
 if not os.environ.get("MATHFORMERS_TEST_NO_CACHE"):
-    _CACHE = tempfile.mkdtemp(prefix="mathformers-test-jax-cache-")
+    _CACHE = os.environ.get(_SHARED_CACHE_VAR)
+    _OWNER = _CACHE is None  # the pytest process that made the folder removes it; its xdist workers only use it
+    if _OWNER:
+        _CACHE = tempfile.mkdtemp(prefix="mathformers-test-jax-cache-")
+        os.environ[_SHARED_CACHE_VAR] = _CACHE  # inherited by the xdist workers started after this import
 
     import jax
 
     jax.config.update("jax_compilation_cache_dir", _CACHE)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # the programs worth a disk round trip
+    # A size limit switches on JAX's file lock around every cache read and write, so that several xdist workers can
+    # share the folder without one reading an entry another is still writing.
+    jax.config.update("jax_compilation_cache_max_size", 8 << 30)
 
     def pytest_unconfigure(config):
-        shutil.rmtree(_CACHE, ignore_errors=True)
+        if _OWNER:
+            shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 # ----- `--cpu-durations=N`: the N tests that used the most CPU seconds ------------------------------------------------

@@ -164,6 +164,10 @@ def _bench(args, make_regressor: Callable[[int], Any] | None, method: str) -> No
     settings["refinement_programs_traced"] = COMPILE_COUNTER["refine"] - programs_before
     print(f"note: {method} traced {settings['refinement_programs_traced']} refinement program(s) for "
           f"{len(problems)} problem(s)", file=sys.stderr)
+    settings["solved_by_source"] = feynman.solved_by_source(records, method)
+    if settings["solved_by_source"]:
+        print(f"note: {method}'s R2 > 0.99 by source of the chosen equation: "
+              + ", ".join(f"{k} {v}" for k, v in settings["solved_by_source"].items()), file=sys.stderr)
     if args.compare == "operon":
         budget = args.time_per_problem if args.time_per_problem is not None else ours.median_seconds
         if not math.isfinite(budget):

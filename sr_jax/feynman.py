@@ -472,7 +472,7 @@ def _run_one(make_regressor, problem: FeynmanProblem, method: str, n_train: int,
     record = {"method": method, "problem": problem.name, "n_vars": problem.n_vars, "seed": pseed,
               "formula": str(problem.formula), "r2": float("nan"), "r2_above_0.99": False,
               "r2_above_0.999": False, "acc_0.1": False, "recovered": False, "recovery_check": "no-expression",
-              "seconds": float("nan"), "expression": None, "error": None}
+              "seconds": float("nan"), "expression": None, "source": None, "error": None}
     try:
         data = sample_problem(problem, n_train, n_test, seed, noise)
     except ValueError as e:  # a formula that is not finite on its ranges: a miss for every method, with the reason
@@ -496,6 +496,7 @@ def _run_one(make_regressor, problem: FeynmanProblem, method: str, n_train: int,
     expression = getattr(regressor, "expression_", None)
     if expression is not None:
         record["expression"] = str(expression)
+    record["source"] = getattr(getattr(regressor, "best_", None), "source", None)
     recovery = symbolic_recovery(problem, expression, data.X_test_MxD, timeout_s=recovery_timeout_s)
     record.update({"recovered": recovery.recovered, "recovery_check": recovery.check})
     return record
@@ -531,6 +532,17 @@ def summarize(records: Sequence[dict]) -> dict[str, Summary]:
 def _median_finite(values: Sequence[float]) -> float:
     finite = [v for v in values if math.isfinite(v)]  # a problem whose data could not be sampled has no time
     return float(np.median(finite)) if finite else float("nan")
+
+
+def solved_by_source(records: Sequence[dict], method: str) -> dict[str, int]:
+    """How many of ``method``'s problems reached R² > 0.99 with a chosen equation from each candidate source
+    (``source`` of the regressor's ``best_``: "basis", "prior", "greedy", "beam", "sample"), most first."""
+    counts: dict[str, int] = {}
+    for r in records:
+        if r["method"] == method and r["r2_above_0.99"]:
+            key = r.get("source") or "unknown"
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def format_summary(summaries: dict[str, Summary]) -> str:

@@ -73,6 +73,22 @@ def test_run_with_a_test_regressor_writes_json(tmp_path, capsys):
     assert report["summary"]["linear"]["n_problems"] == 3 and report["complete"] is True
 
 
+def test_json_says_which_source_each_chosen_equation_came_from(tmp_path, capsys):
+    class Best:
+        source = "basis"
+
+    class Sourced(LinearRegressor):
+        best_ = Best()
+
+    out = tmp_path / "bench.json"
+    argv = ["feynman", "--problems", "I.12.1,I.14.3", "--json", str(out), "--no-progress"]
+    assert main(argv, make_regressor=lambda seed: Sourced(), method="linear") == 0
+    report = json.loads(out.read_text())
+    assert [r["source"] for r in report["results"]] == ["basis", "basis"]
+    solved = sum(r["r2_above_0.99"] for r in report["results"])
+    assert report["settings"]["solved_by_source"] == ({"basis": solved} if solved else {})
+
+
 def test_an_interrupted_run_keeps_the_finished_problems_in_the_json(tmp_path, capsys):
     class StopsOnSecond(LinearRegressor):
         fits = 0

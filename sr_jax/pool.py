@@ -22,7 +22,8 @@ Sources (``Candidate.source``):
   - monomial (power law) c0 + c * prod_j x_j ** p_j in the raw features, when every raw feature is positive and y
     has one sign: the exponents come from least squares on log |y|.
   - sparse sums of products: c0 + sum of 1, 2 or 3 products of powers of the raw features (x_j^a for a in 1, 2, 3,
-    -1, -2, 1/2, -1/2; x_i^a x_j^b and, up to 6 features, x_i^a x_j^b x_k^c for a, b, c in 1, 2, -1), chosen by forward selection and backward elimination.
+    -1, -2, 1/2, -1/2; x_i^a x_j^b and, up to 6 features, x_i^a x_j^b x_k^c for a, b, c in 1, 2, -1; up to 5
+    features, also sin or cos of one feature, alone or times such a product), chosen by forward selection and backward elimination.
 
 ``dedupe`` keeps the first candidate of every skeleton (``Expression.skeleton``), so list better-initialised
 sources first.
@@ -201,13 +202,18 @@ _PAIR_POWERS = (1.0, 2.0, -1.0)
 _MAX_SPARSE_TERMS = 3
 _FORWARD_STEPS = 12
 _MAX_TRIPLE_FEATURES = 6
+_MAX_TRIG_FEATURES = 5
+_TRIG_FACTORS = ("sin", "cos")
 
 
 def _product_library(x: np.ndarray, offset, scale) -> list[_Term]:
     """Products of powers of the raw features: x_j^a (a in _POWERS), x_i^a x_j^b (a, b in _PAIR_POWERS) and
-    x_i^a x_j^b x_k^c (the same powers, up to _MAX_TRIPLE_FEATURES features); only finite, non-constant columns."""
+    x_i^a x_j^b x_k^c (the same powers, up to _MAX_TRIPLE_FEATURES features); up to _MAX_TRIG_FEATURES features
+    also sin(x_j) and cos(x_j), alone and times every product above that does not read x_j (F*r*sin(theta),
+    p*cos(theta)/r**2); only finite, non-constant columns."""
     n, d = x.shape
     factor = {}
+    uses: list[set] = []  # the features each term reads (for the trigonometric products below)
     with np.errstate(all="ignore"):
         for j in range(d):
             # x_j / scale_j = z_j + offset_j / scale_j: the raw feature up to a factor, which the term's coefficient
@@ -218,6 +224,7 @@ def _product_library(x: np.ndarray, offset, scale) -> list[_Term]:
                 if np.isfinite(v).all():
                     factor[j, a] = (v, build(["add", f"x_{j}", shift]))
     terms = [_Term(v, t) for (j, a), (v, t) in factor.items()]
+    uses += [{j} for (j, a) in factor]
     for i in range(d):
         for j in range(i + 1, d):
             for a in _PAIR_POWERS:
@@ -225,6 +232,7 @@ def _product_library(x: np.ndarray, offset, scale) -> list[_Term]:
                     if (i, a) in factor and (j, b) in factor:
                         (vi, ti), (vj, tj) = factor[i, a], factor[j, b]
                         terms.append(_Term(vi * vj, ["mul", *ti, *tj]))
+                        uses.append({i, j})
     if d <= _MAX_TRIPLE_FEATURES:
         for i in range(d):
             for j in range(i + 1, d):
@@ -233,6 +241,18 @@ def _product_library(x: np.ndarray, offset, scale) -> list[_Term]:
                         if (i, a) in factor and (j, b) in factor and (k, c) in factor:
                             (vi, ti), (vj, tj), (vk, tk) = factor[i, a], factor[j, b], factor[k, c]
                             terms.append(_Term(vi * vj * vk, ["mul", *ti, "mul", *tj, *tk]))
+                            uses.append({i, j, k})
+    if d <= _MAX_TRIG_FEATURES:  # sin or cos of one raw feature (an angle) alone or times one of the products above
+        power_terms = list(zip(terms, uses))
+        with np.errstate(all="ignore"):
+            for j in range(d):
+                for u in _TRIG_FACTORS:
+                    tv = OPERATORS[u].np_fn(x[:, j])
+                    if not (np.isfinite(tv).all() and np.ptp(tv) > 0):
+                        continue
+                    tp = [u, *_affine(scale[j], offset[j], j)]
+                    terms.append(_Term(tv, tp))
+                    terms += [_Term(t.values * tv, ["mul", *t.prefix, *tp]) for t, f in power_terms if j not in f]
     return [t for t in terms if np.isfinite(t.values).all() and np.ptp(t.values) > 0]
 
 

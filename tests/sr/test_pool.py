@@ -70,6 +70,10 @@ def test_sparse_sums_of_products_are_found_before_refinement():
         cands = basis_candidates(z, y, m, s)
         assert _best(cands, z, y) < 1e-20
         assert max(len(c.expression.constants) for c in cands) <= 24
+    x5, (z5, m5, s5) = x[:, :5], _standardise(x[:, :5])
+    for y in (x5[:, 0] * x5[:, 1] * x5[:, 2] * np.sin(x5[:, 3]),  # torque-like: a product times the sine of an angle
+              x5[:, 0] * (1 + x5[:, 1] * np.cos(x5[:, 2]))):  # a sum with a cosine term
+        assert _best(basis_candidates(z5, y, m5, s5), z5, y) < 1e-20
 
 
 def test_unary_basis_falls_back_to_the_standardised_feature():

@@ -57,6 +57,11 @@ class DataConfig:
         return {"add": 3 * n + 4, "mul": 4 * n + 3, "sort": m * (n + 5)}[self.task]
 
     @property
+    def answer_len(self) -> int:
+        """Most loss targets in a row: the longest possible answer plus its EOS."""
+        return answer_length(self.task, self.max_len, self.max_count if self.task == "sort" else self.max_len)
+
+    @property
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.for_task(self.task)
 
@@ -85,9 +90,24 @@ def sample_problems(cfg: DataConfig, step: int) -> list[tuple[str, str]]:
 
 def make_batch(cfg: DataConfig, step: int) -> dict[str, np.ndarray]:
     """tokens int32[B, seq_len] = prompt + answer + EOS, right-padded with PAD;
-    mask float32[B, seq_len] = 1 exactly on the answer tokens and the EOS (the loss targets)."""
+    mask float32[B, seq_len] = 1 exactly on the answer tokens and the EOS (the loss targets);
+    loss_pos int32[B, answer_len] = `loss_positions(mask, cfg.answer_len)` (where the model's loss needs logits)."""
     rows = [encode_sample(cfg.task, p, a, cfg.seq_len) for p, a in sample_problems(cfg, step)]
-    return {"tokens": np.stack([t for t, _ in rows]), "mask": np.stack([m for _, m in rows])}
+    mask = np.stack([m for _, m in rows])
+    return {"tokens": np.stack([t for t, _ in rows]), "mask": mask, "loss_pos": loss_positions(mask, cfg.answer_len)}
+
+
+def loss_positions(mask_BxL: np.ndarray, width: int) -> np.ndarray:
+    """int32[B, width]: per row, in order, the input positions p (of tokens[:, :-1]) whose next token is a loss
+    target (mask[:, p + 1] > 0), padded with -1. The loss computes logits only there."""
+    target_BxP = np.asarray(mask_BxL)[:, 1:] > 0
+    counts = target_BxP.sum(axis=1)
+    if counts.max(initial=0) > width:
+        raise ValueError(f"a row has {int(counts.max())} loss targets, more than the {width} positions asked for")
+    out = np.full((target_BxP.shape[0], width), -1, np.int32)
+    rows, cols = np.nonzero(target_BxP)
+    out[rows, np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)] = cols
+    return out
 
 
 def encode_sample(task: str, prompt: str, answer: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:

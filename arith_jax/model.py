@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from core_jax.attention import Attention, KVCache, xavier
+from core_jax.attention import Attention, KVCache, dense_dot_general, xavier
 from arith_jax.tokenizer import DIGIT_IDS
 
 POSITION_KINDS = ("abacus", "learned", "fire", "rope")
@@ -91,11 +91,12 @@ class GluFFN(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = nn.Dense(self.hidden, use_bias=False, kernel_init=xavier(self.gain), dtype=self.dtype, name="dense_in")(x)
+        h = nn.Dense(self.hidden, use_bias=False, kernel_init=xavier(self.gain), dtype=self.dtype,
+                     dot_general=dense_dot_general, name="dense_in")(x)
         value, gate = jnp.split(h, 2, axis=-1)
         h = value * nn.gelu(gate, approximate=False)
         return nn.Dense(x.shape[-1], use_bias=False, kernel_init=xavier(self.gain), dtype=self.dtype,
-                        name="dense_out")(h)
+                        dot_general=dense_dot_general, name="dense_out")(h)
 
 
 def _norm(name):
@@ -162,9 +163,10 @@ class Head(nn.Module):
         cfg, dtype = self.cfg, _dtype(self.cfg.dtype)
         h = GluFFN(cfg.ffn, _gain(cfg), dtype, name="ffn")(h)
         h = _norm("norm")(h)
-        h = nn.Dense(cfg.width, use_bias=False, kernel_init=xavier(_gain(cfg)), dtype=dtype, name="adapter")(h)
+        h = nn.Dense(cfg.width, use_bias=False, kernel_init=xavier(_gain(cfg)), dtype=dtype,
+                     dot_general=dense_dot_general, name="adapter")(h)
         return nn.Dense(self.vocab_size, use_bias=False, kernel_init=xavier(_gain(cfg)), dtype=dtype,
-                        name="decoder")(h).astype(jnp.float32)
+                        dot_general=dense_dot_general, name="decoder")(h).astype(jnp.float32)
 
 
 class ArithModel:
@@ -210,6 +212,16 @@ class ArithModel:
         With `cache` (from `init_cache`), the tokens' keys/values are written at `start` and (logits, cache) is
         returned. In training, `rng` drives the Abacus offset, the initial-state noise and the progressive loss.
         """
+        h, new_cache = self.hidden(params, tokens_BxQ, abacus_BxQ=abacus_BxQ, start=start, rng=rng, train=train,
+                                   recurrences=recurrences, cache=cache)
+        logits = self.head.apply({"params": params["head"]}, h)
+        return logits if cache is None else (logits, new_cache)
+
+    def hidden(self, params, tokens_BxQ, *, abacus_BxQ=None, start: int | jnp.ndarray = 0, rng=None,
+               train: bool = False, recurrences: int | None = None, cache: KVCache | None = None):
+        """(h [B, Q, width], new cache or None): the state after the last pass, before the output head; the
+        arguments are those of `apply`. The head acts on each position alone, so `head(hidden(...)[0])` restricted
+        to some positions equals `apply(...)` at those positions."""
         cfg = self.cfg
         B, Q = tokens_BxQ.shape
         pos_Q = start + jnp.arange(Q)
@@ -240,8 +252,7 @@ class ArithModel:
                 raise ValueError(f"a model with separate weights per pass runs exactly {cfg.recurrences} passes; "
                                  f"only looped (shared) models can change recurrences at test time")
             h, new_cache = self._passes(params["block"], h, e, pos_Q, passes, cache, start)
-        logits = self.head.apply({"params": params["head"]}, h)
-        return logits if cache is None else (logits, new_cache)
+        return h, new_cache
 
     def _train_abacus_ids(self, ids_BxQ, rng):
         """Training-time Abacus ids (spec §3.1 step 3, plus a randomised variant).
@@ -277,6 +288,9 @@ class ArithModel:
             return h, c
 
         xs = (jnp.arange(passes), None if cfg.shared else block_params, cache)
+        if passes == 1:  # no loop: XLA would keep a one-trip while loop, stacking every residual for the gradient
+            h, c = body(h, jax.tree_util.tree_map(lambda x: x[0], xs))
+            return h, jax.tree_util.tree_map(lambda x: x[None], c)
         h, new_cache = jax.lax.scan(body, h, xs, unroll=min(cfg.scan_unroll, passes))
         return h, new_cache
 
@@ -311,10 +325,23 @@ class ArithModel:
 
     # ---------------------------------------------------------------- loss
     def loss(self, params, batch: dict, rng) -> tuple[jnp.ndarray, dict]:
-        """Mean cross-entropy over answer tokens + EOS (mask[:, 1:]), as the original's mask_before_equals."""
+        """Mean cross-entropy over answer tokens + EOS (mask[:, 1:]), as the original's mask_before_equals.
+
+        With `batch["loss_pos"]` (int32 [B, A], from `arith_jax.data.loss_positions`: the input positions whose
+        next token is a target, padded with -1) the output head runs only at those A positions per row instead of
+        all of them; loss and metrics are the same.
+        """
         tokens, mask = batch["tokens"], batch["mask"]
-        logits = self.apply(params, tokens[:, :-1], rng=rng, train=True)
+        h, _ = self.hidden(params, tokens[:, :-1], rng=rng, train=True)
         targets, m = tokens[:, 1:], mask[:, 1:].astype(jnp.float32)
+        if "loss_pos" in batch:
+            pos_BxA = batch["loss_pos"]
+            valid_BxA = pos_BxA >= 0
+            pos_BxA = jnp.where(valid_BxA, pos_BxA, 0)
+            h = jnp.take_along_axis(h, pos_BxA[..., None], axis=1)
+            targets = jnp.take_along_axis(targets, pos_BxA, axis=1)
+            m = jnp.take_along_axis(m, pos_BxA, axis=1) * valid_BxA
+        logits = self.head.apply({"params": params["head"]}, h)
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         denom = jnp.maximum(m.sum(), 1.0)

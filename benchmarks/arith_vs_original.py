@@ -19,6 +19,10 @@ Each measurement is a fresh worker process pinned to the first N CPUs (`os.sched
 original's `torch.compile` of the recurrent block when `--torch-compile`, XLA's jit always) and prints tokens/s
 (batch × 64 per step). The report is the median of each side and their ratio.
 
+This project's batches carry `loss_pos` as `arith_jax.data.make_batch` gives them to the training loop, so its
+loss runs the output head only at the positions the loss scores (same loss and gradients as the original's
+logits everywhere); `--full-head` leaves it out, for the comparison op for op.
+
 The original calls `.to(input_ids.get_device())`, which fails on a CPU tensor; the worker therefore samples
 (n, k) itself and calls the original's `model_call(input_ids, n, k)`, which is what `forward_progressive` does at
 alpha = 1.
@@ -67,7 +71,7 @@ def _pin(threads: int) -> None:
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:threads]))
 
 
-def worker_jax(model_name: str, threads: int, steps: int, warmup: int, extra: list[str]) -> float:
+def worker_jax(model_name: str, threads: int, steps: int, warmup: int, extra: list[str], full_head: bool) -> float:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
                                f" intra_op_parallelism_threads={threads}")
@@ -77,6 +81,7 @@ def worker_jax(model_name: str, threads: int, steps: int, warmup: int, extra: li
     import numpy as np
 
     from arith_jax.config import ArithConfig
+    from arith_jax.data import loss_positions
     from arith_jax.train import build_model
     from core_jax.config import load_config
     from core_jax.optim import make_optimizer
@@ -101,7 +106,10 @@ def worker_jax(model_name: str, threads: int, steps: int, warmup: int, extra: li
         for r, row in enumerate(rows):
             eq = int(np.nonzero(row == 17)[0][0])
             mask[r, eq + 1:int(np.nonzero(row == 3)[0][0]) + 1] = 1.0
-        batches.append({"tokens": jax.device_put(rows), "mask": jax.device_put(mask)})
+        batch = {"tokens": rows, "mask": mask}
+        if not full_head:   # what arith_jax.data.make_batch gives the training loop
+            batch["loss_pos"] = loss_positions(mask, cfg.data.answer_len)
+        batches.append({k: jax.device_put(v) for k, v in batch.items()})
     for i in range(warmup):
         state, metrics = step(state, batches[i % 4])
     jax.block_until_ready(metrics["loss"])
@@ -176,13 +184,16 @@ def main() -> None:
     ap.add_argument("--torch-compile", action="store_true", help="the original's torch.compile of the block")
     ap.add_argument("--jax-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for this project's side, e.g. model.scan_unroll=4")
+    ap.add_argument("--full-head", action="store_true",
+                    help="this project's loss computes logits at every position, as the original, instead of only "
+                         "where the loss needs them (the batch's loss_pos, as arith_jax.data.make_batch gives it)")
     ap.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker == "jax":
         print(json.dumps({"tokens_per_s": worker_jax(args.model, args.threads[0], args.steps, args.warmup,
-                                                     args.jax_set)}))
+                                                     args.jax_set, args.full_head)}))
         return
     if args.worker == "torch":
         print(json.dumps({"tokens_per_s": worker_torch(args.model, args.threads[0], args.steps, args.warmup,
@@ -197,6 +208,8 @@ def main() -> None:
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--original", args.original]
         if args.torch_compile:
             cmd.append("--torch-compile")
+        if args.full_head:
+            cmd.append("--full-head")
         for kv in args.jax_set:
             cmd += ["--jax-set", kv]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

@@ -6,11 +6,14 @@ through `lax.scan` over the passes of a looped model and through a decoding loop
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from core_jax.positions import FireBias, apply_rope
 
@@ -27,6 +30,56 @@ class KVCache(NamedTuple):
     def zeros(cls, batch: int, length: int, num_heads: int, head_dim: int, dtype=jnp.float32) -> "KVCache":
         shape = (batch, length, num_heads, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`lax.dot_general` for dense layers (`dot_general=` of `nn.Dense` / `nn.DenseGeneral`), with a CPU-friendly
+    weight gradient.
+
+    For the dense pattern — the input's trailing axes contracted with the kernel's leading axes, no batch axes —
+    the forward pass and the input gradient are the usual products; the kernel gradient x^T g is computed from an
+    explicitly transposed copy of x ([K, M] row-major), because XLA:CPU runs a product that contracts the leading
+    axis of both operands on a slow generic path (and transposes g, the larger operand, to get there). On other
+    platforms the transpose is left for XLA to fold. Any other contraction falls back to `lax.dot_general`.
+    """
+    (lhs_c, rhs_c), (lhs_b, rhs_b) = dimension_numbers
+    n = len(lhs_c)
+    dense = (not lhs_b and not rhs_b and precision is None and preferred_element_type is None and n > 0
+             and tuple(d % lhs.ndim for d in lhs_c) == tuple(range(lhs.ndim - n, lhs.ndim))
+             and tuple(d % rhs.ndim for d in rhs_c) == tuple(range(n)))
+    if not dense:
+        return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+    return _dense_product(lhs, rhs, n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense_product(x, w, n_contract):
+    return lax.dot_general(x, w, ((tuple(range(x.ndim - n_contract, x.ndim)), tuple(range(n_contract))), ((), ())))
+
+
+def _dense_product_fwd(x, w, n_contract):
+    return _dense_product(x, w, n_contract), (x, w)
+
+
+def _transposed_copy(x_MxK):
+    """x^T as its own [K, M] array: on CPU an optimization barrier keeps XLA from folding the transpose back."""
+    return lax.platform_dependent(x_MxK, cpu=lambda x: lax.optimization_barrier(x.T), default=lambda x: x.T)
+
+
+def _dense_product_bwd(n_contract, residuals, g):
+    x, w = residuals
+    k = math.prod(w.shape[:n_contract])
+    n = math.prod(w.shape[n_contract:])
+    m = math.prod(x.shape[:x.ndim - n_contract])
+    g_MxN = g.reshape(m, n)
+    w_KxN = w.reshape(k, n)
+    dx = lax.dot_general(g_MxN, w_KxN, (((1,), (1,)), ((), ()))).reshape(x.shape)
+    dw = lax.dot_general(_transposed_copy(x.reshape(m, k)), g_MxN, (((1,), (0,)), ((), ()))).reshape(w.shape)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_dense_product.defvjp(_dense_product_fwd, _dense_product_bwd)
 
 
 def xavier(gain: float = 1.0):
@@ -64,7 +117,8 @@ class Attention(nn.Module):
             raise ValueError(f"model width {d_model} is not divisible by num_heads={self.num_heads}")
         head_dim = d_model // self.num_heads
         dense = lambda name, gain: nn.DenseGeneral((self.num_heads, head_dim), use_bias=self.use_bias,
-                                                   kernel_init=xavier(gain), dtype=self.dtype, name=name)
+                                                   kernel_init=xavier(gain), dtype=self.dtype,
+                                                   dot_general=dense_dot_general, name=name)
         if kv_only:
             if kv_BxKxD is None:
                 raise ValueError("kv_only projects a cross-attention memory: pass it as kv_BxKxD")
@@ -115,5 +169,5 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores_BxHxQxK, axis=-1).astype(v.dtype)
         out_BxQxHxD = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         y = nn.DenseGeneral(d_model, axis=(-2, -1), use_bias=self.use_bias, kernel_init=xavier(self.out_gain),
-                            dtype=self.dtype, name="out")(out_BxQxHxD)
+                            dtype=self.dtype, dot_general=dense_dot_general, name="out")(out_BxQxHxD)
         return y, new_cache

@@ -1,0 +1,82 @@
+"""The training step's speed-ups change nothing but float rounding: the dense layers' custom kernel gradient,
+and the loss's output head restricted to the positions the loss scores (`loss_pos`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax import lax
+
+from arith_jax.data import DataConfig, loss_positions, make_batch
+from arith_jax.model import ArithModel, ModelConfig
+from core_jax.attention import dense_dot_general
+
+
+@settings(max_examples=25, deadline=None)
+@given(lead=st.lists(st.integers(1, 4), min_size=1, max_size=3), contract=st.lists(st.integers(1, 4), min_size=1,
+       max_size=2), features=st.lists(st.integers(1, 4), min_size=1, max_size=2), seed=st.integers(0, 2**16))
+def test_dense_dot_general_matches_dot_general(lead, contract, features, seed):
+    """Values and both gradients equal lax.dot_general's for every dense contraction (trailing x leading axes)."""
+    rx, rw, rg = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(rx, (*lead, *contract))
+    w = jax.random.normal(rw, (*contract, *features))
+    n = len(contract)
+    dims = ((tuple(range(len(lead), len(lead) + n)), tuple(range(n))), ((), ()))
+    g = jax.random.normal(rg, (*lead, *features))
+
+    def vjp(dot):
+        y, pull = jax.vjp(lambda a, b: dot(a, b, dims), x, w)
+        return (y, *pull(g))
+
+    for ours, ref in zip(jax.jit(lambda: vjp(dense_dot_general))(), jax.jit(lambda: vjp(lax.dot_general))()):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_dot_general_falls_back_for_other_contractions():
+    x, w = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
+    batched = (((2,), (1,)), ((0,), (0,)))
+    np.testing.assert_array_equal(dense_dot_general(x, w, batched), lax.dot_general(x, w, batched))
+    leading = (((0,), (0,)), ((), ()))
+    np.testing.assert_array_equal(dense_dot_general(x, x, leading), lax.dot_general(x, x, leading))
+
+
+@pytest.mark.parametrize("task", ["add", "mul", "sort"])
+def test_loss_positions_are_the_mask_targets(task):
+    cfg = DataConfig(task, max_len=5, max_count=4, batch_size=24, seed=2)
+    batch = make_batch(cfg, 3)
+    pos = batch["loss_pos"]
+    assert pos.shape == (24, cfg.answer_len) and pos.dtype == np.int32
+    for row_pos, row_mask in zip(pos, batch["mask"]):
+        kept = row_pos[row_pos >= 0]
+        assert kept.tolist() == (np.flatnonzero(row_mask[1:])).tolist()
+        assert (row_pos[len(kept):] == -1).all()
+
+
+def test_loss_positions_rejects_too_narrow():
+    with pytest.raises(ValueError, match="3 loss targets"):
+        loss_positions(np.array([[0, 0, 1, 1, 1]], np.float32), 2)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(layers=1, recurrences=3, input_injection=True),
+                                dict(positions=("abacus", "fire"), recurrences=1)])
+@pytest.mark.parametrize("task", ["add", "sort"])
+def test_loss_with_positions_equals_full_loss(kw, task):
+    """Loss, metrics and gradients with the head at the loss positions only == with the head everywhere."""
+    data = DataConfig(task, max_len=4, max_count=3, batch_size=6, seed=1)
+    base = dict(width=32, ffn=64, heads=4, layers=2, recurrences=1, positions=("abacus",), abacus_max_k=5,
+                table_size=64)
+    model = ArithModel(ModelConfig(**(base | kw)), data.tokenizer.vocab_size)
+    params = model.init(jax.random.PRNGKey(0))
+    batch = {k: jnp.asarray(v) for k, v in make_batch(data, 0).items()}
+    full = {k: batch[k] for k in ("tokens", "mask")}
+    rng = jax.random.PRNGKey(3)
+    grad = jax.jit(jax.value_and_grad(model.loss, has_aux=True))
+    (loss_a, met_a), g_a = grad(params, batch, rng)
+    (loss_b, met_b), g_b = grad(params, full, rng)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+    for k in met_b:
+        np.testing.assert_allclose(met_a[k], met_b[k], rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g_a), jax.tree_util.tree_leaves(g_b)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

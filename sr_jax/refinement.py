@@ -506,7 +506,13 @@ def _mask_value(l, g, gn, active):
     return (value, gn), grad
 
 
-@functools.lru_cache(maxsize=32)
+# XLA:CPU maps every compiled program's code into memory (about 1,000-4,000 regions for a refinement program) and
+# releases it when the program is dropped; these caches are kept small so that a long process stays far below the
+# kernel's limit on mappings (vm.max_map_count, 65,530 by default), past which compilation aborts the process.
+_PROGRAM_CACHE_SIZE = 16
+
+
+@functools.lru_cache(maxsize=_PROGRAM_CACHE_SIZE)
 def _refine_program(sig, maxiter: int, tol: float, linesearch: str, maxls: int, dtype: np.dtype,
                     hessian: str = "hybrid"):
     """Jitted (datasets-vmapped) refinement with jaxopt's BFGS and line search (or only the start's loss, with
@@ -541,7 +547,7 @@ def _refine_program(sig, maxiter: int, tol: float, linesearch: str, maxls: int, 
     return jax.jit(program)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=_PROGRAM_CACHE_SIZE)
 def _lockstep_program(sig, tol: float, dtype: np.dtype, hessian: str):
     """Jitted chunk of lockstep refinement for one tape signature: ``(arrays, c, state, real, x, y, w, stop_at) ->
     (c, state)``, ``jax.vmap``-ed over the leading (dataset) axis. Every candidate runs until its gradient norm is

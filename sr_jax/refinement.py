@@ -506,7 +506,7 @@ def _mask_value(l, g, gn, active):
     return (value, gn), grad
 
 
-# XLA:CPU maps every compiled program's code into memory (about 1,000-4,000 regions for a refinement program) and
+# XLA:CPU maps every compiled program's code into memory (thousands of regions for a refinement program) and
 # releases it when the program is dropped; these caches are kept small so that a long process stays far below the
 # kernel's limit on mappings (vm.max_map_count, 65,530 by default), past which compilation aborts the process.
 _PROGRAM_CACHE_SIZE = 16

@@ -21,6 +21,7 @@ import numpy as np
 from arith_jax.tokenizer import EOS, PAD, SORT_VOCAB_LABELS, TASKS, Tokenizer
 
 _OPERATOR = {"add": "+", "mul": "x"}
+SAMPLING = ("iid", "cycle")
 _EVAL_STREAM = 0xE7A1  # extra seed word: evaluation problems never share a random stream with training
 
 
@@ -30,6 +31,12 @@ class DataConfig:
 
     add/mul: each operand has min_len..max_len digits. sort: arrays of 1..max_count numbers whose
     maximum digit count D runs over min_len..max_len (each number then has 1..D digits, as the original).
+
+    sampling: how rows are spread over the length cells (`length_cells`). "iid" (default): each row's cell is
+    drawn uniformly and independently, as the original's shuffled rows of an exactly balanced dataset (every batch
+    mixes all lengths). "cycle": global row g = step * batch_size + r takes cell g mod n_cells, so the counts are
+    exactly balanced over each cycle but a batch with fewer rows than cells holds a contiguous run of cells (only
+    some lengths); the shipped addition model was trained this way.
     """
 
     task: str = "add"
@@ -38,10 +45,13 @@ class DataConfig:
     min_len: int = 1
     batch_size: int = 64
     seed: int = 0
+    sampling: str = "iid"
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; expected one of {TASKS}")
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"unknown data.sampling {self.sampling!r}; expected one of {SAMPLING}")
         if not 1 <= self.min_len <= self.max_len:
             raise ValueError(f"need 1 <= min_len <= max_len, got {self.min_len}, {self.max_len}")
         if self.task == "sort" and not 1 <= self.max_count <= len(SORT_VOCAB_LABELS):
@@ -76,16 +86,27 @@ def length_cells(cfg: DataConfig) -> list[tuple[int, int]]:
     return [(i, j) for i in first for j in second]
 
 
-def sample_problems(cfg: DataConfig, step: int) -> list[tuple[str, str]]:
-    """(prompt ending in '=', answer without EOS) for each row of batch `step`.
+def batch_cells(cfg: DataConfig, step: int, rng: np.random.Generator | None = None) -> list[tuple[int, int]]:
+    """The length cell of each row of batch `step` (see `DataConfig.sampling`).
 
-    Global sample g = step * batch_size + row takes cell g mod n_cells, so every cell gets exactly
-    the same count over each full cycle, as the original's bucket method.
+    "iid": `batch_size` cells drawn uniformly with replacement from `rng` (default: the batch's own stream,
+    `np.random.default_rng([seed, step])`, which `sample_problems` then goes on drawing the problems from).
+    "cycle": global sample g = step * batch_size + row takes cell g mod n_cells, so every cell gets exactly the
+    same count over each full cycle, as the original's bucket method before its shuffle (no randomness).
     """
-    rng = np.random.default_rng([cfg.seed, step])
     cells = length_cells(cfg)
-    g0 = step * cfg.batch_size
-    return [_problem(cfg.task, rng, *cells[(g0 + r) % len(cells)]) for r in range(cfg.batch_size)]
+    if cfg.sampling == "cycle":
+        g0 = step * cfg.batch_size
+        return [cells[(g0 + r) % len(cells)] for r in range(cfg.batch_size)]
+    rng = np.random.default_rng([cfg.seed, step]) if rng is None else rng
+    return [cells[i] for i in rng.integers(0, len(cells), size=cfg.batch_size)]
+
+
+def sample_problems(cfg: DataConfig, step: int) -> list[tuple[str, str]]:
+    """(prompt ending in '=', answer without EOS) for each row of batch `step`, a pure function of
+    (config, step): the rows' cells come from `batch_cells`, then each row's problem is drawn in its cell."""
+    rng = np.random.default_rng([cfg.seed, step])
+    return [_problem(cfg.task, rng, *cell) for cell in batch_cells(cfg, step, rng)]
 
 
 def make_batch(cfg: DataConfig, step: int) -> dict[str, np.ndarray]:

@@ -123,7 +123,7 @@ def test_batches_are_deterministic_in_seed_and_step(task):
 
 @pytest.mark.parametrize("task", ["add", "mul"])
 def test_bucket_cycle_is_exactly_balanced(task):
-    cfg = DataConfig(task, min_len=2, max_len=5, batch_size=7)  # 16 pairs, not a multiple of 7
+    cfg = DataConfig(task, min_len=2, max_len=5, batch_size=7, sampling="cycle")  # 16 pairs, not a multiple of 7
     cells = length_cells(cfg)
     assert cells[:5] == [(2, 2), (2, 3), (2, 4), (2, 5), (3, 2)]
     counts = collections.Counter()
@@ -137,7 +137,7 @@ def test_bucket_cycle_is_exactly_balanced(task):
 
 
 def test_sort_cells_are_balanced_and_digit_counts_bounded():
-    cfg = DataConfig("sort", min_len=1, max_len=3, max_count=4, batch_size=5)
+    cfg = DataConfig("sort", min_len=1, max_len=3, max_count=4, batch_size=5, sampling="cycle")
     cells = length_cells(cfg)
     assert len(cells) == 12 and cells[0] == (1, 1) and cells[-1] == (3, 4)
     counts = collections.Counter()

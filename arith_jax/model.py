@@ -23,6 +23,7 @@ from core_jax.attention import Attention, KVCache, dense_dot_general, xavier
 from arith_jax.tokenizer import DIGIT_IDS
 
 POSITION_KINDS = ("abacus", "learned", "fire", "rope")
+LOSS_REDUCTIONS = ("mean", "padded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,9 @@ class ModelConfig:
     init_noise: float = 0.02      # std of the initial state in training (0 in evaluation)
     scan_unroll: int = 1          # lax.scan unroll over passes (CPU: unrolling pays, see BENCHMARKS.md)
     dtype: str = "float32"        # compute dtype: float32 or bfloat16 (params stay float32)
+    loss_reduction: str = "mean"  # "mean": over the batch's answer tokens (the original's default, its addition and
+                                  # sorting); "padded": each row's answer-token sum / (S - 1), averaged over rows
+                                  # (the original's loss_reduction=none of its multiplication runs)
 
     def __post_init__(self):
         bad = [p for p in self.positions if p not in POSITION_KINDS]
@@ -54,6 +58,8 @@ class ModelConfig:
             raise ValueError("abacus and learned absolute positions share the embedding slot; pick one")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
         if self.abacus_train_ids not in ("shift", "subset"):
             raise ValueError(f"abacus_train_ids must be 'shift' or 'subset', got {self.abacus_train_ids!r}")
         if self.recurrences < 1 or self.layers < 1:
@@ -325,7 +331,10 @@ class ArithModel:
 
     # ---------------------------------------------------------------- loss
     def loss(self, params, batch: dict, rng) -> tuple[jnp.ndarray, dict]:
-        """Mean cross-entropy over answer tokens + EOS (mask[:, 1:]), as the original's mask_before_equals.
+        """Cross-entropy over answer tokens + EOS (mask[:, 1:]), as the original's mask_before_equals, reduced by
+        `cfg.loss_reduction`: "mean" divides the sum over those tokens by their number in the batch; "padded"
+        divides it by B * (S - 1) for tokens [B, S] (the original's loss_reduction=none: every row's sum over its
+        answer tokens / the padded length S - 1, averaged over the rows, so longer answers weigh more).
 
         With `batch["loss_pos"]` (int32 [B, A], from `arith_jax.data.loss_positions`: the input positions whose
         next token is a target, padded with -1) the output head runs only at those A positions per row instead of
@@ -345,7 +354,10 @@ class ArithModel:
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         denom = jnp.maximum(m.sum(), 1.0)
-        loss = (nll * m).sum() / denom
+        if self.cfg.loss_reduction == "padded":
+            loss = (nll * m).sum() / (tokens.shape[0] * (tokens.shape[1] - 1))
+        else:
+            loss = (nll * m).sum() / denom
         correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
         tok_acc = (correct * m).sum() / denom
         seq_acc = jnp.mean(jnp.all((correct >= 1.0) | (m == 0), axis=1).astype(jnp.float32))

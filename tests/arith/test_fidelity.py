@@ -101,3 +101,61 @@ def test_iid_batch_rows_are_drawn_in_the_cells_batch_cells_names(task, seed, ste
         else:
             a, b = re.fullmatch(r"(\d+)[+x](\d+)", prompt).groups()
             assert (len(a), len(b)) == (la, lb)
+
+
+# --- 2. the multiplication loss reduction ---------------------------------------------------------------------
+
+
+def tiny_model(task="mul", **kw):
+    from arith_jax.model import ArithModel, ModelConfig
+
+    base = dict(width=16, ffn=32, heads=2, layers=1, recurrences=1, positions=("abacus",), abacus_max_k=0,
+                table_size=32)
+    cfg = ModelConfig(**dict(base, **kw))
+    return ArithModel(cfg, DataConfig(task).tokenizer.vocab_size)
+
+
+def hand_made_mul_batch():
+    """Two multiplications with answers of 2 and 4 digits, padded to the data's S = 11 (operands <= 2 digits)."""
+    from arith_jax.data import encode_sample, format_problem, loss_positions
+
+    data = DataConfig("mul", max_len=2)
+    rows = [encode_sample("mul", *format_problem("mul", a, b), data.seq_len) for a, b in ((12, 3), (45, 67))]
+    tokens, mask = np.stack([t for t, _ in rows]), np.stack([m for _, m in rows])
+    assert tokens.shape == (2, 11) and mask.sum(axis=1).tolist() == [3, 5]  # answer digits + EOS
+    return {"tokens": tokens, "mask": mask, "loss_pos": loss_positions(mask, data.answer_len)}
+
+
+def test_padded_loss_reduction_divides_by_rows_times_padded_length():
+    """The original's loss_reduction=none: sum of the answer tokens' cross-entropy / (B * (S - 1)); "mean" divides
+    by the number of answer tokens instead. Checked against log-softmax of the model's own logits, with the head
+    run everywhere and only at the batch's loss positions."""
+    import jax
+
+    batch = hand_made_mul_batch()
+    rng = jax.random.PRNGKey(3)
+    model = tiny_model()
+    params = model.init(jax.random.PRNGKey(0))
+    logits = np.asarray(model.apply(params, batch["tokens"][:, :-1], rng=rng, train=True), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    targets, m = batch["tokens"][:, 1:], batch["mask"][:, 1:]
+    nll_sum = -(np.take_along_axis(logp, targets[..., None], -1)[..., 0] * m).sum()
+    expected = {"padded": nll_sum / (2 * 10), "mean": nll_sum / 8}
+    without_loss_pos = {k: v for k, v in batch.items() if k != "loss_pos"}
+    for reduction in ("mean", "padded"):
+        model = tiny_model(loss_reduction=reduction)
+        for b in (batch, without_loss_pos):
+            assert float(model.loss(params, b, rng)[0]) == pytest.approx(expected[reduction], rel=1e-5)
+
+
+def test_the_paper_multiplication_config_uses_the_original_reduction():
+    from pathlib import Path
+
+    from arith_jax.config import ArithConfig
+    from core_jax.config import load_config
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    assert load_config(ArithConfig, root / "arith_mul_looped_4x4.yaml").model.loss_reduction == "padded"
+    assert load_config(ArithConfig, root / "arith_add_looped_1x16.yaml").model.loss_reduction == "mean"
+    with pytest.raises(ValueError, match="loss_reduction"):
+        load_config(ArithConfig, root / "arith_tiny.yaml", ["model.loss_reduction=sum"])

@@ -17,6 +17,13 @@ from 1; 0 for non-digits) follows from the previous token's: a digit continues t
 Uncached: every step writes each row's token into a token buffer at its own index and re-runs the model on the
 whole buffer (positions 0..S-1 for every row, exact for the same reason).
 
+A model with `eval_init_noise` (the original's evaluation: h0 = init_noise * N(0, I) on every forward call) draws
+its initial state from `rng`: cached, the prefill's positions get one draw and each later token a draw keyed by its
+row and position (so every position's state is computed once, from one draw); uncached, every step re-runs the
+buffer with a fresh draw for every position, as the original (which has no cache) does. Row b's answer then depends
+on the key and on its row index, not only on its prompt. Without that option `rng` is ignored and decoding is
+deterministic.
+
 `compiled_programs()` counts the programs traced so far (one compilation each); the callers that decode many
 problems (`arith_jax.evaluate.solve_prompts`) pad prompts into `length_bucket`s to keep that count small. Programs
 are cached per model configuration and shapes, not per model instance: a second `ArithModel` (or `Solver.load`)
@@ -85,16 +92,20 @@ def _force_eos_past_budget(logits_BxV, step_B, max_new_B):
     return jnp.where((step_B >= max_new_B)[:, None], eos_only[None, :], logits_BxV)
 
 
-def _apply_per_row(model: ArithModel, params, tokens_BxQ, abacus_BxQ, kv: KVCache, index_B, recurrences):
-    """model.apply with a cache, row b's Q tokens at positions (and cache slots) index_B[b] + 0..Q-1."""
-    def one_row(tokens_Q, abacus_Q, kv_row, index):
+def _apply_per_row(model: ArithModel, params, tokens_BxQ, abacus_BxQ, kv: KVCache, index_B, recurrences, rng):
+    """model.apply with a cache, row b's Q tokens at positions (and cache slots) index_B[b] + 0..Q-1; row b's
+    initial-state noise (if the model has any in evaluation) is keyed by (rng, b, index_B[b])."""
+    def one_row(tokens_Q, abacus_Q, kv_row, index, row):
         kv_1 = jax.tree_util.tree_map(lambda x: x[:, :, None], kv_row)   # back to [passes, layers, 1, S, H, D]
+        key = jax.random.fold_in(jax.random.fold_in(rng, row), index)
         logits_1xQxV, kv_1 = model.apply(params, tokens_Q[None], abacus_BxQ=abacus_Q[None], cache=kv_1,
-                                         start=index, recurrences=recurrences)
+                                         start=index, recurrences=recurrences, rng=key)
         return logits_1xQxV[0], jax.tree_util.tree_map(lambda x: x[:, :, 0], kv_1)
 
     rows = KVCache(2, 2)  # the batch axis of the cache leaves
-    return jax.vmap(one_row, in_axes=(0, 0, rows, 0), out_axes=(0, rows))(tokens_BxQ, abacus_BxQ, kv, index_B)
+    row_B = jnp.arange(tokens_BxQ.shape[0])
+    return jax.vmap(one_row, in_axes=(0, 0, rows, 0, 0), out_axes=(0, rows))(tokens_BxQ, abacus_BxQ, kv, index_B,
+                                                                             row_B)
 
 
 @functools.lru_cache(maxsize=64)
@@ -109,18 +120,21 @@ def _compiled(model_type: type, cfg: ModelConfig, vocab_size: int, max_new: int,
     # the passes run as a rolled loop: unrolling speeds training up but makes decoding programs slower to compile
     model = model_type(dataclasses.replace(cfg, scan_unroll=1), vocab_size)
 
-    def cached(params, prompts_BxP, lengths_B, max_new_B):
+    def cached(params, prompts_BxP, lengths_B, max_new_B, rng):
         B, P = prompts_BxP.shape
+        r_prefill, r_steps = jax.random.split(rng)
         kv = model.init_cache(B, P + max_new, recurrences)
         if P > 1:
-            _, kv = model.apply(params, prompts_BxP[:, :-1], cache=kv, start=0, recurrences=recurrences)
+            _, kv = model.apply(params, prompts_BxP[:, :-1], cache=kv, start=0, recurrences=recurrences,
+                                rng=r_prefill)
         first_B = lengths_B - 1
         prev_abacus_B = jnp.take_along_axis(abacus_ids(prompts_BxP), jnp.maximum(first_B - 1, 0)[:, None], 1)[:, 0]
         start = _CachedState(kv, first_B, jnp.where(first_B > 0, prev_abacus_B, 0))
 
         def tokens_to_logits(tokens_Bx1, s: _CachedState):
             aba_Bx1 = jnp.where(_is_digit(tokens_Bx1), s.abacus_B[:, None] + 1, 0)
-            logits_BxQxV, kv = _apply_per_row(model, params, tokens_Bx1, aba_Bx1, s.kv, s.index_B, recurrences)
+            logits_BxQxV, kv = _apply_per_row(model, params, tokens_Bx1, aba_Bx1, s.kv, s.index_B, recurrences,
+                                              r_steps)
             logits = _force_eos_past_budget(logits_BxQxV[:, 0], s.index_B - first_B, max_new_B)
             return logits, _CachedState(kv, s.index_B + 1, aba_Bx1[:, 0])
 
@@ -128,7 +142,7 @@ def _compiled(model_type: type, cfg: ModelConfig, vocab_size: int, max_new: int,
         return decode.greedy(tokens_to_logits, start, last_B, max_len=max_new, eos_id=eos_id,
                              pad_id=PAD).tokens_BxT
 
-    def uncached(params, prompts_BxP, lengths_B, max_new_B):
+    def uncached(params, prompts_BxP, lengths_B, max_new_B, rng):
         B, P = prompts_BxP.shape
         buffer = jnp.concatenate([prompts_BxP, jnp.full((B, max_new), PAD, jnp.int32)], axis=1)
         first_B = lengths_B - 1
@@ -136,7 +150,8 @@ def _compiled(model_type: type, cfg: ModelConfig, vocab_size: int, max_new: int,
 
         def tokens_to_logits(tokens_Bx1, s: _BufferState):
             tokens = jnp.where(slots_S[None, :] == s.index_B[:, None], tokens_Bx1, s.tokens_BxS)
-            logits = model.apply(params, tokens, recurrences=recurrences)
+            step = s.index_B[0] - first_B[0]  # every row is at the same step
+            logits = model.apply(params, tokens, recurrences=recurrences, rng=jax.random.fold_in(rng, step))
             logits = jnp.take_along_axis(logits, s.index_B[:, None, None], axis=1)[:, 0]
             return (_force_eos_past_budget(logits, s.index_B - first_B, max_new_B),
                     _BufferState(tokens, s.index_B + 1))
@@ -147,10 +162,10 @@ def _compiled(model_type: type, cfg: ModelConfig, vocab_size: int, max_new: int,
 
     fn = cached if use_cache else uncached
 
-    def program(params, prompts_BxP, lengths_B, max_new_B):
+    def program(params, prompts_BxP, lengths_B, max_new_B, rng):
         global _programs
         _programs += 1  # runs once per trace, i.e. once per compiled program
-        tokens_BxT = fn(params, prompts_BxP, lengths_B, max_new_B)
+        tokens_BxT = fn(params, prompts_BxP, lengths_B, max_new_B, rng)
         if not stop_at_eos:
             tokens_BxT = _pad_after_eos(tokens_BxT)
         return jnp.where(jnp.arange(max_new)[None, :] < max_new_B[:, None], tokens_BxT, PAD)
@@ -159,7 +174,8 @@ def _compiled(model_type: type, cfg: ModelConfig, vocab_size: int, max_new: int,
 
 
 def greedy_decode(model: ArithModel, params, prompts_BxP, max_new: int, *, lengths_B=None, max_new_B=None,
-                  recurrences: int | None = None, use_cache: bool = True, stop_at_eos: bool = True) -> np.ndarray:
+                  recurrences: int | None = None, use_cache: bool = True, stop_at_eos: bool = True,
+                  rng=None) -> np.ndarray:
     """Generated token ids [B, max_new] (EOS included, PAD after it).
 
     prompts_BxP: token ids; with `lengths_B`, row b's prompt is prompts_BxP[b, :lengths_B[b]] and the rest of the
@@ -167,7 +183,8 @@ def greedy_decode(model: ArithModel, params, prompts_BxP, max_new: int, *, lengt
     caps row b's answer at max_new_B[b] tokens; its slots after that are PAD. Row b's ids are the same as
     decoding its prompt alone at its exact length with max_new_B[b] (see the module docstring).
     `stop_at_eos=False` always runs max_new steps (for benchmarks, where an untrained model's early EOS would
-    flatter the timing); the returned ids are the same.
+    flatter the timing); the returned ids are the same. `rng` (default `jax.random.PRNGKey(0)`) keys the
+    initial-state noise of a model with `eval_init_noise` and is ignored otherwise (module docstring).
     """
     if int(max_new) < 1:
         raise ValueError(f"max_new must be >= 1 (the answer needs at least its EOS), got {max_new}")
@@ -184,4 +201,5 @@ def greedy_decode(model: ArithModel, params, prompts_BxP, max_new: int, *, lengt
                          f"got {max_new_B}")
     fn = _compiled(type(model), model.cfg, int(model.vocab_size), int(max_new), recurrences, bool(use_cache),
                    bool(stop_at_eos))
-    return np.asarray(fn(params, jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths), jnp.asarray(budgets)))
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    return np.asarray(fn(params, jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths), jnp.asarray(budgets), rng))

@@ -13,6 +13,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -33,7 +34,8 @@ def exact_match(generated_BxN: np.ndarray, targets: list[list[int]]) -> np.ndarr
 
 def solve_prompts(model: ArithModel, params, prompts: list[np.ndarray], max_new: list[int], *,
                   batch_size: int = 256, recurrences: int | None = None, use_cache: bool = True,
-                  progress: bool = False, desc: str = "decode", bucket: bool = True) -> list[np.ndarray]:
+                  progress: bool = False, desc: str = "decode", bucket: bool = True,
+                  noise_seed: int = 0) -> list[np.ndarray]:
     """Greedy generations for prompts of any lengths: row i has exactly max_new[i] tokens (EOS, then PAD).
 
     With `bucket` (default), prompts are right-padded to their `length_bucket` and answers to the bucket of the
@@ -41,6 +43,9 @@ def solve_prompts(model: ArithModel, params, prompts: list[np.ndarray], max_new:
     `SMALLEST_BUCKET`); every chunk of a call has the same number of rows (batch_size, or the smallest power of
     two that holds the largest group). Each answer is what decoding its prompt alone at its exact length gives
     (`greedy_decode`). `bucket=False` groups prompts by exact length instead (the reference).
+
+    A model with `eval_init_noise` draws the initial state of the c-th decoded chunk from
+    `fold_in(PRNGKey(noise_seed), c)` (then each answer depends on the seed and on where its prompt lands).
     """
     if len(prompts) != len(max_new):
         raise ValueError(f"got {len(prompts)} prompts but {len(max_new)} answer lengths")
@@ -51,6 +56,8 @@ def solve_prompts(model: ArithModel, params, prompts: list[np.ndarray], max_new:
     rows = min(batch_size, _pow2_at_least(max((len(ix) for ix in groups.values()), default=1)))
     results: list[np.ndarray | None] = [None] * len(prompts)
     total = sum(-(-len(ix) // rows) for ix in groups.values())
+    noise_key = jax.random.PRNGKey(noise_seed)
+    chunk_number = 0
     with tqdm(total=total, disable=not progress, desc=desc, dynamic_ncols=True,
               mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
         for width in sorted(groups):
@@ -64,7 +71,8 @@ def solve_prompts(model: ArithModel, params, prompts: list[np.ndarray], max_new:
                     batch[j, :len(prompts[i])] = prompts[i]
                 gen = greedy_decode(model, params, batch, new, lengths_B=[len(prompts[i]) for i in chunk],
                                     max_new_B=[max_new[i] for i in chunk], recurrences=recurrences,
-                                    use_cache=use_cache)
+                                    use_cache=use_cache, rng=jax.random.fold_in(noise_key, chunk_number))
+                chunk_number += 1
                 for j, i in enumerate(chunk[:min(rows, len(idx) - s)]):
                     results[i] = gen[j, :max_new[i]]
                 bar.update(1)
@@ -86,7 +94,8 @@ def cell_problems(task: str, la: int, lb: int, n: int, seed: int):
 
 def accuracy_cells(model: ArithModel, params, task: str, cells: list[tuple[int, int]], n: int, *, seed: int = 1234,
                    batch_size: int = 256, recurrences: int | None = None, progress: bool = True) -> dict:
-    """{(la, lb): accuracy} for each cell, all cells decoded together (padded into prompt-length buckets)."""
+    """{(la, lb): accuracy} for each cell, all cells decoded together (padded into prompt-length buckets); `seed`
+    draws the problems and keys the initial-state noise of a model with `eval_init_noise`."""
     prompts, targets, max_new, owner = [], [], [], []
     for cell in cells:
         p, t = cell_problems(task, *cell, n, seed)
@@ -95,7 +104,7 @@ def accuracy_cells(model: ArithModel, params, task: str, cells: list[tuple[int, 
         max_new += [answer_length(task, *cell)] * len(p)
         owner += [cell] * len(p)
     gens = solve_prompts(model, params, prompts, max_new, batch_size=batch_size, recurrences=recurrences,
-                         progress=progress, desc="eval")
+                         progress=progress, desc="eval", noise_seed=seed)
     hits: dict = defaultdict(list)
     for cell, g, t in zip(owner, gens, targets):
         hits[cell].append(bool(exact_match(g[None], [t])[0]))

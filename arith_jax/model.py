@@ -43,7 +43,8 @@ class ModelConfig:
     table_size: int = 512         # rows of the Abacus / learned position tables
     max_backprop: int | None = None  # progressive loss: at most this many passes with gradient (default T//2)
     progressive: bool = True      # progressive loss for looped models (n no-grad passes, then k with grad)
-    init_noise: float = 0.02      # std of the initial state in training (0 in evaluation)
+    init_noise: float = 0.02      # std of the initial state h0 ~ init_noise * N(0, I) in training
+    eval_init_noise: bool = False  # draw h0 the same way in evaluation too (the original); False: h0 = 0 there
     scan_unroll: int = 1          # lax.scan unroll over passes (CPU: unrolling pays, see BENCHMARKS.md)
     dtype: str = "float32"        # compute dtype: float32 or bfloat16 (params stay float32)
     loss_reduction: str = "mean"  # "mean": over the batch's answer tokens (the original's default, its addition and
@@ -216,7 +217,9 @@ class ArithModel:
         """Logits [B, Q, vocab] for tokens at absolute positions start..start+Q-1.
 
         With `cache` (from `init_cache`), the tokens' keys/values are written at `start` and (logits, cache) is
-        returned. In training, `rng` drives the Abacus offset, the initial-state noise and the progressive loss.
+        returned. In training, `rng` drives the Abacus offset, the initial-state noise and the progressive loss; in
+        evaluation it drives only the initial-state noise of a model with `cfg.eval_init_noise` (and must be given
+        there), and is ignored otherwise.
         """
         h, new_cache = self.hidden(params, tokens_BxQ, abacus_BxQ=abacus_BxQ, start=start, rng=rng, train=train,
                                    recurrences=recurrences, cache=cache)
@@ -243,7 +246,10 @@ class ArithModel:
 
         e = self.embed.apply({"params": params["embed"]}, tokens_BxQ, abacus_BxQ, table_pos_Q)
         e = e.astype(_dtype(cfg.dtype))
-        if train and cfg.init_noise > 0:
+        if cfg.init_noise > 0 and (train or cfg.eval_init_noise):
+            if rng is None:
+                raise ValueError("this model draws its initial state from noise in evaluation too "
+                                 "(model.eval_init_noise): pass rng")
             rng, r_h = jax.random.split(rng)
             h = cfg.init_noise * jax.random.normal(r_h, e.shape, jnp.float32).astype(e.dtype)
         else:

@@ -115,6 +115,14 @@ def tiny_model(task="mul", **kw):
     return ArithModel(cfg, DataConfig(task).tokenizer.vocab_size)
 
 
+@pytest.fixture(scope="module")
+def tiny_params():
+    """Parameters of `tiny_model()`; every variant below (reduction, noise, FIRE init off) has the same tree."""
+    import jax
+
+    return jax.jit(tiny_model().init)(jax.random.PRNGKey(0))
+
+
 def hand_made_mul_batch():
     """Two multiplications with answers of 2 and 4 digits, padded to the data's S = 11 (operands <= 2 digits)."""
     from arith_jax.data import encode_sample, format_problem, loss_positions
@@ -126,7 +134,7 @@ def hand_made_mul_batch():
     return {"tokens": tokens, "mask": mask, "loss_pos": loss_positions(mask, data.answer_len)}
 
 
-def test_padded_loss_reduction_divides_by_rows_times_padded_length():
+def test_padded_loss_reduction_divides_by_rows_times_padded_length(tiny_params):
     """The original's loss_reduction=none: sum of the answer tokens' cross-entropy / (B * (S - 1)); "mean" divides
     by the number of answer tokens instead. Checked against log-softmax of the model's own logits, with the head
     run everywhere and only at the batch's loss positions."""
@@ -134,8 +142,7 @@ def test_padded_loss_reduction_divides_by_rows_times_padded_length():
 
     batch = hand_made_mul_batch()
     rng = jax.random.PRNGKey(3)
-    model = tiny_model()
-    params = model.init(jax.random.PRNGKey(0))
+    model, params = tiny_model(), tiny_params
     logits = np.asarray(model.apply(params, batch["tokens"][:, :-1], rng=rng, train=True), np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     targets, m = batch["tokens"][:, 1:], batch["mask"][:, 1:]
@@ -159,3 +166,47 @@ def test_the_paper_multiplication_config_uses_the_original_reduction():
     assert load_config(ArithConfig, root / "arith_add_looped_1x16.yaml").model.loss_reduction == "mean"
     with pytest.raises(ValueError, match="loss_reduction"):
         load_config(ArithConfig, root / "arith_tiny.yaml", ["model.loss_reduction=sum"])
+
+
+# --- 3. evaluation-time initial-state noise -------------------------------------------------------------------
+
+
+def test_eval_init_noise_is_the_training_draw(tiny_params):
+    """With model.eval_init_noise, evaluation starts from h0 = init_noise * N(0, I) drawn from rng exactly as in
+    training (spec §4.1: the original adds it in evaluation too); without it (the default), h0 = 0 and rng is
+    ignored."""
+    import jax
+
+    tokens = hand_made_mul_batch()["tokens"][:, :-1]
+    r, other = jax.random.PRNGKey(5), jax.random.PRNGKey(6)
+    plain, noisy = tiny_model(), tiny_model(eval_init_noise=True)
+    assert not plain.cfg.eval_init_noise  # the default: deterministic evaluation
+    ref = np.asarray(plain.apply(tiny_params, tokens))
+    np.testing.assert_array_equal(plain.apply(tiny_params, tokens, rng=r), ref)
+    drawn = np.asarray(noisy.apply(tiny_params, tokens, rng=r))
+    # one pass and no Abacus offset: training consumes rng for the noise alone, so the draws coincide
+    np.testing.assert_allclose(drawn, plain.apply(tiny_params, tokens, rng=r, train=True), atol=1e-6)
+    assert not np.allclose(drawn, ref, atol=1e-4)
+    assert not np.allclose(drawn, noisy.apply(tiny_params, tokens, rng=other), atol=1e-4)
+    with pytest.raises(ValueError, match="pass rng"):
+        noisy.apply(tiny_params, tokens)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_decoding_with_eval_init_noise_depends_on_the_key_only(tiny_params, use_cache):
+    """Decoded answers are a function of the key with eval_init_noise (here with a noise large enough to move an
+    untrained model's argmax) and of the prompts alone without it."""
+    import jax
+
+    from arith_jax.decode import greedy_decode
+
+    prompts = hand_made_mul_batch()["tokens"][:, :6]  # "21x3=6" and "54x76=": any prefixes will do
+    a, b = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    for noise, varies in ((True, True), (False, False)):
+        model = tiny_model(eval_init_noise=noise, init_noise=3.0)
+        if not noise and not use_cache:
+            continue  # uncached decoding without noise is covered by tests/arith/test_decode.py
+        run = lambda key: greedy_decode(model, tiny_params, prompts, 6, rng=key, use_cache=use_cache,
+                                        stop_at_eos=False)
+        np.testing.assert_array_equal(run(a), run(a))
+        assert (not np.array_equal(run(a), run(b))) == varies

@@ -24,6 +24,7 @@ from arith_jax.tokenizer import DIGIT_IDS
 
 POSITION_KINDS = ("abacus", "learned", "fire", "rope")
 LOSS_REDUCTIONS = ("mean", "padded")
+FIRE_INITS = ("xavier", "lecun")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,8 @@ class ModelConfig:
     progressive: bool = True      # progressive loss for looped models (n no-grad passes, then k with grad)
     init_noise: float = 0.02      # std of the initial state h0 ~ init_noise * N(0, I) in training
     eval_init_noise: bool = False  # draw h0 the same way in evaluation too (the original); False: h0 = 0 there
+    fire_init: str = "xavier"     # FIRE MLP kernels: "xavier" normal with the deepnorm gain (the original), or
+                                  # "lecun" normal (Flax's Dense default; the shipped model's recipe)
     scan_unroll: int = 1          # lax.scan unroll over passes (CPU: unrolling pays, see BENCHMARKS.md)
     dtype: str = "float32"        # compute dtype: float32 or bfloat16 (params stay float32)
     loss_reduction: str = "mean"  # "mean": over the batch's answer tokens (the original's default, its addition and
@@ -59,6 +62,8 @@ class ModelConfig:
             raise ValueError("abacus and learned absolute positions share the embedding slot; pick one")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+        if self.fire_init not in FIRE_INITS:
+            raise ValueError(f"fire_init must be one of {FIRE_INITS}, got {self.fire_init!r}")
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
         if self.abacus_train_ids not in ("shift", "subset"):
@@ -88,7 +93,25 @@ def _dtype(name: str):
 
 
 def _gain(cfg: ModelConfig) -> float:
+    """The original's deepnorm-straight gain (8 N)^(-1/4), N = layers x recurrences (spec §4.3)."""
     return (8 * cfg.layers * cfg.recurrences) ** -0.25
+
+
+def xavier_fire_mlp(block_params: dict, rng, gain: float) -> dict:
+    """`block_params` with every FIRE MLP kernel (`.../fire/mlp_in/kernel`, `.../fire/mlp_out/kernel`) redrawn
+    from xavier-normal with `gain` (std gain * sqrt(2 / (fan_in + fan_out)), plain normal), as the original
+    initialises every nn.Linear (spec §4.3); leading axes of stacked per-pass weights are batch axes. Biases and
+    every other leaf are returned unchanged (FireBias's biases start at zero, as the original's)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(block_params)
+    out = []
+    for i, (path, leaf) in enumerate(leaves):
+        names = [str(getattr(k, "key", k)) for k in path]
+        if names[-3:] in (["fire", "mlp_in", "kernel"], ["fire", "mlp_out", "kernel"]):
+            init = nn.initializers.variance_scaling(gain * gain, "fan_avg", "normal",
+                                                    batch_axis=tuple(range(leaf.ndim - 2)))
+            leaf = init(jax.random.fold_in(rng, i), leaf.shape, leaf.dtype)
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 class GluFFN(nn.Module):
@@ -199,6 +222,8 @@ class ArithModel:
         else:
             rngs = jax.random.split(r_block, cfg.recurrences)
             params["block"] = jax.vmap(lambda r: self.block.init(r, x, pos)["params"])(rngs)
+        if "fire" in cfg.positions and cfg.fire_init == "xavier":  # a key of its own: the other leaves stay as drawn
+            params["block"] = xavier_fire_mlp(params["block"], jax.random.fold_in(rng, 0xF12E), _gain(cfg))
         return params
 
     def num_params(self, params) -> int:

@@ -210,3 +210,56 @@ def test_decoding_with_eval_init_noise_depends_on_the_key_only(tiny_params, use_
                                         stop_at_eos=False)
         np.testing.assert_array_equal(run(a), run(a))
         assert (not np.array_equal(run(a), run(b))) == varies
+
+
+# --- 4. the FIRE MLP initialisation ---------------------------------------------------------------------------
+
+
+def test_xavier_fire_mlp_statistics_with_the_deepnorm_gain():
+    """Kernels drawn by `xavier_fire_mlp` (256 keys): mean 0, std gain * sqrt(2 / (fan_in + fan_out)) for both
+    layers (1 -> 32 -> heads), for one block and for weights stacked per pass (the stack is not a fan), and not
+    truncated at 2 std as lecun-normal is; biases stay zero."""
+    import jax
+
+    from arith_jax.model import xavier_fire_mlp
+
+    heads, gain = 4, (8 * 2 * 3) ** -0.25  # N = 2 layers x 3 passes
+    zeros = lambda *shape: np.zeros(shape, np.float32)
+    fire = {"c": np.float32(0.1), "mlp_in": {"kernel": zeros(1, 32), "bias": zeros(32)},
+            "mlp_out": {"kernel": zeros(32, heads), "bias": zeros(heads)}}
+    stacked = jax.tree_util.tree_map(lambda x: np.stack([x] * 3), fire)
+    tree = {"layer0": {"attn": {"fire": fire}}, "layer1": {"attn": {"fire": stacked}}}
+    draws = jax.jit(jax.vmap(lambda k: xavier_fire_mlp(tree, k, gain)))(jax.random.split(jax.random.PRNGKey(0), 256))
+    for layer in ("layer0", "layer1"):
+        got = draws[layer]["attn"]["fire"]
+        for name, fans in (("mlp_in", 1 + 32), ("mlp_out", 32 + heads)):
+            k = np.asarray(got[name]["kernel"])
+            std = gain * np.sqrt(2 / fans)
+            assert abs(k.mean()) < 0.05 * std and k.std() == pytest.approx(std, rel=0.04)
+            assert np.abs(k).max() > 3 * std  # a normal, not a truncated normal
+            assert not np.asarray(got[name]["bias"]).any()
+        assert np.all(np.asarray(got["c"]) == np.float32(0.1))
+    stack = np.asarray(draws["layer1"]["attn"]["fire"]["mlp_out"]["kernel"])
+    assert not np.allclose(stack[:, 0], stack[:, 1])  # every pass draws its own
+
+
+def test_fire_init_option_changes_only_the_fire_mlp_kernels():
+    """The model's init: "xavier" (the default, the original's) and "lecun" (Flax's Dense default, the shipped
+    recipe) draw every other parameter identically; lecun's kernels have std 1/sqrt(fan_in) (1 for mlp_in)."""
+    import jax
+
+    key = jax.random.PRNGKey(0)
+    xavier = tiny_model(positions=("abacus", "fire"), heads=4, recurrences=2)
+    lecun = tiny_model(positions=("abacus", "fire"), heads=4, recurrences=2, fire_init="lecun")
+    assert xavier.cfg.fire_init == "xavier"
+    a, b = jax.jit(xavier.init)(key), jax.jit(lecun.init)(key)
+    flat_a = dict(jax.tree_util.tree_flatten_with_path(a)[0])
+    flat_b = dict(jax.tree_util.tree_flatten_with_path(b)[0])
+    for path, leaf in flat_a.items():
+        names = [str(getattr(k, "key", k)) for k in path]
+        fire_kernel = names[-3:-1] in (["fire", "mlp_in"], ["fire", "mlp_out"]) and names[-1] == "kernel"
+        assert np.array_equal(leaf, flat_b[path]) != fire_kernel, names
+    fire_a, fire_b = a["block"]["layer0"]["attn"]["fire"], b["block"]["layer0"]["attn"]["fire"]
+    gain = (8 * 1 * 2) ** -0.25
+    assert np.asarray(fire_a["mlp_in"]["kernel"]).std() < 2 * gain * np.sqrt(2 / 33)
+    assert np.asarray(fire_b["mlp_in"]["kernel"]).std() > 0.5  # lecun: std 1 for fan_in 1

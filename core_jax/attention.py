@@ -97,6 +97,10 @@ class Attention(nn.Module):
     Cross-attention to a fixed memory (an encoder's output) need not re-project the memory at every decoding step:
     `attn(None, memory, kv_only=True)` returns its keys/values as a KVCache once, and
     `attn(x, memory_kv=that_cache, kv_mask_BxK=...)` attends to them (same parameters, no key/value projection).
+
+    Packed rows (several sequences back to back in one row): with `q_segment_BxQ` and `kv_segment_BxK` (integer
+    segment ids), a query attends only to keys of its own segment, on top of the causal and key masks. Not with a
+    KV cache (decoding runs one sequence per row).
     """
 
     num_heads: int
@@ -111,7 +115,13 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BxQxD, kv_BxKxD=None, *, q_pos_Q=None, k_pos_K=None, causal: bool = False,
                  kv_mask_BxK=None, cache: KVCache | None = None, cache_index=None,
-                 memory_kv: KVCache | None = None, kv_only: bool = False):
+                 memory_kv: KVCache | None = None, kv_only: bool = False, q_segment_BxQ=None,
+                 kv_segment_BxK=None):
+        if (q_segment_BxQ is None) != (kv_segment_BxK is None):
+            raise ValueError("segment ids restrict attention to a query's own segment: pass both q_segment_BxQ "
+                             "and kv_segment_BxK, or neither")
+        if q_segment_BxQ is not None and cache is not None:
+            raise ValueError("segment ids are for full-sequence passes over packed rows, not with a KV cache")
         d_model = (kv_BxKxD if kv_only else x_BxQxD).shape[-1]
         if d_model % self.num_heads:
             raise ValueError(f"model width {d_model} is not divisible by num_heads={self.num_heads}")
@@ -165,6 +175,8 @@ class Attention(nn.Module):
             allowed = allowed & (k_pos_K[None, :] <= q_pos_Q[:, None])[None, None]
         if kv_mask_BxK is not None:
             allowed = allowed & kv_mask_BxK[:, None, None, :].astype(bool)
+        if q_segment_BxQ is not None:
+            allowed = allowed & (q_segment_BxQ[:, None, :, None] == kv_segment_BxK[:, None, None, :])
         scores_BxHxQxK = jnp.where(allowed, scores_BxHxQxK, NEG_INF)
         probs = jax.nn.softmax(scores_BxHxQxK, axis=-1).astype(v.dtype)
         out_BxQxHxD = jnp.einsum("bhqk,bkhd->bqhd", probs, v)

@@ -13,6 +13,12 @@ V decoder vocabulary, H heads. Decoding uses R = B * G rows (G beams or samples 
 - `norm="post"` is the original (residual add, then LayerNorm, eps 1e-12); `norm="pre"` normalises each sub-layer's
   input and adds a final LayerNorm.
 
+Training batches may be packed (sr_jax.data, `pack`): several datasets per row, with segment ids on the points
+and target tokens. The encoder then attends within a segment, the decoder's positions restart at each segment (the
+batch's `target_position`), its self-attention is causal within a segment and its cross-attention reaches only its
+own dataset's points; the loss skips the position where one target ends and the next begins. Same loss as one
+dataset per row, up to rounding.
+
 The model is a pure pair `init(rng) -> params` / functions of params. Decoding (core_jax.decode) runs against
 `tokens_to_logits(tokens_Rx1, cache) -> (logits_RxV, cache)` built by `decoder_fn`: the points are encoded and the
 cross-attention keys/values projected once per dataset, and each step attends the G rows of a dataset to them as G
@@ -109,10 +115,11 @@ class EncoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxNxD, mask_BxN):
+    def __call__(self, x_BxNxD, mask_BxN, segment_BxN=None):
         cfg = self.cfg
         attn = Attention(cfg.heads, use_bias=True, dtype=cfg.compute_dtype, name="attn")
-        x = _Sublayer(cfg.norm == "pre", name="sub_attn")(x_BxNxD, lambda h: attn(h, kv_mask_BxK=mask_BxN)[0])
+        x = _Sublayer(cfg.norm == "pre", name="sub_attn")(
+            x_BxNxD, lambda h: attn(h, kv_mask_BxK=mask_BxN, q_segment_BxQ=segment_BxN, kv_segment_BxK=segment_BxN)[0])
         x = _Sublayer(cfg.norm == "pre", name="sub_ffn")(x, FFN(cfg.ffn_mult * cfg.width, cfg.compute_dtype,
                                                                 name="ffn"))
         return jnp.where(mask_BxN[..., None], x, 0)
@@ -122,14 +129,14 @@ class Encoder(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, points_BxNxP, mask_BxN):
+    def __call__(self, points_BxNxP, mask_BxN, segment_BxN=None):
         cfg = self.cfg
         x = PointEmbedder(cfg, name="embedder")(points_BxNxP)
         if cfg.norm == "post":
             x = _norm("norm_emb")(x).astype(cfg.compute_dtype)
         x = jnp.where(mask_BxN[..., None], x, 0)
         for i in range(cfg.enc_layers):
-            x = EncoderLayer(cfg, name=f"layer{i}")(x, mask_BxN)
+            x = EncoderLayer(cfg, name=f"layer{i}")(x, mask_BxN, segment_BxN)
         if cfg.norm == "pre":
             x = jnp.where(mask_BxN[..., None], _norm("norm_out")(x), 0).astype(cfg.compute_dtype)
         return x
@@ -147,7 +154,7 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxD, *, memory_BxNxD=None, memory_mask_BxN=None, memory_kv=None, cache=None,
-                 cache_index=None, pos_T=None, kv_only=False):
+                 cache_index=None, pos_T=None, kv_only=False, segment_BxT=None, memory_segment_BxN=None):
         cfg = self.cfg
         cross = Attention(cfg.heads, use_bias=True, dtype=cfg.compute_dtype, name="cross")
         if kv_only:
@@ -158,12 +165,14 @@ class DecoderLayer(nn.Module):
 
         def attend_self(h):
             nonlocal new_cache
-            out, new_cache = self_attn(h, q_pos_Q=pos_T, causal=True, cache=cache, cache_index=cache_index)
+            out, new_cache = self_attn(h, q_pos_Q=pos_T, causal=True, cache=cache, cache_index=cache_index,
+                                       q_segment_BxQ=segment_BxT, kv_segment_BxK=segment_BxT)
             return out
 
         def attend_memory(h):
             if memory_kv is None:
-                return cross(h, memory_BxNxD, kv_mask_BxK=memory_mask_BxN)[0]
+                return cross(h, memory_BxNxD, kv_mask_BxK=memory_mask_BxN, q_segment_BxQ=segment_BxT,
+                             kv_segment_BxK=memory_segment_BxN)[0]
             # decoding: the G rows of each dataset are G queries to that dataset's memory
             R, Q, D = h.shape
             B = memory_kv.k_BxSxHxD.shape[0]
@@ -182,7 +191,10 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxT, *, memory_BxNxD=None, memory_mask_BxN=None, memory_kvs=None, cache=None,
-                 kv_only=False):
+                 kv_only=False, segment_BxT=None, position_BxT=None, memory_segment_BxN=None):
+        """Logits [B, T, V] (and the advanced cache). Packed rows: `segment_BxT` and `memory_segment_BxN` (segment
+        ids of the tokens and of the memory's points) and `position_BxT` (each token's position in its own
+        sequence); otherwise positions are 0.. (or continue from the cache's index)."""
         cfg = self.cfg
         layers = [DecoderLayer(cfg, name=f"layer{i}") for i in range(cfg.dec_layers)]
         if kv_only:
@@ -193,7 +205,7 @@ class Decoder(nn.Module):
         pos_T = start + jnp.arange(tokens_BxT.shape[1])
         positions = nn.Embed(cfg.max_len, cfg.width, embedding_init=nn.initializers.normal(cfg.width ** -0.5),
                              name="position")
-        x = embed(tokens_BxT) + positions(pos_T)[None]
+        x = embed(tokens_BxT) + (positions(pos_T)[None] if position_BxT is None else positions(position_BxT))
         if cfg.norm == "post":
             x = _norm("norm_emb")(x)
         x = x.astype(cfg.compute_dtype)
@@ -201,7 +213,8 @@ class Decoder(nn.Module):
         for i, layer in enumerate(layers):
             x, c = layer(x, memory_BxNxD=memory_BxNxD, memory_mask_BxN=memory_mask_BxN,
                          memory_kv=None if memory_kvs is None else memory_kvs[i],
-                         cache=None if cache is None else cache.layers[i], cache_index=start, pos_T=pos_T)
+                         cache=None if cache is None else cache.layers[i], cache_index=start, pos_T=pos_T,
+                         segment_BxT=segment_BxT, memory_segment_BxN=memory_segment_BxN)
             new_layers.append(c)
         if cfg.norm == "pre":
             x = _norm("norm_out")(x)
@@ -247,26 +260,43 @@ class E2EModel:
         return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
 
     # ---------------------------------------------------------------- forward
-    def encode(self, params, points_BxNxP, mask_BxN) -> jnp.ndarray:
-        return self.encoder.apply({"params": params["encoder"]}, points_BxNxP, mask_BxN)
+    def encode(self, params, points_BxNxP, mask_BxN, segment_BxN=None) -> jnp.ndarray:
+        return self.encoder.apply({"params": params["encoder"]}, points_BxNxP, mask_BxN, segment_BxN)
 
-    def logits(self, params, points_BxNxP, mask_BxN, tokens_BxT) -> jnp.ndarray:
-        """Teacher-forced next-token logits [B, T, V] (float32)."""
-        memory = self.encode(params, points_BxNxP, mask_BxN)
+    def logits(self, params, points_BxNxP, mask_BxN, tokens_BxT, *, point_segment_BxN=None, segment_BxT=None,
+               position_BxT=None) -> jnp.ndarray:
+        """Teacher-forced next-token logits [B, T, V] (float32); packed rows with the segment ids and positions of
+        sr_jax.data's packed batches."""
+        memory = self.encode(params, points_BxNxP, mask_BxN, point_segment_BxN)
         logits, _ = self.decoder.apply({"params": params["decoder"]}, tokens_BxT, memory_BxNxD=memory,
-                                       memory_mask_BxN=mask_BxN)
+                                       memory_mask_BxN=mask_BxN, segment_BxT=segment_BxT,
+                                       position_BxT=position_BxT, memory_segment_BxN=point_segment_BxN)
         return logits
 
     def loss(self, params, batch: dict, rng=None) -> tuple[jnp.ndarray, dict]:
-        """Token-level mean cross-entropy of target[:, 1:] given target[:, :-1] (spec §4.2), PAD masked."""
+        """Token-level mean cross-entropy of target[:, 1:] given target[:, :-1] (spec §4.2), PAD masked; in a
+        packed batch (with `target_segment`) also the position where one target ends and the next begins.
+        `seq_acc`: the fraction of examples (targets) predicted entirely right."""
         target = batch["target"]
-        logits = self.logits(params, batch["points"], batch["point_mask"], target[:, :-1])
-        labels, m = target[:, 1:], (target[:, 1:] != PAD).astype(jnp.float32)
+        labels = target[:, 1:]
+        packed = "target_segment" in batch
+        if packed:
+            seg = batch["target_segment"]
+            logits = self.logits(params, batch["points"], batch["point_mask"], target[:, :-1],
+                                 point_segment_BxN=batch["point_segment"], segment_BxT=seg[:, :-1],
+                                 position_BxT=batch["target_position"][:, :-1])
+            m = ((labels != PAD) & (seg[:, 1:] == seg[:, :-1])).astype(jnp.float32)
+        else:
+            logits = self.logits(params, batch["points"], batch["point_mask"], target[:, :-1])
+            m = (labels != PAD).astype(jnp.float32)
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
         denom = jnp.maximum(m.sum(), 1.0)
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        seq_acc = jnp.mean(jnp.all((correct > 0) | (m == 0), axis=1).astype(jnp.float32))
+        if packed:
+            seq_acc = _packed_seq_acc(correct, m, seg[:, 1:])
+        else:
+            seq_acc = jnp.mean(jnp.all((correct > 0) | (m == 0), axis=1).astype(jnp.float32))
         return (nll * m).sum() / denom, {"token_acc": (correct * m).sum() / denom, "seq_acc": seq_acc}
 
     # ---------------------------------------------------------------- decoding
@@ -294,6 +324,18 @@ class E2EModel:
                                                memory_mask_BxN=context.memory_mask_BxN, cache=cache)
             return logits[:, -1], cache
         return tokens_to_logits
+
+
+def _packed_seq_acc(correct_BxT, m_BxT, segment_BxT) -> jnp.ndarray:
+    """Fraction of the examples in packed rows whose predicted tokens (m = 1) are all correct: per-(row, segment)
+    counts of predicted and of wrong tokens; segment ids are < T + 1 (each example has at least 2 tokens)."""
+    B, T = segment_BxT.shape
+    ids = (jnp.arange(B)[:, None] * (T + 1) + segment_BxT).reshape(-1)
+    n_bins = B * (T + 1)
+    tokens = jax.ops.segment_sum(m_BxT.reshape(-1), ids, n_bins)
+    wrong = jax.ops.segment_sum((m_BxT * (1 - correct_BxT)).reshape(-1), ids, n_bins)
+    present = tokens > 0
+    return jnp.sum(present & (wrong == 0)) / jnp.maximum(jnp.sum(present), 1)
 
 
 def bos(rows: int) -> jnp.ndarray:

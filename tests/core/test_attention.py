@@ -67,3 +67,32 @@ def test_fire_shape_and_shift_invariance_below_L():
     assert b.shape == (3, 6, 6)
     # positions below L = 512 use the constant normaliser, so the bias depends only on p_i - p_j
     np.testing.assert_allclose(fire.apply(params, q + 50, k + 50), b, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_segments_of_a_packed_row_attend_as_separate_rows(causal):
+    """Two sequences back to back in one row with segment ids give what each gives alone (self and cross)."""
+    attn = Attention(num_heads=2)
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 7, 8))
+    mem = jax.random.normal(jax.random.PRNGKey(2), (1, 6, 8))
+    params = attn.init(jax.random.PRNGKey(1), x)
+    seg_q = jnp.array([[1, 1, 1, 2, 2, 2, 0]])
+    seg_k = jnp.array([[2, 2, 1, 1, 1, 0]])
+    y, _ = attn.apply(params, x, causal=causal, q_segment_BxQ=seg_q, kv_segment_BxK=seg_q)
+    np.testing.assert_allclose(y[:, :3], attn.apply(params, x[:, :3], causal=causal)[0], atol=1e-5)
+    np.testing.assert_allclose(y[:, 3:6], attn.apply(params, x[:, 3:6], causal=causal)[0], atol=1e-5)
+    c, _ = attn.apply(params, x, mem, q_segment_BxQ=seg_q, kv_segment_BxK=seg_k, kv_mask_BxK=seg_k > 0)
+    np.testing.assert_allclose(c[:, :3], attn.apply(params, x[:, :3], mem[:, 2:5])[0], atol=1e-5)
+    np.testing.assert_allclose(c[:, 3:6], attn.apply(params, x[:, 3:6], mem[:, :2])[0], atol=1e-5)
+
+
+def test_segment_ids_need_both_sides_and_no_cache():
+    attn = Attention(num_heads=2)
+    x = jnp.ones((1, 3, 8))
+    params = attn.init(jax.random.PRNGKey(0), x)
+    seg = jnp.ones((1, 3), jnp.int32)
+    with pytest.raises(ValueError, match="pass both"):
+        attn.apply(params, x, q_segment_BxQ=seg)
+    with pytest.raises(ValueError, match="KV cache"):
+        attn.apply(params, x, causal=True, cache=KVCache.zeros(1, 4, 2, 4), cache_index=0, q_segment_BxQ=seg,
+                   kv_segment_BxK=seg)

@@ -92,7 +92,8 @@ def _train(args) -> None:
             raise Interrupted(signal.Signals[name], f"interrupted by {name} during the evaluation after training; "
                               f"the checkpoint of step {int(result.state.step)} is saved in {workdir}; evaluate it "
                               f"with `run.py arith eval --checkpoint {workdir}`") from None
-        print(json.dumps({k: report[k] for k in ("in_distribution_acc", "out_of_distribution_acc")}))
+        keys = ["in_distribution_acc", "out_of_distribution_acc", "in_distribution_top1", "out_of_distribution_top1"]
+        print(json.dumps({k: report[k] for k in keys if k in report}))
 
 
 def _eval(args) -> None:
@@ -117,7 +118,7 @@ def _eval(args) -> None:
         check_writable(plot.with_name(plot.stem + "_sweep.png"), "--plot (its sweep figure)")
     report = run_evaluation(model, params, cfg.data.task, cfg.data.max_len, max_len, n, sweep, args.json, args.plot,
                             batch_size=cfg.eval.batch_size, recurrences=recurrences, seed=cfg.eval.seed)
-    summary = {k: v for k, v in report.items() if k != "grid"}
+    summary = {k: v for k, v in report.items() if k not in ("grid", "top1_grid")}
     print(json.dumps(summary, indent=1))
 
 

@@ -263,3 +263,55 @@ def test_fire_init_option_changes_only_the_fire_mlp_kernels():
     gain = (8 * 1 * 2) ** -0.25
     assert np.asarray(fire_a["mlp_in"]["kernel"]).std() < 2 * gain * np.sqrt(2 / 33)
     assert np.asarray(fire_b["mlp_in"]["kernel"]).std() > 0.5  # lecun: std 1 for fan_in 1
+
+
+# --- 5. sorting's top-1 accuracy ------------------------------------------------------------------------------
+
+
+def test_top1_match_reads_only_the_first_token():
+    from arith_jax.evaluate import exact_match, top1_match
+
+    targets = [[30, 15, 31, 3], [30, 15, 31, 3], [30, 15, 31, 3]]
+    gen = np.array([[30, 15, 31, 3], [30, 15, 40, 3], [31, 15, 30, 3]])
+    assert top1_match(gen, targets).tolist() == [True, True, False]
+    assert exact_match(gen, targets).tolist() == [True, False, False]
+
+
+def test_sort_evaluation_reports_top1_next_to_exact_match(monkeypatch, tmp_path):
+    """Decoding replaced by answers that are right (i % 3 == 0), wrong from their first token (i % 3 == 1), or
+    wrong after it (i % 3 == 2): every cell has exact 1/3 and top-1 2/3, in the grid, the summaries and the sweep;
+    addition reports no top-1."""
+    import json
+
+    import arith_jax.evaluate as ev
+    from arith_jax.data import make_eval_cell
+    from arith_jax.tokenizer import EOS, PAD, Tokenizer
+
+    tok = Tokenizer.for_task("sort")
+    answers = {}
+    for cell in [(i, j) for i in (1, 2) for j in (1, 2)] + [(3, 3)]:
+        prompts, ans = make_eval_cell("sort", *cell, 6, 1234)
+        for p, a in zip(prompts, ans):
+            answers[tuple(p[p != PAD])] = tok.encode(a) + [EOS]
+
+    def graded(model, params, prompts, max_new, **kw):
+        out = []
+        for i, (p, n) in enumerate(zip(prompts, max_new)):
+            t = list(answers[tuple(p)])
+            if i % 3:
+                t[0 if i % 3 == 1 else -1] += 1  # i % 3 == 2: the last label or the EOS is wrong
+            out.append(np.array(t + [PAD] * (n - len(t)), np.int32))
+        return out
+
+    monkeypatch.setattr(ev, "solve_prompts", graded)
+    report = ev.run_evaluation(None, None, "sort", 1, 2, 6, sweep=(3,), json_path=tmp_path / "r.json",
+                               progress=False)
+    np.testing.assert_allclose(report["grid"], np.full((2, 2), 1 / 3))
+    np.testing.assert_allclose(report["top1_grid"], np.full((2, 2), 2 / 3))
+    assert report["in_distribution_top1"] == pytest.approx(2 / 3) == report["out_of_distribution_top1"]
+    assert report["sweep"]["3"] == pytest.approx(1 / 3) and report["sweep_top1"]["3"] == pytest.approx(2 / 3)
+    assert json.loads((tmp_path / "r.json").read_text())["top1_grid"] == report["top1_grid"]
+
+    monkeypatch.setattr(ev, "solve_prompts", lambda m, p, prompts, max_new, **kw: [
+        np.full(n, PAD, np.int32) for n in max_new])
+    assert "top1_grid" not in ev.run_evaluation(None, None, "add", 1, 2, 2, progress=False)

@@ -52,7 +52,8 @@ class TrainConfig:
                 ("optim.lr", positive()), ("optim.warmup_frac", between(0, 1)), ("optim.warmup_steps", at_least(0)),
                 ("optim.warmup_init", at_least(0)), ("optim.decay_frac", between(0, 1)),
                 ("optim.min_lr_frac", between(0, 1)), ("optim.b1", below_one), ("optim.b2", below_one),
-                ("optim.eps", positive()), ("optim.weight_decay", at_least(0)), ("optim.clip_norm", at_least(0))]
+                ("optim.eps", positive()), ("optim.weight_decay", at_least(0)), ("optim.clip_norm", at_least(0)),
+                ("optim.accumulate", at_least(1)), ("optim.batch_ramp", between(0, 1))]
 
 
 class TrainState(struct.PyTreeNode):

@@ -109,7 +109,7 @@ def test_iid_batch_rows_are_drawn_in_the_cells_batch_cells_names(task, seed, ste
 def tiny_model(task="mul", **kw):
     from arith_jax.model import ArithModel, ModelConfig
 
-    base = dict(width=16, ffn=32, heads=2, layers=1, recurrences=1, positions=("abacus",), abacus_max_k=0,
+    base = dict(width=16, ffn=32, heads=2, layers=1, recurrences=1, positions=("abacus", "fire"), abacus_max_k=0,
                 table_size=32)
     cfg = ModelConfig(**dict(base, **kw))
     return ArithModel(cfg, DataConfig(task).tokenizer.vocab_size)
@@ -117,10 +117,18 @@ def tiny_model(task="mul", **kw):
 
 @pytest.fixture(scope="module")
 def tiny_params():
-    """Parameters of `tiny_model()`; every variant below (reduction, noise, FIRE init off) has the same tree."""
+    """Parameters in the tree of `tiny_model()` (every variant below has the same tree): N(0, 0.3^2) draws from
+    numpy, LayerNorm scales 1. Any values serve the tests that take them, and none has to compile an init."""
     import jax
 
-    return jax.jit(tiny_model().init)(jax.random.PRNGKey(0))
+    shapes = jax.eval_shape(tiny_model().init, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+
+    def fill(path, leaf):
+        if str(getattr(path[-1], "key", "")) == "scale":
+            return np.ones(leaf.shape, leaf.dtype)
+        return (0.3 * rng.normal(size=leaf.shape)).astype(leaf.dtype)
+    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def hand_made_mul_batch():
@@ -141,18 +149,24 @@ def test_padded_loss_reduction_divides_by_rows_times_padded_length(tiny_params):
     import jax
 
     batch = hand_made_mul_batch()
+    without_loss_pos = {k: v for k, v in batch.items() if k != "loss_pos"}
     rng = jax.random.PRNGKey(3)
-    model, params = tiny_model(), tiny_params
-    logits = np.asarray(model.apply(params, batch["tokens"][:, :-1], rng=rng, train=True), np.float64)
+
+    @jax.jit  # one program for all five
+    def run(params):
+        losses = {(reduction, b): tiny_model(loss_reduction=reduction).loss(params, (batch, without_loss_pos)[b],
+                                                                           rng)[0]
+                  for reduction in ("mean", "padded") for b in (0, 1)}
+        return tiny_model().apply(params, batch["tokens"][:, :-1], rng=rng, train=True), losses
+
+    logits, losses = run(tiny_params)
+    logits = np.asarray(logits, np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     targets, m = batch["tokens"][:, 1:], batch["mask"][:, 1:]
     nll_sum = -(np.take_along_axis(logp, targets[..., None], -1)[..., 0] * m).sum()
     expected = {"padded": nll_sum / (2 * 10), "mean": nll_sum / 8}
-    without_loss_pos = {k: v for k, v in batch.items() if k != "loss_pos"}
-    for reduction in ("mean", "padded"):
-        model = tiny_model(loss_reduction=reduction)
-        for b in (batch, without_loss_pos):
-            assert float(model.loss(params, b, rng)[0]) == pytest.approx(expected[reduction], rel=1e-5)
+    for (reduction, _), loss in losses.items():
+        assert float(loss) == pytest.approx(expected[reduction], rel=1e-5)
 
 
 PAPER_CONFIGS = ("arith_add_looped_1x16", "arith_add_standard_16", "arith_add_standard_ii_16", "arith_mul_looped_4x4",
@@ -194,88 +208,89 @@ def test_eval_init_noise_is_the_training_draw(tiny_params):
     r, other = jax.random.PRNGKey(5), jax.random.PRNGKey(6)
     plain, noisy = tiny_model(), tiny_model(eval_init_noise=True)
     assert not plain.cfg.eval_init_noise  # the default: deterministic evaluation
-    ref = np.asarray(plain.apply(tiny_params, tokens))
-    np.testing.assert_array_equal(plain.apply(tiny_params, tokens, rng=r), ref)
-    drawn = np.asarray(noisy.apply(tiny_params, tokens, rng=r))
+    run = jax.jit(lambda p: (plain.apply(p, tokens), plain.apply(p, tokens, rng=r), noisy.apply(p, tokens, rng=r),
+                             plain.apply(p, tokens, rng=r, train=True), noisy.apply(p, tokens, rng=other)))
+    ref, ignored, drawn, trained, drawn_other = map(np.asarray, run(tiny_params))
+    np.testing.assert_array_equal(ignored, ref)
     # one pass and no Abacus offset: training consumes rng for the noise alone, so the draws coincide
-    np.testing.assert_allclose(drawn, plain.apply(tiny_params, tokens, rng=r, train=True), atol=1e-6)
+    np.testing.assert_allclose(drawn, trained, atol=1e-6)
     assert not np.allclose(drawn, ref, atol=1e-4)
-    assert not np.allclose(drawn, noisy.apply(tiny_params, tokens, rng=other), atol=1e-4)
+    assert not np.allclose(drawn, drawn_other, atol=1e-4)
     with pytest.raises(ValueError, match="pass rng"):
-        noisy.apply(tiny_params, tokens)
+        jax.eval_shape(lambda p: noisy.apply(p, tokens), tiny_params)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_decoding_with_eval_init_noise_depends_on_the_key_only(tiny_params, use_cache):
+def test_decoding_with_eval_init_noise_depends_on_the_key(tiny_params, use_cache):
     """Decoded answers are a function of the key with eval_init_noise (here with a noise large enough to move an
-    untrained model's argmax) and of the prompts alone without it."""
+    untrained model's argmax); without it, rng is ignored by the model (above), so decoding is deterministic."""
     import jax
 
     from arith_jax.decode import greedy_decode
 
     prompts = hand_made_mul_batch()["tokens"][:, :6]  # "21x3=6" and "54x76=": any prefixes will do
-    a, b = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
-    for noise, varies in ((True, True), (False, False)):
-        model = tiny_model(eval_init_noise=noise, init_noise=3.0)
-        if not noise and not use_cache:
-            continue  # uncached decoding without noise is covered by tests/arith/test_decode.py
-        run = lambda key: greedy_decode(model, tiny_params, prompts, 6, rng=key, use_cache=use_cache,
-                                        stop_at_eos=False)
-        np.testing.assert_array_equal(run(a), run(a))
-        assert (not np.array_equal(run(a), run(b))) == varies
+    model = tiny_model(eval_init_noise=True, init_noise=3.0)
+    run = lambda seed: greedy_decode(model, tiny_params, prompts, 6, rng=jax.random.PRNGKey(seed),
+                                     use_cache=use_cache, stop_at_eos=False)
+    first = run(1)
+    np.testing.assert_array_equal(run(1), first)
+    assert not np.array_equal(run(2), first)
 
 
 # --- 4. the FIRE MLP initialisation ---------------------------------------------------------------------------
 
 
 def test_xavier_fire_mlp_statistics_with_the_deepnorm_gain():
-    """Kernels drawn by `xavier_fire_mlp` (256 keys): mean 0, std gain * sqrt(2 / (fan_in + fan_out)) for both
-    layers (1 -> 32 -> heads), for one block and for weights stacked per pass (the stack is not a fan), and not
-    truncated at 2 std as lecun-normal is; biases stay zero."""
+    """Kernels drawn by `xavier_fire_mlp`: mean 0, std gain * sqrt(2 / (fan_in + fan_out)) for both layers
+    (1 -> 32 -> heads), for one block (512 heads) and for weights stacked over 256 passes (the stack is not a fan;
+    every pass draws its own), and not truncated at 2 std as lecun-normal is; biases and c stay as they were."""
     import jax
 
     from arith_jax.model import xavier_fire_mlp
 
-    heads, gain = 4, (8 * 2 * 3) ** -0.25  # N = 2 layers x 3 passes
-    zeros = lambda *shape: np.zeros(shape, np.float32)
-    fire = {"c": np.float32(0.1), "mlp_in": {"kernel": zeros(1, 32), "bias": zeros(32)},
-            "mlp_out": {"kernel": zeros(32, heads), "bias": zeros(heads)}}
-    stacked = jax.tree_util.tree_map(lambda x: np.stack([x] * 3), fire)
-    tree = {"layer0": {"attn": {"fire": fire}}, "layer1": {"attn": {"fire": stacked}}}
-    draws = jax.jit(jax.vmap(lambda k: xavier_fire_mlp(tree, k, gain)))(jax.random.split(jax.random.PRNGKey(0), 256))
-    for layer in ("layer0", "layer1"):
-        got = draws[layer]["attn"]["fire"]
-        for name, fans in (("mlp_in", 1 + 32), ("mlp_out", 32 + heads)):
-            k = np.asarray(got[name]["kernel"])
-            std = gain * np.sqrt(2 / fans)
-            assert abs(k.mean()) < 0.05 * std and k.std() == pytest.approx(std, rel=0.04)
-            assert np.abs(k).max() > 3 * std  # a normal, not a truncated normal
-            assert not np.asarray(got[name]["bias"]).any()
+    gain = (8 * 2 * 3) ** -0.25  # N = 2 layers x 3 passes
+
+    def fire(heads, passes=()):
+        zeros = lambda *shape: np.zeros((*passes, *shape), np.float32)
+        return {"attn": {"fire": {"c": np.full(passes, 0.1, np.float32),
+                                  "mlp_in": {"kernel": zeros(1, 32), "bias": zeros(32)},
+                                  "mlp_out": {"kernel": zeros(32, heads), "bias": zeros(heads)}}}}
+
+    tree = {"layer0": fire(512), "layer1": fire(4, (256,))}
+    drawn = jax.jit(lambda k: xavier_fire_mlp(tree, k, gain))(jax.random.PRNGKey(0))
+    for layer, name, fans in (("layer0", "mlp_out", 32 + 512), ("layer1", "mlp_in", 1 + 32),
+                              ("layer1", "mlp_out", 32 + 4)):
+        k = np.asarray(drawn[layer]["attn"]["fire"][name]["kernel"])
+        std = gain * np.sqrt(2 / fans)
+        assert abs(k.mean()) < 0.05 * std and k.std() == pytest.approx(std, rel=0.04), (layer, name)
+        assert np.abs(k).max() > 3 * std  # a normal, not a truncated normal
+    stack = np.asarray(drawn["layer1"]["attn"]["fire"]["mlp_out"]["kernel"])
+    assert not np.allclose(stack[0], stack[1])
+    assert np.asarray(drawn["layer0"]["attn"]["fire"]["mlp_in"]["kernel"]).all()
+    for layer in tree:
+        got = drawn[layer]["attn"]["fire"]
+        assert not any(np.asarray(got[n]["bias"]).any() for n in ("mlp_in", "mlp_out"))
         assert np.all(np.asarray(got["c"]) == np.float32(0.1))
-    stack = np.asarray(draws["layer1"]["attn"]["fire"]["mlp_out"]["kernel"])
-    assert not np.allclose(stack[:, 0], stack[:, 1])  # every pass draws its own
 
 
 def test_fire_init_option_changes_only_the_fire_mlp_kernels():
-    """The model's init: "xavier" (the default, the original's) and "lecun" (Flax's Dense default, the shipped
-    recipe) draw every other parameter identically; lecun's kernels have std 1/sqrt(fan_in) (1 for mlp_in)."""
+    """The model's init: "xavier" (the default, the original's) is "lecun" (Flax's Dense default, the shipped
+    recipe) with exactly the FIRE MLP kernels redrawn by `xavier_fire_mlp`; lecun's mlp_in has std 1/sqrt(1)."""
     import jax
 
+    from arith_jax.model import xavier_fire_mlp
+
     key = jax.random.PRNGKey(0)
-    xavier = tiny_model(positions=("abacus", "fire"), heads=4, recurrences=2)
-    lecun = tiny_model(positions=("abacus", "fire"), heads=4, recurrences=2, fire_init="lecun")
-    assert xavier.cfg.fire_init == "xavier"
-    a, b = jax.jit(xavier.init)(key), jax.jit(lecun.init)(key)
-    flat_a = dict(jax.tree_util.tree_flatten_with_path(a)[0])
-    flat_b = dict(jax.tree_util.tree_flatten_with_path(b)[0])
-    for path, leaf in flat_a.items():
+    assert tiny_model().cfg.fire_init == "xavier"
+    xavier, lecun = jax.jit(lambda k: (tiny_model().init(k), tiny_model(fire_init="lecun").init(k)))(key)
+    redrawn = dict(lecun, block=xavier_fire_mlp(lecun["block"], jax.random.fold_in(key, 0xF12E), 8 ** -0.25))
+    flat_x, flat_l = (dict(jax.tree_util.tree_flatten_with_path(t)[0]) for t in (xavier, lecun))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(redrawn)[0]:
         names = [str(getattr(k, "key", k)) for k in path]
         fire_kernel = names[-3:-1] in (["fire", "mlp_in"], ["fire", "mlp_out"]) and names[-1] == "kernel"
-        assert np.array_equal(leaf, flat_b[path]) != fire_kernel, names
-    fire_a, fire_b = a["block"]["layer0"]["attn"]["fire"], b["block"]["layer0"]["attn"]["fire"]
-    gain = (8 * 1 * 2) ** -0.25
-    assert np.asarray(fire_a["mlp_in"]["kernel"]).std() < 2 * gain * np.sqrt(2 / 33)
-    assert np.asarray(fire_b["mlp_in"]["kernel"]).std() > 0.5  # lecun: std 1 for fan_in 1
+        np.testing.assert_allclose(leaf, flat_x[path], rtol=1e-6)  # in and out of jit: the gain's rounding
+        assert np.array_equal(leaf, flat_l[path]) != fire_kernel, names
+    assert np.asarray(lecun["block"]["layer0"]["attn"]["fire"]["mlp_in"]["kernel"]).std() > 0.5
 
 
 # --- 5. sorting's top-1 accuracy ------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ class Solver:
     """Solver.load().solve(["123+456"]) -> ["579"].
 
     Problems of any mix of lengths are padded into a few length buckets (`arith_jax.evaluate.solve_prompts`), so a
-    call compiles one decoding program per bucket; every answer is the one its problem gets alone.
+    call compiles one decoding program per bucket; every answer is the one its problem gets alone (for a model
+    whose config sets `model.eval_init_noise`, evaluation starts from noise as the original's, and answers depend on
+    that noise too: `solve_prompts` keys it by seed 0 and the problem's place in the call).
     """
 
     def __init__(self, cfg, model, params, recurrences: int | None = None, batch_size: int = 256):

@@ -17,9 +17,10 @@ Settings (fp32, the same sizes on both sides; attention heads of 32 dimensions a
 - `cpu`: this project's `configs/sr_e2e_small.yaml` (width 128, 4 heads, 2 / 4 layers, embedding 16; 3,200 points
   per batch: 32 equations of <= 100 points or 16 of <= 200; lr 1e-3, warmup 1,000 steps, clipping 0.5).
 
-Both sides train on the same batches: `--batches` batches of this project's data stream (`sr_jax.data.make_batch`:
-the generator, float tokens, padding to the point cap and a target-length bucket) are generated once in the parent
-process. This project trains on them as they are (its padded shapes: what its training loop runs). The original
+Both sides train on the same examples: those of `--batches` steps of this project's data stream
+(`sr_jax.data.step_examples`: the generator, float tokens, the step's point cap) are generated once in the parent
+process. This project trains on them as its training loop would (`sr_jax.data.make_batch`: padded to the point cap
+and a target-length bucket, or packed several per row when the config sets `data.pack`). The original
 gets them as its collate function would build them: the same point tokens (both use the original's float
 vocabulary ids) in its (points, batch, 33) layout padded only to the batch's longest point set and with its
 `<PAD>` id on padding points; the same expressions mapped to its decoder ids (its 10,292-row vocabulary; this
@@ -76,7 +77,7 @@ def make_batches(setting: str, count: int, extra: list[str], path: Path) -> None
     """`count` batches of this project's stream, stored with the original's form of each (see module doc)."""
     import numpy as np
 
-    from sr_jax.data import make_batch
+    from sr_jax.data import make_batch, padded_batch, step_examples
     from sr_jax.float_tokens import FloatEncoder
     from sr_jax.vocab import EOS, PAD, POINT_PAD
 
@@ -85,9 +86,11 @@ def make_batches(setting: str, count: int, extra: list[str], path: Path) -> None
     to_original = np.array([dec.word2id[w] for w in cfg.vocab.id2word], np.int64)
     arrays = {}
     for i in range(count):
-        b = make_batch(cfg.data, cfg.vocab, cfg.model.max_dim, i)
-        for k, v in b.items():
+        ours = make_batch(cfg.data, cfg.vocab, cfg.model.max_dim, i)
+        for k, v in ours.items():
             arrays[f"ours{i}_{k}"] = v
+        cap, examples = step_examples(cfg.data, cfg.vocab, cfg.model.max_dim, i)
+        b = padded_batch(examples, cap, cfg.data.target_buckets)   # one example per row: the original's rows
         len1 = b["point_mask"].sum(1).astype(np.int64)
         pts = np.where(b["point_mask"][..., None], b["points"], POINT_PAD)[:, :len1.max()]
         len2 = (b["target"] != PAD).sum(1).astype(np.int64)                      # BOS + tokens + EOS
@@ -102,7 +105,8 @@ def make_batches(setting: str, count: int, extra: list[str], path: Path) -> None
                                                    "dec_layers", "ffn_mult", "max_dim", "norm", "dtype")},
             "optim": {k: getattr(o, k) for k in ("lr", "b1", "b2", "eps", "weight_decay", "warmup_steps",
                                                    "warmup_init", "clip_norm", "schedule")}}
-    np.savez(path, count=count, spec=json.dumps(spec), enc_words=np.array(FloatEncoder().encoder_vocab.id2word),
+    np.savez(path, count=count, spec=json.dumps(spec), keys=np.array(sorted(ours)),
+             enc_words=np.array(FloatEncoder().encoder_vocab.id2word),
              dec_words=np.array(dec.id2word), **arrays)
 
 
@@ -151,7 +155,7 @@ def worker_jax(setting: str, threads: int, data: str, passes: int, extra: list[s
     train_step = jax.jit(make_train_step(model.loss, tx), donate_argnums=0,
                          compiler_options=dict(_option(kv) for kv in options) or None)
     z = np.load(data)
-    keys = ("points", "point_mask", "target", "n_vars")
+    keys = [str(k) for k in z["keys"]]
     batches = [{k: jax.device_put(z[f"ours{i}_{k}"]) for k in keys} for i in range(int(z["count"]))]
     losses = []
 
@@ -250,14 +254,12 @@ def batch_counts(data: str) -> tuple[int, int]:
     """(equations, predicted target tokens) of one pass over the stored batches."""
     import numpy as np
 
-    from sr_jax.vocab import PAD
-
     z = np.load(data)
     eqs = toks = 0
     for i in range(int(z["count"])):
-        t = z[f"ours{i}_target"]
-        eqs += t.shape[0]
-        toks += int((t[:, 1:] != PAD).sum())
+        len2 = z[f"orig{i}_len2"]           # BOS + expression + EOS per equation
+        eqs += len(len2)
+        toks += int((len2 - 1).sum())
     return eqs, toks
 
 

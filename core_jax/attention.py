@@ -101,6 +101,10 @@ class Attention(nn.Module):
     Packed rows (several sequences back to back in one row): with `q_segment_BxQ` and `kv_segment_BxK` (integer
     segment ids), a query attends only to keys of its own segment, on top of the causal and key masks. Not with a
     KV cache (decoding runs one sequence per row).
+
+    `deferred_norm=True` divides by the softmax denominator after the product with the values (on [B, Q, H, D]
+    rather than on the [B, H, Q, K] probabilities), with the scores' 1/sqrt(D) applied to the queries: the same
+    function up to rounding, fewer passes over the score array.
     """
 
     num_heads: int
@@ -111,6 +115,7 @@ class Attention(nn.Module):
     v_gain: float = 1.0
     out_gain: float = 1.0
     dtype: Any = jnp.float32
+    deferred_norm: bool = False
 
     @nn.compact
     def __call__(self, x_BxQxD, kv_BxKxD=None, *, q_pos_Q=None, k_pos_K=None, causal: bool = False,
@@ -166,8 +171,11 @@ class Attention(nn.Module):
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
             k_pos_K = jnp.arange(k.shape[1])
 
+        if self.deferred_norm:
+            q = q * (1.0 / math.sqrt(head_dim))
         scores_BxHxQxK = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        scores_BxHxQxK = scores_BxHxQxK / jnp.sqrt(jnp.float32(head_dim))
+        if not self.deferred_norm:
+            scores_BxHxQxK = scores_BxHxQxK / jnp.sqrt(jnp.float32(head_dim))
         if self.fire:
             scores_BxHxQxK = scores_BxHxQxK + FireBias(self.num_heads, name="fire")(q_pos_Q, k_pos_K)[None]
         allowed = jnp.ones((1, 1, n_q, k.shape[1]), bool)
@@ -178,8 +186,14 @@ class Attention(nn.Module):
         if q_segment_BxQ is not None:
             allowed = allowed & (q_segment_BxQ[:, None, :, None] == kv_segment_BxK[:, None, None, :])
         scores_BxHxQxK = jnp.where(allowed, scores_BxHxQxK, NEG_INF)
-        probs = jax.nn.softmax(scores_BxHxQxK, axis=-1).astype(v.dtype)
-        out_BxQxHxD = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        if self.deferred_norm:
+            exp_BxHxQxK = jnp.exp(scores_BxHxQxK - lax.stop_gradient(scores_BxHxQxK.max(-1, keepdims=True)))
+            inv_BxQxH = jnp.transpose(1.0 / exp_BxHxQxK.sum(-1), (0, 2, 1))
+            out_BxQxHxD = (jnp.einsum("bhqk,bkhd->bqhd", exp_BxHxQxK.astype(v.dtype), v)
+                           * inv_BxQxH[..., None].astype(v.dtype))
+        else:
+            probs = jax.nn.softmax(scores_BxHxQxK, axis=-1).astype(v.dtype)
+            out_BxQxHxD = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         y = nn.DenseGeneral(d_model, axis=(-2, -1), use_bias=self.use_bias, kernel_init=xavier(self.out_gain),
                             dtype=self.dtype, dot_general=dense_dot_general, name="out")(out_BxQxHxD)
         return y, new_cache

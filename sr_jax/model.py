@@ -50,6 +50,7 @@ class ModelConfig:
     max_len: int = 200            # decoder positions: the longest target incl. BOS and EOS
     norm: Literal["post", "pre"] = "post"
     dtype: Literal["float32", "bfloat16"] = "float32"
+    deferred_norm: bool = False   # attention normalises after the value product (core_jax Attention; same function)
 
     def __post_init__(self):
         for key in ("emb_dim", "emb_expansion", "width", "heads", "enc_layers", "dec_layers", "ffn_mult",
@@ -74,6 +75,10 @@ class ModelConfig:
 
 def _norm(name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-12, dtype=jnp.float32, name=name)
+
+
+def _attention(cfg: ModelConfig, name: str) -> Attention:
+    return Attention(cfg.heads, use_bias=True, dtype=cfg.compute_dtype, deferred_norm=cfg.deferred_norm, name=name)
 
 
 class FFN(nn.Module):
@@ -117,7 +122,7 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x_BxNxD, mask_BxN, segment_BxN=None):
         cfg = self.cfg
-        attn = Attention(cfg.heads, use_bias=True, dtype=cfg.compute_dtype, name="attn")
+        attn = _attention(cfg, "attn")
         x = _Sublayer(cfg.norm == "pre", name="sub_attn")(
             x_BxNxD, lambda h: attn(h, kv_mask_BxK=mask_BxN, q_segment_BxQ=segment_BxN, kv_segment_BxK=segment_BxN)[0])
         x = _Sublayer(cfg.norm == "pre", name="sub_ffn")(x, FFN(cfg.ffn_mult * cfg.width, cfg.compute_dtype,
@@ -156,11 +161,11 @@ class DecoderLayer(nn.Module):
     def __call__(self, x_BxTxD, *, memory_BxNxD=None, memory_mask_BxN=None, memory_kv=None, cache=None,
                  cache_index=None, pos_T=None, kv_only=False, segment_BxT=None, memory_segment_BxN=None):
         cfg = self.cfg
-        cross = Attention(cfg.heads, use_bias=True, dtype=cfg.compute_dtype, name="cross")
+        cross = _attention(cfg, "cross")
         if kv_only:
             return cross(None, memory_BxNxD, kv_only=True)
         pre = cfg.norm == "pre"
-        self_attn = Attention(cfg.heads, use_bias=True, dtype=cfg.compute_dtype, name="self")
+        self_attn = _attention(cfg, "self")
         new_cache = None
 
         def attend_self(h):

@@ -96,3 +96,30 @@ def test_segment_ids_need_both_sides_and_no_cache():
     with pytest.raises(ValueError, match="KV cache"):
         attn.apply(params, x, causal=True, cache=KVCache.zeros(1, 4, 2, 4), cache_index=0, q_segment_BxQ=seg,
                    kv_segment_BxK=seg)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_deferred_norm_is_the_same_function(causal):
+    """Normalising after the value product (and scaling the queries) changes only rounding: outputs and gradients,
+    with key padding, segments, a cross memory and a KV cache."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 8))
+    mem = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 8))
+    std, dfr = Attention(num_heads=2), Attention(num_heads=2, deferred_norm=True)
+    params = std.init(jax.random.PRNGKey(1), x)
+    mask = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    seg = jnp.array([[1, 1, 2, 2, 2, 0], [1, 2, 2, 2, 3, 3]])
+    for kwargs in ({"kv_mask_BxK": mask}, {"q_segment_BxQ": seg, "kv_segment_BxK": seg, "kv_mask_BxK": seg > 0}):
+        def f(p, a, **kw):
+            return jnp.sum(jnp.sin(a.apply(p, x, causal=causal, **kw)[0]))
+        np.testing.assert_allclose(f(params, dfr, **kwargs), f(params, std, **kwargs), rtol=1e-5)
+        ga, gb = jax.grad(f)(params, dfr, **kwargs), jax.grad(f)(params, std, **kwargs)
+        for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(dfr.apply(params, x, mem)[0], std.apply(params, x, mem)[0], atol=1e-5)
+    kv = std.apply(params, None, mem, kv_only=True)
+    np.testing.assert_allclose(dfr.apply(params, x, memory_kv=kv)[0], std.apply(params, x, memory_kv=kv)[0],
+                               atol=1e-5)
+    cache = KVCache.zeros(2, 8, 2, 4)
+    a, _ = dfr.apply(params, x[:, :3], causal=True, cache=cache, cache_index=0)
+    b, _ = std.apply(params, x[:, :3], causal=True, cache=cache, cache_index=0)
+    np.testing.assert_allclose(a, b, atol=1e-5)

@@ -1,5 +1,6 @@
 """The E2E transformer: embedder shapes and padding, point-order invariance, cached = uncached decoding steps and
 beam search, grouped decoding rows, config validation, the paper config's size."""
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -140,3 +141,12 @@ def test_paper_config_matches_the_original_sizes():
 def test_bad_configs_are_one_line_errors(override, needle):
     with pytest.raises((ConfigError, ValueError), match=needle):
         load_config(SRConfig, "configs/sr_tiny.yaml", [override])
+
+
+def test_deferred_norm_model_is_the_same_function(model_params):
+    """model.deferred_norm (attention normalised after the value product) keeps the parameters and the logits."""
+    model, params = model_params
+    other = E2EModel(dataclasses.replace(CFG, deferred_norm=True))
+    points, mask, tokens = _inputs()
+    np.testing.assert_allclose(other.logits(params, points, mask, tokens), model.logits(params, points, mask, tokens),
+                               atol=1e-4)

@@ -2,7 +2,7 @@
 persistent compilation cache, which a user turns on with ``sr_jax.enable_compilation_cache()``), and B datasets in one batched fit vs B separate fits.
 
     python benchmarks/sr_fit.py [--datasets 64] [--points 200] [--dim 2] [--sources prior,bases] [--model DIR]
-                                [--skip-cold] [--json out.json]
+                                [--skip-cold | --cold-only] [--json out.json]
 
 Datasets come from the training generator (``--dim`` variables, noise-free). The separate fits and the batched fit
 are each timed twice: the first pass includes tracing/compiling the shapes they need (how many refinement programs
@@ -73,6 +73,7 @@ def main() -> None:
     p.add_argument("--sources", default="prior,bases")
     p.add_argument("--model", default=None, help="trained transformer (with 'model' in --sources)")
     p.add_argument("--skip-cold", action="store_true", help="skip the fresh-process measurements")
+    p.add_argument("--cold-only", action="store_true", help="only the fresh-process measurements")
     p.add_argument("--json")
     args = p.parse_args()
     sources = tuple(args.sources.split(","))
@@ -85,6 +86,10 @@ def main() -> None:
         report["fresh_process_no_cache"] = cold_start(args, sources, cache=False)
         report["fresh_process_warm_cache"] = cold_start(args, sources, cache=True)
         print(json.dumps(report), flush=True)
+    if args.cold_only:
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+        return
 
     def est():
         return SymbolicTransformerRegressor(candidate_sources=sources, model_path=args.model, random_state=0)

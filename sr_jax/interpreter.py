@@ -12,6 +12,10 @@ every node. Here the whole batch is compiled on the host into one *tape*:
   than more gathers), and every other operator (sqrt, log, exp, sin, ..., pow) present at that height gets its own group,
   so a transcendental is computed only for nodes that use it. Each level: gather its arguments, apply each group,
   write the level's outputs into ``V`` in place (its rows are contiguous).
+* runs of levels: consecutive levels are given identical groups and capacities where that pads little
+  (``_tiered``), and each run of identical levels is one ``lax.scan`` over its levels. XLA:CPU's compile time grows
+  with the number of operations in a program, so a tape's programs compile in time that follows its number of runs
+  (a handful) rather than its depth (up to ~50 levels for the estimator's pools).
 * reverse mode is a hand-written reverse tape (custom_vjp) with one in-place buffer ``K`` (see ``_fill``); seeded
   with a constant instead of the output cotangents it leaves every candidate's Jacobian at its constant leaves
   (Gauss-Newton refinement).
@@ -27,7 +31,8 @@ only that candidate's leaves, where the cotangents are zeroed per point: it neve
 Glossary (shapes: E_b expressions, P_b constants per expression, N points, D input columns, all bucketed):
 
 * ``V`` value buffer, ``K`` reverse (cotangent) buffer; a *level* is a node height, a *group* one operator
-  family at one level (``TapeSignature.levels``, ``.layout``); a node's *row* is its place in the padded node
+  family at one level (``TapeSignature.levels``, ``.layout``), a *run* consecutive identical levels
+  (``TapeSignature.runs``); a node's *row* is its place in the padded node
   layout, its *binary row* its place among the nodes of binary groups;
 * the tape's index arrays (``_fill``; one leading dataset axis in ``Tape.arrays``): ``a1``/``a2`` V row of each
   node's first / second argument (per node row / binary row), ``a1c``/``a2c`` the argument's constant slot or -1,
@@ -167,6 +172,19 @@ class TapeSignature:
                 if g in _BINARY_GROUPS:
                     binr += cap
             out.append((lo, node, blo, binr, tuple(gl)))
+        return tuple(out)
+
+    @functools.cached_property
+    def runs(self):
+        """The layout as runs of consecutive identical levels (same groups, same capacities), each a
+        ``(count, level layout of its first level)``: a run of several levels is evaluated by one ``lax.scan``, its
+        i-th level at node rows ``lo + i * (hi - lo)`` and binary rows ``blo + i * (bhi - blo)``."""
+        out = []
+        for li, entry in enumerate(self.layout):
+            if li and self.levels[li] == self.levels[li - 1]:
+                out[-1] = (out[-1][0] + 1, out[-1][1])
+            else:
+                out.append((1, entry))
         return tuple(out)
 
     @property
@@ -338,7 +356,37 @@ def _merge(a: TapeSignature, b: TapeSignature) -> TapeSignature:
         levels.append(tuple((g, max(ga.get(g, 0), gb.get(g, 0))) for g in sorted({*ga, *gb}, key=_GROUP_ORDER.get)))
     return TapeSignature(a.n_datasets, a.n_features, max(a.n_expressions, b.n_expressions),
                          max(a.n_consts, b.n_consts), max(a.n_const_slots, b.n_const_slots),
-                         max(a.n_feature_uses, b.n_feature_uses), tuple(levels))
+                         max(a.n_feature_uses, b.n_feature_uses), _tiered(levels))
+
+
+_RUN_SLACK = 1.25  # a run of levels may pad up to this factor of its own work (plus _RUN_SLACK_NODES cheap nodes)
+_RUN_SLACK_NODES = 64
+_GROUP_WORK = {"cheap": 1.0}  # relative cost of a node per group (default 3: a transcendental or pow)
+
+
+def _tiered(levels) -> tuple:
+    """``levels`` with runs of consecutive levels made identical (the union of their groups, each at its largest
+    capacity in the run).
+
+    Identical consecutive levels are evaluated by one ``lax.scan`` (``TapeSignature.runs``), so a program's size,
+    and with it XLA's compile time, follows the number of runs instead of the depth. Greedy, bottom-up: a level
+    joins the current run while the run's padded work stays within ``_RUN_SLACK`` times its levels' own work plus
+    ``_RUN_SLACK_NODES`` (so the deep, thin top of a tape becomes one or two runs; the wide bottom levels mostly
+    stay apart, since padding them costs time in every evaluation)."""
+    def total(caps):  # work of one level
+        return sum(_GROUP_WORK.get(g, 3.0) * c for g, c in (caps.items() if isinstance(caps, dict) else caps))
+
+    out, i = [], 0
+    while i < len(levels):
+        caps, own, j = dict(levels[i]), total(levels[i]), i + 1
+        while j < len(levels):
+            trial = {g: max(caps.get(g, 0), dict(levels[j]).get(g, 0)) for g in {*caps, *dict(levels[j])}}
+            if (j + 1 - i) * total(trial) > _RUN_SLACK * (own + total(levels[j])) + _RUN_SLACK_NODES:
+                break
+            caps, own, j = trial, own + total(levels[j]), j + 1
+        out += [tuple((g, caps[g]) for g in sorted(caps, key=_GROUP_ORDER.get))] * (j - i)
+        i = j
+    return tuple(out)
 
 
 def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, min_expressions: int = 1,
@@ -379,7 +427,7 @@ def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, m
     top = sorted({k[1] for k in counts if k[0] > n_lv - _SPARE_LEVELS}, key=_GROUP_ORDER.get)
     levels += [tuple((g, 8 if g == "cheap" else 4) for g in top)] * (_SPARE_LEVELS if n_lv >= 4 else 0)
     fresh = TapeSignature(*key, _capacity(max(len(p.consts) for p in parsed)),
-                          _capacity(max(len(p.features) for p in parsed)), tuple(levels))
+                          _capacity(max(len(p.features) for p in parsed)), _tiered(levels))
     sig, levels = fresh, None
     near = [s for s in _SIGNATURES if _near(s, fresh)]
     for s in near:
@@ -552,36 +600,81 @@ def _group_derivs(g, a, b, code):
     return da, db
 
 
-def _level_args(arrays, v, cvals, lo, hi, blo, bhi):
-    """A level's first arguments (one gather of value rows) and binary second arguments; constants broadcast in."""
-    def args(idx, cidx):
-        return jnp.where((cidx >= 0)[:, None], cvals[cidx][:, None], v[idx])
+class _LevelIndex(NamedTuple):
+    """The index arrays of one level (or, stacked, of every level of a run: a leading level axis)."""
 
-    a = args(arrays["a1"][lo:hi], arrays["a1c"][lo:hi])
-    b = args(arrays["a2"][blo:bhi], arrays["a2c"][blo:bhi]) if bhi > blo else None
-    return a, b
+    a1: jax.Array  # (L,) V row of each node's first argument
+    a1c: jax.Array  # (L,) its constant slot, -1 if not a constant
+    code: jax.Array  # (L,) cheap-operator code
+    kpos: jax.Array  # (L,) K row of each node's cotangent
+    a2: jax.Array  # (BL,) V row of each binary node's second argument
+    a2c: jax.Array  # (BL,)
+
+
+def _run_index(arrays, count: int, lo, hi, blo, bhi) -> _LevelIndex:
+    """A run's index arrays with a leading level axis (count, L) / (count, BL)."""
+    size, bsize = hi - lo, bhi - blo
+
+    def rows(name, start, width):
+        return arrays[name][start:start + count * width].reshape(count, width)
+
+    return _LevelIndex(rows("a1", lo, size), rows("a1c", lo, size), rows("code", lo, size), rows("kpos", lo, size),
+                       rows("a2", blo, bsize), rows("a2c", blo, bsize))
+
+
+def _level_args(idx: _LevelIndex, v, cvals):
+    """A level's first arguments (one gather of value rows) and binary second arguments; constants broadcast in."""
+    def args(rows, cidx):
+        return jnp.where((cidx >= 0)[:, None], cvals[cidx][:, None], v[rows])
+
+    return args(idx.a1, idx.a1c), (args(idx.a2, idx.a2c) if idx.a2.shape[0] else None)
+
+
+def _level_out(groups, lo, idx: _LevelIndex, a, b):
+    """A level's outputs (L, N), its groups applied to their slices of the arguments."""
+    outs = []
+    for g, glo, ghi in groups:
+        s = slice(glo - lo, ghi - lo)
+        outs.append(_group_apply(g, a[s], b[s] if g in _BINARY_GROUPS else None, idx.code[s]))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
+
+
+def _level_cotangents(groups, lo, idx: _LevelIndex, a, b, ct):
+    """A level's contributions to its first arguments (L, N) and binary second arguments (BL, N) or None."""
+    to_a, to_b = [], []
+    for g, glo, ghi in groups:
+        s = slice(glo - lo, ghi - lo)
+        da, db = _group_derivs(g, a[s], b[s] if g in _BINARY_GROUPS else None, idx.code[s])
+        to_a.append(ct[s] * da)
+        if g in _BINARY_GROUPS:
+            to_b.append(ct[s] * db)
+    return jnp.concatenate(to_a), (jnp.concatenate(to_b) if to_b else None)
 
 
 def _forward(sig: TapeSignature, arrays, consts_ExP, x_NxD):
     """Value buffer V (every node's output) and the constants per slot: all the reverse pass needs.
 
     The gathered arguments are not kept: the reverse pass gathers them again from V, which is cheaper on CPU than
-    writing and re-reading them (the gathers fuse into the operators).
+    writing and re-reading them (the gathers fuse into the operators). A run of identical levels is one
+    ``lax.scan`` (the level's code once in the program), a lone level is written out.
     """
     dtype = x_NxD.dtype
     n = x_NxD.shape[0]
     cvals = consts_ExP.reshape(-1).astype(dtype)[arrays["c_idx"]]
     v = jnp.concatenate([jnp.full((1, n), 0.5, dtype), x_NxD.T, jnp.zeros((sig.n_nodes_padded, n), dtype)])
     cvals = jnp.concatenate([cvals, jnp.zeros((1,), dtype)])  # index -1: not a constant (value unused)
-    for lo, hi, blo, bhi, groups in sig.layout:
-        a, b = _level_args(arrays, v, cvals, lo, hi, blo, bhi)
-        outs = []
-        for g, glo, ghi in groups:
-            s = slice(glo - lo, ghi - lo)
-            bb = b[glo - lo:ghi - lo] if g in _BINARY_GROUPS else None
-            outs.append(_group_apply(g, a[s], bb, arrays["code"][glo:ghi]))
-        out = outs[0] if len(outs) == 1 else jnp.concatenate(outs)
-        v = jax.lax.dynamic_update_slice_in_dim(v, out, sig.node_base + lo, axis=0)  # static offset: in place
+    for count, (lo, hi, blo, bhi, groups) in sig.runs:
+        index = _run_index(arrays, count, lo, hi, blo, bhi)
+
+        def level(v, i_idx, lo=lo, hi=hi, groups=groups):
+            i, idx = i_idx
+            out = _level_out(groups, lo, idx, *_level_args(idx, v, cvals))
+            return jax.lax.dynamic_update_slice_in_dim(v, out, sig.node_base + lo + i * (hi - lo), axis=0), None
+
+        if count == 1:  # static offset: in place
+            v, _ = level(v, (0, jax.tree_util.tree_map(lambda a: a[0], index)))
+        else:
+            v, _ = jax.lax.scan(level, v, (jnp.arange(count), index))
     return v, cvals
 
 
@@ -608,27 +701,31 @@ def _run_tape_fwd(sig, arrays, consts_ExP, x_NxD):
 
 
 def _reverse(sig, arrays, saved, ct_ExN):
-    """Reverse sweep, top level first: the K buffer of ``_fill`` (one gather and one in-place write per level)."""
+    """Reverse sweep, top level first: the K buffer of ``_fill`` (one gather and one in-place write per level; a
+    run of identical levels is one reversed ``lax.scan``)."""
     v, cvals = saved
     dtype = v.dtype
     n = ct_ExN.shape[1]
     e_b, n_nodes = sig.n_expressions, sig.n_nodes_padded
     k_buf = jnp.concatenate([jnp.zeros((1, n), dtype), ct_ExN.astype(dtype),
                              jnp.zeros((n_nodes + sig.n_binary, n), dtype)])
-    for lo, hi, blo, bhi, groups in reversed(sig.layout):
-        a, b = _level_args(arrays, v, cvals, lo, hi, blo, bhi)  # the level's outputs are not read: see _group_derivs
-        ct = k_buf[arrays["kpos"][lo:hi]]
-        to_a, to_b = [], []
-        for g, glo, ghi in groups:
-            s = slice(glo - lo, ghi - lo)
-            bb = b[glo - lo:ghi - lo] if g in _BINARY_GROUPS else None
-            da, db = _group_derivs(g, a[s], bb, arrays["code"][glo:ghi])
-            to_a.append(ct[s] * da)
-            if g in _BINARY_GROUPS:
-                to_b.append(ct[s] * db)
-        k_buf = jax.lax.dynamic_update_slice_in_dim(k_buf, jnp.concatenate(to_a), 1 + e_b + lo, axis=0)
-        if to_b:
-            k_buf = jax.lax.dynamic_update_slice_in_dim(k_buf, jnp.concatenate(to_b), 1 + e_b + n_nodes + blo, axis=0)
+    for count, (lo, hi, blo, bhi, groups) in reversed(sig.runs):
+        index = _run_index(arrays, count, lo, hi, blo, bhi)
+
+        def level(k_buf, i_idx, lo=lo, hi=hi, blo=blo, bhi=bhi, groups=groups):
+            i, idx = i_idx
+            a, b = _level_args(idx, v, cvals)  # the level's outputs are not read: see _group_derivs
+            to_a, to_b = _level_cotangents(groups, lo, idx, a, b, k_buf[idx.kpos])
+            k_buf = jax.lax.dynamic_update_slice_in_dim(k_buf, to_a, 1 + e_b + lo + i * (hi - lo), axis=0)
+            if to_b is not None:
+                k_buf = jax.lax.dynamic_update_slice_in_dim(k_buf, to_b, 1 + e_b + n_nodes + blo + i * (bhi - blo),
+                                                            axis=0)
+            return k_buf, None
+
+        if count == 1:
+            k_buf, _ = level(k_buf, (0, jax.tree_util.tree_map(lambda a: a[0], index)))
+        else:
+            k_buf, _ = jax.lax.scan(level, k_buf, (jnp.arange(count), index), reverse=True)
     return k_buf
 
 

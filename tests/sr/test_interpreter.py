@@ -131,3 +131,45 @@ def test_global_x64_setting_is_left_as_the_user_set_it():
         assert jax.config.jax_enable_x64 and out.dtype == jnp.float32
     finally:
         jax.config.update("jax_enable_x64", False)
+
+
+def _chain(depth: int, ops) -> Expression:
+    tokens = []
+    for i in range(depth):
+        op = ops[i % len(ops)]
+        tokens += [op] + ([0.5 + 0.01 * i] if op in ("add", "mul") else [])
+    return Expression(tokens + ["x_0"])
+
+
+def test_deep_tapes_are_runs_of_scanned_levels_equal_to_unrolled(monkeypatch):
+    """Consecutive levels are padded into runs, each one lax.scan: a 30-level tape has few runs, its program is not
+    bigger than a 10-level one's, and values and gradients equal the level-by-level (unrolled) evaluation."""
+    from sr_jax import interpreter as itp
+
+    x = jnp.asarray(np.linspace(-1, 1, 8)[:, None], jnp.float32)
+
+    def value_and_grad(depth):
+        tape = compile_tape([[_chain(depth, ["add", "mul", "sin"]), _chain(depth, ["mul", "exp", "add"]),
+                              ["add", 1.0, "x_0"]]], 1)
+        sig = tape.signature
+        arrays, c = itp.device_arrays(tape, jnp.float32)
+        arrays = jax.tree_util.tree_map(lambda a: a[0], arrays)
+
+        @jax.jit
+        def f(c, x):
+            return jax.value_and_grad(lambda c: jnp.sum(jnp.tanh(itp.run_tape(sig, arrays, c, x))))(c)
+
+        return sig, len(f.lower(c[0], x).as_text().splitlines()), f(c[0], x)
+
+    sig10, size10, _ = value_and_grad(10)
+    sig30, size30, scanned = value_and_grad(30)
+    for sig, depth in ((sig10, 10), (sig30, 30)):
+        assert len(sig.levels) >= depth and len(sig.runs) <= 3
+        assert sum(count for count, _ in sig.runs) == len(sig.levels)
+    assert size30 <= 1.1 * size10
+    # the same tape evaluated level by level (every run cut into single levels) gives the same numbers
+    monkeypatch.setattr(itp.TapeSignature, "runs", property(lambda s: tuple((1, e) for e in s.layout)))
+    _, size_unrolled, unrolled = value_and_grad(30)
+    assert size_unrolled > 2 * size30
+    np.testing.assert_array_equal(np.asarray(unrolled[0]), np.asarray(scanned[0]))
+    np.testing.assert_array_equal(np.asarray(unrolled[1]), np.asarray(scanned[1]))

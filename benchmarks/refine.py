@@ -228,6 +228,9 @@ def main(argv=None):
     ap.add_argument("--profile-eval", action="store_true",
                     help="instead: CPU ms of one evaluation of the E2E-like batch (forward, + reverse, value and "
                          "gradient, Gauss-Newton), alternating, each compiled first")
+    ap.add_argument("--compile-depth", default=None, metavar="D1,D2,...",
+                    help="instead: seconds to compile the value and gradient of a tape of two chains of each depth, "
+                         "with levels scanned in runs (as refinement runs them) and written out level by level")
     args = ap.parse_args(argv)
 
     import jax
@@ -241,6 +244,8 @@ def main(argv=None):
     out = {}
     if args.profile_eval:
         return profile_eval(args)
+    if args.compile_depth:
+        return compile_depth([int(d) for d in args.compile_depth.split(",")])
     if args.compare_compact:
         return compare_compact(args, kw)
     if args.scenario in ("both", "worst"):
@@ -295,6 +300,47 @@ def profile_eval(args):
     for k, v in ms.items():
         print(f"| {k} | {', '.join(f'{t:.1f}' for t in v)} | {min(v):.1f} |")
     return ms
+
+
+def compile_depth(depths):
+    """XLA compile seconds of value + gradient (float64, 64 points) of a tape holding two chains of ``depth``
+    operators (add, mul, sin / mul, exp, add), with the interpreter's runs of levels scanned and with every level
+    written out (``TapeSignature.runs`` cut into single levels), plus the fused kernels of each program."""
+    import jax
+    import jax.numpy as jnp
+
+    from sr_jax import interpreter as itp
+    from sr_jax import refinement as rf
+
+    def chain(depth, ops):
+        tokens = []
+        for i in range(depth):
+            tokens += [ops[i % len(ops)]] + ([1.0] if ops[i % len(ops)] in ("add", "mul") else [])
+        return Expression(tokens + ["x_0"])
+
+    x = np.random.default_rng(0).standard_normal((64, 2))
+    print("| depth | levels | runs | compile s, scanned runs (kernels) | compile s, level by level (kernels) |")
+    print("|---|---|---|---|---|")
+    scanned = itp.TapeSignature.runs
+    out = {}
+    for depth in depths:
+        tape = itp.compile_tape([[chain(depth, ["add", "mul", "sin"]), chain(depth, ["mul", "exp", "add"])]], 2)
+        sig, row = tape.signature, []
+        with itp.precision(np.float64):
+            arrays, c = itp.device_arrays(tape, np.float64)
+            arrays = {k: v[0] for k, v in arrays.items()}
+            problem = rf.make_problem(arrays, jnp.asarray(x), jnp.asarray(x[:, 0]), jnp.ones(64))
+            for runs in (scanned, property(lambda s: tuple((1, e) for e in s.layout))):
+                itp.TapeSignature.runs = runs
+                lowered = jax.jit(lambda c, p: rf._batch_value_and_grad(sig, p, c)).lower(c[0], problem)
+                t0 = time.perf_counter()
+                compiled = lowered.compile()
+                row.append((time.perf_counter() - t0, compiled.as_text().count(" fusion(")))
+            itp.TapeSignature.runs = scanned
+        out[depth] = row
+        print(f"| {depth} | {len(sig.levels)} | {len(sig.runs)} | {row[0][0]:.1f} ({row[0][1]}) | "
+              f"{row[1][0]:.1f} ({row[1][1]}) |")
+    return out
 
 
 def compare_compact(args, kw):

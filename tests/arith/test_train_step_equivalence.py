@@ -59,10 +59,9 @@ def test_loss_positions_rejects_too_narrow():
         loss_positions(np.array([[0, 0, 1, 1, 1]], np.float32), 2)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(layers=1, recurrences=3, input_injection=True),
-                                dict(positions=("abacus", "fire"), recurrences=1)])
-@pytest.mark.parametrize("task", ["add", "sort"])
-def test_loss_with_positions_equals_full_loss(kw, task):
+@pytest.mark.parametrize("task, kw", [("sort", dict()), ("add", dict(layers=1, recurrences=3, input_injection=True)),
+                                     ("add", dict(positions=("abacus", "fire"), recurrences=1))])
+def test_loss_with_positions_equals_full_loss(task, kw):
     """Loss, metrics and gradients with the head at the loss positions only == with the head everywhere."""
     data = DataConfig(task, max_len=4, max_count=3, batch_size=6, seed=1)
     base = dict(width=32, ffn=64, heads=4, layers=2, recurrences=1, positions=("abacus",), abacus_max_k=5,

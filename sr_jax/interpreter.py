@@ -651,6 +651,14 @@ def _level_cotangents(groups, lo, idx: _LevelIndex, a, b, ct):
     return jnp.concatenate(to_a), (jnp.concatenate(to_b) if to_b else None)
 
 
+def _over_run(level, carry, count: int, index: _LevelIndex, reverse: bool = False):
+    """``level(carry, (i, index of level i)) -> (carry, None)`` over the ``count`` levels of a run: one ``lax.scan``
+    (the level's code once in the program), or for a lone level a plain call (static offsets: in-place writes)."""
+    if count == 1:
+        return level(carry, (0, jax.tree_util.tree_map(lambda a: a[0], index)))[0]
+    return jax.lax.scan(level, carry, (jnp.arange(count), index), reverse=reverse)[0]
+
+
 def _forward(sig: TapeSignature, arrays, consts_ExP, x_NxD):
     """Value buffer V (every node's output) and the constants per slot: all the reverse pass needs.
 
@@ -671,10 +679,7 @@ def _forward(sig: TapeSignature, arrays, consts_ExP, x_NxD):
             out = _level_out(groups, lo, idx, *_level_args(idx, v, cvals))
             return jax.lax.dynamic_update_slice_in_dim(v, out, sig.node_base + lo + i * (hi - lo), axis=0), None
 
-        if count == 1:  # static offset: in place
-            v, _ = level(v, (0, jax.tree_util.tree_map(lambda a: a[0], index)))
-        else:
-            v, _ = jax.lax.scan(level, v, (jnp.arange(count), index))
+        v = _over_run(level, v, count, index)
     return v, cvals
 
 
@@ -722,10 +727,7 @@ def _reverse(sig, arrays, saved, ct_ExN):
                                                             axis=0)
             return k_buf, None
 
-        if count == 1:
-            k_buf, _ = level(k_buf, (0, jax.tree_util.tree_map(lambda a: a[0], index)))
-        else:
-            k_buf, _ = jax.lax.scan(level, k_buf, (jnp.arange(count), index), reverse=True)
+        k_buf = _over_run(level, k_buf, count, index, reverse=True)
     return k_buf
 
 

@@ -34,6 +34,7 @@ import argparse
 import datetime
 import os
 import platform
+import resource
 import sys
 import time
 import warnings
@@ -258,7 +259,10 @@ def main(argv=None):
 def profile_eval(args):
     """CPU milliseconds of ONE evaluation of the E2E-like batch (folded into one tape, float64), by what it computes:
     forward only (losses), forward + reverse sweep (the K buffer), value and gradient, and the Gauss-Newton pass.
-    Each program is compiled first, then the kinds alternate (A B C D A B C D ...) ``--repeats`` rounds of 10 calls."""
+    Each program is compiled first, then the kinds alternate (A B C D A B C D ...) ``--repeats`` rounds of 10 calls.
+    Also printed: each program's temporary buffers and the minor page faults per call (a program whose buffers
+    glibc hands out as fresh mmap'ed pages at every call, above its 32 MiB mmap threshold, pays a fault per 4 KiB
+    page touched; ``MALLOC_MMAP_MAX_=0`` in the environment keeps them on the reused heap instead)."""
     import jax
     import jax.numpy as jnp
 
@@ -285,20 +289,23 @@ def profile_eval(args):
         kinds = {"forward (losses)": lambda c, p: rf._losses(sig, p, c), "forward + reverse sweep": reverse,
                  "value and gradient": lambda c, p: rf._batch_value_and_grad(sig, p, c),
                  "Gauss-Newton pass": lambda c, p: rf._batch_gauss_newton(sig, p, c)}
-        fns = {k: jax.jit(f) for k, f in kinds.items()}
+        fns = {k: jax.jit(f).lower(c, problem).compile() for k, f in kinds.items()}
+        temp = {k: f.memory_analysis().temp_size_in_bytes / 2**20 for k, f in fns.items()}
         for f in fns.values():
             jax.block_until_ready(f(c, problem))
         ms = {k: [] for k in fns}
+        faults = {k: [] for k in fns}
         for _ in range(max(args.repeats, 1)):
             for k, f in fns.items():
-                t0 = time.process_time()
+                f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
                 for _ in range(10):
                     jax.block_until_ready(f(c, problem))
                 ms[k].append(100.0 * (time.process_time() - t0))
-    print("| evaluation | CPU ms per call (each round) | min |")
-    print("|---|---|---|")
+                faults[k].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 10)
+    print("| evaluation | CPU ms per call (each round) | min | program's temporary buffers, MiB | page faults per call |")
+    print("|---|---|---|---|---|")
     for k, v in ms.items():
-        print(f"| {k} | {', '.join(f'{t:.1f}' for t in v)} | {min(v):.1f} |")
+        print(f"| {k} | {', '.join(f'{t:.1f}' for t in v)} | {min(v):.1f} | {temp[k]:.1f} | {min(faults[k]):.0f} |")
     return ms
 
 

@@ -241,14 +241,17 @@ _UNSUPPORTED_OPERATORS = set("-−/÷:^%")
 
 
 def parse_problem(text: str, max_operand_len: int | None = None) -> tuple[str, str]:
-    """Ordinary notation ("123+456", "12*34", "12x34", spaces around the operator allowed) to
-    (task, model prompt), e.g. ("add", "321+654="). Leading zeros are dropped ("007" is 7).
+    """Ordinary notation ("123+456", "12*34", "12x34", spaces around the operator allowed; "sort 31,4,159",
+    see `parse_sort_problem`) to (task, model prompt), e.g. ("add", "321+654="). Leading zeros are dropped
+    ("007" is 7). `max_operand_len` limits the digits of each operand (of each number, for sorting).
 
     Raises ValueError with a one-line message naming what is wrong, so a CLI can print it as is.
     """
     s = text.strip()
     if not s:
         raise ValueError("empty problem")
+    if _SORT_KEYWORD.match(s):
+        return "sort", parse_sort_problem(s, max_operand_len)
     for c in s:
         if not (c in "0123456789" or c.isspace() or c in _USER_OPERATORS or c in _UNSUPPORTED_OPERATORS):
             raise ValueError(f"invalid character {c!r} in problem {s!r}")
@@ -278,13 +281,77 @@ def parse_problem(text: str, max_operand_len: int | None = None) -> tuple[str, s
     return task, _prompt(task, a, b)
 
 
-def format_answer(task: str, model_answer: str) -> str:
-    """A model's add/mul answer (least-significant digit first) in ordinary digit order.
+def format_answer(task: str, model_answer: str, prompt: str | None = None) -> str:
+    """A model's answer in ordinary notation: add/mul, the number in ordinary digit order (the model writes the
+    least-significant digit first); sort, the prompt's numbers in the order of the labels the model wrote, e.g.
+    "4,31,159" for prompt "A:13,B:4,C:951=" and answer "B,A,C" (the prompt is needed to read a sorting answer).
 
-    Raises ValueError when the model's output is not a number, rather than printing garbage.
+    Raises ValueError when the model's output is not a number (not a permutation of the prompt's labels, for
+    sorting), rather than printing garbage.
     """
+    if task == "sort":
+        if prompt is None:
+            raise ValueError("format_answer needs the prompt to read a sorting answer (its labels name numbers)")
+        return _format_sort_answer(prompt, model_answer)
     if task not in _OPERATOR:
-        raise ValueError(f"format_answer supports 'add' and 'mul', not {task!r}")
+        raise ValueError(f"format_answer supports 'add', 'mul' and 'sort', not {task!r}")
     if not re.fullmatch(r"[0-9]+", model_answer):
         raise ValueError(f"model answer {model_answer!r} is not a number")
     return model_answer[::-1]
+
+
+_SORT_KEYWORD = re.compile(r"sort(\s|$)", re.IGNORECASE)
+
+
+def parse_sort_problem(text: str, max_digits: int | None = None) -> str:
+    """User sorting notation to the model's prompt: "sort 31,4,159" -> "A:13,B:4,C:951=".
+
+    The keyword `sort` (any case), then whole numbers >= 0 separated by commas (spaces around them allowed).
+    Leading zeros are dropped ("007" is 7). The numbers get the labels A, B, C, ... in input order
+    (`SORT_VOCAB_LABELS`, as `format_sort_problem`, so at most 99 numbers); `max_digits` limits each number's
+    digits. Raises ValueError naming the problem.
+    """
+    s = text.strip()
+    if not _SORT_KEYWORD.match(s):
+        raise ValueError(f"a sorting problem starts with 'sort', e.g. 'sort 31,4,159'; got {s!r}")
+    body = s[4:].strip()
+    if not body:
+        raise ValueError(f"no numbers to sort in {s!r}; expected e.g. 'sort 31,4,159'")
+    numbers = []
+    for part in (p.strip() for p in body.split(",")):
+        if not part:
+            raise ValueError(f"missing number between commas in {s!r}; expected e.g. 'sort 31,4,159'")
+        if not re.fullmatch(r"[0-9]+", part):
+            what = "negative numbers are not supported" if re.fullmatch(r"-\s*[0-9]+", part) else \
+                "only whole numbers >= 0 separated by commas can be sorted"
+            raise ValueError(f"{part!r} in {s!r}: {what}")
+        numbers.append(part.lstrip("0") or "0")
+    if len(numbers) > len(SORT_VOCAB_LABELS):
+        raise ValueError(f"{len(numbers)} numbers in {s!r}; at most {len(SORT_VOCAB_LABELS)} can be sorted at once "
+                         f"(one label each)")
+    if max_digits is not None:
+        for x in numbers:
+            if len(x) > max_digits:
+                raise ValueError(f"number {x!r} has {len(x)} digits; the limit is {max_digits} digits (in {s!r})")
+    return format_sort_problem(SORT_VOCAB_LABELS[: len(numbers)], numbers)[0]
+
+
+def sort_prompt_numbers(prompt: str) -> dict[str, str]:
+    """{label: number in ordinary digit order} of a sorting prompt, in prompt order: "A:13,B:4=" -> {A: 31, B: 4}
+    (the inverse of `format_sort_problem`'s prompt; labels never contain ',', ':' or '=')."""
+    body = prompt[:-1] if prompt.endswith("=") else prompt
+    out = {}
+    for item in body.split(","):
+        label, sep, digits = item.partition(":")
+        if not sep or len(label) != 1 or not re.fullmatch(r"[0-9]+", digits):
+            raise ValueError(f"{prompt!r} is not a sorting prompt ('A:13,B:4=')")
+        out[label] = digits[::-1]
+    return out
+
+
+def _format_sort_answer(prompt: str, model_answer: str) -> str:
+    numbers = sort_prompt_numbers(prompt)
+    labels = model_answer.split(",")
+    if sorted(labels) != sorted(numbers):
+        raise ValueError(f"model answer {model_answer!r} is not an ordering of the labels {','.join(numbers)}")
+    return ",".join(numbers[label] for label in labels)

@@ -313,6 +313,44 @@ class _SolverStats(NamedTuple):
     final_loss: Optional[jax.Array]
 
 
+class Beaten(NamedTuple):
+    """When a candidate stops refining early: it is beaten by another candidate of its dataset with no more nodes
+    (``Expression.n_nodes``) that fits to a loss <= ``solved_loss`` (strictly fewer nodes, or as many while its own
+    loss is above ``solved_loss``), or whose loss is ``ratio`` times lower than its own. A caller that picks the
+    simplest candidate within a small tolerance of the best loss loses nothing to the first rule, and to the second
+    only a candidate that would still have improved ``ratio``-fold after the checkpoint. None: rule off."""
+
+    solved_loss: Optional[float] = None
+    ratio: Optional[float] = None
+
+    def check(self) -> None:
+        if self.solved_loss is not None and not self.solved_loss >= 0:
+            raise ValueError(f"Beaten.solved_loss must be a loss >= 0 (or None), got {self.solved_loss!r}")
+        if self.ratio is not None and not self.ratio >= 1:
+            raise ValueError(f"Beaten.ratio must be a number >= 1 (or None), got {self.ratio!r}")
+
+    def mask(self, loss_E: np.ndarray, n_nodes_E: np.ndarray, dataset_E: np.ndarray) -> np.ndarray:
+        """Which candidates are beaten (losses as now, inf where unknown), per dataset."""
+        loss_E = np.where(np.isnan(loss_E), np.inf, loss_E)
+        out = np.zeros(len(loss_E), bool)
+        for b in np.unique(dataset_E):
+            idx = np.flatnonzero(dataset_E == b)
+            order = idx[np.argsort(n_nodes_E[idx], kind="stable")]
+            n, loss = n_nodes_E[order], loss_E[order]
+            upto = np.minimum.accumulate(loss)  # best loss among candidates with at most as many nodes ...
+            last = np.searchsorted(n, n, side="right") - 1
+            first = np.searchsorted(n, n, side="left")
+            at_most = upto[last]
+            fewer = np.where(first > 0, upto[np.maximum(first - 1, 0)], np.inf)  # ... and with strictly fewer
+            hit = np.zeros(len(order), bool)
+            if self.solved_loss is not None:
+                hit |= (fewer <= self.solved_loss) | ((at_most <= self.solved_loss) & (loss > self.solved_loss))
+            if self.ratio is not None:
+                hit |= loss > self.ratio * at_most
+            out[order] = hit
+        return out
+
+
 class LockstepState(NamedTuple):
     """One candidate's state in ``lockstep_minimize`` (P constants)."""
 
@@ -597,6 +635,8 @@ class _Run:
         self.d = batch.x_BxNxD.shape[2] // len(batch.slots) if self.folded else batch.x_BxNxD.shape[2]
         self.dataset = np.concatenate([[b] * len(ex) for b, (_, _, ex) in enumerate(batch.slots)]).astype(int)
         self.origin = np.arange(len(self.exprs))  # original row of each current row
+        self.n_nodes = np.array([e.n_nodes for e in self.exprs])
+        self.stopped = np.zeros(len(self.exprs), bool)  # original rows stopped early (their results are final)
         e0, p0 = tape.consts.shape[1:]
         self.final = dict(consts=np.array(tape.consts[0], np.float64), n_evaluations=np.zeros(e0, np.int64),
                           grad_norm=np.full(e0, np.inf), initial_loss=np.full(e0, np.inf), loss=np.full(e0, np.inf))
@@ -611,15 +651,33 @@ class _Run:
         self.c, self.state = program(self.arrays, self.c, self.state, self.real, self.x, self.y, self.w, stop_at)
 
     def record(self, c, state) -> None:
-        """Copy the current rows' results (host arrays of the single vmapped entry) into their original rows."""
-        n, rows = len(self.origin), self.origin
-        self.final["consts"][rows, : c.shape[-1]] = c[0, :n]
+        """Copy the current rows' results (host arrays of the single vmapped entry) into their original rows
+        (except rows stopped early: theirs were recorded when they stopped)."""
+        keep = np.flatnonzero(~self.stopped[self.origin])
+        rows = self.origin[keep]
+        self.final["consts"][rows, : c.shape[-1]] = c[0, keep]
         for k in ("n_evaluations", "grad_norm", "initial_loss", "loss"):
-            self.final[k][rows] = getattr(state, k)[0, :n]
+            self.final[k][rows] = getattr(state, k)[0, keep]
 
     def running(self, state, tol: float) -> np.ndarray:
         n = len(self.origin)
-        return (state.n_evaluations[0, :n] < self.maxiter) & (state.grad_norm[0, :n] > tol)
+        return (state.n_evaluations[0, :n] < self.maxiter) & (state.grad_norm[0, :n] > tol) & ~self.stopped[self.origin]
+
+    def stop_beaten(self, live: np.ndarray, beaten: "Beaten") -> np.ndarray:
+        """``live`` (current rows) without the candidates that ``beaten`` says can no longer be their dataset's
+        choice; those are marked stopped (their recorded results are final)."""
+        rows = self.origin[live]
+        out = beaten.mask(self.final["loss"][: len(self.exprs)], self.n_nodes, self.dataset)[rows]
+        self.stopped[rows[out]] = True
+        return live[~out]
+
+    def halt_stopped(self, state) -> None:
+        """End the stopped rows' lanes on the device (their evaluation count set to ``maxiter``; ``record`` keeps
+        the count they stopped at), so that a chunk ends as soon as the rows still running are done."""
+        halt = np.zeros(state.n_evaluations.shape, bool)
+        halt[0, : len(self.origin)] = self.stopped[self.origin]
+        self.state = self.state._replace(n_evaluations=jnp.asarray(
+            np.where(halt, self.maxiter, state.n_evaluations).astype(state.n_evaluations.dtype)))
 
     def compact(self, c, state, live: np.ndarray) -> bool:
         """Continue with only the ``live`` current rows, on a smaller tape; False (nothing changed) when no smaller
@@ -675,18 +733,20 @@ class _Run:
 
 
 def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dtype, compact,
-                     deadline: Optional[float] = None) -> dict:
+                     deadline: Optional[float] = None, beaten: Optional[Beaten] = None) -> dict:
     """Run the lockstep solver on ``batch``; per-candidate results as the host arrays ``refine`` reports.
 
     With ``compact`` or a ``deadline`` (and one tape, i.e. one dataset or folded datasets) the run stops at
     ``_CHECKPOINTS``. With ``compact``, when the candidates still running fit in a bucket at most half the current
     one, they continue on a tape of their own, so candidates that have converged stop costing. Stopping and
     resuming is exact (``lockstep_minimize`` carries its whole state), so the results are an uninterrupted run's up
-    to rounding. Past the ``deadline`` (a ``time.perf_counter()`` value) the run ends at the next checkpoint.
+    to rounding. Past the ``deadline`` (a ``time.perf_counter()`` value) the run ends at the next checkpoint. With
+    ``beaten``, at each checkpoint the candidates it names stop (``_Run.stop_beaten``).
     """
     if compact is None:
         compact = batch.tape.signature.n_expressions >= _COMPACT_MIN_EXPRESSIONS
-    if not (compact or deadline is not None) or batch.x_BxNxD.shape[0] != 1:  # one uninterrupted run
+    chunked = compact or deadline is not None or beaten is not None
+    if not chunked or batch.x_BxNxD.shape[0] != 1:  # one uninterrupted run
         arrays, c0 = itp.device_arrays(batch.tape, dtype)
         program = _lockstep_program(batch.tape.signature, tol, dtype, hessian)
         state0 = jax.tree_util.tree_map(jnp.asarray, init_lockstep_state(np.asarray(batch.tape.consts, dtype)))
@@ -705,10 +765,13 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
             c, state = jax.device_get((run.c, run.state))
             run.record(c, state)
             live = np.flatnonzero(run.running(state, tol))
+            stopping = beaten is not None and len(live)
+            if stopping:
+                live = run.stop_beaten(live, beaten)
             if stop_at == maxiter or not len(live) or (deadline is not None and time.perf_counter() >= deadline):
                 break
-            if compact and len(live) <= run.sig.n_expressions // 2:
-                run.compact(c, state, live)
+            if not (compact and len(live) <= run.sig.n_expressions // 2 and run.compact(c, state, live)) and stopping:
+                run.halt_stopped(state)
         final = {k: v[None] for k, v in run.final.items()}
     c0 = np.asarray(batch.tape.consts, np.float64)
     real, l0, l_end = batch.real_BxE, np.asarray(final["initial_loss"], np.float64), np.asarray(final["loss"], np.float64)
@@ -835,7 +898,7 @@ def _folded_batch(exprs, xs, ys) -> _Batch:
 def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5,
            linesearch: str = "lockstep", hessian: str = "hybrid", maxls: int = 10, dtype=None,
            fold_datasets: bool = True, compact: Optional[bool] = None,
-           max_time: Optional[float] = None) -> RefineResult:
+           max_time: Optional[float] = None, beaten: Optional[Beaten] = None) -> RefineResult:
     """Refine the constants of every candidate with BFGS on MSE / var(y), all in one jitted call.
 
     ``expressions``: candidates (Expression or prefix lists) whose numbers are the initial constants; for several
@@ -865,12 +928,20 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5
     ``max_time`` (seconds, lockstep on one tape): a soft limit on the solver's time (compilation included): past
     it, the run ends at its next checkpoint, and candidates still running keep the best constants found so far
     (``converged`` False).
+    ``beaten`` (a ``Beaten``; lockstep on one tape): at each checkpoint, the candidates it says can no longer be
+    their dataset's choice stop, keeping what they have (``converged`` False unless they had); their losses are
+    where they stopped. ``SymbolicTransformerRegressor`` uses it to stop refining candidates that a simpler one
+    already beats.
     """
     t_start = time.perf_counter()
     exprs, xs, ys, multi = _as_datasets(expressions, X, y)
     _check_options(maxiter, tol, linesearch, hessian, maxls)
     if max_time is not None and not max_time >= 0:
         raise ValueError(f"max_time must be a number of seconds >= 0 (or None), got {max_time!r}")
+    if beaten is not None:
+        if not isinstance(beaten, Beaten):
+            raise ValueError(f"beaten must be a sr_jax.refinement.Beaten (or None), got {type(beaten).__name__}")
+        beaten.check()
     dtype = itp.resolve_dtype(dtype)
     batch = _folded_batch(exprs, xs, ys) if multi and fold_datasets else _stacked_batch(exprs, xs, ys)
     itp.check_range(batch.x_BxNxD, "X", dtype)
@@ -878,7 +949,7 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5
     with itp.precision(dtype):
         if linesearch == "lockstep" and maxiter > 0:
             deadline = None if max_time is None else t_start + float(max_time)
-            out = _lockstep_refine(batch, int(maxiter), float(tol), hessian, dtype, compact, deadline)
+            out = _lockstep_refine(batch, int(maxiter), float(tol), hessian, dtype, compact, deadline, beaten)
         else:
             out = _jaxopt_refine(batch, int(maxiter), float(tol), linesearch, int(maxls), dtype, hessian)
     return _result(batch, out, tol, multi)

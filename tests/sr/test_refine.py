@@ -329,3 +329,60 @@ def test_max_time_ends_the_run_at_the_next_checkpoint():
     assert res.losses[0] <= res.initial_losses[0]
     with pytest.raises(ValueError, match="max_time must be a number of seconds"):
         refine([slow], X, Y, max_time=-1.0)
+
+
+def _beaten_by_definition(beaten, loss, n_nodes, dataset):
+    """Beaten.mask written out pair by pair."""
+    loss = np.where(np.isnan(loss), np.inf, loss)
+    out = np.zeros(len(loss), bool)
+    for i in range(len(loss)):
+        for j in range(len(loss)):
+            if j == i or dataset[j] != dataset[i] or n_nodes[j] > n_nodes[i]:
+                continue
+            s = beaten.solved_loss
+            if s is not None and loss[j] <= s and (n_nodes[j] < n_nodes[i] or loss[i] > s):
+                out[i] = True
+            if beaten.ratio is not None and loss[i] > beaten.ratio * loss[j]:
+                out[i] = True
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.0, 1e-12, 1e-10, 1e-6, 1e-3, 0.1, 0.5, 1.0, np.inf, np.nan]),
+                          st.integers(1, 6), st.integers(0, 2)), min_size=1, max_size=12),
+       st.sampled_from([None, 1e-10, 1e-6]), st.sampled_from([None, 1.0, 100.0]))
+def test_beaten_mask_matches_its_definition(rows, solved_loss, ratio):
+    from sr_jax import Beaten
+
+    loss, n_nodes, dataset = (np.array(c) for c in zip(*rows))
+    beaten = Beaten(solved_loss=solved_loss, ratio=ratio)
+    np.testing.assert_array_equal(beaten.mask(loss.astype(float), n_nodes, dataset),
+                                  _beaten_by_definition(beaten, loss.astype(float), n_nodes, dataset))
+
+
+def test_beaten_candidates_stop_at_a_checkpoint_and_the_others_are_unchanged():
+    """A slow, more complex candidate stops at the first checkpoint once a simpler one fits exactly (or is 100x
+    better); the others' results are those of a run without stopping; on folded datasets the rule is per dataset."""
+    from sr_jax import Beaten
+
+    simple = Expression(["add", 1.0, "mul", 1.0, "x_0"])  # y below is exactly linear: solved in a few evaluations
+    slow = Expression(["add", 1.0, "mul", 1.0, "exp", "mul", 3.0, "x_1"])  # more nodes; runs to maxiter alone
+    y = 0.5 + 2.0 * X[:, 0]
+    plain = refine([simple, slow], X, y)
+    assert plain.n_iterations[1] > 8 and plain.losses[0] < 1e-15
+    first_checkpoint = importlib.import_module("sr_jax.refinement")._CHECKPOINTS[0]
+    for rule in (Beaten(solved_loss=1e-10), Beaten(ratio=100.0)):
+        res = refine([simple, slow], X, y, beaten=rule)
+        assert res.n_iterations[1] == first_checkpoint and not res.converged[1]
+        assert res.losses[1] <= res.initial_losses[1]
+        np.testing.assert_allclose(res.losses[0], plain.losses[0], atol=1e-15)
+        np.testing.assert_array_equal(res.n_iterations[0], plain.n_iterations[0])
+    # folded: dataset 1 has no simple exact fit (y is exponential there), so its slow candidate runs on
+    y_exp = 1.0 + np.exp(0.5 * X[:, 1])
+    res = refine([[simple, slow], [simple, slow]], [X, X], [y, y_exp], beaten=Beaten(solved_loss=1e-10))
+    assert res.n_iterations[0][1] == first_checkpoint
+    assert res.n_iterations[1][1] > first_checkpoint and res.losses[1][1] < 1e-10
+    with pytest.raises(ValueError, match="Beaten.ratio must be a number >= 1"):
+        refine([simple], X, y, beaten=Beaten(ratio=0.5))
+    with pytest.raises(ValueError, match="beaten must be a sr_jax.refinement.Beaten"):
+        refine([simple], X, y, beaten=1e-10)

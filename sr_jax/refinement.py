@@ -316,12 +316,14 @@ class _SolverStats(NamedTuple):
 class Beaten(NamedTuple):
     """When a candidate stops refining early: it is beaten by another candidate of its dataset with no more nodes
     (``Expression.n_nodes``) that fits to a loss <= ``solved_loss`` (strictly fewer nodes, or as many while its own
-    loss is above ``solved_loss``), or whose loss is ``ratio`` times lower than its own. A caller that picks the
-    simplest candidate within a small tolerance of the best loss loses nothing to the first rule, and to the second
-    only a candidate that would still have improved ``ratio``-fold after the checkpoint. None: rule off."""
+    loss is above ``solved_loss``), or -- once it has had ``ratio_from`` evaluations, so that a poor start is not
+    held against it -- whose loss is ``ratio`` times lower than its own. A caller that picks the simplest candidate
+    within a small tolerance of the best loss loses nothing to the first rule, and to the second only a candidate
+    that would still have improved ``ratio``-fold after the checkpoint. None: rule off."""
 
     solved_loss: Optional[float] = None
     ratio: Optional[float] = None
+    ratio_from: int = 8
 
     def check(self) -> None:
         if self.solved_loss is not None and not self.solved_loss >= 0:
@@ -329,8 +331,11 @@ class Beaten(NamedTuple):
         if self.ratio is not None and not self.ratio >= 1:
             raise ValueError(f"Beaten.ratio must be a number >= 1 (or None), got {self.ratio!r}")
 
-    def mask(self, loss_E: np.ndarray, n_nodes_E: np.ndarray, dataset_E: np.ndarray) -> np.ndarray:
-        """Which candidates are beaten (losses as now, inf where unknown), per dataset."""
+    def mask(self, loss_E: np.ndarray, n_nodes_E: np.ndarray, dataset_E: np.ndarray,
+             evaluations: Optional[int] = None) -> np.ndarray:
+        """Which candidates are beaten (losses as now, inf where unknown), per dataset, after ``evaluations``
+        objective evaluations (None: as many as the ratio rule needs)."""
+        use_ratio = self.ratio is not None and (evaluations is None or evaluations >= self.ratio_from)
         loss_E = np.where(np.isnan(loss_E), np.inf, loss_E)
         out = np.zeros(len(loss_E), bool)
         for b in np.unique(dataset_E):
@@ -345,7 +350,7 @@ class Beaten(NamedTuple):
             hit = np.zeros(len(order), bool)
             if self.solved_loss is not None:
                 hit |= (fewer <= self.solved_loss) | ((at_most <= self.solved_loss) & (loss > self.solved_loss))
-            if self.ratio is not None:
+            if use_ratio:
                 hit |= loss > self.ratio * at_most
             out[order] = hit
         return out
@@ -617,6 +622,10 @@ def _lockstep_program(sig, tol: float, dtype: np.dtype, hessian: str):
 # Evaluation counts after which the host looks at which candidates still run and, when at most half of the
 # batch's bucket does, moves them to a smaller tape (a smaller compiled program) for the rest of the run.
 _CHECKPOINTS = (8, 16, 32, 64)
+# With compaction or ``beaten``, also a checkpoint after the first evaluation (the start point): candidates that start
+# at their optimum (the least-squares bases) or are already beaten leave before the batch runs its first chunk.
+# A deadline is only checked from ``_CHECKPOINTS[0]`` on.
+_EARLY_CHECKPOINT = 1
 # ``compact=None`` compacts batches of at least this many (bucketed) candidates. Each compaction may compile a
 # program for a new, smaller tape; below this size the time saved rarely repays that compilation.
 _COMPACT_MIN_EXPRESSIONS = 128
@@ -663,11 +672,11 @@ class _Run:
         n = len(self.origin)
         return (state.n_evaluations[0, :n] < self.maxiter) & (state.grad_norm[0, :n] > tol) & ~self.stopped[self.origin]
 
-    def stop_beaten(self, live: np.ndarray, beaten: "Beaten") -> np.ndarray:
+    def stop_beaten(self, live: np.ndarray, beaten: "Beaten", evaluations: int) -> np.ndarray:
         """``live`` (current rows) without the candidates that ``beaten`` says can no longer be their dataset's
-        choice; those are marked stopped (their recorded results are final)."""
+        choice after ``evaluations``; those are marked stopped (their recorded results are final)."""
         rows = self.origin[live]
-        out = beaten.mask(self.final["loss"][: len(self.exprs)], self.n_nodes, self.dataset)[rows]
+        out = beaten.mask(self.final["loss"][: len(self.exprs)], self.n_nodes, self.dataset, evaluations)[rows]
         self.stopped[rows[out]] = True
         return live[~out]
 
@@ -757,7 +766,7 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
                      initial_loss=state.initial_loss, loss=state.loss)
     else:
         run = _Run(batch, dtype, maxiter)
-        checkpoints = list(_CHECKPOINTS)
+        checkpoints = ([_EARLY_CHECKPOINT] if compact or beaten is not None else []) + list(_CHECKPOINTS)
         if deadline is not None:  # and every _CHECKPOINTS[-1] evaluations after the last
             checkpoints += list(range(2 * _CHECKPOINTS[-1], maxiter, _CHECKPOINTS[-1]))
         for stop_at in [k for k in checkpoints if k < maxiter] + [maxiter]:
@@ -767,8 +776,9 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
             live = np.flatnonzero(run.running(state, tol))
             stopping = beaten is not None and len(live)
             if stopping:
-                live = run.stop_beaten(live, beaten)
-            if stop_at == maxiter or not len(live) or (deadline is not None and time.perf_counter() >= deadline):
+                live = run.stop_beaten(live, beaten, stop_at)
+            late = deadline is not None and stop_at >= _CHECKPOINTS[0] and time.perf_counter() >= deadline
+            if stop_at == maxiter or not len(live) or late:
                 break
             if not (compact and len(live) <= run.sig.n_expressions // 2 and run.compact(c, state, live)) and stopping:
                 run.halt_stopped(state)

@@ -373,10 +373,13 @@ def test_beaten_candidates_stop_at_a_checkpoint_and_the_others_are_unchanged():
     first_checkpoint = importlib.import_module("sr_jax.refinement")._CHECKPOINTS[0]
     for rule in (Beaten(solved_loss=1e-10), Beaten(ratio=100.0)):
         res = refine([simple, slow], X, y, beaten=rule)
-        assert res.n_iterations[1] == first_checkpoint and not res.converged[1]
+        assert res.n_iterations[1] == first_checkpoint and not res.converged[1]  # simple is solved within 8
         assert res.losses[1] <= res.initial_losses[1]
         np.testing.assert_allclose(res.losses[0], plain.losses[0], atol=1e-15)
         np.testing.assert_array_equal(res.n_iterations[0], plain.n_iterations[0])
+    # a candidate that starts solved (as the least-squares bases do) stops the others after the first evaluation
+    res = refine([simple.with_constants([0.5, 2.0]), slow], X, y, beaten=Beaten(solved_loss=1e-10))
+    assert res.n_iterations.tolist() == [1, 1] and res.losses[0] < 1e-15
     # folded: dataset 1 has no simple exact fit (y is exponential there), so its slow candidate runs on
     y_exp = 1.0 + np.exp(0.5 * X[:, 1])
     res = refine([[simple, slow], [simple, slow]], [X, X], [y, y_exp], beaten=Beaten(solved_loss=1e-10))

@@ -36,6 +36,11 @@ own signature scaled by 1/2, 1/4, ... (``interpreter.scaled_signature``), into w
 placed. The scaled shapes depend only on the batch's signature, not on which candidates still run, so a process
 compiles at most a handful of programs per signature and reuses them for every later batch of that signature.
 
+Stopping the beaten (``refine(beaten=Beaten(...))``): at the same checkpoints, plus one after the first evaluation,
+a candidate that a no-more-complex candidate of its dataset has already solved (or beats ``ratio``-fold) stops; a
+caller that keeps only the simplest good fit (the estimator) loses nothing by it, and the stopped lanes leave the
+tape at the next compaction (or end their lane in the running program when no smaller tape holds the rest).
+
 Gauss-Newton hybrid (default ``hessian="hybrid"``): the loss is a mean of squares, so the tape's reverse sweep can
 be seeded with a constant, which yields every candidate's Jacobian at once (``_batch_gauss_newton``) and with it
 the Gauss-Newton matrix, at the cost of one gradient. BFGS then restarts from the (damped) Gauss-Newton inverse

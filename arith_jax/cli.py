@@ -29,7 +29,7 @@ def _parser() -> OneLineParser:
                    help="after training, evaluate the grid up to this length (default: eval.max_len; 0 = skip)")
 
     e = sub.add_parser("eval", help="accuracy grid (JSON + heatmap) of a checkpoint")
-    e.add_argument("--checkpoint", help="training workdir or export (default: the shipped model)")
+    e.add_argument("--checkpoint", help="training workdir or export (default: the shipped addition model)")
     e.add_argument("--max-len", type=int_at_least(1), help="grid up to this operand length (default: eval.max_len)")
     e.add_argument("--n", type=int_at_least(1), help="problems per cell (default: eval.n_per_cell)")
     e.add_argument("--sweep", type=int_list_at_least(1),
@@ -38,11 +38,18 @@ def _parser() -> OneLineParser:
     e.add_argument("--json", help="write the report here")
     e.add_argument("--plot", help="write the heatmap PNG here")
 
-    s = sub.add_parser("solve", help="answer problems such as 123+456")
-    s.add_argument("problems", nargs="*", help='problems in ordinary digit order, e.g. "123+456"')
+    s = sub.add_parser("solve", help="answer problems such as 123+456, 12x34 or sort 31,4,159",
+                       description="Answer addition (123+456), multiplication (12x34 or 12*34) and sorting problems "
+                                   "(sort 31,4,159 -> 4,31,159: the word sort, then whole numbers separated by "
+                                   "commas). Without --checkpoint each problem goes to the shipped model of its "
+                                   "operation, so one file may mix them.")
+    s.add_argument("problems", nargs="*",
+                   help='problems in ordinary digit order, e.g. "123+456" "12x34" "sort 31,4,159"')
     s.add_argument("--file", help="a UTF-8 text file with one problem per line (blank lines are skipped)")
-    s.add_argument("--checkpoint", help="training workdir or export (default: the shipped model)")
-    s.add_argument("--recurrences", type=int_at_least(1), help="passes at test time (looped models)")
+    s.add_argument("--checkpoint", help="training workdir or export; it answers problems of its own operation only "
+                                        "(default: the shipped model of each problem's operation)")
+    s.add_argument("--recurrences", type=int_at_least(1),
+                   help="passes at test time (looped models; without --checkpoint, for every shipped model used)")
 
     x = sub.add_parser("export", help="write a parameters-only copy of a checkpoint")
     x.add_argument("--checkpoint", required=True)
@@ -162,10 +169,11 @@ def _solve(args) -> int:
     if not items:
         raise ValueError(f"problem file {args.file!r} holds no problems (only blank lines, or empty)" if args.file
                          else 'no problems given; pass them as arguments ("123+456") or with --file')
-    solver = Solver.load(args.checkpoint, recurrences=args.recurrences)
-    _check_recurrences(solver.cfg, args.recurrences)
-    if solver.task == "sort":
-        raise ValueError("this model sorts; solve takes addition and multiplication problems")
+    if args.checkpoint is None:  # each problem to the shipped model of its operation, loaded when first needed
+        solver = Solver.shipped(recurrences=args.recurrences)
+    else:
+        solver = Solver.load(args.checkpoint, recurrences=args.recurrences)
+        _check_recurrences(solver.cfg, args.recurrences)
     results: list[str | ValueError] = []
     for _, text in items:  # syntax errors without the model
         try:

@@ -113,11 +113,10 @@ def test_solve_file_reports_each_bad_line_and_answers_the_rest(capsys, tmp_path)
     problems.write_bytes("\ufeff12+34\n12a+3\n\n5+6\n12*3\n1+2+3\n99+1\n".encode("utf-8"))
     assert main(["solve", "--file", str(problems), "7+8", "9-1"]) == 2
     out, err = capsys.readouterr()
-    assert out.split() == ["15", "46", "11", "100"]  # the shipped model gets these right
+    assert out.split() == ["15", "46", "11", "36", "100"]  # the shipped models get these right (12*3: mul_small)
     assert err.splitlines() == [
         "error: unsupported operator '-' in problem '9-1'; use '+', '*' or 'x'",
         f"{problems}:2: error: invalid character 'a' in problem '12a+3'",
-        f"{problems}:5: error: '12*3' is multiplication, but this model was trained for addition",
         f"{problems}:6: error: expected exactly one operator in problem '1+2+3', found 2",
     ]
 

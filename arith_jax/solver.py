@@ -24,7 +24,7 @@ _TASK_NAMES = {"add": "addition", "mul": "multiplication", "sort": "sorting"}
 
 class Solver:
     """One model: Solver.load().solve(["123+456"]) -> ["579"]; a sorting model's
-    Solver.load(SHIPPED_MODELS["sort"]).solve(["sort 31,4,159"]) -> ["4,31,159"].
+    Solver.load(SHIPPED_MODELS["sort"]).solve(["sort 42,24"]) -> ["24,42"].
 
     Every problem must be of the model's operation (`Solver.shipped()` takes any mix). Problems of any mix of
     lengths are padded into a few length buckets (`arith_jax.evaluate.solve_prompts`), so a call compiles one
@@ -115,7 +115,7 @@ class Solver:
 
 class ShippedSolver:
     """Any mix of problems, each answered by the shipped model of its operation (`SHIPPED_MODELS`):
-    Solver.shipped().solve(["12+34", "12x34", "sort 31,4,159"]) -> ["46", "408", "4,31,159"].
+    Solver.shipped().solve(["12+34", "7x8", "sort 42,24"]) -> ["46", "56", "24,42"].
 
     A model is loaded the first time a problem needs it (and kept); `recurrences` (passes at test time) applies to
     every model used. Answers are those of `Solver.solve` on each operation's problems together.

@@ -2,7 +2,7 @@
 persistent compilation cache, which a user turns on with ``sr_jax.enable_compilation_cache()``), and B datasets in one batched fit vs B separate fits.
 
     python benchmarks/sr_fit.py [--datasets 64] [--points 200] [--dim 2] [--sources prior,bases] [--model DIR]
-                                [--skip-cold | --cold-only] [--json out.json]
+                                [--n-prior 32] [--skip-cold | --cold-only] [--json out.json]
 
 Datasets come from the training generator (``--dim`` variables, noise-free). The separate fits and the batched fit
 are each timed twice: the first pass includes tracing/compiling the shapes they need (how many refinement programs
@@ -35,7 +35,8 @@ if {cache!r}:
 from sr_jax.generator import GeneratorConfig, sample
 t1 = time.perf_counter()
 s = sample(0, GeneratorConfig(min_input_dimension={dim}, max_input_dimension={dim}, n_points={points}))
-est = SymbolicTransformerRegressor(candidate_sources={sources!r}, model_path={model!r}, random_state=0)
+est = SymbolicTransformerRegressor(candidate_sources={sources!r}, model_path={model!r}, n_prior={n_prior},
+                                   random_state=0)
 t2 = time.perf_counter(); est.fit(s.x_NxD, s.y_N); t3 = time.perf_counter()
 est.fit(s.x_NxD, s.y_N); t4 = time.perf_counter()
 print(t1 - t0, t3 - t2, t4 - t3)
@@ -52,7 +53,8 @@ def datasets(n: int, dim: int, points: int):
 
 def cold_start(args, sources, cache: bool) -> dict:
     """import / first fit / second fit seconds in a fresh process; cache: a persistent cache warmed by a first run."""
-    code = _COLD.format(dim=args.dim, points=args.points, sources=sources, model=args.model, cache=cache)
+    code = _COLD.format(dim=args.dim, points=args.points, sources=sources, model=args.model, cache=cache,
+                        n_prior=args.n_prior)
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, XDG_CACHE_HOME=tmp)
         runs = 2 if cache else 1  # the first run fills the cache, the second reads it
@@ -72,6 +74,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=2)
     p.add_argument("--sources", default="prior,bases")
     p.add_argument("--model", default=None, help="trained transformer (with 'model' in --sources)")
+    p.add_argument("--n-prior", type=int, default=32, help="generator skeletons per dataset (with 'prior')")
     p.add_argument("--skip-cold", action="store_true", help="skip the fresh-process measurements")
     p.add_argument("--cold-only", action="store_true", help="only the fresh-process measurements")
     p.add_argument("--json")
@@ -81,7 +84,7 @@ def main() -> None:
 
     xs, ys = datasets(args.datasets, args.dim, args.points)
     report = {"machine": machine_line(), "datasets": args.datasets, "points": args.points, "dim": args.dim,
-              "sources": list(sources)}
+              "sources": list(sources), "n_prior": args.n_prior}
     if not args.skip_cold:
         report["fresh_process_no_cache"] = cold_start(args, sources, cache=False)
         report["fresh_process_warm_cache"] = cold_start(args, sources, cache=True)
@@ -92,7 +95,8 @@ def main() -> None:
         return
 
     def est():
-        return SymbolicTransformerRegressor(candidate_sources=sources, model_path=args.model, random_state=0)
+        return SymbolicTransformerRegressor(candidate_sources=sources, model_path=args.model, n_prior=args.n_prior,
+                                            random_state=0)
 
     from sr_jax.interpreter import COMPILE_COUNTER
 

@@ -205,6 +205,7 @@ def test_gauss_newton_only_where_needed_equals_full():
     import importlib
 
     import sr_jax.interpreter as itp
+    from sr_jax import lockstep
     rf = importlib.import_module("sr_jax.refinement")
     cands = [perturbed(0.3, s) for s in range(64)]
     tape = itp.compile_tape([cands], 2)
@@ -216,7 +217,7 @@ def test_gauss_newton_only_where_needed_equals_full():
     gauss_newton = jax.jit(rf._batch_gauss_newton, static_argnums=0)  # as refinement runs it
     l, g, gn_all = gauss_newton(sig, problem, c0[0])
     below = jnp.where(jnp.arange(sig.n_expressions) % 7 == 0, jnp.inf, -jnp.inf)  # 10 of 64 need B
-    assert int(jnp.sum(below > 0)) <= rf._partial_capacity(sig.n_expressions)
+    assert int(jnp.sum(below > 0)) <= lockstep.partial_capacity(sig.n_expressions)
     l2, g2, gn_some = gauss_newton(sig, problem, c0[0], below)
     need = np.asarray(below > 0)
     np.testing.assert_allclose(gn_some[need], gn_all[need], rtol=1e-5, atol=1e-7)
@@ -226,8 +227,8 @@ def test_gauss_newton_only_where_needed_equals_full():
     take = jnp.asarray(need[:64])
     B = gn_all[:64] + jnp.eye(gn_all.shape[-1])[None] * 1e-3
     H = jnp.broadcast_to(jnp.eye(B.shape[-1]), B.shape)
-    out = jax.jit(jax.vmap(rf._gn_inverse_where))(take, B, H)
-    gn_inverse = jax.jit(rf._gn_inverse)
+    out = jax.jit(jax.vmap(lockstep._gn_inverse_where))(take, B, H)
+    gn_inverse = jax.jit(lockstep._gn_inverse)
     for i in range(64):
         want = gn_inverse(B[i]) if need[i] else H[i]
         np.testing.assert_allclose(out[i], want, rtol=1e-5, atol=1e-6)

@@ -15,11 +15,11 @@ Pipeline of one ``fit`` (spec sections 6-7, with the original's bugs fixed):
    skeleton in that order.
 4. All candidates of all datasets are refined in ONE ``sr_jax.refine`` call, on at most ``max_refine_points``
    training rows per dataset (inputs padded with unused zero columns to ``MAX_FEATURES``, so that datasets with
-   different numbers of features share compiled programs). At refinement's checkpoints (8, 16, 32, 64
+   different numbers of features share compiled programs). At refinement's checkpoints (after 1, 8, 16, 32 and 64
    evaluations) a candidate stops refining when one with no more nodes fits its dataset to a training loss of
-   1e-10 (then it cannot be chosen in step 5), or has a loss ``_BEATEN_RATIO`` times lower than its own (then it
-   would need to improve that much to matter) -- ``refine(beaten=...)``; in ``equations_`` their losses are where
-   they stopped.
+   ``_SOLVED_LOSS`` (then it cannot be chosen in step 5), or -- from 8 evaluations on -- has a loss
+   ``_BEATEN_RATIO`` times lower than its own (then it would need to improve that much to matter):
+   ``refine(beaten=...)``; in ``equations_`` their losses are where they stopped.
 5. Selection: every refined candidate is evaluated in float64 on all rows. Its ``loss`` is MSE / var(y) on the
    held-out rows (on the training rows when none are held out). Among the candidates with
    ``loss <= best * (1 + complexity_tolerance) + 1e-9`` the one with the fewest prefix nodes wins (then the lowest
@@ -64,6 +64,7 @@ MAX_FEATURES = 10  # the transformer's input width; more features are reduced by
 MIN_POINTS = 5
 _MIN_VALIDATION_POINTS = 40
 _ABS_TOLERANCE = 1e-9  # selection: losses this close to the best count as equal
+_SOLVED_LOSS = 1e-10  # refinement: a candidate fitting this well stops every more complex one of its dataset
 _BEATEN_RATIO = 100.0  # refinement: a candidate this many times worse than a no-more-complex one stops early
 _SOURCES = ("model", "prior", "bases")
 
@@ -432,7 +433,7 @@ class SymbolicTransformerRegressor:
                      [_pad_columns(p.z_NxK[p.train], MAX_FEATURES) for p in prepared],
                      [p.y_N[p.train] for p in prepared],
                      maxiter=int(self.refine_iterations), max_time=left,
-                     beaten=Beaten(solved_loss=1e-10, ratio=_BEATEN_RATIO))
+                     beaten=Beaten(solved_loss=_SOLVED_LOSS, ratio=_BEATEN_RATIO))
         return res.expressions
 
     def _select(self, p: _Prepared, pool: list[Candidate], refined: list[Expression]):

@@ -33,7 +33,7 @@ class LockstepState(NamedTuple):
 
 
 def minimize(objective, c0_P, *args, maxiter, tol: float, gauss_newton: bool = False,
-                      state: Optional[LockstepState] = None):
+             state: Optional[LockstepState] = None):
     """Minimise ``objective`` from ``c0_P`` with exactly ONE objective evaluation per iteration; ``(c_P, state)``.
 
     ``objective(c_P, gn_below, *args) -> ((loss, B_PxP), grad_P)``: B is the Gauss-Newton matrix of a least-squares

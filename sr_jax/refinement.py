@@ -327,10 +327,15 @@ class Beaten(NamedTuple):
     ratio_from: int = 8
 
     def check(self) -> None:
-        if self.solved_loss is not None and not self.solved_loss >= 0:
+        def number(v) -> bool:
+            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+        if self.solved_loss is not None and not (number(self.solved_loss) and self.solved_loss >= 0):
             raise ValueError(f"Beaten.solved_loss must be a loss >= 0 (or None), got {self.solved_loss!r}")
-        if self.ratio is not None and not self.ratio >= 1:
+        if self.ratio is not None and not (number(self.ratio) and self.ratio >= 1):
             raise ValueError(f"Beaten.ratio must be a number >= 1 (or None), got {self.ratio!r}")
+        if not (number(self.ratio_from) and int(self.ratio_from) == self.ratio_from and self.ratio_from >= 0):
+            raise ValueError(f"Beaten.ratio_from must be an integer >= 0, got {self.ratio_from!r}")
 
     def mask(self, loss_E: np.ndarray, n_nodes_E: np.ndarray, dataset_E: np.ndarray,
              evaluations: Optional[int] = None) -> np.ndarray:
@@ -564,8 +569,8 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
                      deadline: Optional[float] = None, beaten: Optional[Beaten] = None) -> dict:
     """Run the lockstep solver on ``batch``; per-candidate results as the host arrays ``refine`` reports.
 
-    With ``compact`` or a ``deadline`` (and one tape, i.e. one dataset or folded datasets) the run stops at
-    ``_CHECKPOINTS``. With ``compact``, when the candidates still running fit in a bucket at most half the current
+    With ``compact``, a ``deadline`` or ``beaten`` (and one tape, i.e. one dataset or folded datasets) the run stops
+    at ``_CHECKPOINTS`` (and, with ``compact`` or ``beaten``, at ``_EARLY_CHECKPOINT``). With ``compact``, when the candidates still running fit in a bucket at most half the current
     one, they continue on a tape of their own, so candidates that have converged stop costing. Stopping and
     resuming is exact (``lockstep.minimize`` carries its whole state), so the results are an uninterrupted run's up
     to rounding. Past the ``deadline`` (a ``time.perf_counter()`` value) the run ends at the next checkpoint. With
@@ -771,6 +776,9 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5
         if not isinstance(beaten, Beaten):
             raise ValueError(f"beaten must be a sr_jax.refinement.Beaten (or None), got {type(beaten).__name__}")
         beaten.check()
+        if linesearch != "lockstep" or (multi and not fold_datasets):
+            raise ValueError("beaten works with the lockstep solver on one tape: use linesearch='lockstep' (the "
+                             "default) and, for several datasets, fold_datasets=True (the default)")
     dtype = itp.resolve_dtype(dtype)
     batch = _folded_batch(exprs, xs, ys) if multi and fold_datasets else _stacked_batch(exprs, xs, ys)
     itp.check_range(batch.x_BxNxD, "X", dtype)

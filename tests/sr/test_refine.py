@@ -390,3 +390,11 @@ def test_beaten_candidates_stop_at_a_checkpoint_and_the_others_are_unchanged():
         refine([simple], X, y, beaten=Beaten(ratio=0.5))
     with pytest.raises(ValueError, match="beaten must be a sr_jax.refinement.Beaten"):
         refine([simple], X, y, beaten=1e-10)
+    with pytest.raises(ValueError, match="Beaten.solved_loss must be a loss >= 0"):
+        refine([simple], X, y, beaten=Beaten(solved_loss="1e-10"))
+    with pytest.raises(ValueError, match="Beaten.ratio_from must be an integer >= 0"):
+        refine([simple], X, y, beaten=Beaten(ratio=10.0, ratio_from=2.5))
+    with pytest.raises(ValueError, match="beaten works with the lockstep solver on one tape"):
+        refine([simple], X, y, beaten=Beaten(solved_loss=1e-10), linesearch="zoom")
+    with pytest.raises(ValueError, match="beaten works with the lockstep solver on one tape"):
+        refine([[simple], [simple]], [X, X], [y, y], beaten=Beaten(solved_loss=1e-10), fold_datasets=False)

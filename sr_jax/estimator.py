@@ -57,6 +57,7 @@ import sympy
 
 from .candidates import Candidate
 from .expressions import VARIABLES, Expression
+from .interpreter import gc_paused
 from .operators import OPERATORS, SYMPY_HEADS
 from .pool import basis_candidates, correlation_order, dedupe, prior_candidates
 
@@ -342,6 +343,7 @@ class SymbolicTransformerRegressor:
         return tuple(src), int(seed)
 
     # ----- fit ---------------------------------------------------------------------------------------------------
+    @gc_paused()
     def fit(self, X, y, feature_names=None) -> "SymbolicTransformerRegressor":
         """Fit one dataset (X: (N, D) array or DataFrame, y: (N,)), or a batch: lists of X and of y (and
         optionally a list of feature-name lists). Returns self."""

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 from typing import NamedTuple, Sequence
 
 import jax
@@ -107,6 +108,25 @@ def precision(dtype: np.dtype):
             yield
     else:
         yield
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector paused inside the scope, then restored to what it was.
+
+    Host-side work here (tape compilation, candidate pools, selection) allocates hundreds of thousands of small
+    objects without reference cycles; each allocation burst triggers collections that scan the whole heap, whose
+    cost grows with everything else the process holds (JAX, sympy caches). Nothing is lost: cycles made inside are
+    collected by the next collection after the scope. Nested scopes restore the outer state. Also a decorator
+    (``@gc_paused()``).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def check_range(a, name: str, dtype: np.dtype) -> None:
@@ -389,6 +409,7 @@ def _tiered(levels) -> tuple:
     return tuple(out)
 
 
+@gc_paused()
 def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, min_expressions: int = 1,
                  feature_offsets: Sequence[Sequence[int]] | None = None) -> Tape:
     """Compile B lists of expressions (one per dataset) into one padded tape with a common signature.
@@ -476,6 +497,7 @@ def scaled_signature(sig: TapeSignature, fraction: float, n_features: int) -> Ta
                          shrink(sig.n_const_slots, 4), shrink(sig.n_feature_uses, 4), levels)
 
 
+@gc_paused()
 def compile_tape_into(sig: TapeSignature, expressions: Sequence, feature_offsets: Sequence[int] | None = None):
     """One dataset's expressions compiled into the given signature; None when they do not fit (too many
     expressions, constants per expression, constant or variable leaves, or nodes for its levels)."""

@@ -729,6 +729,7 @@ def _folded_batch(exprs, xs, ys) -> _Batch:
                   [(0, int(starts[b]), ex) for b, ex in enumerate(exprs)])
 
 
+@itp.gc_paused()
 def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5,
            linesearch: str = "lockstep", hessian: str = "hybrid", maxls: int = 10, dtype=None,
            fold_datasets: bool = True, compact: Optional[bool] = None,

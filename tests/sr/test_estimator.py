@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import sympy
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sr_jax import ExpressionGenerator, SymbolicTransformerRegressor
@@ -130,6 +130,7 @@ def test_noisy_data_tidying_keeps_the_fit():
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 10**6))
+@example(13002)  # cos(0.64 x - 0.0032 exp(97 x)): ill-conditioned at most points
 def test_evaluate_sympy_matches_the_expression(seed):
     rng = np.random.default_rng(seed)
     expr = None
@@ -140,7 +141,11 @@ def test_evaluate_sympy_matches_the_expression(seed):
     syms = {sympy.Symbol(f"x_{i}", real=True): pts[:, i] for i in range(2)}
     with np.errstate(all="ignore"):
         got = np.broadcast_to(evaluate_sympy(expr.to_sympy(), syms), ref.shape)
-    fin = np.isfinite(ref) & (np.abs(ref) < 1e12)
+        # ill-conditioned points (e.g. cos of exp(97 x) ~ 1e18): a relative change of 1e-13 in x changes the value,
+        # so two correct evaluations that round differently disagree there; compare the well-conditioned ones
+        nudged = expr.evaluate_numpy(pts * (1 + 1e-13))
+    well = np.abs(nudged - ref) <= 1e-9 + 1e-8 * np.abs(ref)
+    fin = np.isfinite(ref) & (np.abs(ref) < 1e12) & well
     np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-6, atol=1e-9)
 
 

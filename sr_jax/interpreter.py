@@ -489,10 +489,13 @@ def scaled_signature(sig: TapeSignature, fraction: float, n_features: int) -> Ta
     A pure function of its arguments, so every subset of every batch placed in ``sig`` continues in the same few
     programs (one per fraction). The slack is there because a subset need not be a fair sample of the batch (the
     candidates refinement keeps are often the deeper ones); ``compile_tape_into`` says whether a subset fits."""
-    def shrink(c: int, step: int = 2) -> int:
-        return min(c, max(step, -(-int(np.ceil(1.5 * fraction * c)) // step) * step))
+    def shrink(c: int, step: int = 2, slack: float = 1.5) -> int:
+        return min(c, max(step, -(-int(np.ceil(slack * fraction * c)) // step) * step))
 
-    levels = tuple(tuple((g, shrink(c)) for g, c in groups) for groups in sig.levels)
+    # the operator groups other than the cheap one get twice the slack: the candidates still running late are the
+    # harder ones, rich in transcendentals, and these groups are small (their padding costs little)
+    levels = tuple(tuple((g, shrink(c, slack=1.5 if g == "cheap" else 3.0)) for g, c in groups)
+                   for groups in sig.levels)
     return TapeSignature(sig.n_datasets, n_features, max(1, int(sig.n_expressions * fraction)), sig.n_consts,
                          shrink(sig.n_const_slots, 4), shrink(sig.n_feature_uses, 4), levels)
 

@@ -7,8 +7,9 @@ Pipeline of one ``fit`` (spec sections 6-7, with the original's bugs fixed):
    10 (its width) most |Pearson|-correlated with y are kept, ordered by decreasing |r| (model variable x_i is the
    i-th kept feature); X is standardised per column with the population
    std (a constant column gets scale 1); y is flattened to (N,) and left in its units. Rows are shuffled with
-   ``random_state``; when there are at least 40 rows, ``validation_fraction`` of them are held out for selection. The other (training) rows are split into nearly equal bags of at most
-   ``max_input_points`` rows for the transformer (so no bag is tiny), at most ``max_number_bags`` of them.
+   ``random_state``; when there are at least 40 rows, ``validation_fraction`` of them are held out for selection.
+   The other (training) rows are split into nearly equal bags of at most ``max_input_points`` rows for the
+   transformer (so no bag is tiny), at most ``max_number_bags`` of them.
 3. Candidate pool per dataset (``candidate_sources``): ``"bases"`` (``pool.basis_candidates``, least-squares
    initialised), ``"model"`` (the transformer's candidates for every bag, ``candidates.model_candidates``) and
    ``"prior"`` (``pool.prior_candidates``: ``n_prior`` skeletons from the generator's prior), deduplicated by

@@ -9,8 +9,8 @@ every node. Here the whole batch is compiled on the host into one *tape*:
   w.r.t. them;
 * internal nodes grouped by (height, group): at each height one "cheap" group holds the operators the table
   (``sr_jax.operators``) marks ``cheap`` (add, mul, div, pow2, ...: a per-node select among a few flops, cheaper
-  than more gathers), and every other operator (sqrt, log, exp, sin, ..., pow) present at that height gets its own group,
-  so a transcendental is computed only for nodes that use it. Each level: gather its arguments, apply each group,
+  than more gathers), and every other operator (sqrt, log, exp, sin, ..., pow) present at that height gets its own
+  group, so a transcendental is computed only for nodes that use it. Each level: gather its arguments, apply each group,
   write the level's outputs into ``V`` in place (its rows are contiguous).
 * runs of levels: consecutive levels are given identical groups and capacities where that pads little
   (``_tiered``), and each run of identical levels is one ``lax.scan`` over its levels. XLA:CPU's compile time grows

@@ -23,11 +23,11 @@ both precisions y and the predictions are multiplied by a power of two that brin
 they are compared (exact, so the loss is unchanged): squares and var(y) cannot overflow for any finite y that the
 dtype holds.
 
-Early convergence / lockstep: inside a vmapped ``while_loop`` every lane runs until the slowest one stops. The default
-``linesearch="lockstep"`` (``sr_jax.lockstep.minimize``) does exactly one batched evaluation per iteration (a rejected trial
-shortens the next step instead of running an inner line search), so no iteration pays for the longest line search
-of the batch; ``maxiter`` counts evaluations. jaxopt's public BFGS with its own line searches stays available
-("backtracking", "zoom").
+Early convergence / lockstep: inside a vmapped ``while_loop`` every lane runs until the slowest one stops. The
+default ``linesearch="lockstep"`` (``sr_jax.lockstep.minimize``) does exactly one batched evaluation per iteration
+(a rejected trial shortens the next step instead of running an inner line search), so no iteration pays for the
+longest line search of the batch; ``maxiter`` counts evaluations. jaxopt's public BFGS with its own line searches
+stays available ("backtracking", "zoom").
 
 Lane compaction: in a large batch most candidates converge within a few evaluations while a few run to ``maxiter``.
 So the lockstep run stops at a few evaluation counts (``_CHECKPOINTS``; ``lockstep.minimize`` resumes from its
@@ -570,11 +570,12 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
     """Run the lockstep solver on ``batch``; per-candidate results as the host arrays ``refine`` reports.
 
     With ``compact``, a ``deadline`` or ``beaten`` (and one tape, i.e. one dataset or folded datasets) the run stops
-    at ``_CHECKPOINTS`` (and, with ``compact`` or ``beaten``, at ``_EARLY_CHECKPOINT``). With ``compact``, when the candidates still running fit in a bucket at most half the current
-    one, they continue on a tape of their own, so candidates that have converged stop costing. Stopping and
-    resuming is exact (``lockstep.minimize`` carries its whole state), so the results are an uninterrupted run's up
-    to rounding. Past the ``deadline`` (a ``time.perf_counter()`` value) the run ends at the next checkpoint. With
-    ``beaten``, at each checkpoint the candidates it names stop (``_Run.stop_beaten``).
+    at ``_CHECKPOINTS`` (and, with ``compact`` or ``beaten``, at ``_EARLY_CHECKPOINT``). With ``compact``, when the
+    candidates still running fit in a bucket at most half the current one, they continue on a tape of their own, so
+    candidates that have converged stop costing. Stopping and resuming is exact (``lockstep.minimize`` carries its
+    whole state), so the results are an uninterrupted run's up to rounding. Past the ``deadline`` (a
+    ``time.perf_counter()`` value) the run ends at the next checkpoint. With ``beaten``, at each checkpoint the
+    candidates it names stop (``_Run.stop_beaten``).
     """
     if compact is None:
         compact = batch.tape.signature.n_expressions >= _COMPACT_MIN_EXPRESSIONS
@@ -608,7 +609,8 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
                 run.halt_stopped(state)
         final = {k: v[None] for k, v in run.final.items()}
     c0 = np.asarray(batch.tape.consts, np.float64)
-    real, l0, l_end = batch.real_BxE, np.asarray(final["initial_loss"], np.float64), np.asarray(final["loss"], np.float64)
+    real = batch.real_BxE
+    l0, l_end = np.asarray(final["initial_loss"], np.float64), np.asarray(final["loss"], np.float64)
     active = real & (l0 < _big(dtype))
     l0 = np.where(active, l0, np.inf)
     better = active & np.isfinite(l_end) & (l_end <= l0)

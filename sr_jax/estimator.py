@@ -12,8 +12,9 @@ Pipeline of one ``fit`` (spec sections 6-7, with the original's bugs fixed):
    transformer (so no bag is tiny), at most ``max_number_bags`` of them.
 3. Candidate pool per dataset (``candidate_sources``): ``"bases"`` (``pool.basis_candidates``, least-squares
    initialised), ``"model"`` (the transformer's candidates for every bag, ``candidates.model_candidates``) and
-   ``"prior"`` (``pool.prior_candidates``: ``n_prior`` skeletons from the generator's prior), deduplicated by
-   skeleton in that order.
+   ``"prior"`` (``n_prior`` skeletons from the generator's prior: the best fits among a fixed library of
+   ``prior_draws`` draws per number of features, each with its outer linear coefficients solved by least squares on
+   the dataset, ``pool.screen_prior``), deduplicated by skeleton in that order.
 4. All candidates of all datasets are refined in ONE ``sr_jax.refine`` call, on at most ``max_refine_points``
    training rows per dataset (inputs padded with unused zero columns to ``MAX_FEATURES``, so that datasets with
    different numbers of features share compiled programs). At refinement's checkpoints (after 1, 8, 16, 32 and 64
@@ -60,7 +61,7 @@ from .candidates import Candidate
 from .expressions import VARIABLES, Expression
 from .interpreter import gc_paused
 from .operators import OPERATORS, SYMPY_HEADS
-from .pool import basis_candidates, correlation_order, dedupe, prior_candidates
+from .pool import PriorLibrary, basis_candidates, correlation_order, dedupe, prior_candidates, prior_library, screen_prior
 
 MAX_FEATURES = 10  # the transformer's input width; more features are reduced by correlation
 MIN_POINTS = 5
@@ -69,6 +70,8 @@ _ABS_TOLERANCE = 1e-9  # selection: losses this close to the best count as equal
 _SOLVED_LOSS = 1e-10  # refinement: a candidate fitting this well stops every more complex one of its dataset
 _BEATEN_RATIO = 100.0  # refinement: a candidate this many times worse than a no-more-complex one stops early
 _SOURCES = ("model", "prior", "bases")
+_PRIOR_LIBRARY_SEED = 0  # the screened prior draws one fixed library per dimension (data-independent, cached)
+_SCREEN_ROWS = 256  # training rows the prior library is screened on
 
 
 # ----- fitted equations --------------------------------------------------------------------------------------------
@@ -246,7 +249,11 @@ class SymbolicTransformerRegressor:
         max_input_points: rows per bag given to the transformer (at most 200, its training maximum).
         max_number_bags: bags decoded per dataset.
         decoding, beam_size, n_samples, temperature: the transformer's decoding ("greedy", "beam", "sample").
-        n_prior: skeletons drawn from the generator's prior per dataset.
+        n_prior: skeletons from the generator's prior refined per dataset.
+        prior_draws: size of the prior library screened for them: when larger than ``n_prior``, a fixed library of
+            this many draws per number of features has its outer linear coefficients fitted to each dataset by
+            least squares and the ``n_prior`` best fits join the pool (``pool.screen_prior``); otherwise
+            ``n_prior`` draws seeded by ``random_state`` join as drawn.
         max_refine_points: training rows used by refinement.
         refine_iterations: BFGS evaluations per candidate.
         validation_fraction: share of rows held out for selection (when there are at least 40 rows).
@@ -266,7 +273,7 @@ class SymbolicTransformerRegressor:
 
     def __init__(self, model_path=None, candidate_sources=_SOURCES, max_input_points: int = 200,
                  max_number_bags: int = 4, decoding: str = "beam", beam_size: int = 4, n_samples: int = 32,
-                 temperature: float = 1.0, n_prior: int = 32, max_refine_points: int = 1024,
+                 temperature: float = 1.0, n_prior: int = 16, prior_draws: int = 1024, max_refine_points: int = 1024,
                  refine_iterations: int = 100, validation_fraction: float = 0.25,
                  complexity_tolerance: float = 0.05, tidy: bool = True, max_time=None, random_state=None):
         self.model_path = model_path
@@ -278,6 +285,7 @@ class SymbolicTransformerRegressor:
         self.n_samples = n_samples
         self.temperature = temperature
         self.n_prior = n_prior
+        self.prior_draws = prior_draws
         self.max_refine_points = max_refine_points
         self.refine_iterations = refine_iterations
         self.validation_fraction = validation_fraction
@@ -323,9 +331,9 @@ class SymbolicTransformerRegressor:
         if "model" in src and not 1 <= int(self.max_input_points) <= 200:
             raise ValueError(f"max_input_points must be in 1..200 (the transformer's training maximum), "
                              f"got {self.max_input_points}")
-        for name in ("max_number_bags", "n_prior", "max_refine_points", "refine_iterations", "beam_size",
-                     "n_samples"):
-            if int(getattr(self, name)) < (0 if name in ("n_prior", "refine_iterations") else 1):
+        for name in ("max_number_bags", "n_prior", "prior_draws", "max_refine_points", "refine_iterations",
+                     "beam_size", "n_samples"):
+            if int(getattr(self, name)) < (0 if name in ("n_prior", "prior_draws", "refine_iterations") else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= float(self.validation_fraction) < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
@@ -420,9 +428,19 @@ class SymbolicTransformerRegressor:
                                        n_samples=int(self.n_samples), temperature=float(self.temperature), seed=seed)
             for (b, _), cands in zip(jobs, decoded):
                 pools[b] += cands
-        if "prior" in sources and int(self.n_prior) > 0:
+        n_prior, draws = int(self.n_prior), int(self.prior_draws)
+        if "prior" in sources and n_prior > 0 and draws > n_prior:
+            # one fixed library per dimension, screened on each dataset's rows (datasets of a dimension together)
+            for d in sorted({p.z_NxK.shape[1] for p in prepared}):
+                members = [b for b, p in enumerate(prepared) if p.z_NxK.shape[1] == d]
+                rows = [prepared[b].train[:_SCREEN_ROWS] for b in members]
+                screened = screen_prior(_library(d, draws), [(prepared[b].z_NxK[r], prepared[b].y_N[r])
+                                                             for b, r in zip(members, rows)], n_prior)
+                for b, cands in zip(members, screened):
+                    pools[b] += cands
+        elif "prior" in sources and n_prior > 0:
             for pool, p in zip(pools, prepared):
-                pool += _prior(p.z_NxK.shape[1], int(self.n_prior), seed)
+                pool += _prior(p.z_NxK.shape[1], n_prior, seed)
         return [dedupe(pool) or [Candidate(Expression([float(p.y_N.mean())]), "basis")]
                 for pool, p in zip(pools, prepared)]
 
@@ -657,6 +675,11 @@ def _prior_cached(d: int, n: int, seed: int) -> tuple:
 
 def _prior(d: int, n: int, seed: int) -> list[Candidate]:
     return list(_prior_cached(d, n, seed))
+
+
+@functools.lru_cache(maxsize=16)
+def _library(d: int, n: int) -> PriorLibrary:
+    return prior_library(d, n, _PRIOR_LIBRARY_SEED)
 
 
 def _load_model(path):

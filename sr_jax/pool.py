@@ -31,6 +31,7 @@ sources first.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -73,6 +74,137 @@ def prior_candidates(n_features: int, n: int, seed: int = 0,
             continue
         seen.add(expr.skeleton())
         out.append(Candidate(expr, "prior"))
+    return out
+
+
+def outer_terms(expression: Expression) -> list[list]:
+    """The summands of an expression's top-level sum (``add``/``sub`` nodes split recursively), each without a
+    leading constant factor (``mul c g`` and ``mul g c`` give g) and with lone constants dropped (the intercept):
+    the columns of the expression's outer linear least-squares problem. ``c0 + a*sin(x_0) - b*x_1`` gives
+    ``[sin(x_0)], [x_1]``; an expression that is not a sum is its own single term."""
+    out: list[list] = []
+    stack = [list(expression.tokens)]
+    while stack:
+        tree = stack.pop()
+        head = tree[0]
+        if head in ("add", "sub"):
+            left_len = _subtree_length(tree, 1)
+            stack.append(tree[1 + left_len:])
+            stack.append(tree[1:1 + left_len])
+        elif isinstance(head, float):
+            continue
+        elif head == "mul" and isinstance(tree[1], float):
+            out.append(tree[2:])
+        elif head == "mul" and isinstance(tree[-1], float) and _subtree_length(tree, 1) == len(tree) - 2:
+            out.append(tree[1:-1])
+        else:
+            out.append(tree)
+    return out
+
+
+def _subtree_length(tokens: Sequence, start: int) -> int:
+    """Number of tokens of the prefix subtree that begins at ``tokens[start]``."""
+    need, i = 1, start
+    while need:
+        t = tokens[i]
+        need += (OPERATORS[t].arity if isinstance(t, str) and t in OPERATORS else 0) - 1
+        i += 1
+    return i - start
+
+
+@dataclass(frozen=True)
+class PriorLibrary:
+    """Prior draws prepared for screening: ``candidates`` (M), the distinct ``outer_terms`` of all of them
+    (``terms``, U prefix tuples) and, per candidate, the indices of its terms (``term_index_MxK``, -1 = none)."""
+
+    candidates: tuple
+    terms: tuple
+    term_index_MxK: np.ndarray
+
+    @classmethod
+    def of(cls, candidates: Sequence[Candidate]) -> "PriorLibrary":
+        terms: dict[tuple, int] = {}
+        rows = []
+        for cand in candidates:
+            keys = dict.fromkeys(tuple(t) for t in outer_terms(cand.expression))  # a repeated term is one column
+            rows.append([terms.setdefault(k, len(terms)) for k in keys])
+        index = np.full((len(rows), max((len(r) for r in rows), default=0)), -1, np.int64)
+        for m, r in enumerate(rows):
+            index[m, :len(r)] = r
+        return cls(tuple(candidates), tuple(terms), index)
+
+
+def prior_library(n_features: int, n: int, seed: int = 0,
+                  config: GeneratorConfig = GeneratorConfig()) -> PriorLibrary:
+    """``prior_candidates(n_features, n, seed, config)`` with their outer terms indexed for ``screen_prior``."""
+    return PriorLibrary.of(prior_candidates(n_features, n, seed, config))
+
+
+_SCREEN_MAX_ROWS = 4096  # rows of stacked datasets whose term values are computed at once (memory bound)
+_SCREEN_OVERFLOW = 1e100  # a term larger than this on the data is treated as not finite (its squares overflow)
+
+
+def screen_prior(library: PriorLibrary, datasets: Sequence[tuple[np.ndarray, np.ndarray]],
+                 n: int) -> list[list[Candidate]]:
+    """Per dataset (z_NxD, y_N), the ``n`` library candidates whose outer linear coefficients fit it best, with
+    those coefficients set.
+
+    Each candidate becomes c0 + sum_i c_i * g_i over its ``outer_terms`` g_i with (c0, c_i) from least squares on
+    the dataset (variable projection: the inner constants stay the prior's draws), scored by the residual sum of
+    squares; candidates with a term that is not finite on the data are dropped, and of equal skeletons only the
+    best is kept. The library's distinct terms are evaluated once on the rows of several datasets stacked, and the
+    small least-squares problems of all candidates are solved together (normal equations of the column-scaled
+    design with a tiny ridge, which gives a repeated or constant column a zero coefficient).
+    """
+    out: list[list[Candidate]] = []
+    if not library.candidates or not datasets:
+        return [[] for _ in datasets]
+    group: list[tuple[np.ndarray, np.ndarray]] = []
+    for z, y in datasets:
+        group.append((np.asarray(z, np.float64), np.asarray(y, np.float64).reshape(-1)))
+        if sum(len(g[1]) for g in group) >= _SCREEN_MAX_ROWS:
+            out += _screen_group(library, group, n)
+            group = []
+    if group:
+        out += _screen_group(library, group, n)
+    return out
+
+
+def _screen_group(library: PriorLibrary, group, n: int) -> list[list[Candidate]]:
+    z_all = np.concatenate([z for z, _ in group])
+    with np.errstate(all="ignore"):
+        v_UxN = np.stack([Expression(list(t)).evaluate_numpy(z_all) for t in library.terms])
+    v_UxN = np.concatenate([v_UxN, np.zeros((1, v_UxN.shape[1]))])  # row U: the padding term (zeros)
+    index_MxK = np.where(library.term_index_MxK < 0, len(library.terms), library.term_index_MxK)
+    out, start = [], 0
+    for z, y in group:
+        v = v_UxN[:, start:start + len(y)]
+        start += len(y)
+        usable_U = (np.isfinite(v) & (np.abs(v) < _SCREEN_OVERFLOW)).all(axis=1)
+        ok_M = usable_U[index_MxK].all(axis=1)
+        a_MxKxN = np.concatenate([np.ones((len(index_MxK), 1, len(y))), np.where(usable_U[:, None], v, 0.0)[index_MxK]],
+                                 axis=1)
+        scale_MxK = np.sqrt(np.mean(a_MxKxN * a_MxKxN, axis=2))
+        scale_MxK = np.where(scale_MxK > 0, scale_MxK, 1.0)
+        a_MxKxN /= scale_MxK[:, :, None]
+        gram_MxKxK = a_MxKxN @ a_MxKxN.transpose(0, 2, 1) + 1e-10 * len(y) * np.eye(a_MxKxN.shape[1])
+        c_MxK = np.linalg.solve(gram_MxKxK, (a_MxKxN @ y)[:, :, None])[:, :, 0]
+        rss_M = np.sum((np.einsum("mk,mkn->mn", c_MxK, a_MxKxN) - y) ** 2, axis=1)
+        coef_MxK = c_MxK / scale_MxK
+        ok_M &= np.isfinite(rss_M) & np.isfinite(coef_MxK).all(axis=1)
+        picked: list[Candidate] = []
+        seen: set = set()
+        for m in sorted(np.flatnonzero(ok_M), key=lambda m: (rss_M[m], m)):
+            k = library.term_index_MxK[m]
+            prefixes = [list(library.terms[u]) for u in k[k >= 0]]
+            expr = Expression(_sum([[float(coef_MxK[m, 0])]] + [["mul", float(c), *t]
+                                                                 for c, t in zip(coef_MxK[m, 1:], prefixes)]))
+            if expr.skeleton() not in seen:
+                seen.add(expr.skeleton())
+                picked.append(Candidate(expr, library.candidates[m].source))
+                if len(picked) >= n:
+                    break
+        out.append(picked)
     return out
 
 

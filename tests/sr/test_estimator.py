@@ -245,6 +245,24 @@ def test_validation_names_the_column_and_the_dataset():
         small(max_time=True).fit(X1, Y1)
     with pytest.raises(ValueError, match="random_state"):
         small(random_state=-1).fit(X1, Y1)
+    with pytest.raises(ValueError, match="prior_draws must be positive"):
+        small(prior_draws=-1).fit(X1, Y1)
+
+
+def test_the_prior_is_screened_on_the_training_rows_when_the_library_is_larger():
+    from sr_jax.pool import prior_candidates, prior_library, screen_prior
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(120, 2))
+    y = np.exp(0.5 * x[:, 0]) * x[:, 1]
+    est = small(n_prior=5, prior_draws=64)
+    p = est._prepare(x, y, ["a", "b"], seed=0)
+    (pool,) = est._pools([p], ("prior",), 0, None)
+    rows = p.train[:256]
+    (expected,) = screen_prior(prior_library(2, 64, 0), [(p.z_NxK[rows], p.y_N[rows])], 5)
+    assert pool == expected and len(pool) == 5
+    (unscreened,) = small(n_prior=5, prior_draws=5)._pools([p], ("prior",), 3, None)
+    assert unscreened == prior_candidates(2, 5, 3)
 
 
 # ----- preprocessing ------------------------------------------------------------------------------------------------

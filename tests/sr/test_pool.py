@@ -5,7 +5,8 @@ from hypothesis import strategies as st
 
 from sr_jax import Expression
 from sr_jax.candidates import Candidate
-from sr_jax.pool import basis_candidates, dedupe, prior_candidates
+from sr_jax.pool import (PriorLibrary, basis_candidates, dedupe, outer_terms, prior_candidates, prior_library,
+                          screen_prior)
 
 
 def _nmse(expr: Expression, z, y) -> float:
@@ -111,3 +112,40 @@ def test_dedupe_keeps_the_first_of_each_skeleton():
     b = Candidate(Expression(["add", 2.0, "x_0"]), "prior")
     c = Candidate(Expression(["mul", 2.0, "x_0"]), "prior")
     assert dedupe([a, b, c, a]) == [a, c]
+
+
+def test_outer_terms_split_the_top_level_sum_and_drop_outer_factors():
+    e = Expression.from_infix("1.5 + 2*sin(x_0) - x_1*3 + (x_0 + 4)*x_1")
+    assert [Expression(t).infix() for t in outer_terms(e)] == ["sin(x_0)", "x_1", "((x_0 + 4.0) * x_1)"]
+    assert [Expression(t).infix() for t in outer_terms(Expression.from_infix("exp(x_0)"))] == ["exp(x_0)"]
+    assert outer_terms(Expression([2.0])) == []
+
+
+def _library_of(infix: list[str]) -> PriorLibrary:
+    return PriorLibrary.of([Candidate(Expression.from_infix(s), "prior") for s in infix])
+
+
+def test_screening_ranks_by_outer_least_squares_and_sets_the_coefficients():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(150, 2))
+    y = 3.0 - 2.0 * np.sin(1.3 * z[:, 0]) + 0.5 * z[:, 1] ** 2
+    lib = _library_of(["9*sin(1.3*x_0) + 7*x_1**2 - 4",  # the right structure, wrong outer constants
+                       "x_0 + x_1", "exp(x_0)", "log(x_0) + x_1",  # log of a negative z: not finite, dropped
+                       "1 + 2*x_0 + 3*x_0"])  # a repeated term is one column
+    (picked,) = screen_prior(lib, [(z, y)], n=10)
+    assert _nmse(picked[0].expression, z, y) < 1e-16 and picked[0].source == "prior"
+    assert np.allclose(sorted(picked[0].expression.constants), sorted([3.0, -2.0, 0.5, 1.3]))
+    assert len(picked) == 4 and not any("log" in c.expression.skeleton() for c in picked)
+    assert screen_prior(lib, [(z, y)], n=2)[0] == picked[:2]
+
+
+def test_screening_many_datasets_at_once_equals_one_by_one():
+    lib = prior_library(2, 64, seed=1)
+    rng = np.random.default_rng(1)
+    data = [(rng.normal(size=(n, 2)), rng.normal(size=n)) for n in (30, 80, 50)]
+    together = screen_prior(lib, data, n=5)
+    assert [len(p) for p in together] == [5, 5, 5]
+    for (z, y), picked in zip(data, together):
+        assert screen_prior(lib, [(z, y)], n=5)[0] == picked
+        losses = [_nmse(c.expression, z, y) for c in picked]
+        assert losses == sorted(losses) and losses[0] < 1.0

@@ -9,6 +9,9 @@ Sources (``Candidate.source``):
   (``ExpressionGenerator.sample_expression``), a fixed number per dataset dimension, seeded, independent of the data.
   Half of the draws use all D variables (as the generator does); the other half a random subset of them, so
   formulas of fewer variables than the dataset has are covered too. Their constants are the generator's draws.
+  ``screen_prior`` ranks a larger library of such draws (``prior_library``) on a dataset: each draw's outer linear
+  coefficients (its top-level sum c0 + sum_i c_i g_i, ``outer_terms``) are solved by least squares and the best fits
+  are kept with those coefficients (the estimator's default: the 16 best of 1,024).
 * ``"basis"`` (``basis_candidates``): fixed families whose outer coefficients are solved by linear least squares on
   the data before refinement (so refinement starts at the best linear fit):
 

@@ -27,6 +27,9 @@ Sources (``Candidate.source``):
   - sparse sums of products: c0 + sum of 1, 2 or 3 products of powers of the raw features (x_j^a for a in 1, 2, 3,
     -1, -2, 1/2, -1/2; x_i^a x_j^b and, up to 6 features, x_i^a x_j^b x_k^c for a, b, c in 1, 2, -1; up to 5
     features, also sin or cos of one feature, alone or times such a product), chosen by forward selection and backward elimination.
+  - unary of a monomial: a + b * M1 * u(c * M2) for u in exp, log, sin, cos, M2 a product of powers of up to five
+    raw features, c from a small set, M1 a monomial fitted on log|y / u(c * M2)|, when every raw feature is positive
+    (Boltzmann factors, logarithms of ratios, p * sin(2 theta) / r**3).
 
 ``dedupe`` keeps the first candidate of every skeleton (``Expression.skeleton``), so list better-initialised
 sources first.
@@ -327,6 +330,7 @@ def basis_candidates(z_NxD: np.ndarray, y_N: np.ndarray, offset_D: Optional[np.n
     if mono is not None:
         out.append(Candidate(mono, "basis"))
     out += [Candidate(e, "basis") for e in _sparse_products(z, y, offset, scale)]
+    out += [Candidate(e, "basis") for e in _unary_monomials(z, y, offset, scale)]
     return out
 
 
@@ -466,6 +470,92 @@ def _monomial(z, y, offset, scale) -> Optional[Expression]:
     for p in reversed(powers[:-1]):
         prod = ["mul", *p, *prod]
     return Expression(["add", 0.0, "mul", float(sign * np.exp(coef[0])), *prod])
+
+
+# unary-of-monomial bases: u(c * M2) times a monomial M1, M2 a product of powers of at most five raw features
+_ARGUMENT_POWERS = ((1.0, -1.0, 2.0, -2.0), (1.0, -1.0, 2.0, -2.0), (1.0, -1.0), (1.0, -1.0), (1.0, -1.0))  # 1..5 factors
+_ARGUMENT_SCALES = {"exp": (1.0, -1.0, 0.5, -0.5, 2.0, -2.0), "sin": (1.0, 0.5, 2.0), "cos": (1.0, 0.5, 2.0),
+                    "log": (1.0,)}  # sin and cos: the sign of c goes into the outer coefficient
+_UNARY_MONOMIALS = 4  # how many of them join the pool
+
+
+def _argument_exponents(d: int, many_features: Sequence[int]) -> np.ndarray:
+    """Exponent vectors (A x d) of the arguments M2: one feature, two distinct features, or three to five distinct
+    features among ``many_features``."""
+    rows = []
+    for size, powers in enumerate(_ARGUMENT_POWERS, start=1):
+        for cols in itertools.combinations(range(d) if size < 3 else sorted(many_features), size):
+            for pw in itertools.product(powers, repeat=size):
+                q = np.zeros(d)
+                q[list(cols)] = pw
+                rows.append(q)
+    return np.array(rows).reshape(-1, d)
+
+
+def _power_product(exponents: np.ndarray, offset, scale) -> list:
+    """Prefix of prod_j (x_j / scale_j) ** e_j over the non-zero exponents (x_j / scale_j = z_j + offset_j/scale_j)."""
+    factors = []
+    for j in np.flatnonzero(exponents):
+        base = ["add", f"x_{j}", float(offset[j] / scale[j])]
+        e = float(exponents[j])
+        factors.append(_POWERS[e](base) if e in _POWERS else ["pow", *base, e])
+    out = factors[-1]
+    for f in reversed(factors[:-1]):
+        out = ["mul", *f, *out]
+    return out
+
+
+def _unary_monomials(z, y, offset, scale) -> list[Expression]:
+    """a + b * M1 * u(c * M2), the ``_UNARY_MONOMIALS`` best by the R² of the outer fit: M2 a product of powers of at
+    most five raw features (``_argument_exponents``; three or more among the ``_MAX_TRIPLE_FEATURES`` most correlated
+    with y), u in exp, log, sin, cos with c from ``_ARGUMENT_SCALES``
+    (in the raw features' units: n_0 * exp(-m*g*x/(k_b*T)), n*k_b*T*log(V2/V1), p*sin(2*theta)/r**3), and
+    M1 = prod_j x_j ** p_j with p from least squares on log|y / u(c * M2)| rounded to halves (so y / u(...) must
+    keep one sign); (a, b) by least squares. Only when every raw feature is positive (else []).
+    """
+    x = z * scale + offset
+    n, d = x.shape
+    if not (x > 0).all():
+        return []
+    log_x = np.log(x)
+    q_AxD = _argument_exponents(d, correlation_order(z, y)[:_MAX_TRIPLE_FEATURES])
+    with np.errstate(all="ignore"):
+        arg_AxN = np.exp(q_AxD @ log_x.T)
+        combos = [(u, c) for u, cs in _ARGUMENT_SCALES.items() for c in cs]
+        v_RxN = np.concatenate([OPERATORS[u].np_fn(c * arg_AxN) for u, c in combos])  # R = len(combos) * A
+        ratio = y / v_RxN
+        ok = (np.isfinite(v_RxN).all(axis=1) & np.isfinite(ratio).all(axis=1)
+              & ((ratio > 0).all(axis=1) | (ratio < 0).all(axis=1)))
+        rows = np.flatnonzero(ok)
+        if not len(rows):
+            return []
+        design = np.concatenate([np.ones((n, 1)), log_x], axis=1)
+        p_RxD = np.round(2 * (np.log(np.abs(ratio[rows])) @ np.linalg.pinv(design).T)[:, 1:]) / 2
+        log_m1 = p_RxD @ (log_x - np.log(scale)).T  # M1 in the units of x_j / scale_j, as written
+        term = np.exp(log_m1) * v_RxN[rows]
+        tc = term - term.mean(axis=1, keepdims=True)
+        yc = y - y.mean()
+        var_t = np.sum(tc * tc, axis=1)
+        cov = tc @ yc
+        gain = np.where(np.isfinite(var_t) & np.isfinite(cov) & (var_t > 0), cov ** 2 / var_t, -1.0)
+    out: list[Expression] = []
+    seen: set = set()
+    for i in np.argsort(-gain, kind="stable"):
+        if gain[i] <= 0 or len(out) >= _UNARY_MONOMIALS:
+            break
+        r = rows[i]
+        (u, c), q = combos[r // len(q_AxD)], q_AxD[r % len(q_AxD)]
+        key = (u, c, tuple(q), tuple(p_RxD[i]))
+        if key in seen:
+            continue
+        seen.add(key)
+        b = float(cov[i] / var_t[i])
+        a = float(y.mean() - b * term[i].mean())
+        c_written = float(c * np.prod(scale ** q))  # c * M2 = c_written * prod (x_j / scale_j) ** q_j
+        unary = [u, "mul", c_written, *_power_product(q, offset, scale)]
+        body = ["mul", *_power_product(p_RxD[i], offset, scale), *unary] if p_RxD[i].any() else unary
+        out.append(Expression(["add", a, "mul", b, *body]))
+    return out
 
 
 # ----- pooling -----------------------------------------------------------------------------------------------------

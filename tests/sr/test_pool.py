@@ -5,8 +5,8 @@ from hypothesis import strategies as st
 
 from sr_jax import Expression
 from sr_jax.candidates import Candidate
-from sr_jax.pool import (PriorLibrary, basis_candidates, dedupe, outer_terms, prior_candidates, prior_library,
-                          screen_prior)
+from sr_jax.pool import (PriorLibrary, _unary_monomials, basis_candidates, dedupe, outer_terms, prior_candidates,
+                          prior_library, screen_prior)
 
 
 def _nmse(expr: Expression, z, y) -> float:
@@ -149,3 +149,24 @@ def test_screening_many_datasets_at_once_equals_one_by_one():
         assert screen_prior(lib, [(z, y)], n=5)[0] == picked
         losses = [_nmse(c.expression, z, y) for c in picked]
         assert losses == sorted(losses) and losses[0] < 1.0
+
+
+@pytest.mark.parametrize("name", ["boltzmann", "log_ratio", "dipole", "gaussian"])
+def test_unary_of_monomial_bases_are_exact_before_refinement(name):
+    """Physics-style u(c * product) * product formulas come out of least squares alone (raw features > 0)."""
+    rng = np.random.default_rng(3)
+    x = rng.uniform(1, 5, size=(150, 4))
+    a, b, c, d = x.T
+    y = {"boltzmann": a * np.exp(-b * c / d), "log_ratio": a * b * np.log(d / c),
+         "dipole": 3 * a * np.sin(b) * np.cos(b) / (4 * np.pi * c * d ** 3),
+         "gaussian": np.exp(-a ** 2 / (2 * b ** 2)) / (np.sqrt(2 * np.pi) * b)}[name]
+    z, m, s = _standardise(x)
+    assert _best(basis_candidates(z, y, m, s), z, y) < 1e-20
+
+
+def test_unary_of_monomial_bases_need_positive_features():
+    rng = np.random.default_rng(4)
+    x = rng.uniform(1, 5, size=(100, 2))
+    x[0, 1] = -1.0
+    z, m, s = _standardise(x)
+    assert _unary_monomials(z, x[:, 0] * np.exp(-x[:, 1]), m, s) == []

@@ -27,7 +27,7 @@ Sources (``Candidate.source``):
   - sparse sums of products: c0 + sum of 1, 2 or 3 products of powers of the raw features (x_j^a for a in 1, 2, 3,
     -1, -2, 1/2, -1/2; x_i^a x_j^b and, up to 6 features, x_i^a x_j^b x_k^c for a, b, c in 1, 2, -1; up to 5
     features, also sin or cos of one feature, alone or times such a product), chosen by forward selection and backward elimination.
-  - unary of a monomial: a + b * M1 * u(c * M2) for u in exp, log, sin, cos, M2 a product of powers of up to five
+  - unary of a monomial: a + b * M1 * u(c * M2) for u in exp, log, sin, cos, sin**2, M2 a product of powers of up to five
     raw features, c from a small set, M1 a monomial fitted on log|y / u(c * M2)|, when every raw feature is positive
     (Boltzmann factors, logarithms of ratios, p * sin(2 theta) / r**3).
 
@@ -474,17 +474,24 @@ def _monomial(z, y, offset, scale) -> Optional[Expression]:
 
 # unary-of-monomial bases: u(c * M2) times a monomial M1, M2 a product of powers of at most five raw features
 _ARGUMENT_POWERS = ((1.0, -1.0, 2.0, -2.0), (1.0, -1.0, 2.0, -2.0), (1.0, -1.0), (1.0, -1.0), (1.0, -1.0))  # 1..5 factors
-_ARGUMENT_SCALES = {"exp": (1.0, -1.0, 0.5, -0.5, 2.0, -2.0), "sin": (1.0, 0.5, 2.0), "cos": (1.0, 0.5, 2.0),
-                    "log": (1.0,)}  # sin and cos: the sign of c goes into the outer coefficient
+_TRIG_SCALES = (1.0, 0.5, 2.0, np.pi, 2 * np.pi)  # sin, cos: the sign of c goes into the outer coefficient
+_ARGUMENT_SCALES = {("exp",): (1.0, -1.0, 0.5, -0.5, 2.0, -2.0), ("log",): (1.0,), ("sin",): _TRIG_SCALES,
+                    ("cos",): _TRIG_SCALES, ("pow2", "sin"): _TRIG_SCALES}  # unaries applied right to left
 _UNARY_MONOMIALS = 4  # how many of them join the pool
 
 
+def _apply_unaries(chain: tuple, a: np.ndarray) -> np.ndarray:
+    for u in reversed(chain):
+        a = OPERATORS[u].np_fn(a)
+    return a
+
+
 def _argument_exponents(d: int, many_features: Sequence[int]) -> np.ndarray:
-    """Exponent vectors (A x d) of the arguments M2: one feature, two distinct features, or three to five distinct
-    features among ``many_features``."""
+    """Exponent vectors (A x d) of the arguments M2: one feature, or two to five distinct features among
+    ``many_features``."""
     rows = []
     for size, powers in enumerate(_ARGUMENT_POWERS, start=1):
-        for cols in itertools.combinations(range(d) if size < 3 else sorted(many_features), size):
+        for cols in itertools.combinations(range(d) if size < 2 else sorted(many_features), size):
             for pw in itertools.product(powers, repeat=size):
                 q = np.zeros(d)
                 q[list(cols)] = pw
@@ -507,8 +514,8 @@ def _power_product(exponents: np.ndarray, offset, scale) -> list:
 
 def _unary_monomials(z, y, offset, scale) -> list[Expression]:
     """a + b * M1 * u(c * M2), the ``_UNARY_MONOMIALS`` best by the R² of the outer fit: M2 a product of powers of at
-    most five raw features (``_argument_exponents``; three or more among the ``_MAX_TRIPLE_FEATURES`` most correlated
-    with y), u in exp, log, sin, cos with c from ``_ARGUMENT_SCALES``
+    most five raw features (``_argument_exponents``; two or more among the ``_MAX_TRIPLE_FEATURES`` most correlated
+    with y), u in exp, log, sin, cos, sin**2 with c from ``_ARGUMENT_SCALES``
     (in the raw features' units: n_0 * exp(-m*g*x/(k_b*T)), n*k_b*T*log(V2/V1), p*sin(2*theta)/r**3), and
     M1 = prod_j x_j ** p_j with p from least squares on log|y / u(c * M2)| rounded to halves (so y / u(...) must
     keep one sign); (a, b) by least squares. Only when every raw feature is positive (else []).
@@ -522,7 +529,7 @@ def _unary_monomials(z, y, offset, scale) -> list[Expression]:
     with np.errstate(all="ignore"):
         arg_AxN = np.exp(q_AxD @ log_x.T)
         combos = [(u, c) for u, cs in _ARGUMENT_SCALES.items() for c in cs]
-        v_RxN = np.concatenate([OPERATORS[u].np_fn(c * arg_AxN) for u, c in combos])  # R = len(combos) * A
+        v_RxN = np.concatenate([_apply_unaries(u, c * arg_AxN) for u, c in combos])  # R = len(combos) * A
         ratio = y / v_RxN
         ok = (np.isfinite(v_RxN).all(axis=1) & np.isfinite(ratio).all(axis=1)
               & ((ratio > 0).all(axis=1) | (ratio < 0).all(axis=1)))
@@ -552,7 +559,7 @@ def _unary_monomials(z, y, offset, scale) -> list[Expression]:
         b = float(cov[i] / var_t[i])
         a = float(y.mean() - b * term[i].mean())
         c_written = float(c * np.prod(scale ** q))  # c * M2 = c_written * prod (x_j / scale_j) ** q_j
-        unary = [u, "mul", c_written, *_power_product(q, offset, scale)]
+        unary = [*u, "mul", c_written, *_power_product(q, offset, scale)]
         body = ["mul", *_power_product(p_RxD[i], offset, scale), *unary] if p_RxD[i].any() else unary
         out.append(Expression(["add", a, "mul", b, *body]))
     return out

@@ -151,7 +151,7 @@ def test_screening_many_datasets_at_once_equals_one_by_one():
         assert losses == sorted(losses) and losses[0] < 1.0
 
 
-@pytest.mark.parametrize("name", ["boltzmann", "log_ratio", "dipole", "gaussian"])
+@pytest.mark.parametrize("name", ["boltzmann", "log_ratio", "dipole", "gaussian", "one_minus_cos", "sin2_2pi"])
 def test_unary_of_monomial_bases_are_exact_before_refinement(name):
     """Physics-style u(c * product) * product formulas come out of least squares alone (raw features > 0)."""
     rng = np.random.default_rng(3)
@@ -159,7 +159,8 @@ def test_unary_of_monomial_bases_are_exact_before_refinement(name):
     a, b, c, d = x.T
     y = {"boltzmann": a * np.exp(-b * c / d), "log_ratio": a * b * np.log(d / c),
          "dipole": 3 * a * np.sin(b) * np.cos(b) / (4 * np.pi * c * d ** 3),
-         "gaussian": np.exp(-a ** 2 / (2 * b ** 2)) / (np.sqrt(2 * np.pi) * b)}[name]
+         "gaussian": np.exp(-a ** 2 / (2 * b ** 2)) / (np.sqrt(2 * np.pi) * b),
+         "one_minus_cos": 2 * a * (1 - np.cos(b * c)), "sin2_2pi": np.sin(2 * np.pi * a * b / c) ** 2}[name]
     z, m, s = _standardise(x)
     assert _best(basis_candidates(z, y, m, s), z, y) < 1e-20
 

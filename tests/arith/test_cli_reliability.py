@@ -71,7 +71,7 @@ def test_outputs_checked_before_the_work(capsys, monkeypatch, tmp_path):
         (["solve", "--file", str(tmp_path)], f"problem file '{tmp_path}' is a folder, not a file"),
         (["solve", "--file", str(tmp_path / "none.txt")], f"problem file '{tmp_path / 'none.txt'}' not found"),
         (["solve", "--file", str(a_file.with_name("blank.txt"))], "holds no problems (only blank lines, or empty)"),
-        (["eval", "--max-len", "127"], "--max-len 127 is beyond this model's position table"),
+        (["eval", "--max-len", "300"], "--max-len 300 is beyond this model's position table"),
         (["eval", "--sweep", "30,500"], "--sweep 500 is beyond this model's position table"),
         (["export", "--checkpoint", str(SHIPPED), "--out", str(a_file)], "is a file, not a folder"),
         (["train", "--config", TINY, "--workdir", str(a_file)], "cannot write --workdir"),

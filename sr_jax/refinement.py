@@ -411,7 +411,19 @@ def _refine_program(sig, maxiter: int, tol: float, linesearch: str, maxls: int, 
         itp.COMPILE_COUNTER["refine"] += 1  # trace-time only
         return jax.vmap(one_dataset)(arrays, c0, real, x, y, w)
 
+    return _jit(program)
+
+
+def _jit(program):
+    """``jax.jit`` of a refinement program; on CPU compiled at XLA's backend optimisation level 1 instead of the
+    default 2, which compiles these large unrolled programs markedly faster at the same speed of the compiled code
+    (BENCHMARKS.md, "sr_jax: constant refinement"). Per program: the user's global XLA flags are untouched."""
+    if jax.default_backend() == "cpu":
+        return jax.jit(program, compiler_options=_CPU_COMPILER_OPTIONS)
     return jax.jit(program)
+
+
+_CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
 @functools.lru_cache(maxsize=_PROGRAM_CACHE_SIZE)
@@ -440,7 +452,7 @@ def _lockstep_program(sig, tol: float, dtype: np.dtype, hessian: str):
         itp.COMPILE_COUNTER["refine"] += 1  # trace-time only
         return jax.vmap(one_dataset, in_axes=(0, 0, 0, 0, 0, 0, 0, None))(arrays, c, state, real, x, y, w, stop_at)
 
-    return jax.jit(program)
+    return _jit(program)
 
 
 # Evaluation counts after which the host looks at which candidates still run and, when at most half of the

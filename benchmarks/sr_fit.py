@@ -1,5 +1,6 @@
 """SymbolicTransformerRegressor speed: one fit once compiled, the first fit of a fresh process (with and without the
-persistent compilation cache, which a user turns on with ``sr_jax.enable_compilation_cache()``), and B datasets in one batched fit vs B separate fits.
+persistent compilation cache, which a user turns on with ``sr_jax.enable_compilation_cache()``), and B datasets in
+one batched fit vs B separate fits.
 
     python benchmarks/sr_fit.py [--datasets 64] [--points 200] [--dim 2] [--sources prior,bases] [--model DIR]
                                 [--n-prior 16] [--prior-draws 1024] [--skip-cold | --cold-only | --ablation]

@@ -61,7 +61,8 @@ from .candidates import Candidate
 from .expressions import VARIABLES, Expression
 from .interpreter import gc_paused
 from .operators import OPERATORS, SYMPY_HEADS
-from .pool import PriorLibrary, basis_candidates, correlation_order, dedupe, prior_candidates, prior_library, screen_prior
+from .pool import (PriorLibrary, basis_candidates, correlation_order, dedupe, prior_candidates, prior_library,
+                   screen_prior)
 
 MAX_FEATURES = 10  # the transformer's input width; more features are reduced by correlation
 MIN_POINTS = 5

@@ -20,16 +20,17 @@ Sources (``Candidate.source``):
   - unary terms: a + b * u(c * z_j + d) + poly(z) for u in sin, cos, exp, log, sqrt, inv, where poly is linear in
     every feature plus their squares, plus cross products when D <= 2. The inner (c, d) starts at
     (scale_j, offset_j), i.e. u of the *raw* feature x_j, the unit a user's formula is written in; where that is not
-    finite (or constant) on the data the standardised feature (c, d) = (1, 0) is tried. For D <= 3 and u in sin, cos, exp, also a + (b + e * z_j) * u(...) + poly(z)
-    (a unary times a linear term). All features for D <= 3, the 4 most |Pearson|-correlated with y otherwise.
+    finite (or constant) on the data the standardised feature (c, d) = (1, 0) is tried. For D <= 3 and u in sin,
+    cos, exp, also a + (b + e * z_j) * u(...) + poly(z) (a unary times a linear term). All features for D <= 3, the 4 most |Pearson|-correlated with y otherwise.
   - monomial (power law) c0 + c * prod_j x_j ** p_j in the raw features, when every raw feature is positive and y
     has one sign: the exponents come from least squares on log |y|.
   - sparse sums of products: c0 + sum of 1, 2 or 3 products of powers of the raw features (x_j^a for a in 1, 2, 3,
     -1, -2, 1/2, -1/2; x_i^a x_j^b and, up to 6 features, x_i^a x_j^b x_k^c for a, b, c in 1, 2, -1; up to 5
-    features, also sin or cos of one feature, alone or times such a product), chosen by forward selection and backward elimination.
-  - unary of a monomial: a + b * M1 * u(c * M2) for u in exp, log, sin, cos, sin**2, M2 a product of powers of up to five
-    raw features, c from a small set, M1 a monomial fitted on log|y / u(c * M2)|, when every raw feature is positive
-    (Boltzmann factors, logarithms of ratios, p * sin(2 theta) / r**3).
+    features, also sin or cos of one feature, alone or times such a product), chosen by forward selection and
+    backward elimination.
+  - unary of a monomial: a + b * M1 * u(c * M2) for u in exp, log, sin, cos, sin**2, M2 a product of powers of up to
+    five raw features, c from a small set, M1 a monomial fitted on log|y / u(c * M2)|, when every raw feature is
+    positive (Boltzmann factors, logarithms of ratios, p * sin(2 theta) / r**3).
 
 ``dedupe`` keeps the first candidate of every skeleton (``Expression.skeleton``), so list better-initialised
 sources first.
@@ -473,7 +474,8 @@ def _monomial(z, y, offset, scale) -> Optional[Expression]:
 
 
 # unary-of-monomial bases: u(c * M2) times a monomial M1, M2 a product of powers of at most five raw features
-_ARGUMENT_POWERS = ((1.0, -1.0, 2.0, -2.0), (1.0, -1.0, 2.0, -2.0), (1.0, -1.0), (1.0, -1.0), (1.0, -1.0))  # 1..5 factors
+# the exponents of M2's factors, for M2 of 1, 2, 3, 4 and 5 factors
+_ARGUMENT_POWERS = ((1.0, -1.0, 2.0, -2.0), (1.0, -1.0, 2.0, -2.0), (1.0, -1.0), (1.0, -1.0), (1.0, -1.0))
 _TRIG_SCALES = (1.0, 0.5, 2.0, np.pi, 2 * np.pi)  # sin, cos: the sign of c goes into the outer coefficient
 _ARGUMENT_SCALES = {("exp",): (1.0, -1.0, 0.5, -0.5, 2.0, -2.0), ("log",): (1.0,), ("sin",): _TRIG_SCALES,
                     ("cos",): _TRIG_SCALES, ("pow2", "sin"): _TRIG_SCALES}  # unaries applied right to left

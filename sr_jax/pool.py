@@ -21,7 +21,8 @@ Sources (``Candidate.source``):
     every feature plus their squares, plus cross products when D <= 2. The inner (c, d) starts at
     (scale_j, offset_j), i.e. u of the *raw* feature x_j, the unit a user's formula is written in; where that is not
     finite (or constant) on the data the standardised feature (c, d) = (1, 0) is tried. For D <= 3 and u in sin,
-    cos, exp, also a + (b + e * z_j) * u(...) + poly(z) (a unary times a linear term). All features for D <= 3, the 4 most |Pearson|-correlated with y otherwise.
+    cos, exp, also a + (b + e * z_j) * u(...) + poly(z) (a unary times a linear term). All features for D <= 3, the
+    4 most |Pearson|-correlated with y otherwise.
   - monomial (power law) c0 + c * prod_j x_j ** p_j in the raw features, when every raw feature is positive and y
     has one sign: the exponents come from least squares on log |y|.
   - sparse sums of products: c0 + sum of 1, 2 or 3 products of powers of the raw features (x_j^a for a in 1, 2, 3,

@@ -25,9 +25,10 @@ def main() -> int:
 
 if __name__ == "__main__":
     status = main() or 0
-    if status >= 128:
-        # interrupted by a signal: the one-line message is printed and the checkpoint saved; end here without the
-        # interpreter's teardown, which can crash (SIGSEGV instead of 128+signal) while XLA threads still compile
+    if status != 0:
+        # an error (its one line is printed) or a signal (the checkpoint is saved): end here without the
+        # interpreter's teardown, which can crash (SIGSEGV instead of 128+signal) while XLA threads still compile,
+        # and in which reads a failed checkpoint restore left outstanding can still report to stderr
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

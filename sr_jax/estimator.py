@@ -609,10 +609,23 @@ def _column_fn(expr: sympy.Expr, symbols: Sequence[sympy.Symbol], xp) -> Callabl
 
 
 def _tidy(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray) -> sympy.Expr:
-    """Snap constants to 0 or to few significant digits while the MSE / var(y) on (z, y) stays within 0.1% (+1e-10)."""
+    """Snap constants to 0 or to few significant digits while the MSE / var(y) on (z, y) stays within 0.1% (+1e-10).
+    Repeated (at most 3 passes) while it changes something: snapping can let sympy merge constants into new ones
+    (0.166*(1.74*x - 6e-17)**2 becomes 0.500001*x**2 once the -6e-17 is 0), which the next pass snaps in turn."""
+    allowed = None  # from the unsnapped formula's loss, so that the passes together stay within the tolerance
+    for _ in range(3):
+        tidied, allowed = _tidy_once(expr, t, z, y, allowed)
+        if tidied == expr:
+            break
+        expr = tidied
+    return expr
+
+
+def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, allowed) -> tuple:
+    """One pass of ``_tidy``: (the snapped formula, the loss allowed: given, or the 0.1% (+1e-10) above this one's)."""
     floats = sorted(expr.atoms(sympy.Float), key=lambda f: -abs(float(f)))
     if not floats:
-        return expr
+        return expr, allowed
     params = [sympy.Dummy() for _ in floats]
     template = expr.xreplace(dict(zip(floats, params)))
     x_user = z * np.asarray(t.scale) + np.asarray(t.mean)
@@ -629,10 +642,11 @@ def _tidy(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray) -> symp
         return np.where(np.isfinite(v), v, np.inf)
 
     values = [float(f) for f in floats]
-    ref = float(losses(values))
-    if not np.isfinite(ref):
-        return expr
-    allowed = ref * 1.001 + 1e-10  # R² moves by at most ~1e-10: invisible, and lets near-zero terms go
+    if allowed is None:
+        ref = float(losses(values))
+        if not np.isfinite(ref):
+            return expr, allowed
+        allowed = ref * 1.001 + 1e-10  # R² moves by at most ~1e-10: invisible, and lets near-zero terms go
     for i, v in enumerate(values):
         trials = [0.0] + [float(f"{v:.{k - 1}e}") for k in range(1, 7)]
         trials = trials[: trials.index(v)] if v in trials else trials  # stop at v's own length
@@ -641,7 +655,7 @@ def _tidy(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray) -> symp
         ok = np.flatnonzero(losses(values[:i] + [np.asarray(trials)[:, None]] + values[i + 1:]) <= allowed)
         if len(ok):
             values[i] = trials[ok[0]]
-    return template.xreplace({p: _sympy_number(v) for p, v in zip(params, values)})
+    return template.xreplace({p: _sympy_number(v) for p, v in zip(params, values)}), allowed
 
 
 def sympy_nodes(expr: sympy.Expr) -> int:

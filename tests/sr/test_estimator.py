@@ -287,3 +287,17 @@ def test_preparation_standardises_bags_and_holds_out():
     assert not set(np.concatenate(p.bags)) - set(p.train)
     q = small()._prepare(x_ok[:30], y[:30], names, seed=0)  # too few rows to hold any out
     assert len(q.select) == 30 and set(q.select) == set(q.train)
+
+
+def test_tidy_snaps_constants_that_sympy_merges_after_a_first_pass():
+    """0.166*(1.737*s - 6e-17)**2 only becomes 0.500001*s**2 once the -6e-17 is snapped to 0; the next pass makes it
+    0.5 (data rounded to 6 significant digits, as in a CSV file)."""
+    from sr_jax.estimator import _tidy, _Transform
+
+    s = np.random.default_rng(5).uniform(0, 3, 200)
+    y = np.array([float(f"{v:.5e}") for v in 0.5 * s ** 2])
+    t = _Transform((0,), (0.0,), (1.0,), ("speed",))
+    speed = sympy.Symbol("speed")
+    fitted = sympy.Float(0.5000014 / 1.7367265862488883 ** 2) * (sympy.Float(1.7367265862488883) * speed
+                                                                   - sympy.Float(6.4e-17)) ** 2
+    assert str(_tidy(fitted, t, s[:, None], y)) == "0.5*speed**2"

@@ -65,6 +65,7 @@ from .pool import (PriorLibrary, basis_candidates, correlation_order, dedupe, pr
                    screen_prior)
 
 MAX_FEATURES = 10  # the transformer's input width; more features are reduced by correlation
+MAX_PRIOR_DRAWS = 16384  # prior library size: drawing it takes seconds per number of features, once per process
 MIN_POINTS = 5
 _MIN_VALIDATION_POINTS = 40
 _ABS_TOLERANCE = 1e-9  # selection: losses this close to the best count as equal
@@ -334,8 +335,12 @@ class SymbolicTransformerRegressor:
                              f"got {self.max_input_points}")
         for name in ("max_number_bags", "n_prior", "prior_draws", "max_refine_points", "refine_iterations",
                      "beam_size", "n_samples"):
-            if int(getattr(self, name)) < (0 if name in ("n_prior", "prior_draws", "refine_iterations") else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            least = 0 if name in ("n_prior", "prior_draws", "refine_iterations") else 1
+            if int(getattr(self, name)) < least:
+                raise ValueError(f"{name} must be {'>= 0' if least == 0 else 'positive'}, got {getattr(self, name)}")
+        if int(self.prior_draws) > MAX_PRIOR_DRAWS:
+            raise ValueError(f"prior_draws must be at most {MAX_PRIOR_DRAWS} (the library is drawn and screened in "
+                             f"every new process), got {self.prior_draws}")
         if not 0.0 <= float(self.validation_fraction) < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if float(self.complexity_tolerance) < 0:

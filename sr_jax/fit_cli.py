@@ -28,10 +28,11 @@ def _parser() -> OneLineParser:
                    help=f"comma-separated candidate sources, any of {','.join(_SOURCES)} (default: all)")
     p.add_argument("--model", help="trained transformer directory (default: the shipped model)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="random_state of the fit (default 0)")
-    p.add_argument("--n-prior", type=int_at_least(0), default=16,
-                   help="skeletons from the generator's prior refined per dataset")
-    p.add_argument("--prior-draws", type=int_at_least(0), default=1024,
-                   help="prior library screened by least squares for those skeletons (<= --n-prior: no screening)")
+    p.add_argument("--n-prior", type=int_at_least(0),
+                   help="skeletons from the generator's prior refined per dataset (default: the estimator's n_prior)")
+    p.add_argument("--prior-draws", type=int_at_least(0),
+                   help="prior library screened by least squares for those skeletons (<= --n-prior: no screening; "
+                        "default: the estimator's prior_draws)")
     return p
 
 
@@ -167,9 +168,9 @@ def _fit(argv: list[str]) -> None:
         check_plot_path(args.plot, "--plot")
     from .estimator import SymbolicTransformerRegressor
 
-    est = SymbolicTransformerRegressor(model_path=args.model, candidate_sources=sources,
-                                       n_prior=args.n_prior, prior_draws=args.prior_draws,
-                                       random_state=args.seed)
+    given = {k: v for k, v in (("n_prior", args.n_prior), ("prior_draws", args.prior_draws)) if v is not None}
+    est = SymbolicTransformerRegressor(model_path=args.model, candidate_sources=sources, random_state=args.seed,
+                                       **given)
     est.fit(x, y, feature_names=names)
     rep = _report(est, names, args.target, est.score(x, y))
     if args.json == "-":

@@ -11,7 +11,7 @@ Sources (``Candidate.source``):
   formulas of fewer variables than the dataset has are covered too. Their constants are the generator's draws.
   ``screen_prior`` ranks a larger library of such draws (``prior_library``) on a dataset: each draw's outer linear
   coefficients (its top-level sum c0 + sum_i c_i g_i, ``outer_terms``) are solved by least squares and the best fits
-  are kept with those coefficients (the estimator's default: the 16 best of 1,024).
+  are kept with those coefficients (the estimator's ``n_prior`` of ``prior_draws``).
 * ``"basis"`` (``basis_candidates``): fixed families whose outer coefficients are solved by linear least squares on
   the data before refinement (so refinement starts at the best linear fit):
 
@@ -90,34 +90,21 @@ def outer_terms(expression: Expression) -> list[list]:
     leading constant factor (``mul c g`` and ``mul g c`` give g) and with lone constants dropped (the intercept):
     the columns of the expression's outer linear least-squares problem. ``c0 + a*sin(x_0) - b*x_1`` gives
     ``[sin(x_0)], [x_1]``; an expression that is not a sum is its own single term."""
-    out: list[list] = []
-    stack = [list(expression.tokens)]
-    while stack:
-        tree = stack.pop()
-        head = tree[0]
-        if head in ("add", "sub"):
-            left_len = _subtree_length(tree, 1)
-            stack.append(tree[1 + left_len:])
-            stack.append(tree[1:1 + left_len])
-        elif isinstance(head, float):
-            continue
-        elif head == "mul" and isinstance(tree[1], float):
-            out.append(tree[2:])
-        elif head == "mul" and isinstance(tree[-1], float) and _subtree_length(tree, 1) == len(tree) - 2:
-            out.append(tree[1:-1])
-        else:
-            out.append(tree)
-    return out
 
+    def leaf(t):  # (the subtree's prefix, its summands)
+        return [t], ([] if isinstance(t, float) else [[t]])
 
-def _subtree_length(tokens: Sequence, start: int) -> int:
-    """Number of tokens of the prefix subtree that begins at ``tokens[start]``."""
-    need, i = 1, start
-    while need:
-        t = tokens[i]
-        need += (OPERATORS[t].arity if isinstance(t, str) and t in OPERATORS else 0) - 1
-        i += 1
-    return i - start
+    def node(op, args):
+        prefix = [op, *[t for a, _ in args for t in a]]
+        if op in ("add", "sub"):
+            return prefix, [term for _, terms in args for term in terms]
+        if op == "mul" and isinstance(args[0][0][0], float) and len(args[0][0]) == 1:
+            return prefix, [args[1][0]]
+        if op == "mul" and isinstance(args[1][0][0], float) and len(args[1][0]) == 1:
+            return prefix, [args[0][0]]
+        return prefix, [prefix]
+
+    return expression._fold(leaf, node)[1]
 
 
 @dataclass(frozen=True)
@@ -148,7 +135,7 @@ def prior_library(n_features: int, n: int, seed: int = 0,
     return PriorLibrary.of(prior_candidates(n_features, n, seed, config))
 
 
-_SCREEN_MAX_ROWS = 4096  # rows of stacked datasets whose term values are computed at once (memory bound)
+_SCREEN_VALUES = 1 << 22  # float64 values (32 MiB) an array of the screening holds at most
 _SCREEN_OVERFLOW = 1e100  # a term larger than this on the data is treated as not finite (its squares overflow)
 
 
@@ -161,16 +148,18 @@ def screen_prior(library: PriorLibrary, datasets: Sequence[tuple[np.ndarray, np.
     the dataset (variable projection: the inner constants stay the prior's draws), scored by the residual sum of
     squares; candidates with a term that is not finite on the data are dropped, and of equal skeletons only the
     best is kept. The library's distinct terms are evaluated once on the rows of several datasets stacked, and the
-    small least-squares problems of all candidates are solved together (normal equations of the column-scaled
-    design with a tiny ridge, which gives a repeated or constant column a zero coefficient).
+    small least-squares problems of many candidates are solved together (normal equations of the column-scaled
+    design with a tiny ridge, which gives a repeated or constant column a zero coefficient); both in pieces of at
+    most ``_SCREEN_VALUES`` values, so memory stays bounded whatever the library and datasets. Its cost grows with
+    the rows: a few hundred per dataset rank as well as all of them.
     """
     out: list[list[Candidate]] = []
-    if not library.candidates or not datasets:
+    if not library.candidates:
         return [[] for _ in datasets]
     group: list[tuple[np.ndarray, np.ndarray]] = []
     for z, y in datasets:
         group.append((np.asarray(z, np.float64), np.asarray(y, np.float64).reshape(-1)))
-        if sum(len(g[1]) for g in group) >= _SCREEN_MAX_ROWS:
+        if sum(len(g[1]) for g in group) * (len(library.terms) + 1) >= _SCREEN_VALUES:
             out += _screen_group(library, group, n)
             group = []
     if group:
@@ -189,24 +178,19 @@ def _screen_group(library: PriorLibrary, group, n: int) -> list[list[Candidate]]
         v = v_UxN[:, start:start + len(y)]
         start += len(y)
         usable_U = (np.isfinite(v) & (np.abs(v) < _SCREEN_OVERFLOW)).all(axis=1)
-        ok_M = usable_U[index_MxK].all(axis=1)
-        a_MxKxN = np.concatenate([np.ones((len(index_MxK), 1, len(y))), np.where(usable_U[:, None], v, 0.0)[index_MxK]],
-                                 axis=1)
-        scale_MxK = np.sqrt(np.mean(a_MxKxN * a_MxKxN, axis=2))
-        scale_MxK = np.where(scale_MxK > 0, scale_MxK, 1.0)
-        a_MxKxN /= scale_MxK[:, :, None]
-        gram_MxKxK = a_MxKxN @ a_MxKxN.transpose(0, 2, 1) + 1e-10 * len(y) * np.eye(a_MxKxN.shape[1])
-        c_MxK = np.linalg.solve(gram_MxKxK, (a_MxKxN @ y)[:, :, None])[:, :, 0]
-        rss_M = np.sum((np.einsum("mk,mkn->mn", c_MxK, a_MxKxN) - y) ** 2, axis=1)
-        coef_MxK = c_MxK / scale_MxK
-        ok_M &= np.isfinite(rss_M) & np.isfinite(coef_MxK).all(axis=1)
+        v = np.where(usable_U[:, None], v, 0.0)
+        rss_M = np.full(len(index_MxK), np.inf)
+        coef_MxK = np.zeros((len(index_MxK), index_MxK.shape[1] + 1))
+        block = max(1, _SCREEN_VALUES // (coef_MxK.shape[1] * len(y)))
+        for lo in range(0, len(index_MxK), block):
+            rows = slice(lo, lo + block)
+            rss_M[rows], coef_MxK[rows] = _outer_least_squares(v[index_MxK[rows]], y)
+        ok_M = usable_U[index_MxK].all(axis=1) & np.isfinite(rss_M) & np.isfinite(coef_MxK).all(axis=1)
         picked: list[Candidate] = []
         seen: set = set()
         for m in sorted(np.flatnonzero(ok_M), key=lambda m: (rss_M[m], m)):
             k = library.term_index_MxK[m]
-            prefixes = [list(library.terms[u]) for u in k[k >= 0]]
-            expr = Expression(_sum([[float(coef_MxK[m, 0])]] + [["mul", float(c), *t]
-                                                                 for c, t in zip(coef_MxK[m, 1:], prefixes)]))
+            expr = Expression(_linear_expression(coef_MxK[m], [list(library.terms[u]) for u in k[k >= 0]]))
             if expr.skeleton() not in seen:
                 seen.add(expr.skeleton())
                 picked.append(Candidate(expr, library.candidates[m].source))
@@ -216,12 +200,34 @@ def _screen_group(library: PriorLibrary, group, n: int) -> list[list[Candidate]]
     return out
 
 
+def _outer_least_squares(terms_MxKxN: np.ndarray, y_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Residual sums of squares (M) and coefficients (M x (K + 1), intercept first) of y on [1, terms] per row m."""
+    with np.errstate(all="ignore"):
+        a_MxKxN = np.concatenate([np.ones((len(terms_MxKxN), 1, len(y_N))), terms_MxKxN], axis=1)
+        scale_MxK = np.sqrt(np.mean(a_MxKxN * a_MxKxN, axis=2))
+        scale_MxK = np.where(scale_MxK > 0, scale_MxK, 1.0)
+        a_MxKxN /= scale_MxK[:, :, None]
+        gram_MxKxK = a_MxKxN @ a_MxKxN.transpose(0, 2, 1) + 1e-10 * len(y_N) * np.eye(a_MxKxN.shape[1])
+        c_MxK = np.linalg.solve(gram_MxKxK, (a_MxKxN @ y_N)[:, :, None])[:, :, 0]
+        rss_M = np.sum((np.einsum("mk,mkn->mn", c_MxK, a_MxKxN) - y_N) ** 2, axis=1)
+    return rss_M, c_MxK / scale_MxK
+
+
 # ----- bases -------------------------------------------------------------------------------------------------------
 def _sum(terms: Sequence[list]) -> list:
     """Prefix list of the sum of the given prefix terms (nested ``add``, left to right)."""
-    out = list(terms[-1])
-    for t in reversed(terms[:-1]):
-        out = ["add", *t, *out]
+    return _nest("add", terms)
+
+
+def _product(factors: Sequence[list]) -> list:
+    """Prefix list of the product of the given prefix factors (nested ``mul``, left to right)."""
+    return _nest("mul", factors)
+
+
+def _nest(op: str, args: Sequence[list]) -> list:
+    out = list(args[-1])
+    for a in reversed(args[:-1]):
+        out = [op, *a, *out]
     return out
 
 
@@ -253,8 +259,9 @@ def _fit_linear(terms: list[_Term], y: np.ndarray) -> Optional[np.ndarray]:
     return coef if np.isfinite(coef).all() else None
 
 
-def _linear_expression(coef: np.ndarray, terms: list[_Term]) -> list:
-    return _sum([[float(coef[0])]] + [["mul", float(c), *t.prefix] for c, t in zip(coef[1:], terms)])
+def _linear_expression(coef: np.ndarray, prefixes: Sequence[list]) -> list:
+    """c0 + c1 * t1 + ... for the coefficients ``coef`` (intercept first) of the prefix terms t_i."""
+    return _sum([[float(coef[0])]] + [["mul", float(c), *t] for c, t in zip(coef[1:], prefixes)])
 
 
 def _poly_terms(z: np.ndarray, squares: bool, cross: bool, cubes: bool = False) -> list[_Term]:
@@ -302,7 +309,7 @@ def basis_candidates(z_NxD: np.ndarray, y_N: np.ndarray, offset_D: Optional[np.n
     def add(terms: list[_Term]):
         coef = _fit_linear(terms, y)
         if coef is not None:
-            out.append(Candidate(Expression(_linear_expression(coef, terms)), "basis"))
+            out.append(Candidate(Expression(_linear_expression(coef, [t.prefix for t in terms])), "basis"))
 
     linear = _poly_terms(z, squares=False, cross=False)
     add(linear)
@@ -453,7 +460,7 @@ def _sparse_products(z, y, offset, scale) -> list[Expression]:
         picked = [terms[i] for i in subset]
         coef = _fit_linear(picked, y)
         if coef is not None:
-            out.append(Expression(_linear_expression(coef, picked)))
+            out.append(Expression(_linear_expression(coef, [t.prefix for t in picked])))
     return out
 
 
@@ -467,10 +474,7 @@ def _monomial(z, y, offset, scale) -> Optional[Expression]:
     coef, *_ = np.linalg.lstsq(a, np.log(np.abs(y)), rcond=None)
     if not np.isfinite(coef).all():
         return None
-    powers = [["pow", *_affine(scale[j], offset[j], j), float(p)] for j, p in enumerate(coef[1:])]
-    prod = powers[-1]
-    for p in reversed(powers[:-1]):
-        prod = ["mul", *p, *prod]
+    prod = _product([["pow", *_affine(scale[j], offset[j], j), float(p)] for j, p in enumerate(coef[1:])])
     return Expression(["add", 0.0, "mul", float(sign * np.exp(coef[0])), *prod])
 
 
@@ -509,10 +513,7 @@ def _power_product(exponents: np.ndarray, offset, scale) -> list:
         base = ["add", f"x_{j}", float(offset[j] / scale[j])]
         e = float(exponents[j])
         factors.append(_POWERS[e](base) if e in _POWERS else ["pow", *base, e])
-    out = factors[-1]
-    for f in reversed(factors[:-1]):
-        out = ["mul", *f, *out]
-    return out
+    return _product(factors)
 
 
 def _unary_monomials(z, y, offset, scale) -> list[Expression]:

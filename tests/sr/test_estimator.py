@@ -245,11 +245,16 @@ def test_validation_names_the_column_and_the_dataset():
         small(max_time=True).fit(X1, Y1)
     with pytest.raises(ValueError, match="random_state"):
         small(random_state=-1).fit(X1, Y1)
-    with pytest.raises(ValueError, match="prior_draws must be positive"):
+    with pytest.raises(ValueError, match=r"prior_draws must be >= 0, got -1"):
         small(prior_draws=-1).fit(X1, Y1)
+    with pytest.raises(ValueError, match=r"prior_draws must be at most 16384 .*got 20000"):
+        small(prior_draws=20000).fit(X1, Y1)
+    with pytest.raises(ValueError, match=r"max_number_bags must be positive, got 0"):
+        small(max_number_bags=0).fit(X1, Y1)
 
 
 def test_the_prior_is_screened_on_the_training_rows_when_the_library_is_larger():
+    from sr_jax.estimator import _SCREEN_ROWS
     from sr_jax.pool import prior_candidates, prior_library, screen_prior
 
     rng = np.random.default_rng(4)
@@ -258,7 +263,7 @@ def test_the_prior_is_screened_on_the_training_rows_when_the_library_is_larger()
     est = small(n_prior=5, prior_draws=64)
     p = est._prepare(x, y, ["a", "b"], seed=0)
     (pool,) = est._pools([p], ("prior",), 0, None)
-    rows = p.train[:256]
+    rows = p.train[:_SCREEN_ROWS]
     (expected,) = screen_prior(prior_library(2, 64, 0), [(p.z_NxK[rows], p.y_N[rows])], 5)
     assert pool == expected and len(pool) == 5
     (unscreened,) = small(n_prior=5, prior_draws=5)._pools([p], ("prior",), 3, None)

@@ -171,3 +171,16 @@ def test_unary_of_monomial_bases_need_positive_features():
     x[0, 1] = -1.0
     z, m, s = _standardise(x)
     assert _unary_monomials(z, x[:, 0] * np.exp(-x[:, 1]), m, s) == []
+
+
+def test_screening_in_small_pieces_equals_screening_at_once(monkeypatch):
+    """Memory stays bounded: the terms and the least-squares problems are processed in pieces of at most
+    _SCREEN_VALUES values, with the same result as one piece."""
+    import sr_jax.pool as pool
+
+    lib = prior_library(2, 64, seed=2)
+    rng = np.random.default_rng(2)
+    data = [(rng.normal(size=(40, 2)), rng.normal(size=40)) for _ in range(3)]
+    at_once = screen_prior(lib, data, n=6)
+    monkeypatch.setattr(pool, "_SCREEN_VALUES", 500)
+    assert screen_prior(lib, data, n=6) == at_once

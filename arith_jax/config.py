@@ -42,7 +42,9 @@ def fits_positions(model: dict, task: str, max_len: int, max_count: int, train: 
     the Abacus 'shift' offsets up to abacus_max_k come on top)."""
     table = model["table_size"]
     if "abacus" in model["positions"]:
-        offset = model["abacus_max_k"] if train and model["abacus_train_ids"] == "shift" else 0
+        offset = 0
+        if train:
+            offset = model["abacus_max_k"] if model["abacus_train_ids"] == "shift" else model.get("abacus_subset_shift", 0)
         if longest_number(task, max_len) + offset > table - 1:
             return False
     if "learned" in model["positions"]:
@@ -70,6 +72,8 @@ class ArithConfig:
             why = f"model.table_size {m['table_size']}, positions {list(m['positions'])}"
             if train and "abacus" in m["positions"] and m["abacus_train_ids"] == "shift":
                 why += f", abacus_max_k {m['abacus_max_k']}"
+            if train and "abacus" in m["positions"] and m["abacus_train_ids"] == "subset" and m["abacus_subset_shift"]:
+                why += f", abacus_subset_shift {m['abacus_subset_shift']}"
             return Rule(ok, f"<= {limit} (the longest operand the position table holds: {why})")
 
         if task not in TASKS:  # the position-table rules below need a known task: this one error comes first
@@ -79,6 +83,7 @@ class ArithConfig:
             ("model.ffn", Rule(lambda v: v >= 2 and v % 2 == 0, "even and >= 2 (GLU: value and gate halves)")),
             ("model.layers", at_least(1)), ("model.recurrences", at_least(1)),
             ("model.abacus_max_k", at_least(0)), ("model.abacus_train_ids", one_of(("shift", "subset"))),
+            ("model.abacus_subset_shift", at_least(0)),
             ("model.table_size", at_least(2)),
             ("model.max_backprop", Rule(lambda v: 1 <= v <= m["recurrences"],
                                        f"in [1, model.recurrences = {m['recurrences']}] or null")),

@@ -41,6 +41,8 @@ class ModelConfig:
     abacus_k_per_row: bool = False  # original: one k per batch; per row trains every position in every batch
     abacus_train_ids: str = "shift"  # "shift": ids k+1..k+L (original); "subset": the i-th digit of every number
                                      # gets the i-th id of a sorted random subset of 1..max_k+L (per row)
+    abacus_subset_shift: int = 0  # "subset" only: add k = max(0, U{-S..S}) per row (half the rows unshifted, the
+                                  # rest by 1..S), so high ids are also trained as densely as low ones; 0 = off
     table_size: int = 512         # rows of the Abacus / learned position tables
     max_backprop: int | None = None  # progressive loss: at most this many passes with gradient (default T//2)
     progressive: bool = True      # progressive loss for looped models (n no-grad passes, then k with grad)
@@ -68,6 +70,8 @@ class ModelConfig:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
         if self.abacus_train_ids not in ("shift", "subset"):
             raise ValueError(f"abacus_train_ids must be 'shift' or 'subset', got {self.abacus_train_ids!r}")
+        if self.abacus_subset_shift < 0:
+            raise ValueError(f"abacus_subset_shift must be >= 0, got {self.abacus_subset_shift}")
         if self.recurrences < 1 or self.layers < 1:
             raise ValueError("layers and recurrences must be >= 1")
 
@@ -297,17 +301,24 @@ class ArithModel:
         shift: one offset k ~ U{0..max_k} (per batch as the original, or per row) added to every digit id.
         subset: per row, digit index i maps to the i-th smallest of Q ids drawn without replacement from
         1..max_k+Q, so equal significance still shares an id, but training sees ids far apart in one number —
-        the relations that long numbers need at test time, where ids are 1..L as usual.
+        the relations that long numbers need at test time, where ids are 1..L as usual. With abacus_subset_shift
+        S > 0, each row's ids are then raised by k = max(0, U{-S..S}): half the rows keep the low ids every test
+        number uses, the others train high ids with the same spacing as low ones (neighbouring ids side by side).
         """
         cfg = self.cfg
         B, Q = ids_BxQ.shape
         if cfg.abacus_train_ids == "shift":
             k = jax.random.randint(rng, (B, 1) if cfg.abacus_k_per_row else (1, 1), 0, cfg.abacus_max_k + 1)
             return jnp.where(ids_BxQ > 0, ids_BxQ + k, 0)
-        pool = min(cfg.abacus_max_k + Q, cfg.table_size - 1)
+        S = cfg.abacus_subset_shift
+        pool = min(cfg.abacus_max_k + Q, cfg.table_size - 1 - S)
+        if S:  # split only here, so S = 0 draws exactly the ids it drew before the option existed
+            rng, rng_shift = jax.random.split(rng)
         noise = jax.random.uniform(rng, (B, pool))
         chosen = jnp.sort(jnp.argsort(noise, axis=1)[:, :min(Q, pool)] + 1, axis=1)  # sorted ids in 1..pool
         mapped = jnp.take_along_axis(chosen, jnp.clip(ids_BxQ - 1, 0, chosen.shape[1] - 1), axis=1)
+        if S:
+            mapped = mapped + jnp.maximum(jax.random.randint(rng_shift, (B, 1), -S, S + 1), 0)
         return jnp.where(ids_BxQ > 0, mapped, 0)
 
     def _step(self, block_params, h, e, pos_Q, i, cache=None, cache_index=None):

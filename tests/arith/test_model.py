@@ -186,3 +186,25 @@ def test_training_ids_keep_significance_aligned(mode, per_row):
             assert 0 <= c[0] - 1 <= 9 and (np.diff(c) == 1).all()
     if mode == "shift" and not per_row:
         assert (ids == ids[0]).all()
+
+
+def test_subset_shift_raises_some_rows_and_keeps_the_rest():
+    """abacus_subset_shift S: ids stay aligned and inside the table, about half the rows keep the unshifted ids
+    (id 1 still trained), the others reach past the unshifted pool; S = 0 draws exactly what it drew before."""
+    tokens = jnp.array([TOK.encode("4321+87654=21975")] * 256)
+    base = abacus_ids(tokens)
+    key = jax.random.PRNGKey(3)
+    plain = ArithModel(small(abacus_train_ids="subset", abacus_k_per_row=True, abacus_max_k=9), 19)
+    off = ArithModel(small(abacus_train_ids="subset", abacus_k_per_row=True, abacus_max_k=9, abacus_subset_shift=0), 19)
+    np.testing.assert_array_equal(plain._train_abacus_ids(base, key), off._train_abacus_ids(base, key))
+    S, pool = 30, 9 + tokens.shape[1]
+    ids = np.asarray(ArithModel(small(abacus_train_ids="subset", abacus_k_per_row=True, abacus_max_k=9,
+                                      abacus_subset_shift=S), 19)._train_abacus_ids(base, key))
+    assert (ids[np.asarray(base) == 0] == 0).all()
+    c = ids[:, 11:16]
+    np.testing.assert_array_equal(ids[:, 5:10], c)
+    assert (np.diff(c, axis=1) > 0).all() and c.min() >= 1 and c.max() <= 63
+    assert c.max() > pool                       # shifted rows reach ids the unshifted pool cannot
+    assert 0.3 < (c[:, 0] <= pool - 4).mean()   # and many rows still start low
+    with pytest.raises(ValueError, match="abacus_subset_shift"):
+        ModelConfig(abacus_subset_shift=-1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from arith_jax.data import SAMPLING, DataConfig
-from arith_jax.model import FIRE_INITS, LOSS_REDUCTIONS, ModelConfig
+from arith_jax.model import FIRE_INITS, LOSS_REDUCTIONS, PROGRESSIVE_GRADS, ModelConfig
 from arith_jax.tokenizer import TASKS
 from core_jax.config import Rule, at_least, each, one_of
 from core_jax.train import TrainConfig
@@ -89,6 +89,7 @@ class ArithConfig:
                                        f"in [1, model.recurrences = {m['recurrences']}] or null")),
             ("model.init_noise", at_least(0)), ("model.scan_unroll", at_least(1)), ("model.dtype", one_of(DTYPES)),
             ("model.loss_reduction", one_of(LOSS_REDUCTIONS)), ("model.fire_init", one_of(FIRE_INITS)),
+            ("model.progressive_grad", one_of(PROGRESSIVE_GRADS)),
             ("model.width", Rule(lambda w: w % m["heads"] == 0, f"divisible by model.heads ({m['heads']})")),
             ("model.width", Rule(lambda w: "rope" not in m["positions"] or (w // m["heads"]) % 2 == 0,
                                  "such that model.width / model.heads is even (RoPE rotates pairs)")),

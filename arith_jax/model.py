@@ -24,6 +24,7 @@ from arith_jax.tokenizer import DIGIT_IDS
 
 POSITION_KINDS = ("abacus", "learned", "fire", "rope")
 LOSS_REDUCTIONS = ("mean", "padded")
+PROGRESSIVE_GRADS = ("branches", "scan")
 FIRE_INITS = ("xavier", "lecun")
 
 
@@ -51,6 +52,9 @@ class ModelConfig:
     fire_init: str = "xavier"     # FIRE MLP kernels: "xavier" normal with the deepnorm gain (the original), or
                                   # "lecun" normal (Flax's Dense default; the shipped model's recipe)
     scan_unroll: int = 1          # lax.scan unroll over passes (CPU: unrolling pays, see BENCHMARKS.md)
+    progressive_grad: str = "branches"  # how the progressive loss differentiates its k passes (same function):
+                                  # "branches": lax.switch over k, each branch runs its k passes unrolled and takes
+                                  # its own gradient; "scan": one scan of max_backprop passes under lax.cond
     dtype: str = "float32"        # compute dtype: float32 or bfloat16 (params stay float32)
     loss_reduction: str = "mean"  # "mean": over the batch's answer tokens (the original's default, its addition and
                                   # sorting); "padded": each row's answer-token sum / (S - 1), averaged over rows
@@ -66,6 +70,8 @@ class ModelConfig:
             raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
         if self.fire_init not in FIRE_INITS:
             raise ValueError(f"fire_init must be one of {FIRE_INITS}, got {self.fire_init!r}")
+        if self.progressive_grad not in PROGRESSIVE_GRADS:
+            raise ValueError(f"progressive_grad must be one of {PROGRESSIVE_GRADS}, got {self.progressive_grad!r}")
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
         if self.abacus_train_ids not in ("shift", "subset"):
@@ -261,6 +267,21 @@ class ArithModel:
         arguments are those of `apply`. The head acts on each position alone, so `head(hidden(...)[0])` restricted
         to some positions equals `apply(...)` at those positions."""
         cfg = self.cfg
+        e, h, rng, pos_Q = self._embed_and_h0(params["embed"], tokens_BxQ, abacus_BxQ, start, rng, train)
+        if train and cfg.looped and cfg.progressive:
+            h = self.progressive_passes(params["block"], h, e, pos_Q, *self.sample_progressive(rng))
+            new_cache = None
+        else:
+            passes = recurrences or cfg.recurrences
+            if not cfg.shared and passes != cfg.recurrences:
+                raise ValueError(f"a model with separate weights per pass runs exactly {cfg.recurrences} passes; "
+                                 f"only looped (shared) models can change recurrences at test time")
+            h, new_cache = self._passes(params["block"], h, e, pos_Q, passes, cache, start)
+        return h, new_cache
+
+    def _embed_and_h0(self, embed_params, tokens_BxQ, abacus_BxQ, start, rng, train):
+        """(e, h0, rng left over, pos_Q): the embedded input, the initial state and the absolute positions."""
+        cfg = self.cfg
         B, Q = tokens_BxQ.shape
         pos_Q = start + jnp.arange(Q)
         if abacus_BxQ is None:
@@ -273,7 +294,7 @@ class ArithModel:
         abacus_BxQ = jnp.minimum(abacus_BxQ, cfg.table_size - 1)
         table_pos_Q = jnp.minimum(pos_Q, cfg.table_size - 1)
 
-        e = self.embed.apply({"params": params["embed"]}, tokens_BxQ, abacus_BxQ, table_pos_Q)
+        e = self.embed.apply({"params": embed_params}, tokens_BxQ, abacus_BxQ, table_pos_Q)
         e = e.astype(_dtype(cfg.dtype))
         if cfg.init_noise > 0 and (train or cfg.eval_init_noise):
             if rng is None:
@@ -284,16 +305,7 @@ class ArithModel:
         else:
             h = jnp.zeros_like(e)
 
-        if train and cfg.looped and cfg.progressive:
-            h = self.progressive_passes(params["block"], h, e, pos_Q, *self.sample_progressive(rng))
-            new_cache = None
-        else:
-            passes = recurrences or cfg.recurrences
-            if not cfg.shared and passes != cfg.recurrences:
-                raise ValueError(f"a model with separate weights per pass runs exactly {cfg.recurrences} passes; "
-                                 f"only looped (shared) models can change recurrences at test time")
-            h, new_cache = self._passes(params["block"], h, e, pos_Q, passes, cache, start)
-        return h, new_cache
+        return e, h, rng, pos_Q
 
     def _train_abacus_ids(self, ids_BxQ, rng):
         """Training-time Abacus ids (spec §3.1 step 3, plus a randomised variant).
@@ -382,8 +394,41 @@ class ArithModel:
         next token is a target, padded with -1) the output head runs only at those A positions per row instead of
         all of them; loss and metrics are the same.
         """
+        cfg = self.cfg
+        if cfg.looped and cfg.progressive and cfg.progressive_grad == "branches":
+            return self._progressive_branch_loss(params, batch, rng)
+        h, _ = self.hidden(params, batch["tokens"][:, :-1], rng=rng, train=True)
+        return self._head_loss(params["head"], h, batch)
+
+    def _progressive_branch_loss(self, params, batch, rng):
+        """The progressive loss with its gradient taken inside a `lax.switch` over k: branch k runs its k passes
+        unrolled and differentiates them itself, so nothing is stacked or zero-filled for passes it skips (the
+        gradient of a `lax.cond` inside `lax.scan` keeps every pass's residuals, zeros for the skipped ones).
+        The same function as `hidden(..., train=True)` + `_head_loss`: same draws, same passes, same gradient."""
+        cfg = self.cfg
+        e, h, rng, pos_Q = self._embed_and_h0(params["embed"], batch["tokens"][:, :-1], None, 0, rng, True)
+        n, k = self.sample_progressive(rng)
+
+        # n passes without gradient: a loop of n trips (its inputs are cut, so nothing differentiates it)
+        block_ng, e_ng = jax.lax.stop_gradient((params["block"], e))
+        h = jax.lax.fori_loop(0, n, lambda i, h: self._step(block_ng, h, e_ng, pos_Q, i)[0],
+                              jax.lax.stop_gradient(h))
+
+        def branch(passes):
+            def f(diff, fixed):
+                block, head, e = diff
+                h, n, pos_Q, batch = fixed
+                for i in range(passes):
+                    h = self._step(block, h, e, pos_Q, n + i)[0]
+                return self._head_loss(head, h, batch)
+            return f
+
+        return _switch_value_and_grad(k - 1, [branch(j) for j in range(1, cfg.backprop + 1)],
+                                      (params["block"], params["head"], e), (h, n, pos_Q, batch))
+
+    def _head_loss(self, head_params, h, batch):
+        """(loss, metrics) from the final state h [B, S-1, width] (see `loss`)."""
         tokens, mask = batch["tokens"], batch["mask"]
-        h, _ = self.hidden(params, tokens[:, :-1], rng=rng, train=True)
         targets, m = tokens[:, 1:], mask[:, 1:].astype(jnp.float32)
         if "loss_pos" in batch:
             pos_BxA = batch["loss_pos"]
@@ -392,7 +437,7 @@ class ArithModel:
             h = jnp.take_along_axis(h, pos_BxA[..., None], axis=1)
             targets = jnp.take_along_axis(targets, pos_BxA, axis=1)
             m = jnp.take_along_axis(m, pos_BxA, axis=1) * valid_BxA
-        logits = self.head.apply({"params": params["head"]}, h)
+        logits = self.head.apply({"params": head_params}, h)
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         denom = jnp.maximum(m.sum(), 1.0)
@@ -404,6 +449,30 @@ class ArithModel:
         tok_acc = (correct * m).sum() / denom
         seq_acc = jnp.mean(jnp.all((correct >= 1.0) | (m == 0), axis=1).astype(jnp.float32))
         return loss, {"token_acc": tok_acc, "seq_acc": seq_acc}
+
+
+def _switch_value_and_grad(index, branches, diff, fixed):
+    """(value, aux) = branches[index](diff, fixed), differentiable in `diff` only, with the gradient taken inside
+    the chosen branch: the forward pass runs `lax.switch` over the branches' `value_and_grad`s and keeps the
+    gradient as its only residual, the backward pass scales it by the value's cotangent. Unlike differentiating a
+    `lax.switch` (or `lax.cond`) directly, no residual of an unselected branch is materialised. `fixed` gets no
+    gradient."""
+
+    @jax.custom_vjp
+    def f(diff, fixed, index):
+        return jax.lax.switch(index, branches, diff, fixed)
+
+    def fwd(diff, fixed, index):
+        (value, aux), grads = jax.lax.switch(
+            index, [jax.value_and_grad(b, has_aux=True) for b in branches], diff, fixed)
+        return (value, aux), grads
+
+    def bwd(grads, cotangent):
+        ct_value, _ = cotangent
+        return jax.tree_util.tree_map(lambda g: (ct_value * g).astype(g.dtype), grads), None, None
+
+    f.defvjp(fwd, bwd)
+    return f(diff, fixed, index)
 
 
 def count_params_formula(cfg: ModelConfig, vocab_size: int) -> int:

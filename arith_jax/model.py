@@ -149,11 +149,16 @@ class Layer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, pos_Q, cache=None, cache_index=None):
+    def __call__(self, x, pos_Q, cache=None, cache_index=None, out_index_BxA=None):
+        """With `out_index_BxA` (int [B, A]), only those positions of each row leave the layer ([B, A, width]):
+        attention runs over all of them, the rest (residual, LayerNorms, FFN) acts on each position alone and runs
+        at those only."""
         cfg, dtype = self.cfg, _dtype(self.cfg.dtype)
         attn = Attention(cfg.heads, rope="rope" in cfg.positions, fire="fire" in cfg.positions,
                          v_gain=_gain(cfg), out_gain=_gain(cfg), dtype=dtype, name="attn")
         a, cache = attn(x, q_pos_Q=pos_Q, causal=True, cache=cache, cache_index=cache_index)
+        if out_index_BxA is not None:
+            x, a = (jnp.take_along_axis(t, out_index_BxA[..., None], axis=1) for t in (x, a))
         x = _norm("norm1")(x + a)
         x = _norm("norm2")(x + GluFFN(cfg.ffn, _gain(cfg), dtype, name="ffn")(x))
         return x.astype(dtype), cache
@@ -163,11 +168,13 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, pos_Q, caches=None, cache_index=None):
+    def __call__(self, x, pos_Q, caches=None, cache_index=None, out_index_BxA=None):
         new = []
+        last = self.cfg.layers - 1
         for i in range(self.cfg.layers):
             c = None if caches is None else KVCache(caches.k_BxSxHxD[i], caches.v_BxSxHxD[i])
-            x, c = Layer(self.cfg, name=f"layer{i}")(x, pos_Q, c, cache_index)
+            x, c = Layer(self.cfg, name=f"layer{i}")(x, pos_Q, c, cache_index,
+                                                     out_index_BxA if i == last else None)
             new.append(c)
         if caches is None:
             return x, None
@@ -333,11 +340,12 @@ class ArithModel:
             mapped = mapped + jnp.maximum(jax.random.randint(rng_shift, (B, 1), -S, S + 1), 0)
         return jnp.where(ids_BxQ > 0, mapped, 0)
 
-    def _step(self, block_params, h, e, pos_Q, i, cache=None, cache_index=None):
-        """One pass: inject e (always on the first pass), then the block."""
+    def _step(self, block_params, h, e, pos_Q, i, cache=None, cache_index=None, out_index_BxA=None):
+        """One pass: inject e (always on the first pass), then the block (its output at `out_index_BxA` only, when
+        given: see `Layer`)."""
         inject = jnp.logical_or(i == 0, self.cfg.input_injection)
         x = jnp.where(inject, h + e, h)
-        return self.block.apply({"params": block_params}, x, pos_Q, cache, cache_index)
+        return self.block.apply({"params": block_params}, x, pos_Q, cache, cache_index, out_index_BxA)
 
     def _passes(self, block_params, h, e, pos_Q, passes, cache, start):
         cfg = self.cfg
@@ -391,16 +399,26 @@ class ArithModel:
         answer tokens / the padded length S - 1, averaged over the rows, so longer answers weigh more).
 
         With `batch["loss_pos"]` (int32 [B, A], from `arith_jax.data.loss_positions`: the input positions whose
-        next token is a target, padded with -1) the output head runs only at those A positions per row instead of
-        all of them; loss and metrics are the same.
+        next token is a target, padded with -1) the output head, and the last layer of the last pass after its
+        attention (residual, LayerNorms, FFN: position-wise), run only at those A positions per row instead of all
+        of them; loss, metrics and gradients are the same.
         """
         cfg = self.cfg
+        out_index = None
+        if "loss_pos" in batch:   # the last layer's position-wise part (and the head) at the loss positions only
+            out_index = jnp.maximum(batch["loss_pos"], 0)
         if cfg.looped and cfg.progressive and cfg.progressive_grad == "branches":
-            return self._progressive_branch_loss(params, batch, rng)
-        h, _ = self.hidden(params, batch["tokens"][:, :-1], rng=rng, train=True)
+            return self._progressive_branch_loss(params, batch, rng, out_index)
+        tokens = batch["tokens"][:, :-1]
+        if cfg.recurrences == 1 and out_index is not None:
+            e, h, rng, pos_Q = self._embed_and_h0(params["embed"], tokens, None, 0, rng, True)
+            block = params["block"] if cfg.shared else jax.tree_util.tree_map(lambda x: x[0], params["block"])
+            h, _ = self._step(block, h, e, pos_Q, 0, out_index_BxA=out_index)
+            return self._head_loss(params["head"], h, batch, gathered=True)
+        h, _ = self.hidden(params, tokens, rng=rng, train=True)
         return self._head_loss(params["head"], h, batch)
 
-    def _progressive_branch_loss(self, params, batch, rng):
+    def _progressive_branch_loss(self, params, batch, rng, out_index_BxA=None):
         """The progressive loss with its gradient taken inside a `lax.switch` over k: branch k runs its k passes
         unrolled and differentiates them itself, so nothing is stacked or zero-filled for passes it skips (the
         gradient of a `lax.cond` inside `lax.scan` keeps every pass's residuals, zeros for the skipped ones).
@@ -417,24 +435,27 @@ class ArithModel:
         def branch(passes):
             def f(diff, fixed):
                 block, head, e = diff
-                h, n, pos_Q, batch = fixed
+                h, n, pos_Q, batch, out_index = fixed
                 for i in range(passes):
-                    h = self._step(block, h, e, pos_Q, n + i)[0]
-                return self._head_loss(head, h, batch)
+                    h = self._step(block, h, e, pos_Q, n + i,
+                                   out_index_BxA=out_index if i == passes - 1 else None)[0]
+                return self._head_loss(head, h, batch, gathered=out_index is not None)
             return f
 
         return _switch_value_and_grad(k - 1, [branch(j) for j in range(1, cfg.backprop + 1)],
-                                      (params["block"], params["head"], e), (h, n, pos_Q, batch))
+                                      (params["block"], params["head"], e), (h, n, pos_Q, batch, out_index_BxA))
 
-    def _head_loss(self, head_params, h, batch):
-        """(loss, metrics) from the final state h [B, S-1, width] (see `loss`)."""
+    def _head_loss(self, head_params, h, batch, gathered=False):
+        """(loss, metrics) from the final state h [B, S-1, width] (see `loss`), or, `gathered`, from h at the
+        batch's loss positions only ([B, A, width])."""
         tokens, mask = batch["tokens"], batch["mask"]
         targets, m = tokens[:, 1:], mask[:, 1:].astype(jnp.float32)
         if "loss_pos" in batch:
             pos_BxA = batch["loss_pos"]
             valid_BxA = pos_BxA >= 0
             pos_BxA = jnp.where(valid_BxA, pos_BxA, 0)
-            h = jnp.take_along_axis(h, pos_BxA[..., None], axis=1)
+            if not gathered:
+                h = jnp.take_along_axis(h, pos_BxA[..., None], axis=1)
             targets = jnp.take_along_axis(targets, pos_BxA, axis=1)
             m = jnp.take_along_axis(m, pos_BxA, axis=1) * valid_BxA
         logits = self.head.apply({"params": head_params}, h)

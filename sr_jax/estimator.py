@@ -20,8 +20,10 @@ Pipeline of one ``fit`` (spec sections 6-7, with the original's bugs fixed):
    different numbers of features share compiled programs). At refinement's checkpoints (after 1, 8, 16, 32 and 64
    evaluations) a candidate stops refining when one with no more nodes fits its dataset to a training loss of
    ``_SOLVED_LOSS`` (then it cannot be chosen in step 5), or -- from 8 evaluations on -- has a loss
-   ``_BEATEN_RATIO`` times lower than its own (then it would need to improve that much to matter):
-   ``refine(beaten=...)``; in ``equations_`` their losses are where they stopped.
+   ``_BEATEN_RATIO`` times lower than its own (then it would need to improve that much to matter); and -- from 16
+   evaluations on -- a candidate stops when its own loss fell by less than the fraction ``_STALL`` since the previous
+   checkpoint (it has stalled, or creeps too slowly to change the choice): ``refine(beaten=...)``; in ``equations_``
+   their losses are where they stopped.
 5. Selection: every refined candidate is evaluated in float64 on all rows. Its ``loss`` is MSE / var(y) on the
    held-out rows (on the training rows when none are held out). Among the candidates with
    ``loss <= best * (1 + complexity_tolerance) + 1e-9`` the one with the fewest prefix nodes wins (then the lowest
@@ -71,6 +73,7 @@ _MIN_VALIDATION_POINTS = 40
 _ABS_TOLERANCE = 1e-9  # selection: losses this close to the best count as equal
 _SOLVED_LOSS = 1e-10  # refinement: a candidate fitting this well stops every more complex one of its dataset
 _BEATEN_RATIO = 100.0  # refinement: a candidate this many times worse than a no-more-complex one stops early
+_STALL = 1e-3  # refinement: a candidate whose loss fell by less than this fraction since the last checkpoint stops
 _SOURCES = ("model", "prior", "bases")
 _PRIOR_LIBRARY_SEED = 0  # the screened prior draws one fixed library per dimension (data-independent, cached)
 _SCREEN_ROWS = 256  # training rows the prior library is screened on
@@ -460,7 +463,7 @@ class SymbolicTransformerRegressor:
                      [_pad_columns(p.z_NxK[p.train], MAX_FEATURES) for p in prepared],
                      [p.y_N[p.train] for p in prepared],
                      maxiter=int(self.refine_iterations), max_time=left,
-                     beaten=Beaten(solved_loss=_SOLVED_LOSS, ratio=_BEATEN_RATIO))
+                     beaten=Beaten(solved_loss=_SOLVED_LOSS, ratio=_BEATEN_RATIO, stall=_STALL))
         return res.expressions
 
     def _select(self, p: _Prepared, pool: list[Candidate], refined: list[Expression]):

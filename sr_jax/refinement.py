@@ -320,11 +320,15 @@ class Beaten(NamedTuple):
     loss is above ``solved_loss``), or -- once it has had ``ratio_from`` evaluations, so that a poor start is not
     held against it -- whose loss is ``ratio`` times lower than its own. A caller that picks the simplest candidate
     within a small tolerance of the best loss loses nothing to the first rule, and to the second only a candidate
-    that would still have improved ``ratio``-fold after the checkpoint. None: rule off."""
+    that would still have improved ``ratio``-fold after the checkpoint. A third rule looks at the candidate alone:
+    from ``stall_from`` evaluations on, a candidate whose loss fell by less than the fraction ``stall`` since the
+    previous checkpoint has stalled (it is where it will stay, or creeping towards it) and stops. None: rule off."""
 
     solved_loss: Optional[float] = None
     ratio: Optional[float] = None
     ratio_from: int = 8
+    stall: Optional[float] = None
+    stall_from: int = 16
 
     def check(self) -> None:
         def number(v) -> bool:
@@ -334,16 +338,26 @@ class Beaten(NamedTuple):
             raise ValueError(f"Beaten.solved_loss must be a loss >= 0 (or None), got {self.solved_loss!r}")
         if self.ratio is not None and not (number(self.ratio) and self.ratio >= 1):
             raise ValueError(f"Beaten.ratio must be a number >= 1 (or None), got {self.ratio!r}")
-        if not (number(self.ratio_from) and int(self.ratio_from) == self.ratio_from and self.ratio_from >= 0):
-            raise ValueError(f"Beaten.ratio_from must be an integer >= 0, got {self.ratio_from!r}")
+        if self.stall is not None and not (number(self.stall) and 0 <= self.stall < 1):
+            raise ValueError(f"Beaten.stall must be a fraction in [0, 1) (or None), got {self.stall!r}")
+        for name in ("ratio_from", "stall_from"):
+            v = getattr(self, name)
+            if not (number(v) and int(v) == v and v >= 0):
+                raise ValueError(f"Beaten.{name} must be an integer >= 0, got {v!r}")
 
     def mask(self, loss_E: np.ndarray, n_nodes_E: np.ndarray, dataset_E: np.ndarray,
-             evaluations: Optional[int] = None) -> np.ndarray:
+             evaluations: Optional[int] = None, previous_loss_E: Optional[np.ndarray] = None) -> np.ndarray:
         """Which candidates are beaten (losses as now, inf where unknown), per dataset, after ``evaluations``
-        objective evaluations (None: as many as the ratio rule needs)."""
+        objective evaluations (None: as many as the ratio and stall rules need); the stall rule compares with
+        ``previous_loss_E``, the losses at the previous checkpoint (None: rule not applied)."""
         use_ratio = self.ratio is not None and (evaluations is None or evaluations >= self.ratio_from)
         loss_E = np.where(np.isnan(loss_E), np.inf, loss_E)
         out = np.zeros(len(loss_E), bool)
+        if (self.stall is not None and previous_loss_E is not None
+                and (evaluations is None or evaluations >= self.stall_from)):
+            before = np.where(np.isnan(previous_loss_E), np.inf, previous_loss_E)
+            with np.errstate(invalid="ignore"):
+                out |= np.isfinite(loss_E) & (loss_E >= before * (1.0 - self.stall))
         for b in np.unique(dataset_E):
             idx = np.flatnonzero(dataset_E == b)
             order = idx[np.argsort(n_nodes_E[idx], kind="stable")]
@@ -358,7 +372,7 @@ class Beaten(NamedTuple):
                 hit |= (fewer <= self.solved_loss) | ((at_most <= self.solved_loss) & (loss > self.solved_loss))
             if use_ratio:
                 hit |= loss > self.ratio * at_most
-            out[order] = hit
+            out[order] |= hit
         return out
 
 
@@ -465,7 +479,10 @@ _EARLY_CHECKPOINT = 1
 # ``compact=None`` compacts batches of at least this many (bucketed) candidates. Each compaction may compile a
 # program for a new, smaller tape; below this size the time saved rarely repays that compilation.
 _COMPACT_MIN_EXPRESSIONS = 128
-_MIN_FRACTION = 1 / 8  # the smallest tape a run continues on, as a fraction of its batch's (bounds the programs)
+# The smallest tape a run continues on: a fraction of its batch's (this bounds the programs per batch shape: at most
+# six) holding at least _MIN_ROWS candidates (below that a smaller program rarely repays its compilation).
+_MIN_FRACTION = 1 / 32
+_MIN_ROWS = 32
 
 
 class _Run:
@@ -508,11 +525,14 @@ class _Run:
         n = len(self.origin)
         return (state.n_evaluations[0, :n] < self.maxiter) & (state.grad_norm[0, :n] > tol) & ~self.stopped[self.origin]
 
-    def stop_beaten(self, live: np.ndarray, beaten: "Beaten", evaluations: int) -> np.ndarray:
+    def stop_beaten(self, live: np.ndarray, beaten: "Beaten", evaluations: int,
+                    previous_loss: Optional[np.ndarray] = None) -> np.ndarray:
         """``live`` (current rows) without the candidates that ``beaten`` says can no longer be their dataset's
-        choice after ``evaluations``; those are marked stopped (their recorded results are final)."""
+        choice after ``evaluations`` (or have stalled since ``previous_loss``, the original rows' losses at the
+        previous checkpoint); those are marked stopped (their recorded results are final)."""
         rows = self.origin[live]
-        out = beaten.mask(self.final["loss"][: len(self.exprs)], self.n_nodes, self.dataset, evaluations)[rows]
+        out = beaten.mask(self.final["loss"][: len(self.exprs)], self.n_nodes, self.dataset, evaluations,
+                          previous_loss)[rows]
         self.stopped[rows[out]] = True
         return live[~out]
 
@@ -538,7 +558,7 @@ class _Run:
             datasets, rank = np.unique(self.dataset[self.origin[live]], return_inverse=True)
             offsets = list(rank * self.d)
         fraction = 1.0
-        while int(root.n_expressions * fraction / 2) >= n and fraction > _MIN_FRACTION:
+        while int(root.n_expressions * fraction / 2) >= max(n, _MIN_ROWS) and fraction > _MIN_FRACTION:
             fraction /= 2
         tape = None
         while tape is None and int(root.n_expressions * fraction) < self.sig.n_expressions:
@@ -606,6 +626,7 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
         checkpoints = ([_EARLY_CHECKPOINT] if compact or beaten is not None else []) + list(_CHECKPOINTS)
         if deadline is not None:  # and every _CHECKPOINTS[-1] evaluations after the last
             checkpoints += list(range(2 * _CHECKPOINTS[-1], maxiter, _CHECKPOINTS[-1]))
+        previous_loss = None  # the original rows' losses at the previous checkpoint (the stall rule's reference)
         for stop_at in [k for k in checkpoints if k < maxiter] + [maxiter]:
             run.step(stop_at, tol, hessian)
             c, state = jax.device_get((run.c, run.state))
@@ -613,7 +634,8 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
             live = np.flatnonzero(run.running(state, tol))
             stopping = beaten is not None and len(live)
             if stopping:
-                live = run.stop_beaten(live, beaten, stop_at)
+                live = run.stop_beaten(live, beaten, stop_at, previous_loss)
+            previous_loss = run.final["loss"][: len(run.exprs)].copy()
             late = deadline is not None and stop_at >= _CHECKPOINTS[0] and time.perf_counter() >= deadline
             if stop_at == maxiter or not len(live) or late:
                 break

@@ -298,6 +298,7 @@ def test_compaction_continues_the_running_candidates_exactly(monkeypatch):
 
     monkeypatch.setattr(refine_mod._Run, "compact", spy)
     monkeypatch.setattr(refine_mod, "_CHECKPOINTS", (8,))  # one compaction per run: fewer programs to compile
+    monkeypatch.setattr(refine_mod, "_MIN_ROWS", 1)  # this tiny batch may shrink to its 2 running candidates
     fast = [perturbed(0.05, s) for s in range(5)]  # near their solution: 3-4 evaluations each
     slow = [Expression(["add", 0.1, "mul", 3.0, "sin", "add", 2.0, "mul", 4.0, "x_0"]),  # ~12 evaluations
             Expression(["div", 1.0, "add", 0.1, "mul", 1.0, "x_1"])]  # ~55 evaluations
@@ -332,33 +333,70 @@ def test_max_time_ends_the_run_at_the_next_checkpoint():
         refine([slow], X, Y, max_time=-1.0)
 
 
-def _beaten_by_definition(beaten, loss, n_nodes, dataset):
-    """Beaten.mask written out pair by pair."""
+def _beaten_by_definition(beaten, loss, n_nodes, dataset, evaluations=None, previous=None):
+    """Beaten.mask written out pair by pair (and candidate by candidate for the stall rule)."""
     loss = np.where(np.isnan(loss), np.inf, loss)
     out = np.zeros(len(loss), bool)
     for i in range(len(loss)):
+        if (beaten.stall is not None and previous is not None and (evaluations is None or evaluations >= beaten.stall_from)
+                and np.isfinite(loss[i])):
+            before = np.inf if np.isnan(previous[i]) else previous[i]
+            out[i] |= bool(loss[i] >= before * (1 - beaten.stall))
+        if beaten.ratio is not None and evaluations is not None and evaluations < beaten.ratio_from:
+            ratio = None
+        else:
+            ratio = beaten.ratio
         for j in range(len(loss)):
             if j == i or dataset[j] != dataset[i] or n_nodes[j] > n_nodes[i]:
                 continue
             s = beaten.solved_loss
             if s is not None and loss[j] <= s and (n_nodes[j] < n_nodes[i] or loss[i] > s):
                 out[i] = True
-            if beaten.ratio is not None and loss[i] > beaten.ratio * loss[j]:
+            if ratio is not None and loss[i] > ratio * loss[j]:
                 out[i] = True
     return out
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from([0.0, 1e-12, 1e-10, 1e-6, 1e-3, 0.1, 0.5, 1.0, np.inf, np.nan]),
-                          st.integers(1, 6), st.integers(0, 2)), min_size=1, max_size=12),
-       st.sampled_from([None, 1e-10, 1e-6]), st.sampled_from([None, 1.0, 100.0]))
-def test_beaten_mask_matches_its_definition(rows, solved_loss, ratio):
+_LOSSES = st.sampled_from([0.0, 1e-12, 1e-10, 1e-6, 1e-3, 0.1, 0.5, 0.9995, 1.0, np.inf, np.nan])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_LOSSES, _LOSSES, st.integers(1, 6), st.integers(0, 2)), min_size=1, max_size=12),
+       st.sampled_from([None, 1e-10, 1e-6]), st.sampled_from([None, 1.0, 100.0]), st.sampled_from([None, 0.0, 1e-3]),
+       st.sampled_from([None, 1, 8, 16, 32]), st.booleans())
+def test_beaten_mask_matches_its_definition(rows, solved_loss, ratio, stall, evaluations, with_previous):
     from sr_jax import Beaten
 
-    loss, n_nodes, dataset = (np.array(c) for c in zip(*rows))
-    beaten = Beaten(solved_loss=solved_loss, ratio=ratio)
-    np.testing.assert_array_equal(beaten.mask(loss.astype(float), n_nodes, dataset),
-                                  _beaten_by_definition(beaten, loss.astype(float), n_nodes, dataset))
+    loss, previous, n_nodes, dataset = (np.array(c) for c in zip(*rows))
+    previous = previous.astype(float) if with_previous else None
+    beaten = Beaten(solved_loss=solved_loss, ratio=ratio, stall=stall)
+    np.testing.assert_array_equal(
+        beaten.mask(loss.astype(float), n_nodes, dataset, evaluations, previous),
+        _beaten_by_definition(beaten, loss.astype(float), n_nodes, dataset, evaluations, previous))
+
+
+def test_stalled_candidates_stop_and_improving_ones_run_on():
+    """With the stall rule, a candidate that cannot fit (it reads the wrong variable) stops at the first checkpoint
+    from ``stall_from`` on where its loss fell by less than ``stall``, near where it would have ended; a candidate
+    still converging is unchanged."""
+    from sr_jax import Beaten
+
+    # y depends on x_0 only; alone, this candidate (a generator draw) creeps on to maxiter
+    wrong = Expression(["add", -80.5, "mul", "x_1", "abs", "add", -71.4, "mul", 0.791, "x_1"])
+    right = Expression(["add", 0.3, "mul", 1.7, "exp", "mul", 0.2, "x_0"])
+    y = 0.5 + 2.0 * X[:, 0]
+    plain = refine([wrong, right], X, y)
+    res = refine([wrong, right], X, y, beaten=Beaten(stall=1e-3))
+    checkpoints = importlib.import_module("sr_jax.refinement")._CHECKPOINTS
+    assert plain.n_iterations[0] > 32
+    assert res.n_iterations[0] in [k for k in checkpoints if k >= 16] and res.n_iterations[0] < plain.n_iterations[0]
+    assert res.losses[0] <= plain.losses[0] * 1.01 and not res.converged[0]
+    np.testing.assert_allclose(res.losses[1], plain.losses[1], atol=1e-15)
+    np.testing.assert_array_equal(res.n_iterations[1], plain.n_iterations[1])
+    with pytest.raises(ValueError, match=r"Beaten.stall must be a fraction in \[0, 1\)"):
+        refine([wrong], X, y, beaten=Beaten(stall=1.5))
+    with pytest.raises(ValueError, match="Beaten.stall_from must be an integer >= 0"):
+        refine([wrong], X, y, beaten=Beaten(stall=1e-3, stall_from=-1))
 
 
 def test_beaten_candidates_stop_at_a_checkpoint_and_the_others_are_unchanged():

@@ -151,14 +151,17 @@ class Layer(nn.Module):
     @nn.compact
     def __call__(self, x, pos_Q, cache=None, cache_index=None, out_index_BxA=None):
         """With `out_index_BxA` (int [B, A]), only those positions of each row leave the layer ([B, A, width]):
-        attention runs over all of them, the rest (residual, LayerNorms, FFN) acts on each position alone and runs
-        at those only."""
+        their queries attend to keys and values at all positions; the rest (query and output projections,
+        residual, LayerNorms, FFN) acts on each position alone and runs at those only."""
         cfg, dtype = self.cfg, _dtype(self.cfg.dtype)
         attn = Attention(cfg.heads, rope="rope" in cfg.positions, fire="fire" in cfg.positions,
                          v_gain=_gain(cfg), out_gain=_gain(cfg), dtype=dtype, name="attn")
-        a, cache = attn(x, q_pos_Q=pos_Q, causal=True, cache=cache, cache_index=cache_index)
-        if out_index_BxA is not None:
-            x, a = (jnp.take_along_axis(t, out_index_BxA[..., None], axis=1) for t in (x, a))
+        if out_index_BxA is None:
+            a, cache = attn(x, q_pos_Q=pos_Q, causal=True, cache=cache, cache_index=cache_index)
+        else:   # queries at the kept positions only, keys and values at all of them (same parameters)
+            x_q = jnp.take_along_axis(x, out_index_BxA[..., None], axis=1)
+            a, cache = attn(x_q, x, q_pos_Q=pos_Q[out_index_BxA], k_pos_K=pos_Q, causal=True)
+            x = x_q
         x = _norm("norm1")(x + a)
         x = _norm("norm2")(x + GluFFN(cfg.ffn, _gain(cfg), dtype, name="ffn")(x))
         return x.astype(dtype), cache
@@ -399,9 +402,9 @@ class ArithModel:
         answer tokens / the padded length S - 1, averaged over the rows, so longer answers weigh more).
 
         With `batch["loss_pos"]` (int32 [B, A], from `arith_jax.data.loss_positions`: the input positions whose
-        next token is a target, padded with -1) the output head, and the last layer of the last pass after its
-        attention (residual, LayerNorms, FFN: position-wise), run only at those A positions per row instead of all
-        of them; loss, metrics and gradients are the same.
+        next token is a target, padded with -1) the output head, and the last layer of the last pass except its
+        keys and values (queries, attention output, residual, LayerNorms, FFN), run only at those A positions per
+        row instead of all of them; loss, metrics and gradients are the same.
         """
         cfg = self.cfg
         out_index = None

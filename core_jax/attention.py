@@ -98,6 +98,9 @@ class Attention(nn.Module):
     `attn(None, memory, kv_only=True)` returns its keys/values as a KVCache once, and
     `attn(x, memory_kv=that_cache, kv_mask_BxK=...)` attends to them (same parameters, no key/value projection).
 
+    Queries at positions of their own in each row (e.g. only some positions of a sequence, against keys at all
+    of them): pass `q_pos_Q` as [B, Q] with `kv_BxKxD` and `k_pos_K` (no cache).
+
     Packed rows (several sequences back to back in one row): with `q_segment_BxQ` and `kv_segment_BxK` (integer
     segment ids), a query attends only to keys of its own segment, on top of the causal and key masks. Not with a
     KV cache (decoding runs one sequence per row).
@@ -125,6 +128,8 @@ class Attention(nn.Module):
         if (q_segment_BxQ is None) != (kv_segment_BxK is None):
             raise ValueError("segment ids restrict attention to a query's own segment: pass both q_segment_BxQ "
                              "and kv_segment_BxK, or neither")
+        if q_pos_Q is not None and jnp.ndim(q_pos_Q) == 2 and (cache is not None or k_pos_K is None):
+            raise ValueError("per-row query positions q_pos_Q [B, Q] need k_pos_K and no KV cache")
         if q_segment_BxQ is not None and cache is not None:
             raise ValueError("segment ids are for full-sequence passes over packed rows, not with a KV cache")
         d_model = (kv_BxKxD if kv_only else x_BxQxD).shape[-1]
@@ -176,10 +181,18 @@ class Attention(nn.Module):
         scores_BxHxQxK = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         if not self.deferred_norm:
             scores_BxHxQxK = scores_BxHxQxK / jnp.sqrt(jnp.float32(head_dim))
+        per_row = q_pos_Q.ndim == 2   # queries at their own positions in each row ([B, Q]; no cache)
         if self.fire:
-            scores_BxHxQxK = scores_BxHxQxK + FireBias(self.num_heads, name="fire")(q_pos_Q, k_pos_K)[None]
+            fire = FireBias(self.num_heads, name="fire")
+            if per_row:   # the bias is a function of each (query, key) position pair: run it on the flat rows
+                bias = fire(q_pos_Q.reshape(-1), k_pos_K).reshape(self.num_heads, *q_pos_Q.shape, -1)
+                scores_BxHxQxK = scores_BxHxQxK + jnp.transpose(bias, (1, 0, 2, 3))
+            else:
+                scores_BxHxQxK = scores_BxHxQxK + fire(q_pos_Q, k_pos_K)[None]
         allowed = jnp.ones((1, 1, n_q, k.shape[1]), bool)
-        if causal:
+        if causal and per_row:
+            allowed = allowed & (k_pos_K[None, None, :] <= q_pos_Q[:, :, None])[:, None]
+        elif causal:
             allowed = allowed & (k_pos_K[None, :] <= q_pos_Q[:, None])[None, None]
         if kv_mask_BxK is not None:
             allowed = allowed & kv_mask_BxK[:, None, None, :].astype(bool)

@@ -12,12 +12,14 @@ import jax.numpy as jnp
 
 
 def apply_rope(x_BxLxHxD: jnp.ndarray, pos_L: jnp.ndarray, base: float = 10000.0) -> jnp.ndarray:
-    """GPT-NeoX 'rotate_half' RoPE over the full head dim (the original's variant)."""
+    """GPT-NeoX 'rotate_half' RoPE over the full head dim (the original's variant); positions [L] or [B, L]."""
     d = x_BxLxHxD.shape[-1]
     half = d // 2
     inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angles_LxH = pos_L.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    angles = jnp.concatenate([angles_LxH, angles_LxH], axis=-1)[None, :, None, :]
+    angles_LxH = pos_L.astype(jnp.float32)[..., None] * inv_freq   # pos_L may also be per row: [B, L]
+    angles = jnp.concatenate([angles_LxH, angles_LxH], axis=-1)[..., None, :]
+    if pos_L.ndim == 1:
+        angles = angles[None]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x = x_BxLxHxD.astype(jnp.float32)
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)

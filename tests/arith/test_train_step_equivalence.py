@@ -66,7 +66,8 @@ def test_loss_positions_rejects_too_narrow():
 
 
 @pytest.mark.parametrize("task, kw", [("sort", dict()), ("add", dict(layers=1, recurrences=3, input_injection=True)),
-                                     ("add", dict(positions=("abacus", "fire"), recurrences=1))])
+                                     ("add", dict(positions=("abacus", "fire"), recurrences=1)),
+                                     ("add", dict(positions=("rope",), recurrences=1))])
 def test_loss_with_positions_equals_full_loss(task, kw):
     """Loss, metrics and gradients with the head at the loss positions only == with the head everywhere."""
     data = DataConfig(task, max_len=4, max_count=3, batch_size=6, seed=1)

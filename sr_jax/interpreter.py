@@ -482,19 +482,27 @@ def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, m
     return Tape(sig, arrays, consts, n_consts, tuple(len(d) for d in dsets), tuple(tuple(d) for d in dsets))
 
 
-def scaled_signature(sig: TapeSignature, fraction: float, n_features: int) -> TapeSignature:
-    """``sig`` shrunk to ``fraction`` of its expressions (and, with slack, of its node and constant capacities),
-    over ``n_features`` input columns: the shape a subset of a batch can continue in (refinement's lane compaction).
+# Node-capacity slack of a scaled signature: (the cheap group, every other group), tight first. The other groups
+# get more: the candidates still running late are the harder ones, rich in transcendentals, and these groups are
+# small (their padding costs little).
+SCALE_SLACKS = ((1.2, 2.0), (1.5, 3.0))
+
+
+def scaled_signature(sig: TapeSignature, fraction: float, n_features: int, slack: tuple = SCALE_SLACKS[-1]
+                     ) -> TapeSignature:
+    """``sig`` shrunk to ``fraction`` of its expressions (and, with ``slack`` = (cheap, other groups' factor), of
+    its node and constant capacities), over ``n_features`` input columns: the shape a subset of a batch can continue
+    in (refinement's lane compaction).
 
     A pure function of its arguments, so every subset of every batch placed in ``sig`` continues in the same few
-    programs (one per fraction). The slack is there because a subset need not be a fair sample of the batch (the
-    candidates refinement keeps are often the deeper ones); ``compile_tape_into`` says whether a subset fits."""
-    def shrink(c: int, step: int = 2, slack: float = 1.5) -> int:
+    programs (one per fraction and slack). The slack is there because a subset need not be a fair sample of the batch
+    (the candidates refinement keeps are often the deeper ones); ``compile_tape_into`` says whether a subset fits."""
+    cheap_slack, other_slack = slack
+
+    def shrink(c: int, step: int = 2, slack: float = cheap_slack) -> int:
         return min(c, max(step, -(-int(np.ceil(slack * fraction * c)) // step) * step))
 
-    # the operator groups other than the cheap one get twice the slack: the candidates still running late are the
-    # harder ones, rich in transcendentals, and these groups are small (their padding costs little)
-    levels = tuple(tuple((g, shrink(c, slack=1.5 if g == "cheap" else 3.0)) for g, c in groups)
+    levels = tuple(tuple((g, shrink(c, slack=cheap_slack if g == "cheap" else other_slack)) for g, c in groups)
                    for groups in sig.levels)
     return TapeSignature(sig.n_datasets, n_features, max(1, int(sig.n_expressions * fraction)), sig.n_consts,
                          shrink(sig.n_const_slots, 4), shrink(sig.n_feature_uses, 4), levels)

@@ -479,8 +479,9 @@ _EARLY_CHECKPOINT = 1
 # ``compact=None`` compacts batches of at least this many (bucketed) candidates. Each compaction may compile a
 # program for a new, smaller tape; below this size the time saved rarely repays that compilation.
 _COMPACT_MIN_EXPRESSIONS = 128
-# The smallest tape a run continues on: a fraction of its batch's (this bounds the programs per batch shape: at most
-# six) holding at least _MIN_ROWS candidates (below that a smaller program rarely repays its compilation).
+# The smallest tape a run continues on: a fraction of its batch's holding at least _MIN_ROWS candidates (below that
+# a smaller program rarely repays its compilation). This bounds the programs per batch shape: at most five smaller
+# fractions, each with at most two slacks (interpreter.SCALE_SLACKS).
 _MIN_FRACTION = 1 / 32
 _MIN_ROWS = 32
 
@@ -548,8 +549,9 @@ class _Run:
         """Continue with only the ``live`` current rows, on a smaller tape; False (nothing changed) when no smaller
         shape holds them.
 
-        The smaller tapes are the batch's own signature scaled by 1/2, 1/4, ... (``interpreter.scaled_signature``,
-        a pure function of the batch's signature), so every call whose batch lands in the same signature reuses
+        The smaller tapes are the batch's own signature scaled by 1/2, 1/4, ... with the tightest slack of
+        ``interpreter.SCALE_SLACKS`` that holds them (``interpreter.scaled_signature``, a pure function of the batch's
+        signature), so every call whose batch lands in the same signature reuses
         the same few compiled programs, whichever candidates are still running."""
         root, n = self.batch.tape.signature, len(live)
         exprs = [self.exprs[self.origin[i]] for i in live]
@@ -564,7 +566,10 @@ class _Run:
         while tape is None and int(root.n_expressions * fraction) < self.sig.n_expressions:
             e_b = int(root.n_expressions * fraction)
             n_cols = min(len(self.batch.slots), e_b) * self.d if self.folded else root.n_features
-            tape = itp.compile_tape_into(itp.scaled_signature(root, fraction, n_cols), exprs, offsets)
+            for slack in itp.SCALE_SLACKS:  # the tightest capacities that hold the running candidates
+                tape = itp.compile_tape_into(itp.scaled_signature(root, fraction, n_cols, slack), exprs, offsets)
+                if tape is not None:
+                    break
             fraction *= 2
         if tape is None:
             return False

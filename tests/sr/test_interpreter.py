@@ -173,3 +173,22 @@ def test_deep_tapes_are_runs_of_scanned_levels_equal_to_unrolled(monkeypatch):
     assert size_unrolled > 2 * size30
     np.testing.assert_array_equal(np.asarray(unrolled[0]), np.asarray(scanned[0]))
     np.testing.assert_array_equal(np.asarray(unrolled[1]), np.asarray(scanned[1]))
+
+
+def test_scaled_signatures_hold_a_subset_tightest_slack_first():
+    """Compaction's smaller tapes: scaled by a fraction with the tight slack first; a subset that the tight tape
+    cannot hold (here: the batch's deepest candidates only) fits the looser one of the same fraction.
+    (test_refine's compaction test checks that the candidates run on such tapes exactly as on the full one.)"""
+    from sr_jax.generator import GeneratorConfig
+    from sr_jax.interpreter import SCALE_SLACKS, compile_tape_into, scaled_signature
+
+    cfg = GeneratorConfig(min_input_dimension=1, max_input_dimension=3)
+    exprs = [sample(seed, cfg).expression for seed in range(64)]
+    root = compile_tape([exprs], n_features=3).signature
+    tight, loose = (scaled_signature(root, 0.25, root.n_features, s) for s in SCALE_SLACKS)
+    assert tight.n_expressions == loose.n_expressions == root.n_expressions // 4
+    for (lt, lo) in zip(tight.levels, loose.levels):
+        assert all(ct <= cl for (_, ct), (_, cl) in zip(lt, lo))
+    deepest = sorted(exprs, key=lambda e: -e.n_nodes)[: tight.n_expressions]
+    fits = [compile_tape_into(s, deepest) is not None for s in (tight, loose)]
+    assert fits[1] and fits[0] <= fits[1]

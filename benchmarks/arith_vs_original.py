@@ -20,8 +20,10 @@ original's `torch.compile` of the recurrent block when `--torch-compile`, XLA's 
 (batch × 64 per step). The report is the median of each side and their ratio.
 
 This project's batches carry `loss_pos` as `arith_jax.data.make_batch` gives them to the training loop, so its
-loss runs the output head only at the positions the loss scores (same loss and gradients as the original's
-logits everywhere); `--full-head` leaves it out, for the comparison op for op.
+loss runs the output head, and the last layer's queries and position-wise part, only at the positions the loss
+scores (same loss and gradients as the original's logits everywhere); `--full-head` leaves it out, for the
+comparison op for op. The looped model's progressive loss takes its gradient inside a switch over k (the default
+`model.progressive_grad=branches`); `--jax-set model.progressive_grad=scan` measures the scan under `lax.cond`.
 
 The original calls `.to(input_ids.get_device())`, which fails on a CPU tensor; the worker therefore samples
 (n, k) itself and calls the original's `model_call(input_ids, n, k)`, which is what `forward_progressive` does at
@@ -185,8 +187,9 @@ def main() -> None:
     ap.add_argument("--jax-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for this project's side, e.g. model.scan_unroll=4")
     ap.add_argument("--full-head", action="store_true",
-                    help="this project's loss computes logits at every position, as the original, instead of only "
-                         "where the loss needs them (the batch's loss_pos, as arith_jax.data.make_batch gives it)")
+                    help="this project's loss computes logits (and the last layer) at every position, as the original, "
+                         "instead of only where the loss needs them (the batch's loss_pos, as arith_jax.data.make_batch "
+                         "gives it)")
     ap.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -27,6 +27,22 @@ def test_cache_equals_full_pass(rope, fire):
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
 
 
+
+def test_per_row_query_positions_equal_the_full_pass_rows():
+    """Queries at their own positions in each row (q_pos_Q [B, A]) against keys at all positions give the full
+    causal pass's outputs at those positions, with RoPE and FIRE (the arith loss's last layer uses this)."""
+    attn = Attention(num_heads=4, rope=True, fire=True)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 16))
+    params = jax.jit(functools.partial(attn.init, causal=True))(jax.random.PRNGKey(1), x)
+    full, _ = jax.jit(functools.partial(attn.apply, causal=True))(params, x)
+    idx = jnp.array([[1, 4, 6], [5, 0, 2]])
+    x_q = jnp.take_along_axis(x, idx[..., None], axis=1)
+    rows, _ = jax.jit(functools.partial(attn.apply, causal=True))(params, x_q, x, q_pos_Q=idx,
+                                                                  k_pos_K=jnp.arange(7))
+    np.testing.assert_allclose(rows, jnp.take_along_axis(full, idx[..., None], axis=1), atol=1e-5)
+    with pytest.raises(ValueError, match="per-row query positions"):
+        attn.apply(params, x_q, x, q_pos_Q=idx, causal=True)
+
 def test_causal_and_padding_masks():
     attn = Attention(num_heads=2)
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 6, 8))

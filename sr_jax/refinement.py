@@ -805,8 +805,8 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5
     it, the run ends at its next checkpoint, and candidates still running keep the best constants found so far
     (``converged`` False).
     ``beaten`` (a ``Beaten``; lockstep on one tape): at each checkpoint, the candidates it says can no longer be
-    their dataset's choice (or, with its stall rule, have stalled) stop, keeping what they have (``converged`` False unless they had); their losses are
-    where they stopped. ``SymbolicTransformerRegressor`` uses it to stop refining candidates that a simpler one
+    their dataset's choice (or, with its stall rule, have stalled) stop, keeping what they have (``converged``
+    False unless they had); their losses are where they stopped. ``SymbolicTransformerRegressor`` uses it to stop refining candidates that a simpler one
     already beats.
     """
     t_start = time.perf_counter()

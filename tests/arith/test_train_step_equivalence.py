@@ -65,6 +65,16 @@ def test_loss_positions_rejects_too_narrow():
         loss_positions(np.array([[0, 0, 1, 1, 1]], np.float32), 2)
 
 
+def _assert_same_step(out_a, g_a, out_b, g_b):
+    """Two (loss, metrics) outputs and their gradients agree (float32 rounding)."""
+    (loss_a, met_a), (loss_b, met_b) = out_a, out_b
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+    for k in met_b:
+        np.testing.assert_allclose(met_a[k], met_b[k], rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g_a), jax.tree_util.tree_leaves(g_b)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("task, kw", [("sort", dict()), ("add", dict(layers=1, recurrences=3, input_injection=True)),
                                      ("add", dict(positions=("abacus", "fire"), recurrences=1)),
                                      ("add", dict(positions=("rope",), recurrences=1))])
@@ -81,11 +91,7 @@ def test_loss_with_positions_equals_full_loss(task, kw):
     grad = jax.jit(jax.value_and_grad(model.loss, has_aux=True))
     (loss_a, met_a), g_a = grad(params, batch, rng)
     (loss_b, met_b), g_b = grad(params, full, rng)
-    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
-    for k in met_b:
-        np.testing.assert_allclose(met_a[k], met_b[k], rtol=1e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(g_a), jax.tree_util.tree_leaves(g_b)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    _assert_same_step((loss_a, met_a), g_a, (loss_b, met_b), g_b)
 
 
 def test_progressive_branches_equal_scan():
@@ -109,11 +115,7 @@ def test_progressive_branches_equal_scan():
         rng = jax.random.PRNGKey(seed)
         (loss_a, met_a), g_a = grad_ours(params, batch, rng)
         (loss_b, met_b), g_b = grad_ref(params, batch, rng)
-        np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
-        for k in met_b:
-            np.testing.assert_allclose(met_a[k], met_b[k], rtol=1e-5)
-        for a, b in zip(jax.tree_util.tree_leaves(g_a), jax.tree_util.tree_leaves(g_b)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        _assert_same_step((loss_a, met_a), g_a, (loss_b, met_b), g_b)
         # the (n, k) this step drew: the rng left after the Abacus offset and the initial-state noise
         left = jax.random.split(jax.random.split(rng)[0])[0]
         seen_k.add(int(ours.sample_progressive(left)[1]))

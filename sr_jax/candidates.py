@@ -32,6 +32,10 @@ class Candidate:
 
 
 DECODINGS = ("greedy", "beam", "sample")
+# datasets decoded side by side inside one program; the others follow in a `lax.map`. On CPU the decoder's steps
+# are bound by reading every dataset's cross-attention keys/values, which stay in cache one dataset at a time
+# (BENCHMARKS.md, "Decoding many datasets")
+DECODE_GROUP = 1
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -51,6 +55,17 @@ def decoding_program(model, decoding: str, width: int, max_len: int, length_pena
     grammar = prefix_grammar(model.vocab, max_len)
 
     def run(params, points_BxNxP, mask_BxN, n_vars_B, rng):
+        """Datasets decoded `DECODE_GROUP` at a time in a `lax.map` (B is a power of two, see `encode_datasets`)."""
+        B = points_BxNxP.shape[0]
+        G = min(B, DECODE_GROUP)
+        if G == B:
+            return run_group(params, points_BxNxP, mask_BxN, n_vars_B, rng)
+        split = lambda a: a.reshape((B // G, G) + a.shape[1:])
+        out = jax.lax.map(lambda args: run_group(params, *args),
+                          (split(points_BxNxP), split(mask_BxN), split(n_vars_B), jax.random.split(rng, B // G)))
+        return jax.tree_util.tree_map(lambda a: a.reshape((B,) + a.shape[2:]), out)
+
+    def run_group(params, points_BxNxP, mask_BxN, n_vars_B, rng):
         B = points_BxNxP.shape[0]
         context = model.context(params, points_BxNxP, mask_BxN)
         fn = model.decoder_fn(params, context)

@@ -4,6 +4,7 @@ from steady state; and KV-cached against uncached decoding of a fixed number of 
     python benchmarks/sr_decode.py                                  # the whole table (minutes of compiling)
     python benchmarks/sr_decode.py --modes greedy beam4 --datasets 1 --repeat 3
     python benchmarks/sr_decode.py --compile-only --modes greedy --datasets 1   # one fresh compile, then exit
+    python benchmarks/sr_decode.py --modes beam4 --datasets 64 --group 4            # 4 datasets side by side per step
 
 Each (mode, datasets) program is what `sr_jax.candidates.model_candidates` runs for that request: encode the
 points once, greedy decoding always, plus the beam or the samples, all under the prefix-expression grammar, over
@@ -141,7 +142,13 @@ def main() -> None:
     ap.add_argument("--cache-tokens", type=int, default=100, help="0 skips the cached/uncached comparison")
     ap.add_argument("--cache-batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--compile-only", action="store_true", help="compile the first (mode, datasets), print, exit")
+    ap.add_argument("--group", type=int, default=None,
+                    help="datasets decoded side by side inside the call (default: sr_jax.candidates.DECODE_GROUP)")
     args = ap.parse_args()
+    if args.group is not None:
+        if args.group < 1:
+            raise SystemExit(f"--group must be a positive number of datasets, got {args.group}")
+        candidates.DECODE_GROUP = args.group
 
     tm = load_trained(args.checkpoint)
     cfg = tm.config
@@ -157,6 +164,7 @@ def main() -> None:
         return
 
     print(f"machine: {machine_line()}; load average {os.getloadavg()[0]:.1f} at start")
+    print(f"datasets decoded side by side in a call: {candidates.DECODE_GROUP}")
     print(f"model: {args.checkpoint or 'shipped sr_jax/pretrained/e2e_small'}, {args.points} points per dataset, "
           f"at most {max_len} generated tokens, median of up to {args.repeat} calls ({args.budget_s:g} s budget)")
     print("| decoding | datasets | hypotheses/call | mean tokens | compile s | calls | s/call | hypotheses/s |")

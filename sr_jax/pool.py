@@ -29,10 +29,10 @@ Sources (``Candidate.source``):
     -1, -2, 1/2, -1/2; x_i^a x_j^b and, up to 6 features, x_i^a x_j^b x_k^c for a, b, c in 1, 2, -1; up to 5
     features, also sin or cos of one feature, alone or times such a product), chosen by forward selection and
     backward elimination.
-  - unary of a monomial: a + b * M1 * u(c * M2) for u in exp, log, sin, cos, sin**2 and (1 + t) ** p (p = 1, -1,
-    1/2, -1/2), M2 a product of powers of up to five raw features, c from a small set, M1 a monomial fitted on
-    log|y / u(c * M2)|, when every raw feature is positive (Boltzmann factors, logarithms of ratios,
-    p * sin(2 theta) / r**3, Lorentz factors m_0 / sqrt(1 - v**2/c**2)).
+  - unary of a monomial: a + b * M1 * u(c * M2) for u in exp, log, sin, cos, sin**2, arcsin, (1 + t) ** p (p = 1,
+    -1, 1/2, -1/2), exp(t) - 1 and its inverse, M2 a product of powers of up to five raw features, c from a small
+    set, M1 a monomial fitted on log|y / u(c * M2)|, when every raw feature is positive (Boltzmann factors,
+    logarithms of ratios, p * sin(2 theta) / r**3, Lorentz factors m_0 / sqrt(1 - v**2/c**2), Planck's law).
 
 ``dedupe`` keeps the first candidate of every skeleton (``Expression.skeleton``), so list better-initialised
 sources first.
@@ -484,23 +484,26 @@ def _monomial(z, y, offset, scale) -> Optional[Expression]:
 _ARGUMENT_POWERS = ((1.0, -1.0, 2.0, -2.0), (1.0, -1.0, 2.0, -2.0), (1.0, -1.0), (1.0, -1.0), (1.0, -1.0))
 _TRIG_SCALES = (1.0, 0.5, 2.0, np.pi, 2 * np.pi)  # sin, cos: the sign of c goes into the outer coefficient
 _SHIFT_SCALES = (1.0, -1.0)
-# unaries applied right to left; "1+" adds one: ("inv", "sqrt", "1+") is (1 + c * M2) ** -1/2, the Lorentz factor's
-# shape (m_0 / sqrt(1 - v**2/c**2), q / (1 - v/c), G*m1*m2/r2 * (1 - r2/r1))
+# unaries applied right to left; "1+" / "-1+" add 1 / -1: ("inv", "sqrt", "1+") is (1 + c * M2) ** -1/2, the
+# Lorentz factor's shape (m_0 / sqrt(1 - v**2/c**2), q / (1 - v/c), G*m1*m2/r2 * (1 - r2/r1)); ("inv", "-1+", "exp")
+# Planck's 1 / (exp(c * M2) - 1)
 _ARGUMENT_SCALES = {("exp",): (1.0, -1.0, 0.5, -0.5, 2.0, -2.0), ("log",): (1.0,), ("sin",): _TRIG_SCALES,
-                    ("cos",): _TRIG_SCALES, ("pow2", "sin"): _TRIG_SCALES,
+                    ("cos",): _TRIG_SCALES, ("pow2", "sin"): _TRIG_SCALES, ("arcsin",): (1.0,),
                     ("1+",): _SHIFT_SCALES, ("inv", "1+"): _SHIFT_SCALES, ("sqrt", "1+"): _SHIFT_SCALES,
-                    ("inv", "sqrt", "1+"): _SHIFT_SCALES}
+                    ("inv", "sqrt", "1+"): _SHIFT_SCALES,
+                    ("-1+", "exp"): (1.0,), ("inv", "-1+", "exp"): (1.0, 1 / (2 * np.pi))}  # h*omega/(2 pi k_b T)
+_SHIFTS = {"1+": 1.0, "-1+": -1.0}
 _UNARY_MONOMIALS = 4  # how many of them join the pool
 
 
 def _apply_unaries(chain: tuple, a: np.ndarray) -> np.ndarray:
     for u in reversed(chain):
-        a = 1.0 + a if u == "1+" else OPERATORS[u].np_fn(a)
+        a = _SHIFTS[u] + a if u in _SHIFTS else OPERATORS[u].np_fn(a)
     return a
 
 
 def _unary_prefix(chain: tuple) -> list:
-    return [t for u in chain for t in (("add", 1.0) if u == "1+" else (u,))]
+    return [t for u in chain for t in (("add", _SHIFTS[u]) if u in _SHIFTS else (u,))]
 
 
 def _argument_exponents(d: int, many_features: Sequence[int]) -> np.ndarray:
@@ -529,9 +532,9 @@ def _power_product(exponents: np.ndarray, offset, scale) -> list:
 def _unary_monomials(z, y, offset, scale) -> list[Expression]:
     """a + b * M1 * u(c * M2), the ``_UNARY_MONOMIALS`` best by the R² of the outer fit: M2 a product of powers of at
     most five raw features (``_argument_exponents``; two or more among the ``_MAX_TRIPLE_FEATURES`` most correlated
-    with y), u in exp, log, sin, cos, sin**2 and (1 + t) ** p for p in 1, -1, 1/2, -1/2, with c from
-    ``_ARGUMENT_SCALES`` (in the raw features' units: n_0 * exp(-m*g*x/(k_b*T)), n*k_b*T*log(V2/V1),
-    p*sin(2*theta)/r**3, m_0 / sqrt(1 - v**2/c**2)), and
+    with y), u in exp, log, sin, cos, sin**2, arcsin, (1 + t) ** p for p in 1, -1, 1/2, -1/2, exp(t) - 1 and
+    1 / (exp(t) - 1), with c from ``_ARGUMENT_SCALES`` (in the raw features' units: n_0 * exp(-m*g*x/(k_b*T)),
+    n*k_b*T*log(V2/V1), p*sin(2*theta)/r**3, m_0 / sqrt(1 - v**2/c**2), 1 / (exp(h*omega/(2*pi*k_b*T)) - 1)), and
     M1 = prod_j x_j ** p_j with p from least squares on log|y / u(c * M2)| rounded to halves (so y / u(...) must
     keep one sign); (a, b) by least squares. Only when every raw feature is positive (else []).
     """

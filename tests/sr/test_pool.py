@@ -151,22 +151,26 @@ def test_screening_many_datasets_at_once_equals_one_by_one():
         assert losses == sorted(losses) and losses[0] < 1.0
 
 
-@pytest.mark.parametrize("name", ["lorentz", "doppler", "root", "linear"])
+@pytest.mark.parametrize("name", ["lorentz", "doppler", "root", "linear", "planck", "diode", "arcsin"])
 def test_shifted_power_of_monomial_bases_are_exact_before_refinement(name):
-    """M1 * (1 + c * M2) ** p (p = -1/2, -1, 1/2, 1) from least squares alone: m_0 / sqrt(1 - v**2/c**2),
-    f / (1 - v/c), ..., where no sum or product of powers is exact."""
+    """M1 * (1 + c * M2) ** p (p = -1/2, -1, 1/2, 1), M1 / (exp(c * M2) - 1), M1 * (exp(c * M2) - 1) and
+    arcsin(M2) from least squares alone: m_0 / sqrt(1 - v**2/c**2), f / (1 - v/c), Planck's law, a diode's current,
+    where no sum or product of powers is exact."""
     rng = np.random.default_rng(4)
     x = np.stack([rng.uniform(1, 5, 150), rng.uniform(1, 2, 150), rng.uniform(1, 5, 150),
                   rng.uniform(3, 10, 150)], axis=1)
     a, v, b, c = x.T
     y = {"lorentz": a / np.sqrt(1 - v ** 2 / c ** 2), "doppler": a * b / (1 - v / c),
-         "root": a * b * np.sqrt(1 + v / c), "linear": a * b / v * (1 - v / c)}[name]
+         "root": a * b * np.sqrt(1 + v / c), "linear": a * b / v * (1 - v / c),
+         "planck": a * b ** 3 / (np.exp(b / (2 * np.pi * c)) - 1), "diode": a * (np.exp(v * b / c) - 1),
+         "arcsin": np.arcsin(v / c)}[name]
     z, m, s = _standardise(x)
     cands = basis_candidates(z, y, m, s)
     assert _best(cands, z, y) < 1e-20
     best = min(cands, key=lambda cd: _nmse(cd.expression, z, y)).expression.tokens
-    shifted = any(t == "add" and best[i + 1] == 1.0 for i, t in enumerate(best[:-1]))
-    assert shifted or name == "linear", best   # "linear" is also a sum of two products
+    shifted = any(t == "add" and best[i + 1] in (1.0, -1.0) for i, t in enumerate(best[:-1]))
+    # "linear" is also a sum of two products, which may win the tie
+    assert (shifted or name in ("linear", "arcsin")) and ("arcsin" in best) == (name == "arcsin"), best
 
 
 @pytest.mark.parametrize("name", ["boltzmann", "log_ratio", "dipole", "gaussian", "one_minus_cos", "sin2_2pi"])

@@ -32,9 +32,11 @@ from typing import Any, Literal, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from core_jax.attention import Attention, KVCache
-from sr_jax.vocab import EOS, PAD, POINT_VOCAB_SIZE, TOKENS_PER_FLOAT, DecoderVocab
+from sr_jax.vocab import (EOS, PAD, POINT_PAD, POINT_VOCAB_SIZE, TOKENS_PER_FLOAT, DecoderVocab,
+                          _point_tables)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,17 +93,71 @@ class FFN(nn.Module):
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="dense_out")(h)
 
 
+# Point-token ids a sign slot holds: "+", "-", <INPUT_PAD> (a missing dimension), and the padding points' ids
+# (0 in sr_jax.data's batches, <PAD> elsewhere; their encodings are masked out).
+_SIGN_IDS, _MANTISSA_IDS, _EXPONENT_IDS, _INPUT_PAD = _point_tables()
+SIGN_SLOT_IDS = (*(int(i) for i in _SIGN_IDS), int(_INPUT_PAD), 0, POINT_PAD)
+# The mantissas are the vocabulary's last ids; every id below them (specials, signs, exponents) has a table row.
+FIRST_MANTISSA_ID = int(_MANTISSA_IDS[0])
+assert (_MANTISSA_IDS == FIRST_MANTISSA_ID + np.arange(len(_MANTISSA_IDS))).all()
+assert FIRST_MANTISSA_ID + len(_MANTISSA_IDS) == POINT_VOCAB_SIZE and _EXPONENT_IDS.max() < FIRST_MANTISSA_ID
+EXPONENT_TABLE_MIN_EMB = 64   # from this point-token embedding width, exponent slots are read from tables (below)
+
+
+class _DenseParams(nn.Module):
+    """The kernel and bias of an `nn.Dense(features)` on `fan_in` inputs: same names, shapes and initial values."""
+
+    @nn.compact
+    def __call__(self, fan_in: int, features: int):
+        return (self.param("kernel", nn.initializers.lecun_normal(), (fan_in, features), jnp.float32),
+                self.param("bias", nn.initializers.zeros, (features,), jnp.float32))
+
+
 class PointEmbedder(nn.Module):
+    """Dense(P * emb_dim * emb_expansion) -> ReLU -> Dense(D) on each point's P embedded tokens, flattened.
+
+    The first layer is computed per kind of slot (same parameters, same function up to rounding): the point's
+    (sign, mantissa, exponent) slots hold tokens from different parts of the vocabulary. A sign slot holds one of
+    `SIGN_SLOT_IDS` (any other id there would contribute nothing), so its share of the product is a [ids, hidden]
+    table per slot, read by a one-hot product of width 11 x 5 instead of 11 x emb_dim dense columns; from
+    `EXPONENT_TABLE_MIN_EMB`, the exponent slots (ids below the first mantissa id: specials, signs, exponents) are
+    read from per-slot tables of their ~200 possible rows (a gather and, in the backward pass, a scatter-add,
+    cheaper than the dense columns at emb_dim 64, dearer at 16). The mantissa slots (10,000 ids) stay a dense
+    product. In the `small` setting of benchmarks/sr_vs_original.py (emb_dim 64) the dense first layer was ~30% of
+    the training step.
+    """
+
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, points_BxNxP):
         cfg = self.cfg
-        e = nn.Embed(POINT_VOCAB_SIZE, cfg.emb_dim, embedding_init=nn.initializers.normal(cfg.emb_dim ** -0.5),
-                     name="token")(points_BxNxP)
-        e = e.reshape(*points_BxNxP.shape[:2], -1).astype(cfg.compute_dtype)
-        h = nn.relu(nn.Dense(e.shape[-1] * cfg.emb_expansion, dtype=cfg.compute_dtype, name="hidden")(e))
-        return nn.Dense(cfg.width, dtype=cfg.compute_dtype, name="out")(h)
+        B, N, P = points_BxNxP.shape
+        dt, emb_dim = cfg.compute_dtype, cfg.emb_dim
+        F = P // TOKENS_PER_FLOAT
+        hidden = P * emb_dim * cfg.emb_expansion
+        embed = nn.Embed(POINT_VOCAB_SIZE, emb_dim, embedding_init=nn.initializers.normal(emb_dim ** -0.5),
+                         name="token")
+        kernel, bias = _DenseParams(name="hidden")(P * emb_dim, hidden)
+        tok_BxNxFx3 = points_BxNxP.reshape(B, N, F, TOKENS_PER_FLOAT)
+        w_Fx3xExH = kernel.astype(dt).reshape(F, TOKENS_PER_FLOAT, emb_dim, hidden)
+        exponent_tables = emb_dim >= EXPONENT_TABLE_MIN_EMB
+        dense_slots = (1,) if exponent_tables else (1, 2)
+        e = embed(tok_BxNxFx3[..., dense_slots]).astype(dt).reshape(B, N, -1)
+        h = e @ w_Fx3xExH[:, dense_slots].reshape(-1, hidden)
+        table = embed.embedding
+        ids = jnp.array(SIGN_SLOT_IDS, jnp.int32)
+        sign_rows = jnp.einsum("ve,feh->fvh", table[ids].astype(dt), w_Fx3xExH[:, 0]).reshape(-1, hidden)
+        onehot = (tok_BxNxFx3[..., 0, None] == ids).astype(dt).reshape(B, N, -1)
+        h = h + onehot @ sign_rows
+        if exponent_tables:   # rows[v * F + f] = embedding[v] @ kernel block of slot f's exponent
+            w_ExFH = jnp.transpose(w_Fx3xExH[:, 2], (1, 0, 2)).reshape(emb_dim, F * hidden)
+            rows = (table[:FIRST_MANTISSA_ID].astype(dt) @ w_ExFH).reshape(FIRST_MANTISSA_ID * F, hidden)
+            idx_BxNxF = jnp.minimum(tok_BxNxFx3[..., 2], FIRST_MANTISSA_ID - 1) * F + jnp.arange(F)
+            for f in range(F):
+                h = h + rows[idx_BxNxF[..., f]]
+        h = nn.relu(h + bias.astype(dt))
+        return nn.Dense(cfg.width, dtype=dt, name="out")(h)
 
 
 class _Sublayer(nn.Module):

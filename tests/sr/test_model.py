@@ -3,6 +3,7 @@ beam search, grouped decoding rows, config validation, the paper config's size."
 import dataclasses
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +12,9 @@ import pytest
 from core_jax.config import ConfigError, load_config
 from core_jax.decode import beam_search
 from sr_jax.config import SRConfig
-from sr_jax.model import E2EModel, ModelConfig, bos
+from sr_jax.model import EXPONENT_TABLE_MIN_EMB, E2EModel, ModelConfig, PointEmbedder, bos
 from sr_jax.train import build_model
-from sr_jax.vocab import EOS, PAD, POINT_PAD
+from sr_jax.vocab import EOS, PAD, POINT_PAD, POINT_VOCAB_SIZE, encode_points
 
 CFG = ModelConfig(emb_dim=8, width=32, heads=4, enc_layers=1, dec_layers=2, max_len=16)
 
@@ -150,3 +151,38 @@ def test_deferred_norm_model_is_the_same_function(model_params):
     points, mask, tokens = _inputs()
     np.testing.assert_allclose(other.logits(params, points, mask, tokens), model.logits(params, points, mask, tokens),
                                atol=1e-4)
+
+
+class _DenseEmbedder(nn.Module):
+    """The point embedder as one dense product over all P embedded tokens (the formulation PointEmbedder computes
+    per kind of slot)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, points_BxNxP):
+        cfg = self.cfg
+        e = nn.Embed(POINT_VOCAB_SIZE, cfg.emb_dim, embedding_init=nn.initializers.normal(cfg.emb_dim ** -0.5),
+                     name="token")(points_BxNxP)
+        e = e.reshape(*points_BxNxP.shape[:2], -1)
+        h = nn.relu(nn.Dense(e.shape[-1] * cfg.emb_expansion, name="hidden")(e))
+        return nn.Dense(cfg.width, name="out")(h)
+
+
+@pytest.mark.parametrize("emb_dim", [8, EXPONENT_TABLE_MIN_EMB])   # exponent slots dense / from tables
+def test_point_embedder_per_slot_kind_equals_one_dense_product(emb_dim):
+    cfg = ModelConfig(emb_dim=emb_dim, width=32, heads=4, enc_layers=1, dec_layers=1, max_len=16)
+    rng = np.random.default_rng(0)
+    rows = [encode_points(rng.normal(size=(6, d)) * 10.0 ** rng.integers(-30, 30, size=d), rng.normal(size=6) * 1e5)
+            for d in (1, 3, 10)]
+    points = np.stack([*rows, np.zeros_like(rows[0]), np.full_like(rows[0], POINT_PAD)])   # + padding points
+    points[0, 0, 0] = np.int32(np.asarray(rows[0])[0, 0] == 15) + 15                        # both signs occur
+    ours, ref = PointEmbedder(cfg), _DenseEmbedder(cfg)
+    params = ours.init(jax.random.PRNGKey(3), points)
+    jax.tree.map(np.testing.assert_array_equal, params, ref.init(jax.random.PRNGKey(3), points))   # same init
+    w = jax.random.normal(jax.random.PRNGKey(4), (points.shape[0], points.shape[1], 32))
+    f = lambda module: lambda p: jnp.vdot(module.apply(p, points), w)
+    np.testing.assert_allclose(ours.apply(params, points), ref.apply(params, points), rtol=1e-5, atol=1e-5)
+    g_ours, g_ref = jax.grad(f(ours))(params), jax.grad(f(ref))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max())),
+                 g_ours, g_ref)

@@ -4,11 +4,14 @@ one batched fit vs B separate fits.
 
     python benchmarks/sr_fit.py [--datasets 64] [--points 200] [--dim 2] [--sources prior,bases] [--model DIR]
                                 [--n-prior 16] [--prior-draws 1024] [--skip-cold | --cold-only | --ablation]
-                                [--json out.json]
+                                [--phases] [--json out.json]
 
 Datasets come from the training generator (``--dim`` variables, noise-free). The separate fits and the batched fit
 are each timed twice: the first pass includes tracing/compiling the shapes they need (how many refinement programs
 are traced is reported), the second is measured compiled.
+
+``--phases`` also reports where the compiled passes' seconds go: building the candidate pools (bases, the
+transformer's decoding, prior screening), refinement, and selection with tidying (per dataset, in sympy/numpy).
 
 ``--ablation`` instead fits the datasets once (batched) with each part of the candidate pool alone and with the
 whole pool (the transformer's parts only with ``--model``) and reports the share with R² > 0.99 on the training
@@ -105,6 +108,7 @@ def main() -> None:
     p.add_argument("--ablation", action="store_true", help="only the pool ablation (one batched fit per part)")
     p.add_argument("--skip-cold", action="store_true", help="skip the fresh-process measurements")
     p.add_argument("--cold-only", action="store_true", help="only the fresh-process measurements")
+    p.add_argument("--phases", action="store_true", help="also report the seconds of pools / refinement / selection")
     p.add_argument("--json")
     args = p.parse_args()
     sources = tuple(args.sources.split(","))
@@ -134,11 +138,23 @@ def main() -> None:
 
     from sr_jax.interpreter import COMPILE_COUNTER
 
+    phases: dict = {}
+    if args.phases:  # time the estimator's three stages (its own methods, wrapped in this process only)
+        for stage in ("_pools", "_refine", "_select"):
+            def timed(self, *a, _f=getattr(SymbolicTransformerRegressor, stage), _name=stage[1:], **k):
+                t0 = time.perf_counter()
+                try:
+                    return _f(self, *a, **k)
+                finally:
+                    phases[_name] = phases.get(_name, 0.0) + time.perf_counter() - t0
+            setattr(SymbolicTransformerRegressor, stage, timed)
+
     c0, t = COMPILE_COUNTER["refine"], time.perf_counter()
     for x, y in zip(xs, ys):  # first pass: compiles every shape the separate fits need
         est().fit(x, y)
     first_sep, programs_sep = time.perf_counter() - t, COMPILE_COUNTER["refine"] - c0
     times, r2_sep = [], []
+    phases.clear()
     for x, y in zip(xs, ys):
         t = time.perf_counter()
         e = est().fit(x, y)
@@ -147,9 +163,12 @@ def main() -> None:
     c0, t = COMPILE_COUNTER["refine"], time.perf_counter()
     est().fit(xs, ys)  # first batched fit: compiles its shapes
     first_batch, programs_batch = time.perf_counter() - t, COMPILE_COUNTER["refine"] - c0
+    phases_sep = {k: round(v, 2) for k, v in phases.items()}
+    phases.clear()
     t = time.perf_counter()
     batch = est().fit(xs, ys)
     t_batch = time.perf_counter() - t
+    phases_batch = {k: round(v, 2) for k, v in phases.items()}
     r2_batch = batch.score(xs, ys)
     report.update({
         "fit_median_s": float(np.median(times)), "fit_max_s": float(np.max(times)),
@@ -161,6 +180,8 @@ def main() -> None:
         "r2_gt_0.99_separate": float(np.mean(np.asarray(r2_sep) > 0.99)),
         "r2_gt_0.99_batched": float(np.mean(np.asarray(r2_batch) > 0.99)),
     })
+    if args.phases:
+        report.update({"phases_separate_s": phases_sep, "phases_batched_s": phases_batch})
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

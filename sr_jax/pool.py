@@ -349,7 +349,7 @@ _POWERS = {1.0: lambda a: a, 2.0: lambda a: ["pow2", *a], 3.0: lambda a: ["pow3"
            -2.0: lambda a: ["inv", "pow2", *a], 0.5: lambda a: ["sqrt", *a], -0.5: lambda a: ["inv", "sqrt", *a]}
 _PAIR_POWERS = (1.0, 2.0, -1.0)
 _MAX_SPARSE_TERMS = 3
-_FORWARD_STEPS = 12
+_FORWARD_STEPS = 20
 _MAX_TRIPLE_FEATURES = 6
 _MAX_TRIG_FEATURES = 5
 _TRIG_FACTORS = ("sin", "cos")

@@ -151,6 +151,18 @@ def test_screening_many_datasets_at_once_equals_one_by_one():
         assert losses == sorted(losses) and losses[0] < 1.0
 
 
+def test_sparse_products_find_a_dot_product_whose_first_greedy_picks_are_wrong():
+    """The Feynman table's I.11.19 sample (x1*y1 + x2*y2 + x3*y3, six features in [1, 5]): the true products enter
+    the forward set only after a dozen wrong picks, so 12 forward steps missed them (R² 0.967)."""
+    from sr_jax.feynman import load_feynman, problem_seed, sample_problem
+
+    problem = next(p for p in load_feynman().problems if p.name == "I.11.19")
+    data = sample_problem(problem, seed=problem_seed(0, problem.name))
+    x, y = data.X_train_NxD, data.y_train_N
+    z, m, s = _standardise(x)
+    assert _best(basis_candidates(z, y, m, s), z, y) < 1e-20
+
+
 @pytest.mark.parametrize("name", ["lorentz", "doppler", "root", "linear", "planck", "diode", "arcsin"])
 def test_shifted_power_of_monomial_bases_are_exact_before_refinement(name):
     """M1 * (1 + c * M2) ** p (p = -1/2, -1, 1/2, 1), M1 / (exp(c * M2) - 1), M1 * (exp(c * M2) - 1) and

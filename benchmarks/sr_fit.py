@@ -160,10 +160,10 @@ def main() -> None:
         e = est().fit(x, y)
         times.append(time.perf_counter() - t)
         r2_sep.append(e.score(x, y))
+    phases_sep = {k: round(v, 2) for k, v in phases.items()}
     c0, t = COMPILE_COUNTER["refine"], time.perf_counter()
     est().fit(xs, ys)  # first batched fit: compiles its shapes
     first_batch, programs_batch = time.perf_counter() - t, COMPILE_COUNTER["refine"] - c0
-    phases_sep = {k: round(v, 2) for k, v in phases.items()}
     phases.clear()
     t = time.perf_counter()
     batch = est().fit(xs, ys)

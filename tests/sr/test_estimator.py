@@ -306,3 +306,16 @@ def test_tidy_snaps_constants_that_sympy_merges_after_a_first_pass():
     fitted = sympy.Float(0.5000014 / 1.7367265862488883 ** 2) * (sympy.Float(1.7367265862488883) * speed
                                                                    - sympy.Float(6.4e-17)) ** 2
     assert str(_tidy(fitted, t, s[:, None], y)) == "0.5*speed**2"
+
+
+def test_tidy_snaps_constants_to_short_multiples_of_powers_of_pi():
+    """1/(exp(0.159156*x) - 1) is Planck's 1/(exp(x/(2*pi)) - 1): no decimal of 1-6 digits but 0.159155 keeps
+    the fit, 0.5/pi does (and reads as what it is); a constant with a short decimal stays a decimal."""
+    from sr_jax.estimator import _tidy, _Transform
+
+    x = np.random.default_rng(6).uniform(1, 5, 200)
+    y = 1 / (np.exp(x / (2 * np.pi)) - 1) + 0.25 * x
+    t = _Transform((0,), (0.0,), (1.0,), ("w",))
+    w = sympy.Symbol("w")
+    fitted = 1 / (sympy.exp(sympy.Float(0.1591549431) * w) - 1) + sympy.Float(0.2500000001) * w
+    assert str(_tidy(fitted, t, x[:, None], y)) == "0.25*w + 1/(exp(0.5*w/pi) - 1)"

@@ -655,32 +655,33 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
         if not np.isfinite(ref):
             return expr, allowed
         allowed = ref * 1.001 + 1e-10  # R² moves by at most ~1e-10: invisible, and lets near-zero terms go
-    written = {}  # parameter index -> the snapped value as written (a multiple of a power of pi)
+    pi_forms = {}  # parameter index -> (k, e) where the snapped value is written k * pi**e
     for i, v in enumerate(values):
-        trials = [_sympy_number(t) for t in [0.0] + [float(f"{v:.{k - 1}e}") for k in range(1, 7)]]
-        own = next((k for k, t in enumerate(trials) if float(t) == v), None)
+        trials = [(t, 0) for t in [0.0] + [float(f"{v:.{k - 1}e}") for k in range(1, 7)]]  # (k, e): k * pi**e
+        own = next((k for k, (t, _) in enumerate(trials) if t == v), None)
         trials = trials[:own] if own is not None else trials  # stop at v's own length
         if len(trials) > 4:  # v needs more than 3 digits: short multiples of pi**e before the longer decimals
             trials[4:4] = _pi_forms(v)
         if not trials:
             continue
-        ok = np.flatnonzero(losses(values[:i] + [np.array([float(t) for t in trials])[:, None]] + values[i + 1:])
-                            <= allowed)
+        trial_values = np.array([k * np.pi ** e for k, e in trials])[:, None]
+        ok = np.flatnonzero(losses(values[:i] + [trial_values] + values[i + 1:]) <= allowed)
         if len(ok):
-            values[i], written[i] = float(trials[ok[0]]), trials[ok[0]]
-    return template.xreplace({p: written.get(i, _sympy_number(v)) for i, (p, v) in
-                              enumerate(zip(params, values))}), allowed
+            values[i] = float(trial_values[ok[0], 0])
+            if trials[ok[0]][1]:
+                pi_forms[i] = trials[ok[0]]
+
+    def written(i: int, v: float) -> sympy.Expr:
+        k, e = pi_forms.get(i, (v, 0))
+        return _sympy_number(k) * sympy.pi ** e if e else _sympy_number(v)
+
+    return template.xreplace({p: written(i, v) for i, (p, v) in enumerate(zip(params, values))}), allowed
 
 
-def _pi_forms(v: float) -> list:
-    """k * pi**e for e in -3..3 (not 0) and k, v / pi**e rounded to 1 or 2 digits (1/(2*pi), 4*pi, pi**2/2)."""
-    out = []
-    for digits in (1, 2):
-        for e in (1, -1, 2, -2, 3, -3):
-            k = float(f"{v / np.pi ** e:.{digits - 1}e}")
-            if k:
-                out.append(_sympy_number(k) * sympy.pi ** e)
-    return out
+def _pi_forms(v: float) -> list[tuple[float, int]]:
+    """(k, e) for k * pi**e, e in -3..3 (not 0), k = v / pi**e rounded to 1 or 2 digits (1/(2*pi), 4*pi, ...)."""
+    return [(k, e) for digits in (1, 2) for e in (1, -1, 2, -2, 3, -3)
+            if (k := float(f"{v / np.pi ** e:.{digits - 1}e}"))]
 
 
 def sympy_nodes(expr: sympy.Expr) -> int:

@@ -123,8 +123,7 @@ class PointEmbedder(nn.Module):
     `EXPONENT_TABLE_MIN_EMB`, the exponent slots (ids below the first mantissa id: specials, signs, exponents) are
     read from per-slot tables of their ~200 possible rows (a gather and, in the backward pass, a scatter-add,
     cheaper than the dense columns at emb_dim 64, dearer at 16). The mantissa slots (10,000 ids) stay a dense
-    product. In the `small` setting of benchmarks/sr_vs_original.py (emb_dim 64) the dense first layer was ~30% of
-    the training step.
+    product (BENCHMARKS.md, "Training against the original", says what this saves).
     """
 
     cfg: ModelConfig

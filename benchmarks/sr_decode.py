@@ -63,11 +63,11 @@ def block(tree):
     return jax.tree_util.tree_map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
 
 
-def time_program(tm, datasets, mode: str, max_len: int, repeat: int, budget_s: float):
+def time_program(tm, datasets, mode: str, max_len: int, repeat: int, budget_s: float, group: int):
     """(compile seconds, median seconds per call, calls, hypotheses per call, mean generated tokens per hypothesis);
     `repeat` calls of the compiled program, fewer once they took budget_s seconds (at least one)."""
     decoding, width = parse_mode(mode)
-    program = candidates.decoding_program(tm.model, decoding, width, max_len, 1.0, 1.0)
+    program = candidates.decoding_program(tm.model, decoding, width, max_len, 1.0, 1.0, group)
     points, mask, n_vars = candidates.encode_datasets(datasets, tm.config.model.max_dim)
     args = (tm.params, points, mask, n_vars, jax.random.PRNGKey(0))
     t = time.perf_counter()
@@ -145,10 +145,9 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=None,
                     help="datasets decoded side by side inside the call (default: sr_jax.candidates.DECODE_GROUP)")
     args = ap.parse_args()
-    if args.group is not None:
-        if args.group < 1:
-            raise SystemExit(f"--group must be a positive number of datasets, got {args.group}")
-        candidates.DECODE_GROUP = args.group
+    if args.group is not None and args.group < 1:
+        raise SystemExit(f"--group must be a positive number of datasets, got {args.group}")
+    group = candidates.DECODE_GROUP if args.group is None else args.group
 
     tm = load_trained(args.checkpoint)
     cfg = tm.config
@@ -156,7 +155,7 @@ def main() -> None:
     all_data = make_datasets(cfg, max(args.datasets + args.cache_batch), args.points)
     if args.compile_only:
         decoding, width = parse_mode(args.modes[0])
-        program = candidates.decoding_program(tm.model, decoding, width, max_len, 1.0, 1.0)
+        program = candidates.decoding_program(tm.model, decoding, width, max_len, 1.0, 1.0, group)
         points, mask, n_vars = candidates.encode_datasets(all_data[:args.datasets[0]], cfg.model.max_dim)
         t = time.perf_counter()
         program.lower(tm.params, points, mask, n_vars, jax.random.PRNGKey(0)).compile()
@@ -164,7 +163,7 @@ def main() -> None:
         return
 
     print(f"machine: {machine_line()}; load average {os.getloadavg()[0]:.1f} at start")
-    print(f"datasets decoded side by side in a call: {candidates.DECODE_GROUP}")
+    print(f"datasets decoded side by side in a call: {group}")
     print(f"model: {args.checkpoint or 'shipped sr_jax/pretrained/e2e_small'}, {args.points} points per dataset, "
           f"at most {max_len} generated tokens, median of up to {args.repeat} calls ({args.budget_s:g} s budget)")
     print("| decoding | datasets | hypotheses/call | mean tokens | compile s | calls | s/call | hypotheses/s |")
@@ -172,7 +171,7 @@ def main() -> None:
     for n in args.datasets:
         for mode in args.modes:
             comp, sec, calls, hyps, mean_len = time_program(tm, all_data[:n], mode, max_len, args.repeat,
-                                                            args.budget_s)
+                                                            args.budget_s, group)
             print(f"| {mode} | {n} | {hyps} | {mean_len:.1f} | {comp:.1f} | {calls} | {sec:.3f} | "
                   f"{hyps / sec:,.1f} |", flush=True)
     if args.cache_tokens:

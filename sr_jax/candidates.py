@@ -32,9 +32,9 @@ class Candidate:
 
 
 DECODINGS = ("greedy", "beam", "sample")
-# datasets decoded side by side inside one program; the others follow in a `lax.map`. On CPU the decoder's steps
-# are bound by reading every dataset's cross-attention keys/values, which stay in cache one dataset at a time
-# (BENCHMARKS.md, "Decoding many datasets")
+# the default number of datasets decoded side by side inside one program; the others follow in a `lax.map`. Each
+# decoding loop runs until its slowest row stops, and on CPU each step reads its datasets' cross-attention
+# keys/values: one dataset at a time is fastest there (BENCHMARKS.md, "Decoding many datasets")
 DECODE_GROUP = 1
 
 
@@ -46,18 +46,23 @@ def _bucket(n: int, minimum: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def decoding_program(model, decoding: str, width: int, max_len: int, length_penalty: float, temperature: float):
+def decoding_program(model, decoding: str, width: int, max_len: int, length_penalty: float, temperature: float,
+                     group: int = DECODE_GROUP):
     """The jitted program of one request, cached: (params, points, mask, n_vars, rng) -> (greedy tokens [B, T],
     greedy log-probs [B], then for beam/sample the extra hypotheses' tokens [B, width, T] and log-probs
-    [B, width], None for greedy), inputs as `encode_datasets` returns them."""
+    [B, width], None for greedy), inputs as `encode_datasets` returns them. `group` datasets are decoded side by
+    side, the groups one after another in a `lax.map` (the same outputs for any group; the samples of
+    `decoding="sample"` depend on the batch either way)."""
+    if int(group) < 1:
+        raise ValueError(f"group must be a positive number of datasets, got {group}")
     from .constraints import initial_state, prefix_grammar
 
     grammar = prefix_grammar(model.vocab, max_len)
 
     def run(params, points_BxNxP, mask_BxN, n_vars_B, rng):
-        """Datasets decoded `DECODE_GROUP` at a time in a `lax.map` (B is a power of two, see `encode_datasets`)."""
+        """Datasets decoded `group` at a time in a `lax.map` (B is a power of two, see `encode_datasets`)."""
         B = points_BxNxP.shape[0]
-        G = min(B, DECODE_GROUP)
+        G = min(B, int(group))
         if G == B:
             return run_group(params, points_BxNxP, mask_BxN, n_vars_B, rng)
         split = lambda a: a.reshape((B // G, G) + a.shape[1:])
@@ -115,7 +120,7 @@ def encode_datasets(datasets: Sequence[tuple[np.ndarray, np.ndarray]], max_dim: 
 
 def model_candidates(trained, datasets: Sequence[tuple[np.ndarray, np.ndarray]], *, decoding: str = "beam",
                      beam_size: int = 10, n_samples: int = 32, temperature: float = 1.0, length_penalty: float = 1.0,
-                     max_len: int | None = None, seed: int = 0) -> list[list[Candidate]]:
+                     max_len: int | None = None, seed: int = 0, group: int = DECODE_GROUP) -> list[list[Candidate]]:
     """The transformer's candidates for each (X standardised, y) dataset: greedy first, then the beam's or the
     samples' distinct expressions, each with its log-probability. Every candidate parses (grammar-constrained).
 
@@ -131,7 +136,8 @@ def model_candidates(trained, datasets: Sequence[tuple[np.ndarray, np.ndarray]],
     if width < 1:
         raise ValueError(f"beam_size / n_samples must be >= 1, got {width}")
     points, mask, n_vars = encode_datasets(datasets, cfg.model.max_dim)
-    program = decoding_program(model, decoding, width, int(max_len), float(length_penalty), float(temperature))
+    program = decoding_program(model, decoding, width, int(max_len), float(length_penalty), float(temperature),
+                               int(group))
     g_tok, g_lp, x_tok, x_lp = jax.device_get(program(params, points, mask, n_vars, jax.random.PRNGKey(seed)))
     out = []
     for b in range(len(datasets)):

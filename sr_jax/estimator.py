@@ -32,8 +32,9 @@ Pipeline of one ``fit`` (spec sections 6-7, with the original's bugs fixed):
    user's feature (a sympy Symbol named after the DataFrame column or ``feature_names``; ``x_k`` by default, k the
    user's column index). With ``tidy=True`` the formula and its expansion (products and integer powers of sums
    multiplied out) have their constants snapped, one at a time, to 0 or to the fewest significant digits (1..6) that
-   keep the MSE / var(y) on all rows within 0.1% (+1e-10) of the unsnapped value, integral constants become
-   integers, and the form with fewer nodes is kept (so a noise-free 2.5*sin(x) + x**2 reads as exactly that).
+   keep the MSE / var(y) on all rows within 0.1% (+1e-10) of the unsnapped value — trying short multiples of
+   pi**e (e in -3..3, e.g. 0.5/pi, 4*pi) after 3 digits and before 4 —, integral constants become integers, and the
+   form with fewer nodes is kept (so a noise-free 2.5*sin(x) + x**2 reads as exactly that).
 
 Batched fitting: ``fit([X_1, ..., X_B], [y_1, ..., y_B])`` runs steps 1-6 for every dataset with ONE decoding call
 and ONE refinement call; every fitted attribute becomes a list with one entry per dataset and ``predict``/``score``

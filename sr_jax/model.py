@@ -35,8 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from core_jax.attention import Attention, KVCache
-from sr_jax.vocab import (EOS, PAD, POINT_PAD, POINT_VOCAB_SIZE, TOKENS_PER_FLOAT, DecoderVocab,
-                          _point_tables)
+from sr_jax.vocab import EOS, PAD, POINT_PAD, POINT_VOCAB_SIZE, TOKENS_PER_FLOAT, DecoderVocab, point_tables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,12 +94,13 @@ class FFN(nn.Module):
 
 # Point-token ids a sign slot holds: "+", "-", <INPUT_PAD> (a missing dimension), and the padding points' ids
 # (0 in sr_jax.data's batches, <PAD> elsewhere; their encodings are masked out).
-_SIGN_IDS, _MANTISSA_IDS, _EXPONENT_IDS, _INPUT_PAD = _point_tables()
-SIGN_SLOT_IDS = (*(int(i) for i in _SIGN_IDS), int(_INPUT_PAD), 0, POINT_PAD)
+_POINT_TABLES = point_tables()
+SIGN_SLOT_IDS = (*(int(i) for i in _POINT_TABLES.sign_ids), _POINT_TABLES.input_pad, 0, POINT_PAD)
 # The mantissas are the vocabulary's last ids; every id below them (specials, signs, exponents) has a table row.
-FIRST_MANTISSA_ID = int(_MANTISSA_IDS[0])
-assert (_MANTISSA_IDS == FIRST_MANTISSA_ID + np.arange(len(_MANTISSA_IDS))).all()
-assert FIRST_MANTISSA_ID + len(_MANTISSA_IDS) == POINT_VOCAB_SIZE and _EXPONENT_IDS.max() < FIRST_MANTISSA_ID
+FIRST_MANTISSA_ID = int(_POINT_TABLES.mantissa_ids[0])
+assert (_POINT_TABLES.mantissa_ids == FIRST_MANTISSA_ID + np.arange(len(_POINT_TABLES.mantissa_ids))).all()
+assert (FIRST_MANTISSA_ID + len(_POINT_TABLES.mantissa_ids) == POINT_VOCAB_SIZE
+        and _POINT_TABLES.exponent_ids.max() < FIRST_MANTISSA_ID)
 EXPONENT_TABLE_MIN_EMB = 64   # from this point-token embedding width, exponent slots are read from tables (below)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import numpy as np
 
@@ -135,14 +136,22 @@ class DecoderVocab:
 
 
 # ----- point tokens ----------------------------------------------------------------------------------------------
+class PointTables(NamedTuple):
+    """Point-vocabulary ids (the original float vocabulary) of each kind of point token."""
+
+    sign_ids: np.ndarray       # [2]: "+", "-"
+    mantissa_ids: np.ndarray   # [10000]: N0000 .. N9999
+    exponent_ids: np.ndarray   # [201]: E-100 .. E100
+    input_pad: int             # <INPUT_PAD>, a dimension the dataset does not have
+
+
 @functools.lru_cache(maxsize=1)
-def _point_tables():
-    """(sign ids [2], mantissa ids [10000], exponent ids [201], input pad id) in the original float vocabulary."""
+def point_tables() -> PointTables:
     vocab = FloatEncoder().encoder_vocab.word2id
-    sign = np.array([vocab["+"], vocab["-"]], np.int32)
-    mant = np.array([vocab[f"N{m:04d}"] for m in range(10000)], np.int32)
-    expo = np.array([vocab[f"E{k}"] for k in range(-100, 101)], np.int32)
-    return sign, mant, expo, vocab["<INPUT_PAD>"]
+    return PointTables(np.array([vocab["+"], vocab["-"]], np.int32),
+                       np.array([vocab[f"N{m:04d}"] for m in range(10000)], np.int32),
+                       np.array([vocab[f"E{k}"] for k in range(-100, 101)], np.int32),
+                       int(vocab["<INPUT_PAD>"]))
 
 
 POINT_VOCAB_SIZE = len(FloatEncoder().encoder_vocab)
@@ -155,9 +164,9 @@ def float_ids(values) -> np.ndarray:
     if not np.all(np.isfinite(values)):
         raise ValueError("point values must be finite (NaN/inf found); drop or impute those rows first")
     neg, mant, exp = FloatEncoder(overflow="clip").to_parts(values)
-    sign, mant_ids, exp_ids, _ = _point_tables()
-    return np.stack([sign[np.asarray(neg, np.int64)], mant_ids[np.asarray(mant, np.int64)],
-                     exp_ids[np.asarray(exp, np.int64) + 100]], axis=-1).astype(np.int32)
+    t = point_tables()
+    return np.stack([t.sign_ids[np.asarray(neg, np.int64)], t.mantissa_ids[np.asarray(mant, np.int64)],
+                     t.exponent_ids[np.asarray(exp, np.int64) + 100]], axis=-1).astype(np.int32)
 
 
 def encode_points(x_NxD, y_N, max_dim: int = MAX_VARIABLES) -> np.ndarray:
@@ -169,8 +178,7 @@ def encode_points(x_NxD, y_N, max_dim: int = MAX_VARIABLES) -> np.ndarray:
     n, d = x.shape
     if d > max_dim:
         raise ValueError(f"{d} input dimensions; the model reads at most {max_dim}")
-    *_, input_pad = _point_tables()
-    out = np.full((n, max_dim + 1, TOKENS_PER_FLOAT), input_pad, np.int32)
+    out = np.full((n, max_dim + 1, TOKENS_PER_FLOAT), point_tables().input_pad, np.int32)
     out[:, :d] = float_ids(x)
     out[:, max_dim] = float_ids(y)
     return out.reshape(n, -1)

@@ -54,18 +54,13 @@ def test_bad_requests_are_clear_errors(tiny, datasets):
 
 
 @pytest.mark.parametrize("group", [1, 2])
-def test_a_batch_decodes_like_its_datasets_one_by_one(tiny, datasets, group, monkeypatch):
-    """Datasets are decoded `DECODE_GROUP` at a time inside one program (`lax.map` over groups; 3 datasets pad to
-    4): each dataset gets the beam candidates it gets alone, log-probabilities equal up to float32 rounding."""
-    from sr_jax import candidates
-
-    monkeypatch.setattr(candidates, "DECODE_GROUP", group)
-    candidates.decoding_program.cache_clear()
-    try:
-        together = model_candidates(tiny, datasets, decoding="beam", beam_size=3, max_len=24)
-        alone = [model_candidates(tiny, [d], decoding="beam", beam_size=3, max_len=24)[0] for d in datasets]
-    finally:
-        candidates.decoding_program.cache_clear()
+def test_a_batch_decodes_like_its_datasets_one_by_one(tiny, datasets, group):
+    """Datasets are decoded `group` at a time inside one program (`lax.map` over groups; 3 datasets pad to 4):
+    each dataset gets the beam candidates it gets alone, log-probabilities equal up to float32 rounding."""
+    together = model_candidates(tiny, datasets, decoding="beam", beam_size=3, max_len=24, group=group)
+    alone = [model_candidates(tiny, [d], decoding="beam", beam_size=3, max_len=24)[0] for d in datasets]
     assert [[c.expression for c in cs] for cs in together] == [[c.expression for c in cs] for cs in alone]
     np.testing.assert_allclose([c.log_prob for cs in together for c in cs],
                                [c.log_prob for cs in alone for c in cs], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="group must be a positive"):
+        model_candidates(tiny, datasets, decoding="greedy", max_len=24, group=0)

@@ -11,7 +11,7 @@ import dataclasses
 from arith_jax.data import SAMPLING, DataConfig
 from arith_jax.model import FIRE_INITS, LOSS_REDUCTIONS, PROGRESSIVE_GRADS, ModelConfig
 from arith_jax.tokenizer import TASKS
-from core_jax.config import Rule, at_least, each, one_of
+from core_jax.config import Rule, at_least, between, each, one_of
 from core_jax.train import TrainConfig
 
 DTYPES = ("float32", "bfloat16")
@@ -83,7 +83,7 @@ class ArithConfig:
             ("model.ffn", Rule(lambda v: v >= 2 and v % 2 == 0, "even and >= 2 (GLU: value and gate halves)")),
             ("model.layers", at_least(1)), ("model.recurrences", at_least(1)),
             ("model.abacus_max_k", at_least(0)), ("model.abacus_train_ids", one_of(("shift", "subset"))),
-            ("model.abacus_subset_shift", at_least(0)),
+            ("model.abacus_subset_shift", at_least(0)), ("model.abacus_contiguous_frac", between(0, 1)),
             ("model.table_size", at_least(2)),
             ("model.max_backprop", Rule(lambda v: 1 <= v <= m["recurrences"],
                                        f"in [1, model.recurrences = {m['recurrences']}] or null")),

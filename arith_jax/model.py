@@ -44,6 +44,10 @@ class ModelConfig:
                                      # gets the i-th id of a sorted random subset of 1..max_k+L (per row)
     abacus_subset_shift: int = 0  # "subset" only: add k = max(0, U{-S..S}) per row (half the rows unshifted, the
                                   # rest by 1..S), so high ids are also trained as densely as low ones; 0 = off
+    abacus_contiguous_frac: float = 0.0  # "subset" only: this fraction of rows get contiguous ids k+1..k+Q instead of
+                                  # the subset draw (k ~ U{0..pool-Q}, the original's shift inside the same pool), so
+                                  # an answer's extra digit sits at the id right after the last operand digit's, as
+                                  # at test time; the subset shift still applies on top; 0 = off
     table_size: int = 512         # rows of the Abacus / learned position tables
     max_backprop: int | None = None  # progressive loss: at most this many passes with gradient (default T//2)
     progressive: bool = True      # progressive loss for looped models (n no-grad passes, then k with grad)
@@ -78,6 +82,8 @@ class ModelConfig:
             raise ValueError(f"abacus_train_ids must be 'shift' or 'subset', got {self.abacus_train_ids!r}")
         if self.abacus_subset_shift < 0:
             raise ValueError(f"abacus_subset_shift must be >= 0, got {self.abacus_subset_shift}")
+        if not 0 <= self.abacus_contiguous_frac <= 1:
+            raise ValueError(f"abacus_contiguous_frac must be in [0, 1], got {self.abacus_contiguous_frac}")
         if self.recurrences < 1 or self.layers < 1:
             raise ValueError("layers and recurrences must be >= 1")
 
@@ -326,6 +332,9 @@ class ArithModel:
         the relations that long numbers need at test time, where ids are 1..L as usual. With abacus_subset_shift
         S > 0, each row's ids are then raised by k = max(0, U{-S..S}): half the rows keep the low ids every test
         number uses, the others train high ids with the same spacing as low ones (neighbouring ids side by side).
+        With abacus_contiguous_frac F > 0, a fraction F of rows take contiguous ids k+1..k+Q (k ~ U{0..pool-Q})
+        instead of their subset draw: the answer's extra (carry) digit then has the id right after the last operand
+        digit's, as at test time, where with subset ids it is the next drawn id, several higher.
         """
         cfg = self.cfg
         B, Q = ids_BxQ.shape
@@ -338,6 +347,12 @@ class ArithModel:
             rng, rng_shift = jax.random.split(rng)
         noise = jax.random.uniform(rng, (B, pool))
         chosen = jnp.sort(jnp.argsort(noise, axis=1)[:, :min(Q, pool)] + 1, axis=1)  # sorted ids in 1..pool
+        if cfg.abacus_contiguous_frac:  # split only here, so F = 0 draws exactly the ids it drew before
+            rng_pick, rng_k = jax.random.split(jax.random.fold_in(rng, 1))  # leaves rng's own draws as they were
+            n = chosen.shape[1]
+            k = jax.random.randint(rng_k, (B, 1), 0, pool - n + 1)
+            pick = jax.random.uniform(rng_pick, (B, 1)) < cfg.abacus_contiguous_frac
+            chosen = jnp.where(pick, k + jnp.arange(1, n + 1)[None, :], chosen)
         mapped = jnp.take_along_axis(chosen, jnp.clip(ids_BxQ - 1, 0, chosen.shape[1] - 1), axis=1)
         if S:
             mapped = mapped + jnp.maximum(jax.random.randint(rng_shift, (B, 1), -S, S + 1), 0)

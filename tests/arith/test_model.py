@@ -208,3 +208,33 @@ def test_subset_shift_raises_some_rows_and_keeps_the_rest():
     assert 0.3 < (c[:, 0] <= pool - 4).mean()   # and many rows still start low
     with pytest.raises(ValueError, match="abacus_subset_shift"):
         ModelConfig(abacus_subset_shift=-1)
+
+
+def test_contiguous_frac_gives_some_rows_consecutive_ids_and_keeps_the_default():
+    """abacus_contiguous_frac F: about F of the rows get consecutive ids k+1..k+L (so the answer's extra digit has the
+    id right after the longest operand's last digit), the rest keep their subset draw; ids stay aligned and inside the
+    table, also under the subset shift; F = 0 draws exactly what it drew before the option existed."""
+    tokens = jnp.array([TOK.encode("4321+87654=91975")] * 512)
+    base = abacus_ids(tokens)
+    key = jax.random.PRNGKey(3)
+    kw = dict(abacus_train_ids="subset", abacus_k_per_row=True, abacus_max_k=9)
+    for S in (0, 30):
+        plain = ArithModel(small(**kw, abacus_subset_shift=S), 19)._train_abacus_ids(base, key)
+        off = ArithModel(small(**kw, abacus_subset_shift=S, abacus_contiguous_frac=0.0), 19)._train_abacus_ids(base, key)
+        np.testing.assert_array_equal(plain, off)
+        ids = np.asarray(ArithModel(small(**kw, abacus_subset_shift=S, abacus_contiguous_frac=0.25), 19)
+                         ._train_abacus_ids(base, key))
+        assert (ids[np.asarray(base) == 0] == 0).all()
+        c = ids[:, 11:16]
+        np.testing.assert_array_equal(ids[:, 5:10], c)
+        np.testing.assert_array_equal(ids[:, 0:4], c[:, :4])
+        assert (np.diff(c, axis=1) > 0).all() and c.min() >= 1 and c.max() <= 63
+        contiguous = (np.diff(c, axis=1) == 1).all(axis=1)
+        plain_contiguous = (np.diff(np.asarray(plain)[:, 11:16], axis=1) == 1).all(axis=1)
+        # the subset draw alone is rarely consecutive over 5 digits; with F = 0.25 about a quarter more rows are
+        assert plain_contiguous.mean() < 0.2 and 0.12 < contiguous.mean() - plain_contiguous.mean() < 0.35
+        assert len(np.unique(c[contiguous, 0])) > 5   # the offset k varies across rows, not always 0
+    everything = ArithModel(small(**kw, abacus_contiguous_frac=1.0), 19)._train_abacus_ids(base, key)
+    assert (np.diff(np.asarray(everything)[:, 11:16], axis=1) == 1).all()
+    with pytest.raises(ValueError, match="abacus_contiguous_frac"):
+        ModelConfig(abacus_contiguous_frac=1.5)

@@ -10,8 +10,10 @@ every node. Here the whole batch is compiled on the host into one *tape*:
 * internal nodes grouped by (height, group): at each height one "cheap" group holds the operators the table
   (``sr_jax.operators``) marks ``cheap`` (add, mul, div, pow2, ...: a per-node select among a few flops, cheaper
   than more gathers), and every other operator (sqrt, log, exp, sin, ..., pow) present at that height gets its own
-  group, so a transcendental is computed only for nodes that use it. Each level: gather its arguments, apply each group,
-  write the level's outputs into ``V`` in place (its rows are contiguous).
+  group, so a transcendental is computed only for nodes that use it -- except where a transcendental has only a few
+  nodes at a height: those share the height's "mixed" group (every transcendental computed, one kept per node), so
+  that the compiled program holds one group there instead of one per operator. Each level: gather its arguments,
+  apply each group, write the level's outputs into ``V`` in place (its rows are contiguous).
 * runs of levels: consecutive levels are given identical groups and capacities where that pads little
   (``_tiered``), and each run of identical levels is one ``lax.scan`` over its levels. XLA:CPU's compile time grows
   with the number of operations in a program, so a tape's programs compile in time that follows its number of runs
@@ -155,10 +157,22 @@ def _cheap_fwd(a, b, code):
     return jax.lax.select_n(code, *[_apply(op, a, b) for op in CHEAP_OPS])
 
 
+# ----- rare unary operators merged into one "mixed" group per level ------------------------------------------------
+# A transcendental (sqrt, log, exp, sin, ...) gets a group of its own at a level where the batch has more than
+# MIXED_MAX of it; the few elsewhere share the level's "mixed" group, which computes every unary transcendental and
+# keeps the one each node's code names (its index in MIXED_OPS). Each group is code in every compiled pass (forward,
+# reverse, Gauss-Newton), so a level holding a handful of nodes of each of nine operators compiles one group, not nine;
+# a mixed node costs len(MIXED_OPS) transcendentals, which is why only small counts go there.
+MIXED = "mixed"
+MIXED_OPS = tuple(o for o in OPERATORS if o not in CHEAP_OPS and o not in BINARY_OPERATORS)
+_MIXED_CODE = {op: i for i, op in enumerate(MIXED_OPS)}
+MIXED_MAX = 8
+
+
 # ----- host-side compilation ---------------------------------------------------------------------------------------
 # Group order inside a level: the binary groups first (their second arguments are gathered, nobody else's).
 _BINARY_GROUPS = ("cheap",) + tuple(o for o in BINARY_OPERATORS if o not in CHEAP_OPS)
-_UNARY_GROUPS = tuple(o for o in OPERATORS if o not in CHEAP_OPS and o not in BINARY_OPERATORS)
+_UNARY_GROUPS = (MIXED,) + MIXED_OPS
 _GROUP_ORDER = {g: i for i, g in enumerate(_BINARY_GROUPS + _UNARY_GROUPS)}
 
 
@@ -167,8 +181,9 @@ class TapeSignature:
     """Static structure of a compiled batch: everything that, if changed, needs a new XLA program.
 
     ``levels`` is one entry per level (node height 1, 2, ...): a tuple of (group, capacity), binary groups first.
-    At each level one "cheap" group holds the nodes of the table's cheap operators and every other operator
-    present gets its own group, padded to a bucketed capacity. ``n_const_slots``: constant leaves of the whole batch
+    At each level one "cheap" group holds the nodes of the table's cheap operators, a "mixed" group the few nodes of
+    unary transcendentals that have no group of their own there, and every other operator present gets its own
+    group, padded to a bucketed capacity. ``n_const_slots``: constant leaves of the whole batch
     (bucketed); ``n_feature_uses``: variable leaves (bucketed, only used for d/dX).
     """
 
@@ -266,8 +281,9 @@ class _Ref(NamedTuple):
 
 
 class _Node(NamedTuple):
-    group: str  # "cheap" or the operator's own group ("pow", "sin", ...)
-    code: int  # index in CHEAP_OPS for the cheap group, 0 otherwise
+    op: str
+    group: str  # "cheap" or the operator's own group ("pow", "sin", ...); a transcendental may instead be placed in
+    # its level's "mixed" group (``_place``)
     level: int  # height: 1 + the highest argument's (leaves have height 0)
     args: tuple  # a _Ref per argument
 
@@ -312,7 +328,7 @@ def _parse(exprs: list[Expression], feature_offsets=None) -> _Parsed:
                 args = [stack.pop() for _ in range(OPERATORS[t].arity)]
                 level = 1 + max(height for _, height in args)
                 g = "cheap" if t in _CHEAP_CODE else t
-                p.nodes.append(_Node(g, _CHEAP_CODE.get(t, 0), level, tuple(ref for ref, _ in args)))
+                p.nodes.append(_Node(t, g, level, tuple(ref for ref, _ in args)))
                 stack.append((_Ref("n", len(p.nodes) - 1), level))
             else:
                 p.features.append(variable_index(t) + off)
@@ -323,27 +339,32 @@ def _parse(exprs: list[Expression], feature_offsets=None) -> _Parsed:
 
 
 def _place(sig: TapeSignature, p: _Parsed):
-    """Level of every node within ``sig`` (None if it does not fit).
+    """(level, group) of every node within ``sig`` (None if it does not fit).
 
-    Greedy, bottom-up: a node goes to the lowest level above its children's that still has room in its group, so
-    a batch whose counts differ a little from the signature's can still be placed by delaying a few nodes.
+    Greedy, bottom-up: a node goes to the lowest level above its children's that still has room in its group (for
+    a transcendental: its own group, else the level's mixed group), so a batch whose counts differ a little from
+    the signature's can still be placed by delaying a few nodes.
     """
     if len(p.consts) > sig.n_const_slots or len(p.features) > sig.n_feature_uses:
         return None
     free = [dict(groups) for groups in sig.levels]
-    level = [0] * len(p.nodes)
+    placed = [(0, "")] * len(p.nodes)
     # nodes are stored in post-order per expression, so children come before their parent
     order = sorted(range(len(p.nodes)), key=lambda k: p.nodes[k].level)
     for k in order:
-        g, args = p.nodes[k].group, p.nodes[k].args
-        lv = 1 + max((level[a.index] if a.kind == "n" else 0) for a in args)
-        while lv <= len(free) and free[lv - 1].get(g, 0) == 0:
+        node = p.nodes[k]
+        choices = (node.group, MIXED) if node.op in _MIXED_CODE else (node.group,)
+        lv = 1 + max((placed[a.index][0] if a.kind == "n" else 0) for a in node.args)
+        while True:
+            if lv > len(free):
+                return None
+            g = next((g for g in choices if free[lv - 1].get(g, 0) > 0), None)
+            if g is not None:
+                break
             lv += 1
-        if lv > len(free):
-            return None
         free[lv - 1][g] -= 1
-        level[k] = lv
-    return level
+        placed[k] = (lv, g)
+    return placed
 
 
 _SIGNATURES: list = []  # recently used signatures, newest first (see compile_tape)
@@ -381,7 +402,7 @@ def _merge(a: TapeSignature, b: TapeSignature) -> TapeSignature:
 
 _RUN_SLACK = 1.25  # a run of levels may pad up to this factor of its own work (plus _RUN_SLACK_NODES cheap nodes)
 _RUN_SLACK_NODES = 64
-_GROUP_WORK = {"cheap": 1.0}  # relative cost of a node per group (default 3: a transcendental or pow)
+_GROUP_WORK = {"cheap": 1.0}  # relative cost of a node per group (default 3: a transcendental, pow or mixed)
 
 
 def _tiered(levels) -> tuple:
@@ -438,15 +459,26 @@ def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, m
             counts[k] = max(counts.get(k, 0), c)
     key = (len(dsets), n_features, e_b, p_b)
     n_lv = max([k[0] for k in counts], default=0)
-    # every group seen in the batch gets a small capacity at every level (2 where absent): another batch of the
-    # same bucket with an operator at a new level still fits
-    seen = sorted({k[1] for k in counts}, key=_GROUP_ORDER.get)
-    levels = [tuple((g, _capacity(counts[(lv, g)]) if (lv, g) in counts else 2) for g in seen)
+    # a transcendental with at most MIXED_MAX nodes at a level goes to the level's mixed group instead of its own
+    for (lv, g), c in list(counts.items()):
+        if g in _MIXED_CODE and c <= MIXED_MAX:
+            del counts[(lv, g)]
+            counts[(lv, MIXED)] = counts.get((lv, MIXED), 0) + c
+    # every group seen in the batch gets a small capacity at every level (2 where absent), except the
+    # transcendentals' own groups, whose nodes fit in the mixed group there: another batch of the same bucket with
+    # an operator at a new level still fits
+    seen = {k[1] for k in counts}
+    if seen & set(_MIXED_CODE):
+        seen.add(MIXED)
+    everywhere = sorted((g for g in seen if g not in _MIXED_CODE), key=_GROUP_ORDER.get)
+    levels = [tuple((g, _capacity(counts[(lv, g)]) if (lv, g) in counts else 2)
+                    for g in sorted({*everywhere, *(g for g in seen if (lv, g) in counts)}, key=_GROUP_ORDER.get))
               for lv in range(1, n_lv + 1)]
-    # a few spare levels on top (every group seen in the top levels, small capacity): another batch of the same
-    # bucket with slightly deeper expressions still fits by delaying nodes
-    top = sorted({k[1] for k in counts if k[0] > n_lv - _SPARE_LEVELS}, key=_GROUP_ORDER.get)
-    levels += [tuple((g, 8 if g == "cheap" else 4) for g in top)] * (_SPARE_LEVELS if n_lv >= 4 else 0)
+    # a few spare levels on top (every group seen in the top levels, small capacity, a transcendental's in the mixed
+    # group): another batch of the same bucket with slightly deeper expressions still fits by delaying nodes
+    top = {MIXED if k[1] in _MIXED_CODE else k[1] for k in counts if k[0] > n_lv - _SPARE_LEVELS}
+    levels += [tuple((g, 8 if g == "cheap" else 4) for g in sorted(top, key=_GROUP_ORDER.get))] * (
+        _SPARE_LEVELS if n_lv >= 4 else 0)
     fresh = TapeSignature(*key, _capacity(max(len(p.consts) for p in parsed)),
                           _capacity(max(len(p.features) for p in parsed)), _tiered(levels))
     sig, levels = fresh, None
@@ -552,7 +584,7 @@ def _fill(sig: TapeSignature, p: _Parsed, levels: list):
     row = np.zeros(len(p.nodes), np.int64)
     brow = np.full(len(p.nodes), -1, np.int64)
     for k, node in enumerate(p.nodes):
-        cur = cursor[(levels[k], node.group)]
+        cur = cursor[levels[k]]
         row[k], brow[k] = cur[0], cur[1]
         cur[0] += 1
         if cur[1] >= 0:
@@ -588,7 +620,7 @@ def _fill(sig: TapeSignature, p: _Parsed, levels: list):
     for k, node in enumerate(p.nodes):
         a1[row[k]] = vrow(node.args[0])
         a1c[row[k]] = const_slot(node.args[0])
-        code[row[k]] = node.code
+        code[row[k]] = _CHEAP_CODE.get(node.op, 0) if levels[k][1] != MIXED else _MIXED_CODE[node.op]
         link(node.args[0], 1 + e_b + row[k])
         if len(node.args) > 1:
             a2[brow[k]] = vrow(node.args[1])
@@ -611,10 +643,20 @@ def _fill(sig: TapeSignature, p: _Parsed, levels: list):
 
 # ----- device-side evaluation --------------------------------------------------------------------------------------
 def _group_apply(g, a, b, code):
-    """Outputs of one group: its operator's JAX function, or the cheap group's per-node select."""
+    """Outputs of one group: its operator's JAX function, or the cheap or mixed group's per-node select."""
     if g == "cheap":
         return _cheap_fwd(a, b, jnp.broadcast_to(code[:, None], a.shape))
+    if g == MIXED:
+        code = jnp.broadcast_to(code[:, None], a.shape)
+        return jax.lax.select_n(code, *[_apply(op, x, None) for op, x in zip(MIXED_OPS, _mixed_inputs(a, code))])
     return _apply(g, a, b)
+
+
+def _mixed_inputs(a, code):
+    """The mixed group's argument as each of its operators sees it: ``a`` where the node's code names the operator,
+    0.5 (inside every operator's domain) elsewhere, so that no operator a node does not use makes a NaN or inf that
+    a derivative of this code (second-order differentiation: ``make_refine_fn``) would multiply by zero."""
+    return [jnp.where(code == i, a, 0.5) for i in range(len(MIXED_OPS))]
 
 
 def _group_derivs(g, a, b, code):
@@ -625,6 +667,11 @@ def _group_derivs(g, a, b, code):
         ds = [OPERATORS[op].derivative(jnp, a, b) for op in CHEAP_OPS]
         da = jax.lax.select_n(code, *[d[0] for d in ds])
         db = jax.lax.select_n(code, *[d[1] if len(d) > 1 else zero for d in ds])
+    elif g == MIXED:
+        code = jnp.broadcast_to(code[:, None], a.shape)
+        da = jax.lax.select_n(code, *[OPERATORS[op].derivative(jnp, x, None)[0]
+                                      for op, x in zip(MIXED_OPS, _mixed_inputs(a, code))])
+        db = None
     else:
         ds = OPERATORS[g].derivative(jnp, a, b)
         da, db = ds[0], (ds[1] if len(ds) > 1 else None)

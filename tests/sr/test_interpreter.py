@@ -192,3 +192,40 @@ def test_scaled_signatures_hold_a_subset_tightest_slack_first():
     deepest = sorted(exprs, key=lambda e: -e.n_nodes)[: tight.n_expressions]
     fits = [compile_tape_into(s, deepest) is not None for s in (tight, loose)]
     assert fits[1] and fits[0] <= fits[1]
+
+
+def test_rare_transcendentals_share_a_mixed_group_with_exact_derivatives():
+    """A level's few nodes of each transcendental share one "mixed" group (one group compiled, not one per operator);
+    many nodes of one operator keep its own group. Values match numpy, and first and second derivatives through the
+    mixed group match finite differences: the operators a node does not use see an in-domain input, so they add no
+    NaN (here exp, sin, ... of negative arguments, where the group's sqrt, log and arcsin are undefined)."""
+    from sr_jax import interpreter as itp
+
+    def arg(op):  # inside op's domain; negative (outside sqrt's, log's, arcsin's) for the operators defined there
+        return ["mul", 0.8, "x_0"] if op in ("sqrt", "log", "arcsin", "arccos") else ["sub", "mul", 0.8, "x_0", 3.0]
+
+    few = [Expression(["mul", 1.5, op] + arg(op)) for op in itp.MIXED_OPS]
+    many = [Expression(["sin", "mul", 0.1 * (k + 1), "x_0"]) for k in range(itp.MIXED_MAX + 1)]
+    x = np.linspace(0.1, 1.2, 16)[:, None]
+    tape = compile_tape([few + many], 1)
+    groups = [dict(level) for level in tape.signature.levels]
+    assert any(g.get(itp.MIXED, 0) >= len(itp.MIXED_OPS) - 1 for g in groups) and "sin" in groups[1]
+    assert not any(op in g for g in groups for op in itp.MIXED_OPS if op != "sin")
+    want = np.stack([e.evaluate_numpy(x) for e in few + many])
+    assert np.isfinite(want).all()
+    with jax.enable_x64(True):
+        arrays, c = itp.device_arrays(tape, jnp.float64)
+        arrays = jax.tree_util.tree_map(lambda a: a[0], arrays)
+        got = itp.run_tape(tape.signature, arrays, c[0], jnp.asarray(x))
+        np.testing.assert_allclose(np.asarray(got)[: len(want)], want, rtol=1e-12)
+
+        def f(c):
+            return jnp.sum(jnp.tanh(itp.run_tape(tape.signature, arrays, c, jnp.asarray(x))[: len(want)]))
+
+        grad = jax.jit(jax.grad(f))
+        e = jnp.zeros_like(c[0]).at[: len(few), 1].set(1.0)  # the inner constant (0.8) of each candidate
+        hvp = jax.jit(lambda c: jax.vjp(grad, c)[1](e)[0])(c[0])  # reverse over the hand-written reverse
+        assert np.isfinite(np.asarray(hvp)).all()
+        h = 1e-6
+        fd = (grad(c[0] + h * e) - grad(c[0] - h * e)) / (2 * h)  # candidates are separate: one probe for all
+        np.testing.assert_allclose(np.asarray(hvp), np.asarray(fd), rtol=1e-5, atol=1e-6)

@@ -30,7 +30,7 @@ def test_table_shape():
     assert all(o.name == n for n, o in OPERATORS.items())
     # the interpreter's select group and its codes are the table's cheap operators in table order
     assert interpreter.CHEAP_OPS == CHEAP_OPERATORS == tuple(n for n, o in OPERATORS.items() if o.cheap)
-    assert set(interpreter._GROUP_ORDER) == {"cheap"} | (set(OPERATORS) - set(CHEAP_OPERATORS))
+    assert set(interpreter._GROUP_ORDER) == {"cheap", interpreter.MIXED} | (set(OPERATORS) - set(CHEAP_OPERATORS))
     # decoder ids follow the table order; the original's float vocabulary only names operators of the table
     assert DecoderVocab().id2word[2:2 + len(OPERATORS)] == tuple(OPERATORS)
     assert set(EQUATION_SYMBOLS) & set(OPERATORS) == set(OPERATORS)

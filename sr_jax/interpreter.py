@@ -159,10 +159,11 @@ def _cheap_fwd(a, b, code):
 
 # ----- rare unary operators merged into one "mixed" group per level ------------------------------------------------
 # A transcendental (sqrt, log, exp, sin, ...) gets a group of its own at a level where the batch has more than
-# MIXED_MAX of it; the few elsewhere share the level's "mixed" group, which computes every unary transcendental and
-# keeps the one each node's code names (its index in MIXED_OPS). Each group is code in every compiled pass (forward,
-# reverse, Gauss-Newton), so a level holding a handful of nodes of each of nine operators compiles one group, not nine;
-# a mixed node costs len(MIXED_OPS) transcendentals, which is why only small counts go there.
+# MIXED_MAX of it; the few elsewhere share the level's "mixed" group, which computes every transcendental the batch
+# sends there (``TapeSignature.mixed_ops``, in table order) and keeps the one each node's code names (its index
+# there). Each group is code in every compiled pass (forward, reverse, Gauss-Newton), so a level holding a handful of
+# nodes of each of several operators compiles one group, not several; a mixed node costs len(mixed_ops)
+# transcendentals, which is why only small counts go there.
 MIXED = "mixed"
 MIXED_OPS = tuple(o for o in OPERATORS if o not in CHEAP_OPS and o not in BINARY_OPERATORS)
 _MIXED_CODE = {op: i for i, op in enumerate(MIXED_OPS)}
@@ -194,6 +195,7 @@ class TapeSignature:
     n_const_slots: int
     n_feature_uses: int
     levels: tuple
+    mixed_ops: tuple = ()  # the transcendentals the mixed groups compute, in table order (a node's code: its index)
 
     @functools.cached_property
     def layout(self):
@@ -353,7 +355,7 @@ def _place(sig: TapeSignature, p: _Parsed):
     order = sorted(range(len(p.nodes)), key=lambda k: p.nodes[k].level)
     for k in order:
         node = p.nodes[k]
-        choices = (node.group, MIXED) if node.op in _MIXED_CODE else (node.group,)
+        choices = (node.group, MIXED) if node.op in sig.mixed_ops else (node.group,)
         lv = 1 + max((placed[a.index][0] if a.kind == "n" else 0) for a in node.args)
         while True:
             if lv > len(free):
@@ -397,7 +399,8 @@ def _merge(a: TapeSignature, b: TapeSignature) -> TapeSignature:
         levels.append(tuple((g, max(ga.get(g, 0), gb.get(g, 0))) for g in sorted({*ga, *gb}, key=_GROUP_ORDER.get)))
     return TapeSignature(a.n_datasets, a.n_features, max(a.n_expressions, b.n_expressions),
                          max(a.n_consts, b.n_consts), max(a.n_const_slots, b.n_const_slots),
-                         max(a.n_feature_uses, b.n_feature_uses), _tiered(levels))
+                         max(a.n_feature_uses, b.n_feature_uses), _tiered(levels),
+                         tuple(o for o in MIXED_OPS if o in a.mixed_ops or o in b.mixed_ops))
 
 
 _RUN_SLACK = 1.25  # a run of levels may pad up to this factor of its own work (plus _RUN_SLACK_NODES cheap nodes)
@@ -459,7 +462,9 @@ def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, m
             counts[k] = max(counts.get(k, 0), c)
     key = (len(dsets), n_features, e_b, p_b)
     n_lv = max([k[0] for k in counts], default=0)
-    # a transcendental with at most MIXED_MAX nodes at a level goes to the level's mixed group instead of its own
+    # a transcendental with at most MIXED_MAX nodes at a level goes to the level's mixed group instead of its own;
+    # the mixed groups compute every transcendental of the batch (so any of them fits there at any level)
+    mixed_ops = tuple(o for o in MIXED_OPS if any(g == o for _, g in counts))
     for (lv, g), c in list(counts.items()):
         if g in _MIXED_CODE and c <= MIXED_MAX:
             del counts[(lv, g)]
@@ -480,7 +485,7 @@ def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, m
     levels += [tuple((g, 8 if g == "cheap" else 4) for g in sorted(top, key=_GROUP_ORDER.get))] * (
         _SPARE_LEVELS if n_lv >= 4 else 0)
     fresh = TapeSignature(*key, _capacity(max(len(p.consts) for p in parsed)),
-                          _capacity(max(len(p.features) for p in parsed)), _tiered(levels))
+                          _capacity(max(len(p.features) for p in parsed)), _tiered(levels), mixed_ops)
     sig, levels = fresh, None
     near = [s for s in _SIGNATURES if _near(s, fresh)]
     for s in near:
@@ -537,7 +542,7 @@ def scaled_signature(sig: TapeSignature, fraction: float, n_features: int, slack
     levels = tuple(tuple((g, shrink(c, slack=cheap_slack if g == "cheap" else other_slack)) for g, c in groups)
                    for groups in sig.levels)
     return TapeSignature(sig.n_datasets, n_features, max(1, int(sig.n_expressions * fraction)), sig.n_consts,
-                         shrink(sig.n_const_slots, 4), shrink(sig.n_feature_uses, 4), levels)
+                         shrink(sig.n_const_slots, 4), shrink(sig.n_feature_uses, 4), levels, sig.mixed_ops)
 
 
 @gc_paused()
@@ -620,7 +625,7 @@ def _fill(sig: TapeSignature, p: _Parsed, levels: list):
     for k, node in enumerate(p.nodes):
         a1[row[k]] = vrow(node.args[0])
         a1c[row[k]] = const_slot(node.args[0])
-        code[row[k]] = _CHEAP_CODE.get(node.op, 0) if levels[k][1] != MIXED else _MIXED_CODE[node.op]
+        code[row[k]] = _CHEAP_CODE.get(node.op, 0) if levels[k][1] != MIXED else sig.mixed_ops.index(node.op)
         link(node.args[0], 1 + e_b + row[k])
         if len(node.args) > 1:
             a2[brow[k]] = vrow(node.args[1])
@@ -642,24 +647,24 @@ def _fill(sig: TapeSignature, p: _Parsed, levels: list):
 
 
 # ----- device-side evaluation --------------------------------------------------------------------------------------
-def _group_apply(g, a, b, code):
+def _group_apply(g, a, b, code, mixed_ops=()):
     """Outputs of one group: its operator's JAX function, or the cheap or mixed group's per-node select."""
     if g == "cheap":
         return _cheap_fwd(a, b, jnp.broadcast_to(code[:, None], a.shape))
     if g == MIXED:
         code = jnp.broadcast_to(code[:, None], a.shape)
-        return jax.lax.select_n(code, *[_apply(op, x, None) for op, x in zip(MIXED_OPS, _mixed_inputs(a, code))])
+        return jax.lax.select_n(code, *[_apply(op, x, None) for op, x in zip(mixed_ops, _mixed_inputs(a, code, mixed_ops))])
     return _apply(g, a, b)
 
 
-def _mixed_inputs(a, code):
+def _mixed_inputs(a, code, mixed_ops):
     """The mixed group's argument as each of its operators sees it: ``a`` where the node's code names the operator,
     0.5 (inside every operator's domain) elsewhere, so that no operator a node does not use makes a NaN or inf that
     a derivative of this code (second-order differentiation: ``make_refine_fn``) would multiply by zero."""
-    return [jnp.where(code == i, a, 0.5) for i in range(len(MIXED_OPS))]
+    return [jnp.where(code == i, a, 0.5) for i in range(len(mixed_ops))]
 
 
-def _group_derivs(g, a, b, code):
+def _group_derivs(g, a, b, code, mixed_ops=()):
     """Local derivatives (d out/d a, d out/d b) from the arguments alone, zeroed where they are not finite."""
     if g == "cheap":
         code = jnp.broadcast_to(code[:, None], a.shape)
@@ -670,7 +675,7 @@ def _group_derivs(g, a, b, code):
     elif g == MIXED:
         code = jnp.broadcast_to(code[:, None], a.shape)
         da = jax.lax.select_n(code, *[OPERATORS[op].derivative(jnp, x, None)[0]
-                                      for op, x in zip(MIXED_OPS, _mixed_inputs(a, code))])
+                                      for op, x in zip(mixed_ops, _mixed_inputs(a, code, mixed_ops))])
         db = None
     else:
         ds = OPERATORS[g].derivative(jnp, a, b)
@@ -710,21 +715,21 @@ def _level_args(idx: _LevelIndex, v, cvals):
     return args(idx.a1, idx.a1c), (args(idx.a2, idx.a2c) if idx.a2.shape[0] else None)
 
 
-def _level_out(groups, lo, idx: _LevelIndex, a, b):
+def _level_out(groups, lo, idx: _LevelIndex, a, b, mixed_ops):
     """A level's outputs (L, N), its groups applied to their slices of the arguments."""
     outs = []
     for g, glo, ghi in groups:
         s = slice(glo - lo, ghi - lo)
-        outs.append(_group_apply(g, a[s], b[s] if g in _BINARY_GROUPS else None, idx.code[s]))
+        outs.append(_group_apply(g, a[s], b[s] if g in _BINARY_GROUPS else None, idx.code[s], mixed_ops))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
 
 
-def _level_cotangents(groups, lo, idx: _LevelIndex, a, b, ct):
+def _level_cotangents(groups, lo, idx: _LevelIndex, a, b, ct, mixed_ops):
     """A level's contributions to its first arguments (L, N) and binary second arguments (BL, N) or None."""
     to_a, to_b = [], []
     for g, glo, ghi in groups:
         s = slice(glo - lo, ghi - lo)
-        da, db = _group_derivs(g, a[s], b[s] if g in _BINARY_GROUPS else None, idx.code[s])
+        da, db = _group_derivs(g, a[s], b[s] if g in _BINARY_GROUPS else None, idx.code[s], mixed_ops)
         to_a.append(ct[s] * da)
         if g in _BINARY_GROUPS:
             to_b.append(ct[s] * db)
@@ -756,7 +761,7 @@ def _forward(sig: TapeSignature, arrays, consts_ExP, x_NxD):
 
         def level(v, i_idx, lo=lo, hi=hi, groups=groups):
             i, idx = i_idx
-            out = _level_out(groups, lo, idx, *_level_args(idx, v, cvals))
+            out = _level_out(groups, lo, idx, *_level_args(idx, v, cvals), sig.mixed_ops)
             return jax.lax.dynamic_update_slice_in_dim(v, out, sig.node_base + lo + i * (hi - lo), axis=0), None
 
         v = _over_run(level, v, count, index)
@@ -800,7 +805,7 @@ def _reverse(sig, arrays, saved, ct_ExN):
         def level(k_buf, i_idx, lo=lo, hi=hi, blo=blo, bhi=bhi, groups=groups):
             i, idx = i_idx
             a, b = _level_args(idx, v, cvals)  # the level's outputs are not read: see _group_derivs
-            to_a, to_b = _level_cotangents(groups, lo, idx, a, b, k_buf[idx.kpos])
+            to_a, to_b = _level_cotangents(groups, lo, idx, a, b, k_buf[idx.kpos], sig.mixed_ops)
             k_buf = jax.lax.dynamic_update_slice_in_dim(k_buf, to_a, 1 + e_b + lo + i * (hi - lo), axis=0)
             if to_b is not None:
                 k_buf = jax.lax.dynamic_update_slice_in_dim(k_buf, to_b, 1 + e_b + n_nodes + blo + i * (bhi - blo),

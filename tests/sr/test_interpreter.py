@@ -211,6 +211,9 @@ def test_rare_transcendentals_share_a_mixed_group_with_exact_derivatives():
     groups = [dict(level) for level in tape.signature.levels]
     assert any(g.get(itp.MIXED, 0) >= len(itp.MIXED_OPS) - 1 for g in groups) and "sin" in groups[1]
     assert not any(op in g for g in groups for op in itp.MIXED_OPS if op != "sin")
+    assert tape.signature.mixed_ops == itp.MIXED_OPS
+    # the mixed groups compute only the batch's own transcendentals
+    assert compile_tape([[few[2], few[4]]], 1).signature.mixed_ops == (itp.MIXED_OPS[2], itp.MIXED_OPS[4])
     want = np.stack([e.evaluate_numpy(x) for e in few + many])
     assert np.isfinite(want).all()
     with jax.enable_x64(True):

@@ -96,15 +96,20 @@ def numpy_objective(expr: Expression, x: np.ndarray, y: np.ndarray):
 
 
 def scipy_refine(expr, x, y):
+    return scipy_run(expr, x, y)[0]
+
+
+def scipy_run(expr, x, y):
+    """(final loss, objective evaluations) of scipy's BFGS from the expression's constants."""
     c0 = expr.constants
     if len(c0) == 0:
-        return numpy_objective(expr, x, y)(c0)[0]
+        return numpy_objective(expr, x, y)(c0)[0], 1
     f = numpy_objective(expr, x, y)
     l0 = f(c0)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = scipy.optimize.minimize(f, c0, jac=True, method="BFGS")
-    return min(float(res.fun), l0)
+    return min(float(res.fun), l0), int(res.nfev)
 
 
 def build_problem(n: int, seed: int = 0, cand_seed: int | None = None):
@@ -175,8 +180,9 @@ def run_e2e(args, kw):
         times.append(time.perf_counter() - t0)
     ours_med = float(np.median(times)) if times else ours_s
     t0 = time.perf_counter()
-    sc = np.array([scipy_refine(e, x, y) for e, x, y in probs])
+    sc, sc_nfev = np.array([scipy_run(e, x, y) for e, x, y in probs]).T
     scipy_s = time.perf_counter() - t0
+    ours_nfev = np.concatenate(res.n_iterations)
     ours = np.array([numpy_objective(r[0], x, y)(r[0].constants)[0] for r, (_, x, y) in zip(res.expressions, probs)])
     init = np.array([numpy_objective(e, x, y)(e.constants)[0] for e, x, y in probs])
     ok6 = ours <= sc * (1 + 1e-6) + 1e-12
@@ -191,11 +197,20 @@ def run_e2e(args, kw):
              r2_start=float(np.mean(init < 1e-3)),
              median_loss_ours=float(np.median(ours)), median_loss_scipy=float(np.median(sc)),
              max_iterations=int(np.max(np.concatenate(res.n_iterations))),
+             evaluations_ours=dict(median=float(np.median(ours_nfev)), p90=float(np.percentile(ours_nfev, 90)),
+                                   mean=float(np.mean(ours_nfev))),
+             evaluations_scipy=dict(median=float(np.median(sc_nfev)), p90=float(np.percentile(sc_nfev, 90)),
+                                    mean=float(np.mean(sc_nfev))),
              frac_converged=float(np.mean(np.concatenate(res.converged))))
     print(f"\nE2E-like scenario: {args.n} expressions, each on its OWN 200-point dataset, constants perturbed "
           f"c*(1+0.3N(0,1)); one refine call over {args.n} datasets x 1 candidate (X padded to {d} columns)")
     print(f"refine options: {kw or 'defaults'}; first call compiled {n1 - n0} program(s); 2nd call recompiled: "
           f"{recompiled}; max iterations {r['max_iterations']}, converged {100 * r['frac_converged']:.1f}%")
+    eo, es = r["evaluations_ours"], r["evaluations_scipy"]
+    print(f"objective evaluations per problem (median / 90th percentile / mean): ours {eo['median']:.0f} / "
+          f"{eo['p90']:.0f} / {eo['mean']:.1f}, scipy {es['median']:.0f} / {es['p90']:.0f} / {es['mean']:.1f}; "
+          f"seconds per evaluation: ours {ours_med / max(eo['mean'] * args.n, 1):.2e} (median call), "
+          f"scipy {scipy_s / max(es['mean'] * args.n, 1):.2e}")
     print("| problems | compile+first call, other batch (s) | sr_jax.refine 2nd call (s) | median of next "
           f"{args.repeats} (s) | scipy BFGS one by one (s) | speed-up (2nd / median) | ours <= scipy(1+1e-6)+1e-12 "
           "| <= scipy(1+1e-4)+1e-10 | worse / better by >1e-3 rel | R^2>0.999 ours / scipy / start "

@@ -158,16 +158,15 @@ def _cheap_fwd(a, b, code):
 
 
 # ----- rare unary operators merged into one "mixed" group per level ------------------------------------------------
-# A transcendental (sqrt, log, exp, sin, ...) gets a group of its own at a level where the batch has more than
-# MIXED_MAX of it; the few elsewhere share the level's "mixed" group, which computes every transcendental the batch
-# sends there (``TapeSignature.mixed_ops``, in table order) and keeps the one each node's code names (its index
-# there). Each group is code in every compiled pass (forward, reverse, Gauss-Newton), so a level holding a handful of
-# nodes of each of several operators compiles one group, not several; a mixed node costs len(mixed_ops)
-# transcendentals, which is why only small counts go there.
+# A transcendental (sqrt, log, exp, sin, ...) gets a group of its own at a level where the batch has many of it;
+# where it has none, or so few that computing them len(mixed_ops) times costs no more than a padded group of their
+# own, they share the level's "mixed" group, which computes every transcendental of the batch
+# (``TapeSignature.mixed_ops``, in table order) and keeps the one each node's code names (its index there). Each group
+# is code in every compiled pass (forward, reverse, Gauss-Newton), so the levels where an operator may occur but
+# does not (every level keeps room for every operator of the batch) compile one group, not one per operator.
 MIXED = "mixed"
 MIXED_OPS = tuple(o for o in OPERATORS if o not in CHEAP_OPS and o not in BINARY_OPERATORS)
 _MIXED_CODE = {op: i for i, op in enumerate(MIXED_OPS)}
-MIXED_MAX = 8
 
 
 # ----- host-side compilation ---------------------------------------------------------------------------------------
@@ -462,11 +461,12 @@ def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, m
             counts[k] = max(counts.get(k, 0), c)
     key = (len(dsets), n_features, e_b, p_b)
     n_lv = max([k[0] for k in counts], default=0)
-    # a transcendental with at most MIXED_MAX nodes at a level goes to the level's mixed group instead of its own;
-    # the mixed groups compute every transcendental of the batch (so any of them fits there at any level)
+    # the mixed groups compute every transcendental of the batch (so any of them fits there at any level); a
+    # transcendental's nodes at a level go to the level's mixed group instead of a group of their own where that
+    # costs no more (c nodes computed len(mixed_ops) times each vs its own group's padded capacity)
     mixed_ops = tuple(o for o in MIXED_OPS if any(g == o for _, g in counts))
     for (lv, g), c in list(counts.items()):
-        if g in _MIXED_CODE and c <= MIXED_MAX:
+        if g in _MIXED_CODE and c * len(mixed_ops) <= _capacity(c):
             del counts[(lv, g)]
             counts[(lv, MIXED)] = counts.get((lv, MIXED), 0) + c
     # every group seen in the batch gets a small capacity at every level (2 where absent), except the

@@ -84,6 +84,11 @@ class ModelConfig:
             raise ValueError(f"abacus_subset_shift must be >= 0, got {self.abacus_subset_shift}")
         if not 0 <= self.abacus_contiguous_frac <= 1:
             raise ValueError(f"abacus_contiguous_frac must be in [0, 1], got {self.abacus_contiguous_frac}")
+        for name in ("abacus_subset_shift", "abacus_contiguous_frac"):
+            if getattr(self, name) and self.abacus_train_ids != "subset":
+                raise ValueError(f"{name} applies to abacus_train_ids 'subset' only (got "
+                                 f"{self.abacus_train_ids!r}, where it would do nothing): set "
+                                 "abacus_train_ids: subset or leave it at 0")
         if self.recurrences < 1 or self.layers < 1:
             raise ValueError("layers and recurrences must be >= 1")
 

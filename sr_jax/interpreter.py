@@ -10,10 +10,10 @@ every node. Here the whole batch is compiled on the host into one *tape*:
 * internal nodes grouped by (height, group): at each height one "cheap" group holds the operators the table
   (``sr_jax.operators``) marks ``cheap`` (add, mul, div, pow2, ...: a per-node select among a few flops, cheaper
   than more gathers), and every other operator (sqrt, log, exp, sin, ..., pow) present at that height gets its own
-  group, so a transcendental is computed only for nodes that use it -- except where a transcendental has only a few
-  nodes at a height: those share the height's "mixed" group (every transcendental computed, one kept per node), so
-  that the compiled program holds one group there instead of one per operator. Each level: gather its arguments,
-  apply each group, write the level's outputs into ``V`` in place (its rows are contiguous).
+  group, so a transcendental is computed only for nodes that use it -- except where it has none or only a few nodes
+  at a height: those share the height's "mixed" group (every transcendental of the batch computed, one kept per
+  node), so that the compiled program holds one group there instead of one per operator. Each level: gather its
+  arguments, apply each group, write the level's outputs into ``V`` in place (its rows are contiguous).
 * runs of levels: consecutive levels are given identical groups and capacities where that pads little
   (``_tiered``), and each run of identical levels is one ``lax.scan`` over its levels. XLA:CPU's compile time grows
   with the number of operations in a program, so a tape's programs compile in time that follows its number of runs
@@ -166,7 +166,6 @@ def _cheap_fwd(a, b, code):
 # does not (every level keeps room for every operator of the batch) compile one group, not one per operator.
 MIXED = "mixed"
 MIXED_OPS = tuple(o for o in OPERATORS if o not in CHEAP_OPS and o not in BINARY_OPERATORS)
-_MIXED_CODE = {op: i for i, op in enumerate(MIXED_OPS)}
 
 
 # ----- host-side compilation ---------------------------------------------------------------------------------------
@@ -466,22 +465,22 @@ def compile_tape(expressions_per_dataset: Sequence[Sequence], n_features: int, m
     # costs no more (c nodes computed len(mixed_ops) times each vs its own group's padded capacity)
     mixed_ops = tuple(o for o in MIXED_OPS if any(g == o for _, g in counts))
     for (lv, g), c in list(counts.items()):
-        if g in _MIXED_CODE and c * len(mixed_ops) <= _capacity(c):
+        if g in MIXED_OPS and c * len(mixed_ops) <= _capacity(c):
             del counts[(lv, g)]
             counts[(lv, MIXED)] = counts.get((lv, MIXED), 0) + c
     # every group seen in the batch gets a small capacity at every level (2 where absent), except the
     # transcendentals' own groups, whose nodes fit in the mixed group there: another batch of the same bucket with
     # an operator at a new level still fits
     seen = {k[1] for k in counts}
-    if seen & set(_MIXED_CODE):
+    if seen & set(MIXED_OPS):
         seen.add(MIXED)
-    everywhere = sorted((g for g in seen if g not in _MIXED_CODE), key=_GROUP_ORDER.get)
+    everywhere = sorted((g for g in seen if g not in MIXED_OPS), key=_GROUP_ORDER.get)
     levels = [tuple((g, _capacity(counts[(lv, g)]) if (lv, g) in counts else 2)
                     for g in sorted({*everywhere, *(g for g in seen if (lv, g) in counts)}, key=_GROUP_ORDER.get))
               for lv in range(1, n_lv + 1)]
     # a few spare levels on top (every group seen in the top levels, small capacity, a transcendental's in the mixed
     # group): another batch of the same bucket with slightly deeper expressions still fits by delaying nodes
-    top = {MIXED if k[1] in _MIXED_CODE else k[1] for k in counts if k[0] > n_lv - _SPARE_LEVELS}
+    top = {MIXED if k[1] in MIXED_OPS else k[1] for k in counts if k[0] > n_lv - _SPARE_LEVELS}
     levels += [tuple((g, 8 if g == "cheap" else 4) for g in sorted(top, key=_GROUP_ORDER.get))] * (
         _SPARE_LEVELS if n_lv >= 4 else 0)
     fresh = TapeSignature(*key, _capacity(max(len(p.consts) for p in parsed)),
@@ -647,13 +646,14 @@ def _fill(sig: TapeSignature, p: _Parsed, levels: list):
 
 
 # ----- device-side evaluation --------------------------------------------------------------------------------------
-def _group_apply(g, a, b, code, mixed_ops=()):
+def _group_apply(g, a, b, code, mixed_ops):
     """Outputs of one group: its operator's JAX function, or the cheap or mixed group's per-node select."""
     if g == "cheap":
         return _cheap_fwd(a, b, jnp.broadcast_to(code[:, None], a.shape))
     if g == MIXED:
         code = jnp.broadcast_to(code[:, None], a.shape)
-        return jax.lax.select_n(code, *[_apply(op, x, None) for op, x in zip(mixed_ops, _mixed_inputs(a, code, mixed_ops))])
+        return jax.lax.select_n(code, *[_apply(op, x, None)
+                                        for op, x in zip(mixed_ops, _mixed_inputs(a, code, mixed_ops))])
     return _apply(g, a, b)
 
 
@@ -664,7 +664,7 @@ def _mixed_inputs(a, code, mixed_ops):
     return [jnp.where(code == i, a, 0.5) for i in range(len(mixed_ops))]
 
 
-def _group_derivs(g, a, b, code, mixed_ops=()):
+def _group_derivs(g, a, b, code, mixed_ops):
     """Local derivatives (d out/d a, d out/d b) from the arguments alone, zeroed where they are not finite."""
     if g == "cheap":
         code = jnp.broadcast_to(code[:, None], a.shape)

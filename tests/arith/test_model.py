@@ -238,3 +238,6 @@ def test_contiguous_frac_gives_some_rows_consecutive_ids_and_keeps_the_default()
     assert (np.diff(np.asarray(everything)[:, 11:16], axis=1) == 1).all()
     with pytest.raises(ValueError, match="abacus_contiguous_frac"):
         ModelConfig(abacus_contiguous_frac=1.5)
+    for option in (dict(abacus_contiguous_frac=0.25), dict(abacus_subset_shift=10)):  # no silent no-op with "shift"
+        with pytest.raises(ValueError, match="subset' only"):
+            ModelConfig(abacus_train_ids="shift", **option)

@@ -196,9 +196,10 @@ def test_scaled_signatures_hold_a_subset_tightest_slack_first():
 
 def test_rare_transcendentals_share_a_mixed_group_with_exact_derivatives(monkeypatch):
     """A level's few nodes of each transcendental share one "mixed" group (one group compiled, not one per operator);
-    many nodes of one operator keep their own group; the mixed groups compute only the batch's transcendentals. Values match numpy, and first and second derivatives through the
-    mixed group match finite differences: the operators a node does not use see an in-domain input, so they add no
-    NaN (here exp, sin, ... of negative arguments, where the group's sqrt, log and arcsin are undefined)."""
+    many nodes of one operator keep their own group; the mixed groups compute only the batch's transcendentals.
+    Values match numpy, and first and second derivatives through the mixed group match finite differences: the
+    operators a node does not use see an in-domain input, so they add no NaN (here exp, sin, ... of negative
+    arguments, where the group's sqrt, log and arcsin are undefined)."""
     from sr_jax import interpreter as itp
 
     monkeypatch.setattr(itp, "_SIGNATURES", [])  # signatures are the batch's own, not recent ones reused

@@ -35,6 +35,11 @@ def _parser() -> OneLineParser:
     e.add_argument("--sweep", type=int_list_at_least(1),
                    help="comma-separated equal operand lengths beyond the grid, e.g. 30,40,50")
     e.add_argument("--recurrences", type=int_at_least(1), help="passes at test time (looped models)")
+    e.add_argument("--seed", type=int_at_least(0),
+                   help="seed of the problems drawn per cell (default: eval.seed, 1234); another seed is a held-out "
+                        "set for choosing among runs")
+    e.add_argument("--average-last", type=int_at_least(1), default=1, metavar="N",
+                   help="evaluate the mean parameters of the workdir's newest N checkpoints (default 1: the newest)")
     e.add_argument("--json", help="write the report here")
     e.add_argument("--plot", help="write the heatmap PNG here")
 
@@ -54,6 +59,9 @@ def _parser() -> OneLineParser:
     x = sub.add_parser("export", help="write a parameters-only copy of a checkpoint")
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", required=True)
+    x.add_argument("--average-last", type=int_at_least(1), default=1, metavar="N",
+                   help="export the mean parameters of the workdir's newest N checkpoints (a checkpoint average; "
+                        "train with train.keep_checkpoints >= N; default 1: the newest checkpoint)")
     return p
 
 
@@ -112,7 +120,8 @@ def _eval(args) -> None:
         check_writable(args.json, "--json")
     if args.plot:
         check_plot_path(args.plot, "--plot")
-    cfg, model, params = load_trained(DEFAULT_MODEL if args.checkpoint is None else args.checkpoint)
+    cfg, model, params = load_trained(DEFAULT_MODEL if args.checkpoint is None else args.checkpoint,
+                                      average_last=args.average_last)
     sweep = cfg.eval.sweep if args.sweep is None else args.sweep
     max_len = cfg.eval.max_len if args.max_len is None else args.max_len
     n = cfg.eval.n_per_cell if args.n is None else args.n
@@ -124,7 +133,8 @@ def _eval(args) -> None:
         plot = Path(args.plot)
         check_writable(plot.with_name(plot.stem + "_sweep.png"), "--plot (its sweep figure)")
     report = run_evaluation(model, params, cfg.data.task, cfg.data.max_len, max_len, n, sweep, args.json, args.plot,
-                            batch_size=cfg.eval.batch_size, recurrences=recurrences, seed=cfg.eval.seed)
+                            batch_size=cfg.eval.batch_size, recurrences=recurrences,
+                            seed=cfg.eval.seed if args.seed is None else args.seed)
     summary = {k: v for k, v in report.items() if k not in ("grid", "top1_grid")}
     print(json.dumps(summary, indent=1))
 
@@ -198,8 +208,13 @@ def _export(args) -> None:
     from arith_jax.train import export_params, load_trained
 
     check_writable_dir(args.out, "--out")
-    cfg, _, params = load_trained(args.checkpoint)
-    print(export_params(cfg, params, args.out))
+    cfg, _, params = load_trained(args.checkpoint, average_last=args.average_last)
+    extra = {}
+    if args.average_last > 1:
+        from core_jax.trained import averaged_steps
+
+        extra["averaged_steps"] = averaged_steps(args.checkpoint, args.average_last)
+    print(export_params(cfg, params, args.out, extra))
 
 
 _NEGATIVE = re.compile(r"\s*-\s*\d.*|.*[+*x]\s*-\s*\d.*")  # -5+3, 5+-3, 5 * -3

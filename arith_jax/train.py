@@ -30,9 +30,11 @@ def run_training(cfg: ArithConfig, workdir: str | Path | None, *, stop_at: int |
                  progress=progress, mesh=mesh)
 
 
-def load_trained(path: str | Path, step: int | None = None) -> tuple[ArithConfig, ArithModel, dict]:
-    """(config, model, params) from a training workdir, its checkpoints/ folder, or an exported model."""
-    return trained.load_trained(path, ArithConfig, build_model, kind="arith", step=step)
+def load_trained(path: str | Path, step: int | None = None,
+                 average_last: int = 1) -> tuple[ArithConfig, ArithModel, dict]:
+    """(config, model, params) from a training workdir, its checkpoints/ folder, or an exported model;
+    `average_last` N > 1: the mean parameters of its newest N checkpoints (`core_jax.trained.load_trained`)."""
+    return trained.load_trained(path, ArithConfig, build_model, kind="arith", step=step, average_last=average_last)
 
 
 def export_params(cfg: ArithConfig, params, directory: str | Path, extra_meta: dict | None = None) -> Path:

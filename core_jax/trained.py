@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import jax
+import jax.numpy as jnp
 
 from core_jax import config as cfglib
 from core_jax.checkpoint import Checkpointer, CheckpointError, read_meta
@@ -29,14 +30,36 @@ def checkpoint_dir(path: str | Path) -> Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
+def averaged_steps(path: str | Path, average_last: int, step: int | None = None) -> list[int]:
+    """The steps whose parameters `load_trained(..., average_last=N)` averages: the newest N checkpoints of the
+    folder (those up to `step` when given), oldest first. Fewer than N there is a `CheckpointError` that says how
+    to keep more (`train.keep_checkpoints`)."""
+    if average_last < 1:
+        raise ValueError(f"average_last must be >= 1, got {average_last}")
+    directory = checkpoint_dir(path)
+    ckpt = Checkpointer(directory)
+    try:
+        steps = sorted(s for s in ckpt.manager.all_steps() if step is None or s <= step)
+    finally:
+        ckpt.close()
+    if len(steps) < average_last:
+        raise CheckpointError(f"cannot average the last {average_last} checkpoints of {str(directory)!r}: it holds "
+                              f"{len(steps)}{'' if step is None else f' up to step {step}'}; train with "
+                              f"train.keep_checkpoints >= {average_last} (one is saved every train.ckpt_every steps)")
+    return steps[-average_last:]
+
+
 def load_trained(path: str | Path, config_cls: type[C], build_model: Callable[[C], Any], *, kind: str,
-                 step: int | None = None) -> tuple[C, Any, Any]:
+                 step: int | None = None, average_last: int = 1) -> tuple[C, Any, Any]:
     """(config, model, params) from a checkpoint written by `core_jax.train.train` or `export_params`.
 
     `kind` names the task ("arith", "sr") for the error raised when the checkpoint belongs to another one.
+    `average_last` N > 1 returns the element-wise mean of the parameters of the newest N checkpoints (up to `step`;
+    `averaged_steps`), a checkpoint average over the end of training; N = 1 is the one checkpoint, unchanged.
     """
     directory = checkpoint_dir(path)
-    meta, step = read_meta(directory, step)
+    steps = averaged_steps(directory, average_last, step) if average_last > 1 else None
+    meta, step = read_meta(directory, step if steps is None else steps[-1])
     if "config" not in meta:
         raise CheckpointError(f"checkpoint {str(directory)!r} has no config metadata; it was not written by "
                               f"this library")
@@ -55,11 +78,15 @@ def load_trained(path: str | Path, config_cls: type[C], build_model: Callable[[C
         template = jax.eval_shape(lambda: init_state(cfg.train, model.init, tx))
     ckpt = Checkpointer(directory)
     try:
-        state, _, _ = ckpt.restore(template, step)
+        states = [ckpt.restore(template, s)[0] for s in (steps or [step])]
     finally:
         ckpt.close()
-    params = state["params"] if isinstance(state, dict) else state.params
-    return cfg, model, params
+    params = [state["params"] if isinstance(state, dict) else state.params for state in states]
+    if len(params) == 1:
+        return cfg, model, params[0]
+    mean = jax.tree_util.tree_map(
+        lambda *xs: (sum(jnp.asarray(x, jnp.float32) for x in xs) / len(xs)).astype(xs[0].dtype), *params)
+    return cfg, model, mean
 
 
 def export_params(cfg, params, directory: str | Path, extra_meta: dict | None = None) -> Path:

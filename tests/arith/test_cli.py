@@ -99,3 +99,36 @@ def test_unknown_package():
     """Through run.py in a fresh process (the package dispatch; it fails before importing JAX)."""
     out = run_cli("nope")
     assert out.returncode == 2 and "usage" in out.stderr
+
+
+def test_average_last_checkpoints_export_and_eval(tmp_path, capsys):
+    """`export --average-last N` writes the element-wise mean of the newest N checkpoints' parameters (and says which
+    steps), `eval` takes the same flag and a held-out `--seed`; N = 1 is the newest checkpoint unchanged, and more
+    than the workdir keeps is one line naming train.keep_checkpoints."""
+    import jax
+    import numpy as np
+
+    from arith_jax.train import load_trained
+    from core_jax.checkpoint import read_meta
+
+    work = tmp_path / "run"
+    assert main(["train", "--config", TINY, "--workdir", str(work), "--set", "train.steps=3", "--set",
+                 "train.ckpt_every=1", "--set", "train.keep_checkpoints=3", "--eval-max-len", "0"]) == 0
+    leaves = lambda p: [np.asarray(x) for x in jax.tree_util.tree_leaves(p)]
+    at = {s: leaves(load_trained(work, step=s)[2]) for s in (1, 2, 3)}
+    assert any(not np.array_equal(a, b) for a, b in zip(at[2], at[3]))  # training moved the parameters
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(load_trained(work, average_last=1)[2]), at[3]))
+    mean = leaves(load_trained(work, average_last=2)[2])
+    for m, a, b in zip(mean, at[2], at[3]):
+        np.testing.assert_allclose(m, (a + b) / 2, rtol=1e-6, atol=1e-7)
+    assert main(["export", "--checkpoint", str(work), "--out", str(tmp_path / "exp"), "--average-last", "3"]) == 0
+    assert read_meta(tmp_path / "exp")[0]["averaged_steps"] == [1, 2, 3]
+    for m, a, b, c in zip(leaves(load_trained(tmp_path / "exp")[2]), at[1], at[2], at[3]):
+        np.testing.assert_allclose(m, (a + b + c) / 3, rtol=1e-6, atol=1e-7)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(work), "--average-last", "2", "--seed", "7", "--max-len", "1",
+                 "--n", "1"]) == 0
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(work), "--out", str(tmp_path / "exp4"), "--average-last", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "holds 3" in err and "train.keep_checkpoints >= 4" in err and "\n" not in err

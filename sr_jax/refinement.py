@@ -423,9 +423,21 @@ def _refine_program(sig, maxiter: int, tol: float, linesearch: str, maxls: int, 
 
     def program(arrays, c0, real, x, y, w):
         itp.COMPILE_COUNTER["refine"] += 1  # trace-time only
-        return jax.vmap(one_dataset)(arrays, c0, real, x, y, w)
+        return _over_datasets(one_dataset, (arrays, c0, real, x, y, w))
 
     return _jit(program)
+
+
+def _over_datasets(one_dataset, per_dataset: tuple, *shared):
+    """``one_dataset`` over the leading (dataset) axis of every array in ``per_dataset``, with ``shared`` passed as
+    is: ``jax.vmap`` for several datasets; for one (a single dataset, or folded datasets: refinement's usual case) a
+    plain call on the squeezed arrays, re-stacked. Why not always vmap: under vmap a ``lax.cond`` or ``lax.switch``
+    whose predicate depends on the data becomes a select that computes every branch, and the objective's
+    few-candidates paths (Gram matrices, Gauss-Newton inverses) exist precisely to skip the all-candidates branch."""
+    if jax.tree_util.tree_leaves(per_dataset)[0].shape[0] == 1:
+        squeezed = jax.tree_util.tree_map(lambda a: a[0], per_dataset)
+        return jax.tree_util.tree_map(lambda a: a[None], one_dataset(*squeezed, *shared))
+    return jax.vmap(one_dataset, in_axes=(0,) * len(per_dataset) + (None,) * len(shared))(*per_dataset, *shared)
 
 
 def _jit(program):
@@ -464,7 +476,7 @@ def _lockstep_program(sig, tol: float, dtype: np.dtype, hessian: str):
 
     def program(arrays, c, state, real, x, y, w, stop_at):
         itp.COMPILE_COUNTER["refine"] += 1  # trace-time only
-        return jax.vmap(one_dataset, in_axes=(0, 0, 0, 0, 0, 0, 0, None))(arrays, c, state, real, x, y, w, stop_at)
+        return _over_datasets(one_dataset, (arrays, c, state, real, x, y, w), stop_at)
 
     return _jit(program)
 

@@ -239,6 +239,40 @@ def test_gauss_newton_only_where_needed_equals_full():
     np.testing.assert_allclose(out[k] @ reg, np.eye(reg.shape[0]), atol=2e-3)
 
 
+def test_one_dataset_program_keeps_the_few_candidates_paths_as_branches():
+    """With one dataset (or folded datasets) the lockstep program is not vmapped over datasets: a vmapped
+    ``lax.cond`` on data becomes a select that runs every branch, so every evaluation would form all Gram matrices."""
+    import sr_jax.interpreter as itp
+    from sr_jax.lockstep import init_lockstep_state
+    rf = importlib.import_module("sr_jax.refinement")
+    cands = [perturbed(0.3, s) for s in range(64)]
+    tape = itp.compile_tape([cands], 2)
+    sig = tape.signature
+    e_b, p_b = sig.n_expressions, sig.n_consts
+
+    def gram_shapes(jaxpr, in_cond=False, out=None):  # (E_b, P_b, P_b) products, and whether inside a cond
+        out = [] if out is None else out
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape[-3:] == (e_b, p_b, p_b):
+                out.append(in_cond)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    inner = getattr(sub, "jaxpr", None)
+                    if inner is not None:
+                        gram_shapes(getattr(inner, "jaxpr", inner), in_cond or eqn.primitive.name == "cond", out)
+        return out
+
+    with itp.precision(np.float64):
+        program = rf._lockstep_program(sig, 1e-6, np.dtype(np.float64), "hybrid")
+        arrays, c = itp.device_arrays(tape, np.float64)
+        state = jax.tree_util.tree_map(jnp.asarray, init_lockstep_state(np.asarray(tape.consts, np.float64)))
+        x = jnp.asarray(X[None], jnp.float64)
+        y, w = jnp.asarray(Y[None], jnp.float64), jnp.ones((1, len(Y)), jnp.float64)
+        jaxpr = program.trace(arrays, c, state, jnp.ones((1, e_b), bool), x, y, w, 8).jaxpr.jaxpr
+    found = gram_shapes(jaxpr)
+    assert found and all(found), found  # the all-candidates Gram exists, only inside a branch
+
+
 def test_folded_datasets_equal_vmapped_and_one_by_one():
     """Several datasets folded into one tape (default) give the vmapped path's / per-dataset results."""
     X2 = RNG.standard_normal((40, 2))  # different number of points: padded, masked per candidate

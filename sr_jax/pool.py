@@ -33,6 +33,10 @@ Sources (``Candidate.source``):
     -1, 1/2, -1/2), exp(t) - 1 and its inverse, M2 a product of powers of up to five raw features, c from a small
     set, M1 a monomial fitted on log|y / u(c * M2)|, when every raw feature is positive (Boltzmann factors,
     logarithms of ratios, p * sin(2 theta) / r**3, Lorentz factors m_0 / sqrt(1 - v**2/c**2), Planck's law).
+  - transformed sums: s * sqrt(c0 + S) and s * exp(c0 + S), S a sparse sum fitted to y**2 or log|y| when y keeps
+    one sign s, over the products above plus differences of two raw features (x_i - x_j, its square, inverse and
+    cosine, alone or times a third feature's power or two other features' product) and log x_j, up to five
+    features: distances, the law of cosines, Gaussians in (theta - theta1) / sigma.
 
 ``dedupe`` keeps the first candidate of every skeleton (``Expression.skeleton``), so list better-initialised
 sources first.
@@ -341,6 +345,7 @@ def basis_candidates(z_NxD: np.ndarray, y_N: np.ndarray, offset_D: Optional[np.n
         out.append(Candidate(mono, "basis"))
     out += [Candidate(e, "basis") for e in _sparse_products(z, y, offset, scale)]
     out += [Candidate(e, "basis") for e in _unary_monomials(z, y, offset, scale)]
+    out += [Candidate(e, "basis") for e in _transformed_sums(z, y, offset, scale)]
     return out
 
 
@@ -409,15 +414,23 @@ def _sparse_products(z, y, offset, scale) -> list[Expression]:
     """c0 + a sum of at most ``_MAX_SPARSE_TERMS`` products of powers of the raw features, with least-squares
     coefficients. Formulas such as x1*y1 + x2*y2 + x3*y3 or m*(v**2 + u**2)/2 are sums of a few such products.
 
-    The terms come from ``_product_library``: forward selection (orthogonal least squares: each step adds the term
-    that lowers the residual sum of squares most, given those chosen) runs ``_FORWARD_STEPS`` steps, then backward
-    elimination drops, one at a time, the term whose removal raises it least. Greedy forward steps often start with
-    a term correlated with the whole sum (x1*y1*x2 for the sum above); the longer forward set usually contains the
-    true terms, which backward elimination keeps. One expression per subset of 1..``_MAX_SPARSE_TERMS`` terms met
-    on either path.
+    The terms come from ``_product_library``, the subsets from ``_sparse_subsets``.
     """
-    x = z * scale + offset
-    terms = _product_library(x, offset, scale)
+    terms = _product_library(z * scale + offset, offset, scale)
+    return [Expression(_linear_expression(coef, [terms[i].prefix for i in subset]))
+            for subset, coef in _sparse_subsets(terms, y)]
+
+
+def _sparse_subsets(terms: list[_Term], y: np.ndarray) -> list[tuple[tuple, np.ndarray]]:
+    """(subset of term indices, least-squares coefficients with the intercept first) for sparse sums of at most
+    ``_MAX_SPARSE_TERMS`` of the ``terms`` fitted to y.
+
+    Forward selection (orthogonal least squares: each step adds the term that lowers the residual sum of squares
+    most, given those chosen) runs ``_FORWARD_STEPS`` steps, then backward elimination drops, one at a time, the
+    term whose removal raises it least. Greedy forward steps often start with a term correlated with the whole sum
+    (x1*y1*x2 for x1*y1 + x2*y2 + x3*y3); the longer forward set usually contains the true terms, which backward
+    elimination keeps. One subset of 1..``_MAX_SPARSE_TERMS`` terms per size met on either path.
+    """
     if not terms:
         return []
     cols = np.stack([t.values for t in terms], axis=1)
@@ -456,12 +469,80 @@ def _sparse_products(z, y, offset, scale) -> list[Expression]:
         current = current[:drop] + current[drop + 1:]
         if len(current) <= _MAX_SPARSE_TERMS:
             subsets.append(tuple(current))
-    out: list[Expression] = []
+    out = []
     for subset in dict.fromkeys(tuple(sorted(t)) for t in subsets):
-        picked = [terms[i] for i in subset]
-        coef = _fit_linear(picked, y)
+        coef = _fit_linear([terms[i] for i in subset], y)
         if coef is not None:
-            out.append(Expression(_linear_expression(coef, [t.prefix for t in picked])))
+            out.append((subset, coef))
+    return out
+
+
+# sums fitted to a transform of y, written back through its inverse: (name, forward on |y|, inverse's prefix)
+_TARGET_TRANSFORMS = (("square", np.square, ("sqrt",)), ("log", np.log, ("exp",)))
+_MAX_DIFFERENCE_FEATURES = 5  # differences of pairs of raw features up to this many features
+_DIFFERENCE_UNARIES = ("pow2", "inv", "cos")  # of (x_i - x_j); with the difference itself
+_TRANSFORMED_PER_TARGET = 2  # candidates per transform that join the pool (best R² in y's own units)
+
+
+def _difference_library(x: np.ndarray, offset, scale) -> list[_Term]:
+    """Differences of two raw features (x_i - x_j) and u(x_i - x_j) for u in ``_DIFFERENCE_UNARIES``, alone and
+    times one raw feature's power (+-1, +-2) or the product of two other features: (x2 - x1)**2 + (y2 - y1)**2,
+    x1*x2*cos(theta1 - theta2), (theta - theta1)**2 / sigma**2. Also log x_j for positive features (the log of a
+    product's prefactor, as in log(exp(-(theta - theta1)**2 / (2 sigma**2)) / sigma)). Up to
+    ``_MAX_DIFFERENCE_FEATURES`` features."""
+    n, d = x.shape
+    if d < 2 or d > _MAX_DIFFERENCE_FEATURES:
+        return []
+    raw = [["add", "mul", float(scale[j]), f"x_{j}", float(offset[j])] for j in range(d)]
+    terms: list[_Term] = []
+    with np.errstate(all="ignore"):
+        single = {(j, a): ((x[:, j] / scale[j]) ** a, _POWERS[a](["add", f"x_{j}", float(offset[j] / scale[j])]))
+                  for j in range(d) for a in (1.0, -1.0, 2.0, -2.0)}
+        factors = [(v, p, {j}) for (j, a), (v, p) in single.items()]
+        factors += [(single[i, 1.0][0] * single[j, 1.0][0], ["mul", *single[i, 1.0][1], *single[j, 1.0][1]], {i, j})
+                    for i, j in itertools.combinations(range(d), 2)]
+        for i, j in itertools.combinations(range(d), 2):
+            diff = x[:, i] - x[:, j]
+            base = ["sub", *raw[i], *raw[j]]
+            own = [(diff, base)] + [(OPERATORS[u].np_fn(diff), [u, *base]) for u in _DIFFERENCE_UNARIES]
+            for v, p in own:
+                terms.append(_Term(v, p))
+                terms += [_Term(v * fv, ["mul", *p, *fp]) for fv, fp, used in factors if not used & {i, j}]
+        terms += [_Term(np.log(x[:, j]), ["log", *raw[j]]) for j in range(d) if (x[:, j] > 0).all()]
+    return [t for t in terms if np.isfinite(t.values).all() and np.ptp(t.values) > 0]
+
+
+def _transformed_sums(z, y, offset, scale) -> list[Expression]:
+    """s * u(c0 + a sparse sum): sparse sums (``_sparse_subsets``) fitted to a transform of |y| -- its square or
+    its log -- written back through the inverse u (sqrt, exp), with s the sign of y; only where y keeps one sign
+    (and is nonzero). Their terms: ``_product_library`` and ``_difference_library``, so distances
+    sqrt((x2 - x1)**2 + (y2 - y1)**2), the law of cosines sqrt(x1**2 + x2**2 - 2*x1*x2*cos(theta1 - theta2)) and
+    Gaussians exp(-(theta - theta1)**2 / (2 sigma**2)) / sigma are sums of a few terms there. The
+    ``_TRANSFORMED_PER_TARGET`` best per transform (R² on y itself) join the pool."""
+    if not ((y > 0).all() or (y < 0).all()):
+        return []
+    sign = 1.0 if y[0] > 0 else -1.0
+    x = z * scale + offset
+    terms = _product_library(x, offset, scale) + _difference_library(x, offset, scale)
+    out: list[Expression] = []
+    sst = float(np.sum((y - y.mean()) ** 2))
+    for _, forward, inverse in _TARGET_TRANSFORMS:
+        with np.errstate(all="ignore"):
+            target = forward(np.abs(y))
+        if not np.isfinite(target).all() or np.ptp(target) <= 0:
+            continue
+        scored = []
+        for subset, coef in _sparse_subsets(terms, target):
+            inner = np.full_like(y, coef[0])
+            for c, i in zip(coef[1:], subset):
+                inner = inner + c * terms[i].values
+            with np.errstate(all="ignore"):
+                pred = sign * _apply_unaries(inverse, inner)
+                r2 = 1.0 - float(np.sum((pred - y) ** 2)) / sst if sst > 0 else -np.inf
+            if np.isfinite(r2):
+                body = [*_unary_prefix(inverse), *_linear_expression(coef, [terms[i].prefix for i in subset])]
+                scored.append((-r2, len(scored), Expression(body if sign > 0 else ["mul", -1.0, *body])))
+        out += [e for _, _, e in sorted(scored)[:_TRANSFORMED_PER_TARGET]]
     return out
 
 

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from sr_jax import Expression
 from sr_jax.candidates import Candidate
-from sr_jax.pool import (PriorLibrary, _unary_monomials, basis_candidates, dedupe, outer_terms, prior_candidates,
+from sr_jax.pool import (PriorLibrary, _transformed_sums, _unary_monomials, basis_candidates, dedupe, outer_terms, prior_candidates,
                           prior_library, screen_prior)
 
 
@@ -197,6 +197,26 @@ def test_unary_of_monomial_bases_are_exact_before_refinement(name):
          "one_minus_cos": 2 * a * (1 - np.cos(b * c)), "sin2_2pi": np.sin(2 * np.pi * a * b / c) ** 2}[name]
     z, m, s = _standardise(x)
     assert _best(basis_candidates(z, y, m, s), z, y) < 1e-20
+
+
+@pytest.mark.parametrize("name", ["distance", "law_of_cosines", "gaussian_shifted", "negative_distance"])
+def test_transformed_sums_of_differences_are_exact_before_refinement(name):
+    """sqrt or exp of a sparse sum with differences of features: distances, the law of cosines, a Gaussian in
+    (theta - theta1) / sigma -- no sum or product of powers is exact there, and the other families miss them."""
+    rng = np.random.default_rng(5)
+    x = rng.uniform(1, 5, size=(150, 4))
+    a, b, c, d = x.T
+    y = {"distance": np.sqrt((b - a) ** 2 + (d - c) ** 2),
+         "law_of_cosines": np.sqrt(a ** 2 + b ** 2 - 2 * a * b * np.cos(c - d)),
+         "gaussian_shifted": np.exp(-((b - c) / a) ** 2 / 2) / (np.sqrt(2 * np.pi) * a),
+         "negative_distance": -np.sqrt((b - a) ** 2 + (d - c) ** 2)}[name]
+    z, m, s = _standardise(x)
+    cands = basis_candidates(z, y, m, s)
+    assert _best(cands, z, y) < 1e-20
+    assert _best([c for c in cands if c.expression.tokens[0] in ("sqrt", "exp", "mul")], z, y) < 1e-20
+    without = [Candidate(e, "basis") for e in _transformed_sums(z, np.abs(y) * np.where(np.arange(150) % 2, 1, -1),
+                                                                m, s)]
+    assert without == []  # y changes sign: the transforms of |y| do not apply
 
 
 def test_unary_of_monomial_bases_need_positive_features():

@@ -462,10 +462,24 @@ def _sparse_subsets(terms: list[_Term], y: np.ndarray) -> list[tuple[tuple, np.n
         r = yc - a @ coef
         return float(r @ r)
 
+    def cheapest_drop(subset) -> int:
+        """The term whose removal raises the residual sum of squares least: coef_i**2 / [(A'A)^-1]_ii from one QR
+        of the subset's columns (A = QR: (A'A)^-1 = R^-1 R^-T); one least-squares fit per candidate removal where
+        R is singular."""
+        q, r = np.linalg.qr(cols[:, list(subset)])
+        with np.errstate(all="ignore"):
+            r_inv = np.linalg.inv(r) if np.all(np.abs(np.diag(r)) > 0) else None
+        if r_inv is not None and np.isfinite(r_inv).all():
+            coef = r_inv @ (q.T @ yc)
+            rise = coef ** 2 / np.sum(r_inv * r_inv, axis=1)
+            if np.isfinite(rise).all():
+                return int(np.argmin(rise))
+        return min(range(len(subset)), key=lambda i: rss(subset[:i] + subset[i + 1:]))
+
     subsets = [tuple(forward[:k]) for k in range(1, min(len(forward), _MAX_SPARSE_TERMS) + 1)]
     current = list(forward)
     while len(current) > 1:
-        drop = min(range(len(current)), key=lambda i: rss(current[:i] + current[i + 1:]))
+        drop = cheapest_drop(current)
         current = current[:drop] + current[drop + 1:]
         if len(current) <= _MAX_SPARSE_TERMS:
             subsets.append(tuple(current))

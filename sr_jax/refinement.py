@@ -396,8 +396,9 @@ _PROGRAM_CACHE_SIZE = 16
 @functools.lru_cache(maxsize=_PROGRAM_CACHE_SIZE)
 def _refine_program(sig, maxiter: int, tol: float, linesearch: str, maxls: int, dtype: np.dtype,
                     hessian: str = "hybrid"):
-    """Jitted (datasets-vmapped) refinement with jaxopt's BFGS and line search (or only the start's loss, with
-    ``maxiter=0``) for one tape signature and float dtype; cached so that a batch of the same bucket reuses it.
+    """Jitted refinement with jaxopt's BFGS and line search (or only the start's loss, with ``maxiter=0``) over the
+    leading (dataset) axis (``_over_datasets``) for one tape signature and float dtype; cached so that a batch of the
+    same bucket reuses it.
     Call it under ``interpreter.precision(dtype)``."""
     solve = _make_solver(sig, maxiter, tol, linesearch, False, maxls, hessian)
 
@@ -455,8 +456,8 @@ _CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 @functools.lru_cache(maxsize=_PROGRAM_CACHE_SIZE)
 def _lockstep_program(sig, tol: float, dtype: np.dtype, hessian: str):
     """Jitted chunk of lockstep refinement for one tape signature: ``(arrays, c, state, real, x, y, w, stop_at) ->
-    (c, state)``, ``jax.vmap``-ed over the leading (dataset) axis. Every candidate runs until its gradient norm is
-    at most ``tol`` or its evaluation count reaches ``stop_at`` (a traced integer: every chunk of a run, whatever
+    (c, state)``, over the leading (dataset) axis (``_over_datasets``). Every candidate runs until its gradient norm
+    is at most ``tol`` or its evaluation count reaches ``stop_at`` (a traced integer: every chunk of a run, whatever
     its end, reuses one program). Call it under ``interpreter.precision(dtype)``."""
     use_gn = hessian == "hybrid"
     objective = _make_objective(sig, use_gn)

@@ -85,7 +85,8 @@ def load_trained(path: str | Path, config_cls: type[C], build_model: Callable[[C
     if len(params) == 1:
         return cfg, model, params[0]
     mean = jax.tree_util.tree_map(
-        lambda *xs: (sum(jnp.asarray(x, jnp.float32) for x in xs) / len(xs)).astype(xs[0].dtype), *params)
+        lambda *xs: (sum(jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32)) for x in xs) / len(xs)
+                     ).astype(xs[0].dtype), *params)  # summed in at least float32 (bf16 parameters), never below
     return cfg, model, mean
 
 

@@ -343,9 +343,10 @@ def basis_candidates(z_NxD: np.ndarray, y_N: np.ndarray, offset_D: Optional[np.n
     mono = _monomial(z, y, offset, scale)
     if mono is not None:
         out.append(Candidate(mono, "basis"))
-    out += [Candidate(e, "basis") for e in _sparse_products(z, y, offset, scale)]
+    products = _product_library(z * scale + offset, offset, scale)
+    out += [Candidate(e, "basis") for e in _sparse_products(products, y)]
     out += [Candidate(e, "basis") for e in _unary_monomials(z, y, offset, scale)]
-    out += [Candidate(e, "basis") for e in _transformed_sums(z, y, offset, scale)]
+    out += [Candidate(e, "basis") for e in _transformed_sums(products, z, y, offset, scale)]
     return out
 
 
@@ -410,13 +411,12 @@ def _product_library(x: np.ndarray, offset, scale) -> list[_Term]:
     return [t for t in terms if np.isfinite(t.values).all() and np.ptp(t.values) > 0]
 
 
-def _sparse_products(z, y, offset, scale) -> list[Expression]:
+def _sparse_products(terms: list[_Term], y) -> list[Expression]:
     """c0 + a sum of at most ``_MAX_SPARSE_TERMS`` products of powers of the raw features, with least-squares
     coefficients. Formulas such as x1*y1 + x2*y2 + x3*y3 or m*(v**2 + u**2)/2 are sums of a few such products.
 
-    The terms come from ``_product_library``, the subsets from ``_sparse_subsets``.
+    ``terms``: the data's ``_product_library``; the subsets come from ``_sparse_subsets``.
     """
-    terms = _product_library(z * scale + offset, offset, scale)
     return [Expression(_linear_expression(coef, [terms[i].prefix for i in subset]))
             for subset, coef in _sparse_subsets(terms, y)]
 
@@ -491,8 +491,8 @@ def _sparse_subsets(terms: list[_Term], y: np.ndarray) -> list[tuple[tuple, np.n
     return out
 
 
-# sums fitted to a transform of y, written back through its inverse: (name, forward on |y|, inverse's prefix)
-_TARGET_TRANSFORMS = (("square", np.square, ("sqrt",)), ("log", np.log, ("exp",)))
+# sums fitted to a transform of |y|, written back through its inverse: (transform, the inverse's unary chain)
+_TARGET_TRANSFORMS = ((np.square, ("sqrt",)), (np.log, ("exp",)))
 _MAX_DIFFERENCE_FEATURES = 5  # differences of pairs of raw features up to this many features
 _DIFFERENCE_UNARIES = ("pow2", "inv", "cos")  # of (x_i - x_j); with the difference itself
 _TRANSFORMED_PER_TARGET = 2  # candidates per transform that join the pool (best R² in y's own units)
@@ -507,7 +507,7 @@ def _difference_library(x: np.ndarray, offset, scale) -> list[_Term]:
     n, d = x.shape
     if d < 2 or d > _MAX_DIFFERENCE_FEATURES:
         return []
-    raw = [["add", "mul", float(scale[j]), f"x_{j}", float(offset[j])] for j in range(d)]
+    raw = [_affine(scale[j], offset[j], j) for j in range(d)]  # x_j itself, from the standardised variable
     terms: list[_Term] = []
     with np.errstate(all="ignore"):
         single = {(j, a): ((x[:, j] / scale[j]) ** a, _POWERS[a](["add", f"x_{j}", float(offset[j] / scale[j])]))
@@ -526,21 +526,21 @@ def _difference_library(x: np.ndarray, offset, scale) -> list[_Term]:
     return [t for t in terms if np.isfinite(t.values).all() and np.ptp(t.values) > 0]
 
 
-def _transformed_sums(z, y, offset, scale) -> list[Expression]:
+def _transformed_sums(products: list[_Term], z, y, offset, scale) -> list[Expression]:
     """s * u(c0 + a sparse sum): sparse sums (``_sparse_subsets``) fitted to a transform of |y| -- its square or
     its log -- written back through the inverse u (sqrt, exp), with s the sign of y; only where y keeps one sign
-    (and is nonzero). Their terms: ``_product_library`` and ``_difference_library``, so distances
-    sqrt((x2 - x1)**2 + (y2 - y1)**2), the law of cosines sqrt(x1**2 + x2**2 - 2*x1*x2*cos(theta1 - theta2)) and
-    Gaussians exp(-(theta - theta1)**2 / (2 sigma**2)) / sigma are sums of a few terms there. The
+    (and is nonzero). Their terms: ``products`` (the data's ``_product_library``) and ``_difference_library``, so
+    distances sqrt((x2 - x1)**2 + (y2 - y1)**2), the law of cosines sqrt(x1**2 + x2**2 - 2*x1*x2*cos(theta1 -
+    theta2)) and Gaussians exp(-(theta - theta1)**2 / (2 sigma**2)) / sigma are sums of a few terms there. The
     ``_TRANSFORMED_PER_TARGET`` best per transform (R² on y itself) join the pool."""
     if not ((y > 0).all() or (y < 0).all()):
         return []
     sign = 1.0 if y[0] > 0 else -1.0
     x = z * scale + offset
-    terms = _product_library(x, offset, scale) + _difference_library(x, offset, scale)
+    terms = products + _difference_library(x, offset, scale)
     out: list[Expression] = []
     sst = float(np.sum((y - y.mean()) ** 2))
-    for _, forward, inverse in _TARGET_TRANSFORMS:
+    for forward, inverse in _TARGET_TRANSFORMS:
         with np.errstate(all="ignore"):
             target = forward(np.abs(y))
         if not np.isfinite(target).all() or np.ptp(target) <= 0:

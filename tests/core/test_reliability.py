@@ -21,6 +21,15 @@ from core_jax.train import TrainConfig, train
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def default_sigint():
+    """Each test starts with Python's own SIGINT handler, also when the suite runs as a background job (whose
+    SIGINT the shell set to SIG_IGN): the tests check that training restores the handler it found."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def toy(steps=8, **kw):
     return load_config(TrainConfig, None, [f"steps={steps}", "log_every=1", "ckpt_every=1000",
                                            "optim.lr=0.1", *[f"{k}={v}" for k, v in kw.items()]])

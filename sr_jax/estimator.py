@@ -26,15 +26,18 @@ Pipeline of one ``fit`` (spec sections 6-7, with the original's bugs fixed):
    their losses are where they stopped.
 5. Selection: every refined candidate is evaluated in float64 on all rows. Its ``loss`` is MSE / var(y) on the
    held-out rows (on the training rows when none are held out). Among the candidates with
-   ``loss <= best * (1 + complexity_tolerance) + 1e-9`` the one with the fewest prefix nodes wins (then the lowest
-   loss).
+   ``loss <= best * (1 + complexity_tolerance) + se + 1e-9``, with ``se`` the standard error of the best loss (of
+   its mean over the rows: the one-standard-error rule, so noise alone does not pick a longer formula), the one
+   with the fewest prefix nodes wins (then the lowest loss).
 6. The winner is written in the user's units and names: every z_i becomes (x_k - mean_k) / scale_k with x_k the
    user's feature (a sympy Symbol named after the DataFrame column or ``feature_names``; ``x_k`` by default, k the
    user's column index). With ``tidy=True`` the formula and its expansion (products and integer powers of sums
    multiplied out) have their constants snapped, one at a time, to 0 or to the fewest significant digits (1..6) that
-   keep the MSE / var(y) on all rows within 0.1% (+1e-10) of the unsnapped value — trying short multiples of
-   pi**e (e in -3..3, e.g. 0.5/pi, 4*pi) after 3 digits and before 4 —, integral constants become integers, and the
-   form with fewer nodes is kept (so a noise-free 2.5*sin(x) + x**2 reads as exactly that).
+   keep the MSE / var(y) on all rows within the BIC's allowance of the unsnapped value (a factor N**(1/N) per
+   constant snapped to 0, 1-3 digits or a multiple of pi: 2.7% each at 200 rows; at least 0.1% in all; +1e-10) —
+   trying short multiples of pi**e (e in -3..3, e.g. 0.5/pi, 4*pi) after 3 digits and before 4 —, integral
+   constants become integers, and the form with fewer nodes is kept (so a noise-free 2.5*sin(x) + x**2 reads as
+   exactly that, and a noisy fit's offsets that only the noise put there go to 0).
 
 Batched fitting: ``fit([X_1, ..., X_B], [y_1, ..., y_B])`` runs steps 1-6 for every dataset with ONE decoding call
 and ONE refinement call; every fitted attribute becomes a list with one entry per dataset and ``predict``/``score``
@@ -55,7 +58,7 @@ import inspect
 import os
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import sympy
@@ -263,7 +266,8 @@ class SymbolicTransformerRegressor:
         max_refine_points: training rows used by refinement.
         refine_iterations: BFGS evaluations per candidate.
         validation_fraction: share of rows held out for selection (when there are at least 40 rows).
-        complexity_tolerance: relative loss slack within which the simplest candidate wins.
+        complexity_tolerance: relative loss slack (on top of one standard error of the best loss) within which the
+            simplest candidate wins.
         tidy: snap the chosen formula's constants to short values when that does not hurt the fit.
         max_time: seconds (None: no limit), a soft limit on a fit: refinement stops at its next checkpoint once
             the time since ``fit`` began is spent (candidates still running keep their best constants so far).
@@ -472,23 +476,28 @@ class SymbolicTransformerRegressor:
         y = p.y_N
         var_sel = max(float(np.var(y[p.select])), 1e-300)
         sst = float(np.sum((y - y.mean()) ** 2))
-        rows = []
+        rows, standard_errors = [], []
         for cand, expr in zip(pool, refined):
             pred = expr.evaluate_numpy(p.z_NxK)
             with np.errstate(all="ignore"):
-                loss = float(np.mean((pred[p.select] - y[p.select]) ** 2) / var_sel)
+                sq = (pred[p.select] - y[p.select]) ** 2 / var_sel
+                loss = float(np.mean(sq))
                 r2 = float(1.0 - np.sum((pred - y) ** 2) / sst)
+                standard_errors.append(float(np.std(sq) / np.sqrt(len(sq))))
             if not np.isfinite(loss):
                 loss, r2 = float("inf"), float("nan")
             rows.append((expr, cand.source, expr.n_nodes, loss, r2))
+        best = int(np.argmin([r[3] for r in rows]))
+        best_loss, best_se = rows[best][3], standard_errors[best]
         rows.sort(key=lambda r: (r[2], r[3]))
         pareto, best_so_far = [], float("inf")
         for r in rows:  # sorted by complexity: on the front iff strictly better than everything simpler
             pareto.append(r[3] < best_so_far)
             best_so_far = min(best_so_far, r[3])
         equations = [Equation(e, s, c, l, r2, f, p.transform) for (e, s, c, l, r2), f in zip(rows, pareto)]
-        best_loss = min(e.loss for e in equations)
-        limit = best_loss * (1.0 + float(self.complexity_tolerance)) + _ABS_TOLERANCE
+        # one-standard-error rule: the best loss is an estimate from the selection rows; anything within its
+        # standard error (and the relative tolerance) fits as well as the rows can tell, and the simplest such wins
+        limit = best_loss * (1.0 + float(self.complexity_tolerance)) + best_se + _ABS_TOLERANCE
         chosen = next(e for e in equations if e.loss <= limit) if np.isfinite(best_loss) else equations[0]
         expr = chosen.sympy()
         if self.tidy and np.isfinite(best_loss):
@@ -618,23 +627,41 @@ def _column_fn(expr: sympy.Expr, symbols: Sequence[sympy.Symbol], xp) -> Callabl
 
 
 def _tidy(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray) -> sympy.Expr:
-    """Snap constants to 0 or to few significant digits while the MSE / var(y) on (z, y) stays within 0.1% (+1e-10).
+    """Snap constants to 0 or to few significant digits while the fit on (z, y) stays as good as the data can tell:
+    each snapped constant (a free constant fewer) may raise MSE / var(y) by the BIC's factor N**(1/N) ~ 1 + ln(N)/N
+    for N rows (2.7% at 200 rows), and all of them together by at least 0.1%, plus 1e-10. On noise-free data the
+    unsnapped loss is tiny and the 1e-10 is what counts; on noisy data a constant the noise moved (0.013 for an
+    offset that is 0) can go back to its short value.
     Repeated (at most 3 passes) while it changes something: snapping can let sympy merge constants into new ones
     (0.166*(1.74*x - 6e-17)**2 becomes 0.500001*x**2 once the -6e-17 is 0), which the next pass snaps in turn."""
-    allowed = None  # from the unsnapped formula's loss, so that the passes together stay within the tolerance
+    budget = None  # from the unsnapped formula's loss, so that the passes together stay within the tolerance
     for _ in range(3):
-        tidied, allowed = _tidy_once(expr, t, z, y, allowed)
+        tidied, budget = _tidy_once(expr, t, z, y, budget)
         if tidied == expr:
             break
         expr = tidied
     return expr
 
 
-def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, allowed) -> tuple:
-    """One pass of ``_tidy``: (the snapped formula, the loss allowed: given, or the 0.1% (+1e-10) above this one's)."""
+class _TidyBudget(NamedTuple):
+    """How far ``_tidy`` may raise MSE / var(y): ``allowed(m)`` once ``m`` constants are snapped in all."""
+
+    unsnapped_loss: float
+    n_rows: int
+    snapped: int = 0
+
+    def allowed(self, m: int) -> float:
+        per_constant = self.n_rows ** (1.0 / self.n_rows)  # BIC: N ln(MSE'/MSE) <= ln N per free constant fewer
+        return self.unsnapped_loss * max(1.001, per_constant ** m) + 1e-10
+
+
+def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray,
+               budget: Optional[_TidyBudget]) -> tuple:
+    """One pass of ``_tidy``: (the snapped formula, the budget: given, or from this formula's loss, with the
+    constants this pass snapped counted)."""
     floats = sorted(expr.atoms(sympy.Float), key=lambda f: -abs(float(f)))
     if not floats:
-        return expr, allowed
+        return expr, budget
     params = [sympy.Dummy() for _ in floats]
     template = expr.xreplace(dict(zip(floats, params)))
     x_user = z * np.asarray(t.scale) + np.asarray(t.mean)
@@ -645,17 +672,16 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
         """Loss per row of trial values (each entry of ``values``: a scalar or a (T, 1) column of trials)."""
         with np.errstate(all="ignore"):
             env = {p: np.asarray(v, np.float64) for p, v in zip(params, values)}
-            pred = evaluate_sympy(template, {**columns, **env})
-            pred = np.asarray(pred, np.float64)
+            pred = np.asarray(evaluate_sympy(template, {**columns, **env}), np.float64)
             v = np.mean((pred - y) ** 2, axis=-1) / var
         return np.where(np.isfinite(v), v, np.inf)
 
     values = [float(f) for f in floats]
-    if allowed is None:
+    if budget is None:
         ref = float(losses(values))
         if not np.isfinite(ref):
-            return expr, allowed
-        allowed = ref * 1.001 + 1e-10  # R² moves by at most ~1e-10: invisible, and lets near-zero terms go
+            return expr, budget
+        budget = _TidyBudget(ref, len(y))
     pi_forms = {}  # parameter index -> (k, e) where the snapped value is written k * pi**e
     for i, v in enumerate(values):
         trials = [(t, 0) for t in [0.0] + [float(f"{v:.{k - 1}e}") for k in range(1, 7)]]  # (k, e): k * pi**e
@@ -666,9 +692,14 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
         if not trials:
             continue
         trial_values = np.array([k * np.pi ** e for k, e in trials])[:, None]
-        ok = np.flatnonzero(losses(values[:i] + [trial_values] + values[i + 1:]) <= allowed)
+        # 0, 1-3 significant digits (the first 4 trials) or k * pi**e: a free constant fewer; 4-6 digits: only
+        # within the budget so far
+        short = np.array([j < 4 or e != 0 for j, (_, e) in enumerate(trials)])
+        limit = np.where(short, budget.allowed(budget.snapped + 1), budget.allowed(budget.snapped))
+        ok = np.flatnonzero(losses(values[:i] + [trial_values] + values[i + 1:]) <= limit)
         if len(ok):
             values[i] = float(trial_values[ok[0], 0])
+            budget = budget._replace(snapped=budget.snapped + int(short[ok[0]]))
             if trials[ok[0]][1]:
                 pi_forms[i] = trials[ok[0]]
 
@@ -676,7 +707,7 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
         k, e = pi_forms.get(i, (v, 0))
         return _sympy_number(k) * sympy.pi ** e if e else _sympy_number(v)
 
-    return template.xreplace({p: written(i, v) for i, (p, v) in enumerate(zip(params, values))}), allowed
+    return template.xreplace({p: written(i, v) for i, (p, v) in enumerate(zip(params, values))}), budget
 
 
 def _pi_forms(v: float) -> list[tuple[float, int]]:

@@ -123,7 +123,9 @@ def test_noisy_data_tidying_keeps_the_fit():
     y = Y1 + 0.05 * np.random.default_rng(3).normal(size=len(Y1))
     est = small().fit(X1, y)
     r2_best = est.best_.r2
-    assert est.score(X1, y) >= r2_best - 1e-3 * (1 - r2_best) - 1e-12  # within 0.1% of the loss
+    n_constants = len(est.best_.sympy().atoms(sympy.Float))
+    allowance = max(1.001, len(y) ** (n_constants / len(y)))  # the BIC's factor per snapped constant, at most
+    assert 1 - est.score(X1, y) <= (1 - r2_best) * allowance + 1e-10
     assert sympy_nodes(est.expression_) <= sympy_nodes(est.best_.sympy())
     assert est.score(X1, Y1) > 0.999
 
@@ -319,3 +321,45 @@ def test_tidy_snaps_constants_to_short_multiples_of_powers_of_pi():
     w = sympy.Symbol("w")
     fitted = 1 / (sympy.exp(sympy.Float(0.1591549431) * w) - 1) + sympy.Float(0.2500000001) * w
     assert str(_tidy(fitted, t, x[:, None], y)) == "0.25*w + 1/(exp(0.5*w/pi) - 1)"
+
+
+def test_selection_keeps_the_simpler_formula_within_one_standard_error():
+    """On noisy data a formula with an extra term fitted to the selection rows always scores a little better there;
+    within one standard error of the best selection loss the simpler formula wins (with no relative tolerance the
+    rule would otherwise take the more complex one)."""
+    from sr_jax.candidates import Candidate
+    from sr_jax.expressions import Expression
+
+    rng = np.random.default_rng(11)
+    x = rng.uniform(1, 5, (200, 1))
+    y = 2 * x[:, 0] + 1 + 0.3 * rng.normal(size=200)
+    est = small(complexity_tolerance=0.0)
+    p = est._prepare(x, y, ["x_0"], 0)
+    z = p.z_NxK[:, 0]
+    simple = np.polyfit(z[p.train], y[p.train], 1)  # what refinement gives the linear candidate
+    extra = np.polyfit(z[p.select], y[p.select], 2)  # a quadratic fitted to the selection rows: lower loss there
+    lin = Expression(["add", "mul", float(simple[0]), "x_0", float(simple[1])])
+    quad = Expression(["add", "add", "mul", float(extra[0]), "pow2", "x_0", "mul", float(extra[1]), "x_0",
+                       float(extra[2])])
+    pool = [Candidate(lin, "basis"), Candidate(quad, "basis")]
+    equations, chosen, _ = est._select(p, pool, [lin, quad])
+    losses = {e.complexity: e.loss for e in equations}
+    assert losses[quad.n_nodes] < losses[lin.n_nodes]  # the quadratic is better on the selection rows ...
+    assert chosen.expression is lin  # ... but not by a standard error
+
+
+def test_tidy_snaps_a_noise_driven_offset():
+    """A least-squares line through noisy y = 2 v has an offset of -0.0044 that the noise put there: within the
+    BIC's allowance per snapped constant (2.7% of the loss at 200 rows) both constants go to their short values
+    (the former fixed 0.1% kept 2.00013*v - 0.00441)."""
+    from sr_jax.estimator import _tidy, _TidyBudget, _Transform
+
+    rng = np.random.default_rng(7)
+    v = rng.uniform(1, 5, 200)
+    y = 2 * v + 0.01 * np.sqrt(np.mean((2 * v) ** 2)) * rng.normal(size=200)
+    a, b = np.polyfit(v, y, 1)
+    fitted = sympy.Float(a) * sympy.Symbol("v") + sympy.Float(b)
+    assert str(_tidy(fitted, _Transform((0,), (0.0,), (1.0,), ("v",)), v[:, None], y)) == "2*v"
+    budget = _TidyBudget(1.0, 200)
+    assert budget.allowed(0) == pytest.approx(1.001 + 1e-10)
+    assert budget.allowed(2) / budget.allowed(1) == pytest.approx(200 ** (1 / 200), rel=1e-9)

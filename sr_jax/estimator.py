@@ -26,15 +26,15 @@ Pipeline of one ``fit`` (spec sections 6-7, with the original's bugs fixed):
    their losses are where they stopped.
 5. Selection: every refined candidate is evaluated in float64 on all rows. Its ``loss`` is MSE / var(y) on the
    held-out rows (on the training rows when none are held out). Among the candidates with
-   ``loss <= best * (1 + complexity_tolerance) + se + 1e-9``, with ``se`` the standard error of the best loss (of
-   its mean over the rows: the one-standard-error rule, so noise alone does not pick a longer formula), the one
-   with the fewest prefix nodes wins (then the lowest loss).
+   ``loss <= best * (1 + complexity_tolerance) + 1e-9``, or whose per-row squared errors exceed the best's by no
+   more than one standard error of their paired difference (so noise alone does not pick a longer formula), the
+   one with the fewest prefix nodes wins (then the lowest loss).
 6. The winner is written in the user's units and names: every z_i becomes (x_k - mean_k) / scale_k with x_k the
    user's feature (a sympy Symbol named after the DataFrame column or ``feature_names``; ``x_k`` by default, k the
    user's column index). With ``tidy=True`` the formula and its expansion (products and integer powers of sums
    multiplied out) have their constants snapped, one at a time, to 0 or to the fewest significant digits (1..6) that
-   keep the MSE / var(y) on all rows within the BIC's allowance of the unsnapped value (a factor N**(1/N) per
-   constant snapped to 0, 1-3 digits or a multiple of pi: 2.7% each at 200 rows; at least 0.1% in all; +1e-10) —
+   keep the MSE / var(y) on all rows, all snaps together, within the BIC's price of one constant of the unsnapped
+   value (a factor N**(1/N): 2.7% at 200 rows; at least 0.1%; +1e-10) —
    trying short multiples of pi**e (e in -3..3, e.g. 0.5/pi, 4*pi) after 3 digits and before 4 —, integral
    constants become integers, and the form with fewer nodes is kept (so a noise-free 2.5*sin(x) + x**2 reads as
    exactly that, and a noisy fit's offsets that only the noise put there go to 0).
@@ -58,7 +58,7 @@ import inspect
 import os
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import sympy
@@ -266,8 +266,8 @@ class SymbolicTransformerRegressor:
         max_refine_points: training rows used by refinement.
         refine_iterations: BFGS evaluations per candidate.
         validation_fraction: share of rows held out for selection (when there are at least 40 rows).
-        complexity_tolerance: relative loss slack (on top of one standard error of the best loss) within which the
-            simplest candidate wins.
+        complexity_tolerance: relative loss slack within which the simplest candidate wins (a candidate not worse
+            than the best by more than one standard error of their paired per-row difference counts as well).
         tidy: snap the chosen formula's constants to short values when that does not hurt the fit.
         max_time: seconds (None: no limit), a soft limit on a fit: refinement stops at its next checkpoint once
             the time since ``fit`` began is spent (candidates still running keep their best constants so far).
@@ -476,29 +476,37 @@ class SymbolicTransformerRegressor:
         y = p.y_N
         var_sel = max(float(np.var(y[p.select])), 1e-300)
         sst = float(np.sum((y - y.mean()) ** 2))
-        rows, standard_errors = [], []
+        rows = []
         for cand, expr in zip(pool, refined):
             pred = expr.evaluate_numpy(p.z_NxK)
             with np.errstate(all="ignore"):
-                sq = (pred[p.select] - y[p.select]) ** 2 / var_sel
+                sq = (pred[p.select] - y[p.select]) ** 2 / var_sel  # per selection row
                 loss = float(np.mean(sq))
                 r2 = float(1.0 - np.sum((pred - y) ** 2) / sst)
-                standard_errors.append(float(np.std(sq) / np.sqrt(len(sq))))
             if not np.isfinite(loss):
                 loss, r2 = float("inf"), float("nan")
-            rows.append((expr, cand.source, expr.n_nodes, loss, r2))
-        best = int(np.argmin([r[3] for r in rows]))
-        best_loss, best_se = rows[best][3], standard_errors[best]
+            rows.append((expr, cand.source, expr.n_nodes, loss, r2, sq))
+        best_loss = min(r[3] for r in rows)
+        best_sq = next(r[5] for r in rows if r[3] == best_loss)
         rows.sort(key=lambda r: (r[2], r[3]))
         pareto, best_so_far = [], float("inf")
         for r in rows:  # sorted by complexity: on the front iff strictly better than everything simpler
             pareto.append(r[3] < best_so_far)
             best_so_far = min(best_so_far, r[3])
-        equations = [Equation(e, s, c, l, r2, f, p.transform) for (e, s, c, l, r2), f in zip(rows, pareto)]
-        # one-standard-error rule: the best loss is an estimate from the selection rows; anything within its
-        # standard error (and the relative tolerance) fits as well as the rows can tell, and the simplest such wins
-        limit = best_loss * (1.0 + float(self.complexity_tolerance)) + best_se + _ABS_TOLERANCE
-        chosen = next(e for e in equations if e.loss <= limit) if np.isfinite(best_loss) else equations[0]
+        equations = [Equation(e, s, c, l, r2, f, p.transform) for (e, s, c, l, r2, _), f in zip(rows, pareto)]
+
+        def as_good(row) -> bool:
+            """Within the relative tolerance of the best loss, or not worse by more than one standard error of the
+            paired per-row difference (how much better the best really is on these rows; noise alone does not make
+            a longer formula win)."""
+            if row[3] <= best_loss * (1.0 + float(self.complexity_tolerance)) + _ABS_TOLERANCE:
+                return True
+            with np.errstate(all="ignore"):
+                d = row[5] - best_sq
+                return bool(np.isfinite(row[3]) and np.mean(d) <= np.std(d) / np.sqrt(len(d)))
+
+        chosen = (next(e for e, r in zip(equations, rows) if as_good(r)) if np.isfinite(best_loss)
+                  else equations[0])
         expr = chosen.sympy()
         if self.tidy and np.isfinite(best_loss):
             expanded = sympy.expand(expr, power_exp=False, power_base=False, log=False)
@@ -628,40 +636,37 @@ def _column_fn(expr: sympy.Expr, symbols: Sequence[sympy.Symbol], xp) -> Callabl
 
 def _tidy(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray) -> sympy.Expr:
     """Snap constants to 0 or to few significant digits while the fit on (z, y) stays as good as the data can tell:
-    each snapped constant (a free constant fewer) may raise MSE / var(y) by the BIC's factor N**(1/N) ~ 1 + ln(N)/N
-    for N rows (2.7% at 200 rows), and all of them together by at least 0.1%, plus 1e-10. On noise-free data the
-    unsnapped loss is tiny and the 1e-10 is what counts; on noisy data a constant the noise moved (0.013 for an
-    offset that is 0) can go back to its short value.
+    all snaps together may raise MSE / var(y) by ``_tidy_allowance`` (the BIC's price of one free constant: 2.7% at
+    200 rows), plus 1e-10. On noise-free data the unsnapped loss is tiny and the 1e-10 is what counts; on noisy data
+    a constant the noise moved (0.013 for an offset that is 0) can go back to its short value. One constant's price
+    for all of them, not one each: on noisy data snapping many constants at one price each moved the formula
+    measurably away from the truth.
     Repeated (at most 3 passes) while it changes something: snapping can let sympy merge constants into new ones
     (0.166*(1.74*x - 6e-17)**2 becomes 0.500001*x**2 once the -6e-17 is 0), which the next pass snaps in turn."""
-    budget = None  # from the unsnapped formula's loss, so that the passes together stay within the tolerance
+    allowed = None  # from the unsnapped formula's loss, so that the passes together stay within the tolerance
     for _ in range(3):
-        tidied, budget = _tidy_once(expr, t, z, y, budget)
-        if tidied == expr:
-            break
+        tidied, allowed = _tidy_once(expr, t, z, y, allowed)
+        if tidied == expr or not _tidy_loss(tidied, t, z, y) <= allowed:  # sympy's merging of the snapped
+            break  # constants (at their few digits' precision) can move the formula: then the pass is not kept
         expr = tidied
     return expr
 
 
-class _TidyBudget(NamedTuple):
-    """How far ``_tidy`` may raise MSE / var(y): ``allowed(m)`` once ``m`` constants are snapped in all."""
-
-    unsnapped_loss: float
-    n_rows: int
-    snapped: int = 0
-
-    def allowed(self, m: int) -> float:
-        per_constant = self.n_rows ** (1.0 / self.n_rows)  # BIC: N ln(MSE'/MSE) <= ln N per free constant fewer
-        return self.unsnapped_loss * max(1.001, per_constant ** m) + 1e-10
+def _tidy_loss(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray) -> float:
+    """MSE / var(y) of a user-space formula on the standardised rows ``z``."""
+    x_user = z * np.asarray(t.scale) + np.asarray(t.mean)
+    with np.errstate(all="ignore"):
+        pred = evaluate_sympy(expr, {t.symbols[c]: x_user[:, i] for i, c in enumerate(t.columns)})
+        loss = float(np.mean((np.asarray(pred, np.float64) - y) ** 2) / max(float(np.var(y)), 1e-300))
+    return loss if np.isfinite(loss) else float("inf")
 
 
-def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray,
-               budget: Optional[_TidyBudget]) -> tuple:
-    """One pass of ``_tidy``: (the snapped formula, the budget: given, or from this formula's loss, with the
-    constants this pass snapped counted)."""
+def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, allowed) -> tuple:
+    """One pass of ``_tidy``: (the snapped formula, the loss allowed: given, or ``_tidy_allowance`` above this
+    one's)."""
     floats = sorted(expr.atoms(sympy.Float), key=lambda f: -abs(float(f)))
     if not floats:
-        return expr, budget
+        return expr, allowed
     params = [sympy.Dummy() for _ in floats]
     template = expr.xreplace(dict(zip(floats, params)))
     x_user = z * np.asarray(t.scale) + np.asarray(t.mean)
@@ -677,11 +682,11 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray,
         return np.where(np.isfinite(v), v, np.inf)
 
     values = [float(f) for f in floats]
-    if budget is None:
+    if allowed is None:
         ref = float(losses(values))
         if not np.isfinite(ref):
-            return expr, budget
-        budget = _TidyBudget(ref, len(y))
+            return expr, allowed
+        allowed = ref * _tidy_allowance(len(y)) + 1e-10
     pi_forms = {}  # parameter index -> (k, e) where the snapped value is written k * pi**e
     for i, v in enumerate(values):
         trials = [(t, 0) for t in [0.0] + [float(f"{v:.{k - 1}e}") for k in range(1, 7)]]  # (k, e): k * pi**e
@@ -692,14 +697,9 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray,
         if not trials:
             continue
         trial_values = np.array([k * np.pi ** e for k, e in trials])[:, None]
-        # 0, 1-3 significant digits (the first 4 trials) or k * pi**e: a free constant fewer; 4-6 digits: only
-        # within the budget so far
-        short = np.array([j < 4 or e != 0 for j, (_, e) in enumerate(trials)])
-        limit = np.where(short, budget.allowed(budget.snapped + 1), budget.allowed(budget.snapped))
-        ok = np.flatnonzero(losses(values[:i] + [trial_values] + values[i + 1:]) <= limit)
+        ok = np.flatnonzero(losses(values[:i] + [trial_values] + values[i + 1:]) <= allowed)
         if len(ok):
             values[i] = float(trial_values[ok[0], 0])
-            budget = budget._replace(snapped=budget.snapped + int(short[ok[0]]))
             if trials[ok[0]][1]:
                 pi_forms[i] = trials[ok[0]]
 
@@ -707,7 +707,13 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray,
         k, e = pi_forms.get(i, (v, 0))
         return _sympy_number(k) * sympy.pi ** e if e else _sympy_number(v)
 
-    return template.xreplace({p: written(i, v) for i, (p, v) in enumerate(zip(params, values))}), budget
+    return template.xreplace({p: written(i, v) for i, (p, v) in enumerate(zip(params, values))}), allowed
+
+
+def _tidy_allowance(n_rows: int) -> float:
+    """Factor by which tidying may raise MSE / var(y) on ``n_rows`` rows, all snaps together: the BIC's price of one
+    free constant, N**(1/N) ~ 1 + ln(N)/N (2.7% at 200 rows), and at least 0.1%."""
+    return max(1.001, n_rows ** (1.0 / n_rows))
 
 
 def _pi_forms(v: float) -> list[tuple[float, int]]:

@@ -37,7 +37,7 @@ Pipeline of one ``fit`` (spec sections 6-7, with the original's bugs fixed):
    value (a factor N**(1/N): 2.7% at 200 rows; at least 0.1%; +1e-10) —
    trying short multiples of pi**e (e in -3..3, e.g. 0.5/pi, 4*pi) after 3 digits and before 4 —, integral
    constants become integers, and the form with fewer nodes is kept (so a noise-free 2.5*sin(x) + x**2 reads as
-   exactly that, and a noisy fit's offsets that only the noise put there go to 0).
+   exactly that, and an offset that only the noise put there can go to 0).
 
 Batched fitting: ``fit([X_1, ..., X_B], [y_1, ..., y_B])`` runs steps 1-6 for every dataset with ONE decoding call
 and ONE refinement call; every fitted attribute becomes a list with one entry per dataset and ``predict``/``score``
@@ -58,7 +58,7 @@ import inspect
 import os
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import sympy
@@ -130,6 +130,17 @@ class Equation:
 
     def sympy(self) -> sympy.Expr:
         return self.transform.to_user(self.expression)
+
+
+class _Scored(NamedTuple):
+    """A refined candidate as selection sees it (``sq_S``: its squared error / var(y) per selection row)."""
+
+    expression: Expression
+    source: str
+    complexity: int
+    loss: float
+    r2: float
+    sq_S: np.ndarray
 
 
 # ----- validation --------------------------------------------------------------------------------------------------
@@ -480,35 +491,35 @@ class SymbolicTransformerRegressor:
         for cand, expr in zip(pool, refined):
             pred = expr.evaluate_numpy(p.z_NxK)
             with np.errstate(all="ignore"):
-                sq = (pred[p.select] - y[p.select]) ** 2 / var_sel  # per selection row
-                loss = float(np.mean(sq))
+                sq_S = (pred[p.select] - y[p.select]) ** 2 / var_sel
+                loss = float(np.mean(sq_S))
                 r2 = float(1.0 - np.sum((pred - y) ** 2) / sst)
             if not np.isfinite(loss):
                 loss, r2 = float("inf"), float("nan")
-            rows.append((expr, cand.source, expr.n_nodes, loss, r2, sq))
-        best_loss = min(r[3] for r in rows)
-        best_sq = next(r[5] for r in rows if r[3] == best_loss)
-        rows.sort(key=lambda r: (r[2], r[3]))
+            rows.append(_Scored(expr, cand.source, expr.n_nodes, loss, r2, sq_S))
+        best = min(rows, key=lambda r: r.loss)
+        rows.sort(key=lambda r: (r.complexity, r.loss))
         pareto, best_so_far = [], float("inf")
         for r in rows:  # sorted by complexity: on the front iff strictly better than everything simpler
-            pareto.append(r[3] < best_so_far)
-            best_so_far = min(best_so_far, r[3])
-        equations = [Equation(e, s, c, l, r2, f, p.transform) for (e, s, c, l, r2, _), f in zip(rows, pareto)]
+            pareto.append(r.loss < best_so_far)
+            best_so_far = min(best_so_far, r.loss)
+        equations = [Equation(r.expression, r.source, r.complexity, r.loss, r.r2, f, p.transform)
+                     for r, f in zip(rows, pareto)]
 
-        def as_good(row) -> bool:
+        def as_good(r: _Scored) -> bool:
             """Within the relative tolerance of the best loss, or not worse by more than one standard error of the
             paired per-row difference (how much better the best really is on these rows; noise alone does not make
             a longer formula win)."""
-            if row[3] <= best_loss * (1.0 + float(self.complexity_tolerance)) + _ABS_TOLERANCE:
+            if r.loss <= best.loss * (1.0 + float(self.complexity_tolerance)) + _ABS_TOLERANCE:
                 return True
             with np.errstate(all="ignore"):
-                d = row[5] - best_sq
-                return bool(np.isfinite(row[3]) and np.mean(d) <= np.std(d) / np.sqrt(len(d)))
+                d_S = r.sq_S - best.sq_S
+                return bool(np.isfinite(r.loss) and np.mean(d_S) <= np.std(d_S) / np.sqrt(len(d_S)))
 
-        chosen = (next(e for e, r in zip(equations, rows) if as_good(r)) if np.isfinite(best_loss)
+        chosen = (next(e for e, r in zip(equations, rows) if as_good(r)) if np.isfinite(best.loss)
                   else equations[0])
         expr = chosen.sympy()
-        if self.tidy and np.isfinite(best_loss):
+        if self.tidy and np.isfinite(best.loss):
             expanded = sympy.expand(expr, power_exp=False, power_base=False, log=False)
             forms = [expr] + ([expanded] if expanded != expr else [])
             expr = min((_tidy(f, p.transform, p.z_NxK, y) for f in forms), key=sympy_nodes)
@@ -652,13 +663,15 @@ def _tidy(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray) -> symp
     return expr
 
 
-def _tidy_loss(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray) -> float:
-    """MSE / var(y) of a user-space formula on the standardised rows ``z``."""
+def _tidy_loss(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, env: Optional[dict] = None):
+    """MSE / var(y) of a user-space formula on the standardised rows ``z`` (inf where not finite). ``env`` gives
+    values of other symbols of ``expr``: scalars, or (T, 1) columns of trial values for a (T,) array of losses."""
     x_user = z * np.asarray(t.scale) + np.asarray(t.mean)
+    columns = {t.symbols[c]: x_user[:, i] for i, c in enumerate(t.columns)}
     with np.errstate(all="ignore"):
-        pred = evaluate_sympy(expr, {t.symbols[c]: x_user[:, i] for i, c in enumerate(t.columns)})
-        loss = float(np.mean((np.asarray(pred, np.float64) - y) ** 2) / max(float(np.var(y)), 1e-300))
-    return loss if np.isfinite(loss) else float("inf")
+        pred = np.asarray(evaluate_sympy(expr, {**columns, **(env or {})}), np.float64)
+        v = np.mean((pred - y) ** 2, axis=-1) / max(float(np.var(y)), 1e-300)
+    return np.where(np.isfinite(v), v, np.inf)
 
 
 def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, allowed) -> tuple:
@@ -669,17 +682,10 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
         return expr, allowed
     params = [sympy.Dummy() for _ in floats]
     template = expr.xreplace(dict(zip(floats, params)))
-    x_user = z * np.asarray(t.scale) + np.asarray(t.mean)
-    columns = {t.symbols[c]: x_user[:, i] for i, c in enumerate(t.columns)}
-    var = max(float(np.var(y)), 1e-300)
 
     def losses(values: list) -> np.ndarray:
         """Loss per row of trial values (each entry of ``values``: a scalar or a (T, 1) column of trials)."""
-        with np.errstate(all="ignore"):
-            env = {p: np.asarray(v, np.float64) for p, v in zip(params, values)}
-            pred = np.asarray(evaluate_sympy(template, {**columns, **env}), np.float64)
-            v = np.mean((pred - y) ** 2, axis=-1) / var
-        return np.where(np.isfinite(v), v, np.inf)
+        return _tidy_loss(template, t, z, y, {p: np.asarray(v, np.float64) for p, v in zip(params, values)})
 
     values = [float(f) for f in floats]
     if allowed is None:

@@ -40,6 +40,9 @@ def _parser() -> OneLineParser:
                         "set for choosing among runs")
     e.add_argument("--average-last", type=int_at_least(1), default=1, metavar="N",
                    help="evaluate the mean parameters of the workdir's newest N checkpoints (default 1: the newest)")
+    e.add_argument("--errors", type=int_at_least(0), metavar="N",
+                   help="add a breakdown of the wrong answers of the grid and of the sweep (wrong tokens per answer, "
+                        "answer positions, cells) with N example problems each")
     e.add_argument("--json", help="write the report here")
     e.add_argument("--plot", help="write the heatmap PNG here")
 
@@ -134,7 +137,7 @@ def _eval(args) -> None:
         check_writable(plot.with_name(plot.stem + "_sweep.png"), "--plot (its sweep figure)")
     report = run_evaluation(model, params, cfg.data.task, cfg.data.max_len, max_len, n, sweep, args.json, args.plot,
                             batch_size=cfg.eval.batch_size, recurrences=recurrences,
-                            seed=cfg.eval.seed if args.seed is None else args.seed)
+                            seed=cfg.eval.seed if args.seed is None else args.seed, errors=args.errors)
     summary = {k: v for k, v in report.items() if k not in ("grid", "top1_grid")}
     print(json.dumps(summary, indent=1))
 

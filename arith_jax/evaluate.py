@@ -5,6 +5,9 @@ place (spec §6.2; for sorting this is stricter than the original, which ignored
 original's top-1 accuracy (spec §6.3): whether the first answer token, the label of the smallest number, is right. Problems are padded into
 prompt-length buckets (powers of two) and decoded in fixed-size batches, so a whole grid compiles one program per
 bucket, and every answer is the one its prompt gets decoded alone at its exact length.
+
+`run_evaluation(..., errors=N)` adds an error breakdown of the grid's wrong answers (`error_breakdown`): how many
+answer tokens each got wrong, at which answer positions, and N examples with prompt, expected and generated text.
 """
 
 from __future__ import annotations
@@ -107,10 +110,19 @@ def cell_problems(task: str, la: int, lb: int, n: int, seed: int):
     return prompts, targets
 
 
-def score_cells(model: ArithModel, params, task: str, cells: list[tuple[int, int]], n: int, *, seed: int = 1234,
-                batch_size: int = 256, recurrences: int | None = None, progress: bool = True) -> dict:
-    """{(la, lb): CellScore} for each cell, all cells decoded together (padded into prompt-length buckets); `seed`
-    draws the problems and keys the initial-state noise of a model with `eval_init_noise`."""
+class Decoded(NamedTuple):
+    """Per problem, in the same order: its cell, prompt ids (no padding), target ids (EOS last) and generation."""
+
+    cells: list[tuple[int, int]]
+    prompts: list[np.ndarray]
+    targets: list[list[int]]
+    generated: list[np.ndarray]
+
+
+def decode_cells(model: ArithModel, params, task: str, cells: list[tuple[int, int]], n: int, *, seed: int = 1234,
+                 batch_size: int = 256, recurrences: int | None = None, progress: bool = True) -> Decoded:
+    """Draw `n` problems per cell (`seed`) and decode them all together (padded into prompt-length buckets); `seed`
+    also keys the initial-state noise of a model with `eval_init_noise`."""
     prompts, targets, max_new, owner = [], [], [], []
     for cell in cells:
         p, t = cell_problems(task, *cell, n, seed)
@@ -120,12 +132,59 @@ def score_cells(model: ArithModel, params, task: str, cells: list[tuple[int, int
         owner += [cell] * len(p)
     gens = solve_prompts(model, params, prompts, max_new, batch_size=batch_size, recurrences=recurrences,
                          progress=progress, desc="eval", noise_seed=seed)
+    return Decoded(owner, prompts, targets, gens)
+
+
+def cell_scores(decoded: Decoded) -> dict:
+    """{(la, lb): CellScore} of decoded problems."""
     exact: dict = defaultdict(list)
     top1: dict = defaultdict(list)
-    for cell, g, t in zip(owner, gens, targets):
+    for cell, g, t in zip(decoded.cells, decoded.generated, decoded.targets):
         exact[cell].append(bool(exact_match(g[None], [t])[0]))
         top1[cell].append(bool(top1_match(g[None], [t])[0]))
     return {cell: CellScore(float(np.mean(exact[cell])), float(np.mean(top1[cell]))) for cell in exact}
+
+
+def score_cells(model: ArithModel, params, task: str, cells: list[tuple[int, int]], n: int, **kw) -> dict:
+    """{(la, lb): CellScore} for each cell (`decode_cells`' options)."""
+    return cell_scores(decode_cells(model, params, task, cells, n, **kw))
+
+
+def error_breakdown(decoded: Decoded, task: str, examples: int = 10) -> dict:
+    """What the wrong answers got wrong.
+
+    Positions are 1-based answer tokens in the order the model writes them; for addition and multiplication the
+    answer is written least significant digit first, so position p is the digit of 10^(p-1). A token past the
+    target's EOS is not compared; a missing or early EOS counts at the EOS's position.
+
+    Returns {"problems", "wrong", "by_wrong_tokens": {count: problems}, "by_position": {position: problems},
+    "by_cell": {"la,lb": wrong}, "examples": [{"cell", "prompt", "expected", "generated", "positions"}]}; the
+    examples are the first `examples` wrong answers in cell order.
+    """
+    tok = Tokenizer.for_task(task)
+    by_count: dict = defaultdict(int)
+    by_position: dict = defaultdict(int)
+    by_cell: dict = defaultdict(int)
+    shown = []
+    wrong = 0
+    for cell, prompt, t, g in zip(*decoded):
+        if exact_match(g[None], [t])[0]:
+            continue
+        wrong += 1
+        got = np.full(len(t), -1, np.int64)
+        got[:min(len(t), len(g))] = g[:len(t)]
+        positions = [int(p) + 1 for p in np.flatnonzero(got != np.asarray(t))]
+        by_count[len(positions)] += 1
+        for p in positions:
+            by_position[p] += 1
+        by_cell[f"{cell[0]},{cell[1]}"] += 1
+        if len(shown) < examples:
+            shown.append({"cell": list(cell), "prompt": tok.decode(prompt), "expected": tok.decode(t),
+                          "generated": tok.decode(g), "positions": positions})
+    return {"problems": len(decoded.targets), "wrong": wrong,
+            "by_wrong_tokens": {str(k): by_count[k] for k in sorted(by_count)},
+            "by_position": {str(k): by_position[k] for k in sorted(by_position)},
+            "by_cell": dict(by_cell), "examples": shown}
 
 
 def accuracy_cells(model: ArithModel, params, task: str, cells: list[tuple[int, int]], n: int, **kw) -> dict:
@@ -138,22 +197,31 @@ def accuracy_grid(model: ArithModel, params, task: str, max_len: int, n: int, **
     return score_grids(model, params, task, max_len, n, **kw).exact
 
 
-def score_grids(model: ArithModel, params, task: str, max_len: int, n: int, **kw) -> CellScore:
-    """CellScore of two [max_len, max_len] arrays: exact-match and top-1 accuracy of every cell of the grid."""
-    cells = [(i, j) for i in range(1, max_len + 1) for j in range(1, max_len + 1)]
+def grid_cells(max_len: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(1, max_len + 1) for j in range(1, max_len + 1)]
+
+
+def _grid_arrays(scores: dict, max_len: int) -> CellScore:
     exact, top1 = np.zeros((max_len, max_len)), np.zeros((max_len, max_len))
-    for (i, j), score in score_cells(model, params, task, cells, n, **kw).items():
+    for (i, j), score in scores.items():
         exact[i - 1, j - 1], top1[i - 1, j - 1] = score
     return CellScore(exact, top1)
 
 
+def score_grids(model: ArithModel, params, task: str, max_len: int, n: int, **kw) -> CellScore:
+    """CellScore of two [max_len, max_len] arrays: exact-match and top-1 accuracy of every cell of the grid."""
+    return _grid_arrays(score_cells(model, params, task, grid_cells(max_len), n, **kw), max_len)
+
+
 def run_evaluation(model: ArithModel, params, task: str, train_len: int, max_len: int, n: int,
                    sweep: tuple[int, ...] = (), json_path: str | Path | None = None,
-                   plot_path: str | Path | None = None, **kw) -> dict:
+                   plot_path: str | Path | None = None, *, errors: int | None = None, **kw) -> dict:
     """Grid + sweep, summarised as in-distribution / out-of-distribution accuracy, written to JSON/PNG. Sorting
     adds the original's top-1 accuracy: `top1_grid`, `in_distribution_top1`, `out_of_distribution_top1` and
-    `sweep_top1`."""
-    grid, top1_grid = score_grids(model, params, task, max_len, n, **kw)
+    `sweep_top1`. With `errors` (a number of examples, 0 for none), `errors` and `sweep_errors` are the grid's and
+    the sweep's `error_breakdown`."""
+    decoded = decode_cells(model, params, task, grid_cells(max_len), n, **kw)
+    grid, top1_grid = _grid_arrays(cell_scores(decoded), max_len)
     ii, jj = np.meshgrid(np.arange(1, max_len + 1), np.arange(1, max_len + 1), indexing="ij")
     in_dist = (ii <= train_len) & (jj <= train_len)
     report = {
@@ -168,8 +236,13 @@ def run_evaluation(model: ArithModel, params, task: str, train_len: int, max_len
             "out_of_distribution_top1": float(top1_grid[~in_dist].mean()) if (~in_dist).any() else None,
             "top1_grid": top1_grid.tolist(),
         })
+    if errors is not None:
+        report["errors"] = error_breakdown(decoded, task, errors)
     if sweep:
-        scores = score_cells(model, params, task, [(s, s) for s in sweep], n, **kw)
+        decoded_sweep = decode_cells(model, params, task, [(s, s) for s in sweep], n, **kw)
+        scores = cell_scores(decoded_sweep)
+        if errors is not None:
+            report["sweep_errors"] = error_breakdown(decoded_sweep, task, errors)
         report["sweep"] = {str(s): scores[(s, s)].exact for s in sweep}
         if task == "sort":
             report["sweep_top1"] = {str(s): scores[(s, s)].top1 for s in sweep}

@@ -2,6 +2,7 @@
 bucket; solve_prompts answers as decoding each prompt alone."""
 
 import json
+from collections import Counter
 
 import jax
 import numpy as np
@@ -75,3 +76,49 @@ def test_oracle_model_scores_one(monkeypatch):
     monkeypatch.setattr(ev, "solve_prompts", oracle)
     grid = accuracy_grid(None, None, "add", 2, 3, progress=False)
     np.testing.assert_array_equal(grid, np.ones((2, 2)))
+
+
+def test_error_breakdown_counts_wrong_tokens_and_positions(monkeypatch):
+    """A decoder that breaks answer digit 2 of every second problem and the EOS of every third: the breakdown finds
+    exactly those problems, positions and counts, and the grid agrees with it."""
+    import arith_jax.evaluate as ev
+
+    real = ev.decode_cells
+
+    def damaged(model, params, task, cells, n, **kw):
+        decoded = real(model, params, task, cells, n, **kw)
+        generated = []
+        for i, t in enumerate(decoded.targets):
+            g = np.array(t + [PAD] * 3, np.int32)
+            if i % 2:
+                g[1] = 4 + (g[1] - 4 + 1) % 10   # answer position 2 (for addition, the tens digit)
+            if i % 3 == 0:
+                g[len(t) - 1] = 4                # the EOS replaced by a digit
+            generated.append(g)
+        return decoded._replace(generated=generated)
+
+    monkeypatch.setattr(ev, "solve_prompts", lambda m, p, prompts, max_new, **kw: [np.zeros(n, np.int32)
+                                                                                    for n in max_new])
+    monkeypatch.setattr(ev, "decode_cells", damaged)
+    report = ev.run_evaluation(None, None, "add", 2, 2, 6, sweep=(3,), errors=3, progress=False)
+    assert report["sweep_errors"]["problems"] == 6
+    assert report["sweep_errors"]["wrong"] == round(6 * (1 - report["sweep"]["3"]))
+    e = report["errors"]
+    decoded = damaged(None, None, "add", ev.grid_cells(2), 6, progress=False)
+    expected = {}  # problem -> wrong positions, from the damage rules alone
+    for i, t in enumerate(decoded.targets):
+        positions = ({2} if i % 2 else set()) | ({len(t)} if i % 3 == 0 else set())
+        if positions:
+            expected[i] = sorted(positions)
+    assert e["problems"] == 24 and e["wrong"] == len(expected)
+    assert e["wrong"] == round(24 * (1 - float(np.mean(report["grid"]))))
+    assert sum(e["by_cell"].values()) == e["wrong"]
+    assert e["by_wrong_tokens"] == {str(k): v for k, v in
+                                    sorted(Counter(len(p) for p in expected.values()).items())}
+    assert e["by_position"] == {str(k): v for k, v in
+                                sorted(Counter(q for p in expected.values() for q in p).items())}
+    first = min(expected)
+    assert len(e["examples"]) == 3 and e["examples"][0]["positions"] == expected[first]
+    tok = load_config(ArithConfig, TINY).data.tokenizer
+    assert e["examples"][0]["prompt"] == tok.decode(decoded.prompts[first]).strip()
+    assert e["examples"][0]["expected"] == tok.decode(decoded.targets[first])

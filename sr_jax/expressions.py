@@ -28,19 +28,19 @@ Token = Union[str, float]
 
 MAX_VARIABLES = 10
 VARIABLES = tuple(f"x_{i}" for i in range(MAX_VARIABLES))
-_VAR_RE = re.compile(r"^x_(\d+)$", re.ASCII)
+_VAR_INDEX = {v: i for i, v in enumerate(VARIABLES)}
 
 
 def variable_index(token: str) -> int | None:
     """Index of a variable token ``x_i`` (0 <= i < 10), else None."""
-    m = _VAR_RE.match(token)
-    if m is None:
-        return None
-    i = int(m.group(1))
-    return i if i < MAX_VARIABLES and token == f"x_{i}" else None
+    return _VAR_INDEX.get(token) if isinstance(token, str) else None
 
 
 def _check_token(tok, position: int) -> Token:
+    if type(tok) is float:  # the common cases first (same results as below)
+        return tok
+    if type(tok) is str and (tok in OPERATORS or tok in _VAR_INDEX):
+        return tok
     if isinstance(tok, (bool, np.bool_)):
         raise ValueError(f"token {tok!r} at position {position} is a bool, not an operator, variable or number")
     if isinstance(tok, (int, float, np.integer, np.floating)):
@@ -65,7 +65,7 @@ class Expression:
     Construction checks that the sequence is exactly one complete tree and names the offending token otherwise.
     """
 
-    __slots__ = ("tokens", "_hash")
+    __slots__ = ("tokens", "_hash", "_n_variables")
 
     def __init__(self, tokens: Iterable):
         toks = tuple(_check_token(t, i) for i, t in enumerate(tokens))
@@ -86,6 +86,7 @@ class Expression:
             )
         self.tokens: tuple[Token, ...] = toks
         self._hash = None
+        self._n_variables = None
 
     # ----- basic structure -------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -118,13 +119,15 @@ class Expression:
 
     @property
     def variables(self) -> tuple[int, ...]:
-        return tuple(sorted({variable_index(t) for t in self.tokens if isinstance(t, str) and t.startswith("x_")}))
+        return tuple(sorted({_VAR_INDEX[t] for t in set(self.tokens) if t in _VAR_INDEX}))
 
     @property
     def n_variables_needed(self) -> int:
         """Smallest input width D that can evaluate this expression (max variable index + 1)."""
-        v = self.variables
-        return v[-1] + 1 if v else 0
+        if self._n_variables is None:
+            v = self.variables
+            self._n_variables = v[-1] + 1 if v else 0
+        return self._n_variables
 
     def with_constants(self, values: Sequence[float]) -> "Expression":
         """Same structure with the constants replaced, in prefix order."""
@@ -133,7 +136,10 @@ class Expression:
         if len(values) != n:
             raise ValueError(f"expression has {n} constants, got {len(values)} values")
         it = iter(values)
-        return Expression([next(it) if isinstance(t, float) else t for t in self.tokens])
+        out = Expression.__new__(Expression)  # the same valid structure: no need to check it again
+        out.tokens = tuple(next(it) if type(t) is float else t for t in self.tokens)
+        out._hash, out._n_variables = None, self._n_variables
+        return out
 
     def skeleton(self) -> tuple:
         """Prefix tokens with every constant replaced by ``"CONSTANT"`` (used for deduplication)."""

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .expressions import Expression, variable_index
+from .expressions import _VAR_INDEX, Expression
 from .operators import BINARY_OPERATORS, CHEAP_OPERATORS, OPERATORS
 
 COMPILE_COUNTER = {"evaluate": 0, "refine": 0}
@@ -312,27 +312,35 @@ class _Parsed:
         return c
 
 
+_ARITY = {op: o.arity for op, o in OPERATORS.items()}
+
+
 def _parse(exprs: list[Expression], feature_offsets=None) -> _Parsed:
     p = _Parsed([], [], [], [], [])
+    nodes, consts, features = p.nodes, p.consts, p.features
+    arity, cheap, var_index = _ARITY, _CHEAP_CODE, _VAR_INDEX
     for i, e in enumerate(exprs):
         off = 0 if feature_offsets is None else int(feature_offsets[i])
-        n_c = sum(isinstance(t, float) for t in e.tokens)
+        n_c = sum(type(t) is float for t in e.tokens)  # Expression tokens: str or float
         j = n_c  # constants are numbered in prefix order; the walk below is reversed
         stack = []  # (_Ref, height)
         for t in reversed(e.tokens):
-            if isinstance(t, float):
+            if type(t) is float:
                 j -= 1
-                p.consts.append(_Const(i, j, t))
-                stack.append((_Ref("c", len(p.consts) - 1), 0))
-            elif t in OPERATORS:
-                args = [stack.pop() for _ in range(OPERATORS[t].arity)]
-                level = 1 + max(height for _, height in args)
-                g = "cheap" if t in _CHEAP_CODE else t
-                p.nodes.append(_Node(t, g, level, tuple(ref for ref, _ in args)))
-                stack.append((_Ref("n", len(p.nodes) - 1), level))
+                consts.append(_Const(i, j, t))
+                stack.append((_Ref("c", len(consts) - 1), 0))
+            elif t in arity:
+                if arity[t] == 1:
+                    ref, h = stack.pop()
+                    level, args = 1 + h, (ref,)
+                else:
+                    (r1, h1), (r2, h2) = stack.pop(), stack.pop()
+                    level, args = 1 + (h1 if h1 > h2 else h2), (r1, r2)
+                nodes.append(_Node(t, "cheap" if t in cheap else t, level, args))
+                stack.append((_Ref("n", len(nodes) - 1), level))
             else:
-                p.features.append(variable_index(t) + off)
-                stack.append((_Ref("x", len(p.features) - 1), 0))
+                features.append(var_index[t] + off)
+                stack.append((_Ref("x", len(features) - 1), 0))
         p.roots.append(stack[0][0])
         p.n_consts.append(n_c)
     return p
@@ -348,18 +356,26 @@ def _place(sig: TapeSignature, p: _Parsed):
     if len(p.consts) > sig.n_const_slots or len(p.features) > sig.n_feature_uses:
         return None
     free = [dict(groups) for groups in sig.levels]
-    placed = [(0, "")] * len(p.nodes)
+    n_levels, mixed_ops, nodes = len(free), sig.mixed_ops, p.nodes
+    placed = [(0, "")] * len(nodes)
     # nodes are stored in post-order per expression, so children come before their parent
-    order = sorted(range(len(p.nodes)), key=lambda k: p.nodes[k].level)
+    order = sorted(range(len(nodes)), key=lambda k: nodes[k].level)
     for k in order:
-        node = p.nodes[k]
-        choices = (node.group, MIXED) if node.op in sig.mixed_ops else (node.group,)
-        lv = 1 + max((placed[a.index][0] if a.kind == "n" else 0) for a in node.args)
+        node = nodes[k]
+        own, other = node.group, (MIXED if node.op in mixed_ops else None)
+        lv = 1
+        for a in node.args:
+            if a.kind == "n" and placed[a.index][0] >= lv:
+                lv = placed[a.index][0] + 1
         while True:
-            if lv > len(free):
+            if lv > n_levels:
                 return None
-            g = next((g for g in choices if free[lv - 1].get(g, 0) > 0), None)
-            if g is not None:
+            room = free[lv - 1]
+            if room.get(own, 0) > 0:
+                g = own
+                break
+            if other is not None and room.get(other, 0) > 0:
+                g = other
                 break
             lv += 1
         free[lv - 1][g] -= 1
@@ -585,9 +601,9 @@ def _fill(sig: TapeSignature, p: _Parsed, levels: list):
             cursor[(li + 1, g)] = [glo, b if g in _BINARY_GROUPS else -1]
             if g in _BINARY_GROUPS:
                 b += ghi - glo
-    row = np.zeros(len(p.nodes), np.int64)
-    brow = np.full(len(p.nodes), -1, np.int64)
-    for k, node in enumerate(p.nodes):
+    nodes, features, node_base = p.nodes, p.features, sig.node_base
+    row, brow = [0] * len(nodes), [-1] * len(nodes)
+    for k in range(len(nodes)):
         cur = cursor[levels[k]]
         row[k], brow[k] = cur[0], cur[1]
         cur[0] += 1
@@ -596,8 +612,8 @@ def _fill(sig: TapeSignature, p: _Parsed, levels: list):
 
     def vrow(ref: _Ref):
         if ref.kind == "n":
-            return sig.node_base + row[ref.index]
-        return 0 if ref.kind == "c" else 1 + p.features[ref.index]
+            return node_base + row[ref.index]
+        return 0 if ref.kind == "c" else 1 + features[ref.index]
 
     a1 = np.zeros(n_nodes, np.int32)
     a2 = np.zeros(sig.n_binary, np.int32)
@@ -612,34 +628,48 @@ def _fill(sig: TapeSignature, p: _Parsed, levels: list):
     roots = np.zeros(e_b, np.int32)
     root_c = np.full(e_b, -1, np.int32)  # flat (E_b * P_b) index of a root that is a constant
 
+    # the entries are gathered in Python lists and written at once (every value has one user: no index repeats)
+    links = {"n": ([], []), "c": ([], []), "x": ([], [])}  # per kind of value: (its index, its K row)
+
     def link(ref: _Ref, k_row):
-        if ref.kind == "n":
-            kpos[row[ref.index]] = k_row
-        else:
-            (c_kpos if ref.kind == "c" else f_kpos)[ref.index] = k_row
+        idx, rows = links[ref.kind]
+        idx.append(row[ref.index] if ref.kind == "n" else ref.index)
+        rows.append(k_row)
 
-    def const_slot(ref: _Ref):  # the constant's slot (its index among the constant leaves), -1 if not a constant
-        return ref.index if ref.kind == "c" else -1
-
-    for k, node in enumerate(p.nodes):
-        a1[row[k]] = vrow(node.args[0])
-        a1c[row[k]] = const_slot(node.args[0])
-        code[row[k]] = _CHEAP_CODE.get(node.op, 0) if levels[k][1] != MIXED else sig.mixed_ops.index(node.op)
-        link(node.args[0], 1 + e_b + row[k])
-        if len(node.args) > 1:
-            a2[brow[k]] = vrow(node.args[1])
-            a2c[brow[k]] = const_slot(node.args[1])
-            link(node.args[1], 1 + e_b + n_nodes + brow[k])
+    one = ([], [], [], [])  # node row, arg0's V row, arg0's constant slot, code
+    two = ([], [], [])  # binary row, arg1's V row, arg1's constant slot
+    mixed_ops = sig.mixed_ops
+    for k, node in enumerate(nodes):
+        r, (arg0, *rest) = row[k], node.args
+        one[0].append(r)
+        one[1].append(vrow(arg0))
+        one[2].append(arg0.index if arg0.kind == "c" else -1)
+        one[3].append(_CHEAP_CODE.get(node.op, 0) if levels[k][1] != MIXED else mixed_ops.index(node.op))
+        link(arg0, 1 + e_b + r)
+        if rest:
+            arg1 = rest[0]
+            two[0].append(brow[k])
+            two[1].append(vrow(arg1))
+            two[2].append(arg1.index if arg1.kind == "c" else -1)
+            link(arg1, 1 + e_b + n_nodes + brow[k])
+    if nodes:
+        a1[one[0]], a1c[one[0]], code[one[0]] = one[1], one[2], one[3]
+    if two[0]:
+        a2[two[0]], a2c[two[0]] = two[1], two[2]
     for i, ref in enumerate(p.roots):
         roots[i] = vrow(ref)
         if ref.kind == "c":
             const = p.consts[ref.index]
             root_c[i] = const.expr * sig.n_consts + const.index
         link(ref, 1 + i)
+    for kind, target in (("n", kpos), ("c", c_kpos), ("x", f_kpos)):
+        if links[kind][0]:
+            target[links[kind][0]] = links[kind][1]
     cj_kpos = np.zeros(e_b * sig.n_consts, np.int32)  # per (expression, constant): its K row (0: none)
-    for k, const in enumerate(p.consts):
-        c_idx[k] = const.expr * sig.n_consts + const.index
-        cj_kpos[const.expr * sig.n_consts + const.index] = c_kpos[k]
+    if p.consts:
+        flat = [const.expr * sig.n_consts + const.index for const in p.consts]
+        c_idx[: len(flat)] = flat
+        cj_kpos[flat] = c_kpos[: len(flat)]
     f_id[: len(p.features)] = p.features
     return dict(a1=a1, a2=a2, code=code, roots=roots, kpos=kpos, c_kpos=c_kpos, c_idx=c_idx, cj_kpos=cj_kpos,
                 f_kpos=f_kpos, f_id=f_id, a1c=a1c, a2c=a2c, root_c=root_c)

@@ -193,7 +193,8 @@ def _screen_group(library: PriorLibrary, group, n: int) -> list[list[Candidate]]
         ok_M = usable_U[index_MxK].all(axis=1) & np.isfinite(rss_M) & np.isfinite(coef_MxK).all(axis=1)
         picked: list[Candidate] = []
         seen: set = set()
-        for m in sorted(np.flatnonzero(ok_M), key=lambda m: (rss_M[m], m)):
+        ok = np.flatnonzero(ok_M)
+        for m in ok[np.argsort(rss_M[ok], kind="stable")].tolist():  # by rss, ties by m
             k = library.term_index_MxK[m]
             expr = Expression(_linear_expression(coef_MxK[m], [list(library.terms[u]) for u in k[k >= 0]]))
             if expr.skeleton() not in seen:

@@ -63,8 +63,21 @@ def _dense_product_fwd(x, w, n_contract):
 
 
 def _transposed_copy(x_MxK):
-    """x^T as its own [K, M] array: on CPU an optimization barrier keeps XLA from folding the transpose back."""
-    return lax.platform_dependent(x_MxK, cpu=lambda x: lax.optimization_barrier(x.T), default=lambda x: x.T)
+    """x^T as its own [K, M] array.
+
+    On CPU the transpose runs inside a `lax.cond` whose two branches are the same plain transpose: nothing outside
+    can be fused into it, so XLA keeps it a pure transpose of a materialised x (its fast transpose kernel) instead of
+    recomputing x's elementwise producer (a LayerNorm, the GLU product) at every transposed index, a strided loop
+    several times slower; and it cannot fold the transpose back into the product. The predicate (is x[0, 0] NaN)
+    only has to be unknown at compile time: both branches return the same array.
+    """
+    return lax.platform_dependent(x_MxK, cpu=_cpu_transposed_copy, default=lambda x: x.T)
+
+
+def _cpu_transposed_copy(x_MxK):
+    if x_MxK.size == 0:
+        return x_MxK.T
+    return lax.cond(jnp.isnan(x_MxK[0, 0]), lambda x: x.T, lambda x: x.T, x_MxK)
 
 
 def _dense_product_bwd(n_contract, residuals, g):

@@ -646,7 +646,8 @@ def _column_fn(expr: sympy.Expr, symbols: Sequence[sympy.Symbol], xp) -> Callabl
 
 
 def _tidy(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray) -> sympy.Expr:
-    """Snap constants to 0 or to few significant digits while the fit on (z, y) stays as good as the data can tell:
+    """Drop terms (constants to 0, the others refitted) and snap constants to few significant digits while the fit
+    on (z, y) stays as good as the data can tell (``_tidy_once``):
     all snaps together may raise MSE / var(y) by ``_tidy_allowance`` (the BIC's price of one free constant: 2.7% at
     200 rows), plus 1e-10. On noise-free data the unsnapped loss is tiny and the 1e-10 is what counts; on noisy data
     a constant the noise moved (0.013 for an offset that is 0) can go back to its short value. One constant's price
@@ -663,49 +664,98 @@ def _tidy(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray) -> symp
     return expr
 
 
-def _tidy_loss(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, env: Optional[dict] = None):
-    """MSE / var(y) of a user-space formula on the standardised rows ``z`` (inf where not finite). ``env`` gives
-    values of other symbols of ``expr``: scalars, or (T, 1) columns of trial values for a (T,) array of losses."""
+def _tidy_predict(expr: sympy.Expr, t: _Transform, z: np.ndarray, env: Optional[dict] = None) -> np.ndarray:
+    """Predictions of a user-space formula on the standardised rows ``z``. ``env`` gives values of other symbols of
+    ``expr``: scalars, or (T, 1) columns of trial values for (T, N) predictions."""
     x_user = z * np.asarray(t.scale) + np.asarray(t.mean)
     columns = {t.symbols[c]: x_user[:, i] for i, c in enumerate(t.columns)}
     with np.errstate(all="ignore"):
-        pred = np.asarray(evaluate_sympy(expr, {**columns, **(env or {})}), np.float64)
-        v = np.mean((pred - y) ** 2, axis=-1) / max(float(np.var(y)), 1e-300)
+        return np.asarray(evaluate_sympy(expr, {**columns, **(env or {})}), np.float64)
+
+
+def _tidy_loss(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, env: Optional[dict] = None):
+    """MSE / var(y) of a user-space formula on the standardised rows ``z`` (inf where not finite); with ``env`` as
+    in ``_tidy_predict``, one loss per row of trial values."""
+    with np.errstate(all="ignore"):
+        v = np.mean((_tidy_predict(expr, t, z, env) - y) ** 2, axis=-1) / max(float(np.var(y)), 1e-300)
     return np.where(np.isfinite(v), v, np.inf)
 
 
 def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, allowed) -> tuple:
     """One pass of ``_tidy``: (the snapped formula, the loss allowed: given, or ``_tidy_allowance`` above this
-    one's)."""
+    one's).
+
+    First it drops terms: each constant not yet fixed is set to 0 while the other free constants are refitted
+    (``_refit_constants``), all such trials at once; the smallest constant whose trial stays within the allowance
+    goes to 0 (with the refitted values), and this repeats until no trial does. Refitting is what lets offsets that
+    compensate each other go to 0 together (noisy a*b fitted as 1.41*(0.83*a + 0.013)*(0.853*b + 0.012) - 0.08
+    becomes a*b). Only constants whose plain removal raises the loss by at most ``_DROP_GATE`` times the room under
+    the allowance are tried, the ``_DROP_ROWS`` cheapest at a time, and only in formulas of at most ``_DROP_MAX_CONSTANTS``
+    constants (a real term costs far more; this keeps formulas with many constants cheap). Then it shortens the
+    remaining constants one at a time, largest first, the others fixed: to 1-6 significant digits, or to a short
+    multiple of a power of pi, whichever shortest form keeps the loss within the allowance."""
     floats = sorted(expr.atoms(sympy.Float), key=lambda f: -abs(float(f)))
     if not floats:
         return expr, allowed
     params = [sympy.Dummy() for _ in floats]
     template = expr.xreplace(dict(zip(floats, params)))
 
-    def losses(values: list) -> np.ndarray:
-        """Loss per row of trial values (each entry of ``values``: a scalar or a (T, 1) column of trials)."""
-        return _tidy_loss(template, t, z, y, {p: np.asarray(v, np.float64) for p, v in zip(params, values)})
+    def trial_env(values_TxP: np.ndarray) -> dict:
+        return {p: values_TxP[:, k:k + 1] for k, p in enumerate(params)}
 
-    values = [float(f) for f in floats]
+    def predict(values_TxP: np.ndarray) -> np.ndarray:
+        """[T, N] predictions, one row per row of constants."""
+        return np.broadcast_to(_tidy_predict(template, t, z, trial_env(values_TxP)), (len(values_TxP), len(y)))
+
+    def losses(values_TxP: np.ndarray) -> np.ndarray:
+        """[T] MSE / var(y), inf where not finite."""
+        return np.broadcast_to(_tidy_loss(template, t, z, y, trial_env(values_TxP)), (len(values_TxP),))
+
+    values_P = np.array([float(f) for f in floats])
+    ref = float(losses(values_P[None])[0])
     if allowed is None:
-        ref = float(losses(values))
         if not np.isfinite(ref):
             return expr, allowed
         allowed = ref * _tidy_allowance(len(y)) + 1e-10
+    budget = max(allowed - ref, 1e-300)
+    fixed_P = values_P == 0.0
+    drop = len(values_P) <= _DROP_MAX_CONSTANTS
+    while drop and not fixed_P.all():  # drop terms
+        now = float(losses(values_P[None])[0])
+        tried_T = np.flatnonzero(~fixed_P)
+        trial_TxP = np.repeat(values_P[None], len(tried_T), axis=0)
+        trial_TxP[np.arange(len(tried_T)), tried_T] = 0.0
+        cost_T = losses(trial_TxP) - now
+        gate = _DROP_GATE * max(allowed - now, budget)  # the room under the allowance (refits can widen it)
+        cheapest = [k for k in np.argsort(cost_T, kind="stable")[:_DROP_ROWS] if cost_T[k] <= gate]
+        tried_T, trial_TxP = tried_T[cheapest], trial_TxP[cheapest]
+        if not len(tried_T):
+            break
+        free_TxP = np.repeat((~fixed_P)[None], len(tried_T), axis=0)
+        free_TxP[np.arange(len(tried_T)), tried_T] = False
+        trial_TxP = _refit_constants(predict, y, trial_TxP, free_TxP)
+        ok = np.flatnonzero(losses(trial_TxP) <= allowed)
+        if not len(ok):
+            break
+        pick = ok[np.argmin(np.abs(values_P[tried_T[ok]]))]
+        values_P, fixed_P[tried_T[pick]] = trial_TxP[pick].copy(), True
     pi_forms = {}  # parameter index -> (k, e) where the snapped value is written k * pi**e
-    for i, v in enumerate(values):
-        trials = [(t, 0) for t in [0.0] + [float(f"{v:.{k - 1}e}") for k in range(1, 7)]]  # (k, e): k * pi**e
+    for i, v in enumerate(values_P):  # shorten, largest first (floats are sorted by magnitude)
+        if fixed_P[i]:
+            continue
+        shorter = ([] if drop else [0.0]) + [float(f"{v:.{k - 1}e}") for k in range(1, 7)]  # 0 was tried if drop
+        trials = [(t, 0) for t in shorter]  # (k, e): k * pi**e
         own = next((k for k, (t, _) in enumerate(trials) if t == v), None)
         trials = trials[:own] if own is not None else trials  # stop at v's own length
-        if len(trials) > 4:  # v needs more than 3 digits: short multiples of pi**e before the longer decimals
-            trials[4:4] = _pi_forms(v)
+        if len(trials) > len(shorter) - 3:  # v needs more than 3 digits: short multiples of pi**e before longer ones
+            trials[len(shorter) - 3:len(shorter) - 3] = _pi_forms(v)
         if not trials:
             continue
-        trial_values = np.array([k * np.pi ** e for k, e in trials])[:, None]
-        ok = np.flatnonzero(losses(values[:i] + [trial_values] + values[i + 1:]) <= allowed)
+        trial_TxP = np.repeat(values_P[None], len(trials), axis=0)
+        trial_TxP[:, i] = [k * np.pi ** e for k, e in trials]
+        ok = np.flatnonzero(losses(trial_TxP) <= allowed)
         if len(ok):
-            values[i] = float(trial_values[ok[0], 0])
+            values_P[i] = trial_TxP[ok[0], i]
             if trials[ok[0]][1]:
                 pi_forms[i] = trials[ok[0]]
 
@@ -713,7 +763,66 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
         k, e = pi_forms.get(i, (v, 0))
         return _sympy_number(k) * sympy.pi ** e if e else _sympy_number(v)
 
-    return template.xreplace({p: written(i, v) for i, (p, v) in enumerate(zip(params, values))}), allowed
+    return template.xreplace({p: written(i, float(v)) for i, (p, v) in enumerate(zip(params, values_P))}), allowed
+
+
+_DROP_GATE = 100.0  # a constant is tried at 0 (with a refit) if its plain removal costs <= this x the allowance
+_DROP_ROWS = 8  # ... and among the this many cheapest to remove
+_DROP_MAX_CONSTANTS = 16  # formulas with more constants (expanded products) are only shortened, one at a time
+
+
+def _refit_constants(predict: Callable, y: np.ndarray, values_TxP: np.ndarray, free_TxP: np.ndarray,
+                     steps: int = 6) -> np.ndarray:
+    """Least squares of ``predict(values) [T, N]`` against ``y`` over the constants where ``free_TxP`` is True, each
+    row on its own, all rows at once: ``steps`` Levenberg-Marquardt steps from ``values_TxP`` with forward-difference
+    Jacobians; a row keeps a step only if it lowers that row's loss (so no row ends worse than it started)."""
+    values_TxP = values_TxP.copy()
+    T, P = values_TxP.shape
+    cols_F = np.flatnonzero(free_TxP.any(axis=0))
+    F = len(cols_F)
+    if F == 0:
+        return values_TxP
+    mask_TxF = free_TxP[:, cols_F].astype(np.float64)
+    damping_T = np.full(T, 1e-3)
+
+    def sq_loss(v_TxP):
+        with np.errstate(all="ignore"):
+            s = np.mean((predict(v_TxP) - y) ** 2, axis=-1)
+        return np.where(np.isfinite(s), s, np.inf)
+
+    loss_T = sq_loss(values_TxP)
+    for _ in range(steps):
+        h_TxF = 1e-6 * np.maximum(1.0, np.abs(values_TxP[:, cols_F]))
+        probe_GxTxP = np.repeat(values_TxP[None], F + 1, axis=0)  # G = F + 1: the point, then one nudge per column
+        for j, c in enumerate(cols_F):
+            probe_GxTxP[j + 1, :, c] += h_TxF[:, j]
+        with np.errstate(all="ignore"):
+            pred_GxTxN = predict(probe_GxTxP.reshape(-1, P)).reshape(F + 1, T, len(y))
+            jac_TxNxF = np.moveaxis((pred_GxTxN[1:] - pred_GxTxN[:1]) / h_TxF.T[:, :, None], 0, -1)
+            jac_TxNxF = jac_TxNxF * mask_TxF[:, None, :]
+            resid_TxN = y - pred_GxTxN[0]
+        usable_T = np.isfinite(jac_TxNxF).all(axis=(1, 2)) & np.isfinite(resid_TxN).all(axis=1)
+        if not usable_T.any():
+            break
+        jac_TxNxF = np.where(usable_T[:, None, None], jac_TxNxF, 0.0)
+        resid_TxN = np.where(usable_T[:, None], resid_TxN, 0.0)
+        normal_TxFxF = np.einsum("tnf,tng->tfg", jac_TxNxF, jac_TxNxF)
+        rhs_TxF = np.einsum("tnf,tn->tf", jac_TxNxF, resid_TxN)
+        diag_TxF = np.diagonal(normal_TxFxF, axis1=1, axis2=2)
+        # Marquardt's scaled damping; a column a row does not fit gets 1 on the diagonal and so a zero step
+        normal_TxFxF = normal_TxFxF + (damping_T[:, None] * (diag_TxF + 1e-12) + 1.0 - mask_TxF)[:, :, None] * np.eye(F)
+        try:
+            step_TxF = np.linalg.solve(normal_TxFxF, rhs_TxF[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            break
+        trial_TxP = values_TxP.copy()
+        trial_TxP[:, cols_F] += np.where(usable_T[:, None], step_TxF * mask_TxF, 0.0)
+        trial_loss_T = sq_loss(trial_TxP)
+        better_T = trial_loss_T < loss_T
+        values_TxP[better_T] = trial_TxP[better_T]
+        loss_T = np.where(better_T, trial_loss_T, loss_T)
+        damping_T = np.where(better_T, damping_T * 0.3, damping_T * 10.0)
+    return values_TxP
 
 
 def _tidy_allowance(n_rows: int) -> float:

@@ -359,3 +359,42 @@ def test_tidy_snaps_a_noise_driven_offset():
     fitted = sympy.Float(a) * sympy.Symbol("v") + sympy.Float(b)
     assert str(_tidy(fitted, _Transform((0,), (0.0,), (1.0,), ("v",)), v[:, None], y)) == "2*v"
     assert _tidy_allowance(200) == pytest.approx(200 ** (1 / 200)) and _tidy_allowance(10**6) == 1.001
+
+
+def test_tidy_drops_offsets_that_compensate_each_other():
+    """Noisy a*b fitted as c0*(a + c1)*(b + c2) + c3: least squares puts the noise into three offsets that offset
+    one another, so no single one can go to 0 while the others stay; dropping each with a refit of the others
+    recovers a*b (snapping one at a time left (b - 0.015)*(0.32*pi*a - 0.01) + 0.05)."""
+    from scipy.optimize import least_squares
+
+    from sr_jax.estimator import _tidy, _tidy_loss, _tidy_allowance, _Transform
+
+    rng = np.random.default_rng(3)
+    a, b = rng.uniform(1, 5, 200), rng.uniform(1, 5, 200)
+    y = a * b + 0.01 * np.sqrt(np.mean((a * b) ** 2)) * rng.normal(size=200)
+    c = least_squares(lambda c: c[0] * (a + c[1]) * (b + c[2]) + c[3] - y, [1.0, 0.1, 0.1, 0.1]).x
+    assert np.abs(c[1:]).min() > 0.005  # the noise did move all three offsets
+    A, B = sympy.symbols("a b")
+    fitted = sympy.Float(c[0]) * (A + sympy.Float(c[1])) * (B + sympy.Float(c[2])) + sympy.Float(c[3])
+    t, z = _Transform((0, 1), (0.0, 0.0), (1.0, 1.0), ("a", "b")), np.stack([a, b], 1)
+    tidied = _tidy(fitted, t, z, y)
+    assert str(tidied) == "a*b"
+    assert _tidy_loss(tidied, t, z, y) <= _tidy_loss(fitted, t, z, y) * _tidy_allowance(200) + 1e-10
+
+
+def test_refit_constants_fits_only_the_free_ones():
+    """Each row refits its own free constants (least squares of c0*x + c1 on a line) and leaves the others."""
+    from sr_jax.estimator import _refit_constants
+
+    x = np.linspace(0, 1, 50)
+    y = 3.0 * x + 0.5
+
+    def predict(v_TxP):
+        return v_TxP[:, :1] * x + v_TxP[:, 1:2]
+
+    start = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    free = np.array([[True, True], [True, False], [False, False]])
+    out = _refit_constants(predict, y, start, free)
+    np.testing.assert_allclose(out[0], [3.0, 0.5], atol=1e-6)
+    assert out[1, 1] == 0.0 and out[1, 0] == pytest.approx(np.sum(x * y) / np.sum(x * x), rel=1e-6)
+    np.testing.assert_array_equal(out[2], start[2])

@@ -686,14 +686,17 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
     one's).
 
     First it drops terms: each constant not yet fixed is set to 0 while the other free constants are refitted
-    (``_refit_constants``), all such trials at once; the smallest constant whose trial stays within the allowance
-    goes to 0 (with the refitted values), and this repeats until no trial does. Refitting is what lets offsets that
+    (``_refit_constants``), all such trials at once; the smallest constant whose trial stays within half the room
+    the allowance leaves (the other half is for shortening) goes to 0 with the refitted values, and this repeats
+    until no trial does. Refitting is what lets offsets that
     compensate each other go to 0 together (noisy a*b fitted as 1.41*(0.83*a + 0.013)*(0.853*b + 0.012) - 0.08
     becomes a*b). Only constants whose plain removal raises the loss by at most ``_DROP_GATE`` times the room under
     the allowance are tried, the ``_DROP_ROWS`` cheapest at a time, and only in formulas of at most ``_DROP_MAX_CONSTANTS``
     constants (a real term costs far more; this keeps formulas with many constants cheap). Then it shortens the
     remaining constants one at a time, largest first, the others fixed: to 1-6 significant digits, or to a short
-    multiple of a power of pi, whichever shortest form keeps the loss within the allowance."""
+    multiple of a power of pi, whichever shortest form keeps the loss within the allowance. When terms were
+    dropped, the formula shortened without dropping is kept instead if it is shorter to write (``_written_size``):
+    the refit can use up the allowance and leave every other constant at full precision."""
     floats = sorted(expr.atoms(sympy.Float), key=lambda f: -abs(float(f)))
     if not floats:
         return expr, allowed
@@ -718,7 +721,7 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
             return expr, allowed
         allowed = ref * _tidy_allowance(len(y)) + 1e-10
     budget = max(allowed - ref, 1e-300)
-    fixed_P = values_P == 0.0
+    start_P, fixed_P = values_P.copy(), values_P == 0.0
     drop = len(values_P) <= _DROP_MAX_CONSTANTS
     while drop and not fixed_P.all():  # drop terms
         now = float(losses(values_P[None])[0])
@@ -734,36 +737,53 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
         free_TxP = np.repeat((~fixed_P)[None], len(tried_T), axis=0)
         free_TxP[np.arange(len(tried_T)), tried_T] = False
         trial_TxP = _refit_constants(predict, y, trial_TxP, free_TxP)
-        ok = np.flatnonzero(losses(trial_TxP) <= allowed)
+        ok = np.flatnonzero(losses(trial_TxP) <= ref + budget / 2)  # half the room, the rest for shortening
         if not len(ok):
             break
         pick = ok[np.argmin(np.abs(values_P[tried_T[ok]]))]
         values_P, fixed_P[tried_T[pick]] = trial_TxP[pick].copy(), True
-    pi_forms = {}  # parameter index -> (k, e) where the snapped value is written k * pi**e
-    for i, v in enumerate(values_P):  # shorten, largest first (floats are sorted by magnitude)
-        if fixed_P[i]:
-            continue
-        shorter = ([] if drop else [0.0]) + [float(f"{v:.{k - 1}e}") for k in range(1, 7)]  # 0 was tried if drop
-        trials = [(t, 0) for t in shorter]  # (k, e): k * pi**e
-        own = next((k for k, (t, _) in enumerate(trials) if t == v), None)
-        trials = trials[:own] if own is not None else trials  # stop at v's own length
-        if len(trials) > len(shorter) - 3:  # v needs more than 3 digits: short multiples of pi**e before longer ones
-            trials[len(shorter) - 3:len(shorter) - 3] = _pi_forms(v)
-        if not trials:
-            continue
-        trial_TxP = np.repeat(values_P[None], len(trials), axis=0)
-        trial_TxP[:, i] = [k * np.pi ** e for k, e in trials]
-        ok = np.flatnonzero(losses(trial_TxP) <= allowed)
-        if len(ok):
-            values_P[i] = trial_TxP[ok[0], i]
-            if trials[ok[0]][1]:
-                pi_forms[i] = trials[ok[0]]
 
-    def written(i: int, v: float) -> sympy.Expr:
-        k, e = pi_forms.get(i, (v, 0))
-        return _sympy_number(k) * sympy.pi ** e if e else _sympy_number(v)
+    def shorten(values_P: np.ndarray, skip_P: np.ndarray, zero: bool) -> sympy.Expr:
+        """The formula with each constant not in ``skip_P`` at its shortest form (0 first if ``zero``) that keeps
+        the loss within the allowance, the others fixed, largest first (floats are sorted by magnitude)."""
+        values_P = values_P.copy()
+        pi_forms = {}  # parameter index -> (k, e) where the snapped value is written k * pi**e
+        for i, v in enumerate(values_P):
+            if skip_P[i]:
+                continue
+            shorter = ([0.0] if zero else []) + [float(f"{v:.{k - 1}e}") for k in range(1, 7)]
+            trials = [(t, 0) for t in shorter]  # (k, e): k * pi**e
+            own = next((k for k, (t, _) in enumerate(trials) if t == v), None)
+            trials = trials[:own] if own is not None else trials  # stop at v's own length
+            if len(trials) > len(shorter) - 3:  # more than 3 digits: short multiples of pi**e before longer ones
+                trials[len(shorter) - 3:len(shorter) - 3] = _pi_forms(v)
+            if not trials:
+                continue
+            trial_TxP = np.repeat(values_P[None], len(trials), axis=0)
+            trial_TxP[:, i] = [k * np.pi ** e for k, e in trials]
+            ok = np.flatnonzero(losses(trial_TxP) <= allowed)
+            if len(ok):
+                values_P[i] = trial_TxP[ok[0], i]
+                if trials[ok[0]][1]:
+                    pi_forms[i] = trials[ok[0]]
 
-    return template.xreplace({p: written(i, float(v)) for i, (p, v) in enumerate(zip(params, values_P))}), allowed
+        def written(i: int, v: float) -> sympy.Expr:
+            k, e = pi_forms.get(i, (v, 0))
+            return _sympy_number(k) * sympy.pi ** e if e else _sympy_number(v)
+
+        return template.xreplace({p: written(i, float(v)) for i, (p, v) in enumerate(zip(params, values_P))})
+
+    tidied = shorten(values_P, fixed_P, zero=not drop)
+    if fixed_P.sum() > (start_P == 0.0).sum():  # terms were dropped: keep that only if it is not longer to write
+        kept = shorten(start_P, start_P == 0.0, zero=True)  # (the refit can leave no room to shorten the rest)
+        tidied = min([tidied, kept], key=_written_size)
+    return tidied, allowed
+
+
+def _written_size(expr: sympy.Expr) -> int:
+    """Nodes plus the significant digits beyond the first of every decimal constant: what a reader has to read."""
+    extra = sum(len(str(abs(f)).lower().split("e")[0].replace(".", "").strip("0")) - 1 for f in expr.atoms(sympy.Float))
+    return sympy_nodes(expr) + max(extra, 0)
 
 
 _DROP_GATE = 100.0  # a constant is tried at 0 (with a refit) if its plain removal costs <= this x the allowance

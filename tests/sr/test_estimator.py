@@ -398,3 +398,15 @@ def test_refit_constants_fits_only_the_free_ones():
     np.testing.assert_allclose(out[0], [3.0, 0.5], atol=1e-6)
     assert out[1, 1] == 0.0 and out[1, 0] == pytest.approx(np.sum(x * y) / np.sum(x * x), rel=1e-6)
     np.testing.assert_array_equal(out[2], start[2])
+
+
+def test_written_size_counts_nodes_and_digits():
+    """What a reader reads: nodes, plus every decimal constant's significant digits beyond the first, as printed
+    (a short Float keeps its few digits even though its binary value has more)."""
+    from sr_jax.estimator import _sympy_number, _written_size
+
+    x = sympy.Symbol("x")
+    assert _written_size(_sympy_number(0.35) * x + _sympy_number(0.0123)) == 5 + 1 + 2
+    assert _written_size(3 * x) == 3
+    long = sympy.Float(0.35240775212422892) * x
+    assert _written_size(long) > _written_size(_sympy_number(0.35) * x + _sympy_number(0.01))

@@ -6,8 +6,9 @@ original's top-1 accuracy (spec §6.3): whether the first answer token, the labe
 prompt-length buckets (powers of two) and decoded in fixed-size batches, so a whole grid compiles one program per
 bucket, and every answer is the one its prompt gets decoded alone at its exact length.
 
-`run_evaluation(..., errors=N)` adds an error breakdown of the grid's wrong answers (`error_breakdown`): how many
-answer tokens each got wrong, at which answer positions, and N examples with prompt, expected and generated text.
+`run_evaluation(..., errors=N)` adds an error breakdown of the grid's and the sweep's wrong answers
+(`error_breakdown`): how many answer tokens each got wrong, at which answer positions, in which cells, and N examples
+with prompt, expected and generated text.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def error_breakdown(decoded: Decoded, task: str, examples: int = 10) -> dict:
     by_cell: dict = defaultdict(int)
     shown = []
     wrong = 0
-    for cell, prompt, t, g in zip(*decoded):
+    for cell, prompt, t, g in zip(decoded.cells, decoded.prompts, decoded.targets, decoded.generated):
         if exact_match(g[None], [t])[0]:
             continue
         wrong += 1
@@ -198,6 +199,7 @@ def accuracy_grid(model: ArithModel, params, task: str, max_len: int, n: int, **
 
 
 def grid_cells(max_len: int) -> list[tuple[int, int]]:
+    """Every (la, lb) with 1 <= la, lb <= max_len, row by row."""
     return [(i, j) for i in range(1, max_len + 1) for j in range(1, max_len + 1)]
 
 

@@ -32,12 +32,13 @@ Pipeline of one ``fit`` (spec sections 6-7, with the original's bugs fixed):
 6. The winner is written in the user's units and names: every z_i becomes (x_k - mean_k) / scale_k with x_k the
    user's feature (a sympy Symbol named after the DataFrame column or ``feature_names``; ``x_k`` by default, k the
    user's column index). With ``tidy=True`` the formula and its expansion (products and integer powers of sums
-   multiplied out) have their constants snapped, one at a time, to 0 or to the fewest significant digits (1..6) that
-   keep the MSE / var(y) on all rows, all snaps together, within the BIC's price of one constant of the unsnapped
-   value (a factor N**(1/N): 2.7% at 200 rows; at least 0.1%; +1e-10) —
-   trying short multiples of pi**e (e in -3..3, e.g. 0.5/pi, 4*pi) after 3 digits and before 4 —, integral
-   constants become integers, and the form with fewer nodes is kept (so a noise-free 2.5*sin(x) + x**2 reads as
-   exactly that, and an offset that only the noise put there can go to 0).
+   multiplied out) are tidied within one allowance for all changes together: MSE / var(y) on all rows may rise by
+   the BIC's price of one constant (a factor N**(1/N): 2.7% at 200 rows; at least 0.1%; +1e-10). First terms are
+   dropped: a constant goes to 0 while the others are refitted (so offsets that the noise spread over several
+   constants go to 0 together), using at most half of that room; then the other constants are snapped, one at a
+   time, to the fewest significant digits (1..6) that stay within it — trying short multiples of pi**e (e in -3..3,
+   e.g. 0.5/pi, 4*pi) after 3 digits and before 4 —, integral constants become integers, and the form with fewer
+   nodes is kept (so a noise-free 2.5*sin(x) + x**2 reads as exactly that, and noisy x*y + 0.01*x - 0.08 as x*y).
 
 Batched fitting: ``fit([X_1, ..., X_B], [y_1, ..., y_B])`` runs steps 1-6 for every dataset with ONE decoding call
 and ONE refinement call; every fitted attribute becomes a list with one entry per dataset and ``predict``/``score``
@@ -691,8 +692,9 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
     until no trial does. Refitting is what lets offsets that
     compensate each other go to 0 together (noisy a*b fitted as 1.41*(0.83*a + 0.013)*(0.853*b + 0.012) - 0.08
     becomes a*b). Only constants whose plain removal raises the loss by at most ``_DROP_GATE`` times the room under
-    the allowance are tried, the ``_DROP_ROWS`` cheapest at a time, and only in formulas of at most ``_DROP_MAX_CONSTANTS``
-    constants (a real term costs far more; this keeps formulas with many constants cheap). Then it shortens the
+    the allowance are tried, the ``_DROP_ROWS`` cheapest at a time, and only in formulas of at most
+    ``_DROP_MAX_CONSTANTS`` constants (a real term costs far more; this keeps formulas with many constants cheap).
+    Then it shortens the
     remaining constants one at a time, largest first, the others fixed: to 1-6 significant digits, or to a short
     multiple of a power of pi, whichever shortest form keeps the loss within the allowance. When terms were
     dropped, the formula shortened without dropping is kept instead if it is shorter to write (``_written_size``):
@@ -786,8 +788,8 @@ def _written_size(expr: sympy.Expr) -> int:
     return sympy_nodes(expr) + max(extra, 0)
 
 
-_DROP_GATE = 100.0  # a constant is tried at 0 (with a refit) if its plain removal costs <= this x the allowance
-_DROP_ROWS = 8  # ... and among the this many cheapest to remove
+_DROP_GATE = 100.0  # a constant is tried at 0 (with a refit) if its plain removal costs <= this x the room left
+_DROP_ROWS = 8  # ... and if it is among this many cheapest to remove
 _DROP_MAX_CONSTANTS = 16  # formulas with more constants (expanded products) are only shortened, one at a time
 
 

@@ -59,7 +59,7 @@ import inspect
 import os
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import sympy
@@ -612,26 +612,59 @@ def evaluate_sympy(expr: sympy.Expr, env: dict, xp=np):
     if expr.is_Symbol:
         return env[expr]
     if expr.is_number:
-        try:
-            v = float(expr)
-        except TypeError:  # complex infinity and other non-real numbers
-            v = float("nan")
-        return np.float64(v) if xp is np else v  # numpy scalars: IEEE results, never a ZeroDivisionError
-    args = [evaluate_sympy(a, env, xp) for a in expr.args]
+        return _number_value(expr, xp)
+    return _node_fn(expr, xp)([evaluate_sympy(a, env, xp) for a in expr.args])
+
+
+def _number_value(expr: sympy.Expr, xp):
+    try:
+        v = float(expr)
+    except TypeError:  # complex infinity and other non-real numbers
+        v = float("nan")
+    return np.float64(v) if xp is np else v  # numpy scalars: IEEE results, never a ZeroDivisionError
+
+
+def _node_fn(expr: sympy.Expr, xp) -> Callable[[list], Any]:
+    """The operation of one inner node of a formula, as a function of its arguments' values."""
     if expr.is_Add:
-        return functools.reduce(lambda a, b: a + b, args)
+        return lambda args: functools.reduce(lambda a, b: a + b, args)
     if expr.is_Mul:
-        return functools.reduce(lambda a, b: a * b, args)
+        return lambda args: functools.reduce(lambda a, b: a * b, args)
     if expr.is_Pow:
         e = expr.args[1]
         if e == sympy.Rational(1, 2):
-            return xp.sqrt(args[0])
-        return args[0] ** (int(e) if e.is_Integer else args[1])
+            return lambda args: xp.sqrt(args[0])
+        if e.is_Integer:
+            return lambda args, k=int(e): args[0] ** k
+        return lambda args: args[0] ** args[1]
     name = SYMPY_HEADS.get(expr.func)  # sin, exp, Abs, ... (the operator table's sympy node classes)
     if name is None or OPERATORS[name].arity != 1:
         raise ValueError(f"cannot evaluate {expr.func.__name__} in {expr}")
-    op = OPERATORS[name]
-    return (op.np_fn if xp is np else op.jax_fn)(args[0])
+    fn = OPERATORS[name].np_fn if xp is np else OPERATORS[name].jax_fn
+    return lambda args: fn(args[0])
+
+
+def sympy_evaluator(expr: sympy.Expr, fixed: dict, variables: Sequence[sympy.Symbol]) -> Callable[[dict], Any]:
+    """``env -> evaluate_sympy(expr, {**fixed, **env})`` (numpy) for ``env`` giving values of ``variables``: every
+    part of ``expr`` that reads none of them is computed once, here. The same operations run in the same order as
+    in ``evaluate_sympy``, so the values are the same; for formulas evaluated at many values of a few constants."""
+    variables = frozenset(variables)
+
+    def build(e: sympy.Expr):  # (a function of env, True) or (the value, False)
+        if e.is_Symbol:
+            return ((lambda env: env[e]), True) if e in variables else (fixed[e], False)
+        if e.is_number:
+            return _number_value(e, np), False
+        op = _node_fn(e, np)
+        parts = [build(a) for a in e.args]
+        if not any(varies for _, varies in parts):
+            return op([v for v, _ in parts]), False
+        getters = [g if varies else (lambda env, v=g: v) for g, varies in parts]
+        return (lambda env: op([g(env) for g in getters])), True
+
+    with np.errstate(all="ignore"):
+        fn, varies = build(expr)
+    return fn if varies else (lambda env: fn)
 
 
 def _column_fn(expr: sympy.Expr, symbols: Sequence[sympy.Symbol], xp) -> Callable:
@@ -705,16 +738,21 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
     params = [sympy.Dummy() for _ in floats]
     template = expr.xreplace(dict(zip(floats, params)))
 
-    def trial_env(values_TxP: np.ndarray) -> dict:
-        return {p: values_TxP[:, k:k + 1] for k, p in enumerate(params)}
+    x_user = z * np.asarray(t.scale) + np.asarray(t.mean)
+    evaluate = sympy_evaluator(template, {t.symbols[c]: x_user[:, i] for i, c in enumerate(t.columns)}, params)
+    var_y = max(float(np.var(y)), 1e-300)
 
     def predict(values_TxP: np.ndarray) -> np.ndarray:
-        """[T, N] predictions, one row per row of constants."""
-        return np.broadcast_to(_tidy_predict(template, t, z, trial_env(values_TxP)), (len(values_TxP), len(y)))
+        """[T, N] predictions, one row per row of constants (as ``_tidy_predict`` of the template)."""
+        with np.errstate(all="ignore"):
+            pred = np.asarray(evaluate({p: values_TxP[:, k:k + 1] for k, p in enumerate(params)}), np.float64)
+        return np.broadcast_to(pred, (len(values_TxP), len(y)))
 
     def losses(values_TxP: np.ndarray) -> np.ndarray:
-        """[T] MSE / var(y), inf where not finite."""
-        return np.broadcast_to(_tidy_loss(template, t, z, y, trial_env(values_TxP)), (len(values_TxP),))
+        """[T] MSE / var(y), inf where not finite (as ``_tidy_loss`` of the template)."""
+        with np.errstate(all="ignore"):
+            v = np.mean((predict(values_TxP) - y) ** 2, axis=-1) / var_y
+        return np.where(np.isfinite(v), v, np.inf)
 
     values_P = np.array([float(f) for f in floats])
     ref = float(losses(values_P[None])[0])

@@ -149,6 +149,31 @@ def test_evaluate_sympy_matches_the_expression(seed):
     np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-6, atol=1e-9)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10**6))
+def test_sympy_evaluator_gives_evaluate_sympys_values_for_every_trial(seed):
+    """The evaluator precomputes what does not read the constants; values must be bit-identical to a full
+    evaluation for every row of trial constants (tidying's decisions compare losses at the allowance's edge)."""
+    from sr_jax.estimator import sympy_evaluator
+
+    rng = np.random.default_rng(seed)
+    expr = None
+    while expr is None or not expr.to_sympy().atoms(sympy.Float):
+        expr = ExpressionGenerator().sample_expression(rng, 2, int(rng.integers(1, 4)))
+    sym = expr.to_sympy()
+    floats = sorted(sym.atoms(sympy.Float), key=float)
+    params = [sympy.Dummy() for _ in floats]
+    template = sym.xreplace(dict(zip(floats, params)))
+    pts = rng.normal(size=(16, 2))
+    columns = {sympy.Symbol(f"x_{i}", real=True): pts[:, i] for i in range(2)}
+    trials_TxP = np.array([float(f) for f in floats])[None] * rng.uniform(0.5, 1.5, size=(5, len(floats)))
+    env = {p: trials_TxP[:, k:k + 1] for k, p in enumerate(params)}
+    with np.errstate(all="ignore"):
+        ref = np.broadcast_to(evaluate_sympy(template, {**columns, **env}), (5, 16))
+        got = np.broadcast_to(sympy_evaluator(template, columns, params)(env), (5, 16))
+    np.testing.assert_array_equal(got, ref)
+
+
 def test_same_random_state_same_fit_and_column_y(fitted):
     again = small().fit(X1, Y1[:, None])  # (n, 1) y is flattened: no (n, n) broadcasting
     assert [e.expression for e in again.equations_] == [e.expression for e in fitted.equations_]

@@ -9,11 +9,15 @@ own position, so row b computes exactly what it would compute alone at its exact
 row its own answer budget: a row that has generated that many tokens is finished (its later slots are PAD), so a
 batch stops once every row has produced EOS or used its budget.
 
-Cached: the padded prompt minus its last column is prefilled into the cache in one call (slots past a row's own
-prompt get keys/values of padding, which its queries never attend to and which its own decoding overwrites); every
-step then feeds one token per row, row b at cache slot (= position) lengths_B[b] - 1 + t, with the model mapped
-over rows so each row has its own position. The Abacus id of a fed token (the index of a digit within its number,
-from 1; 0 for non-digits) follows from the previous token's: a digit continues the count, anything else resets it.
+Cached: the padded prompt minus its last column is prefilled in one call into a cache of that length (slots past a
+row's own prompt get keys/values of padding, which its queries never attend to and which its own decoding
+overwrites), then widened by empty slots for the answer (the prefill's queries never see those); every
+step then feeds one token per row, row b at cache slot (= position) lengths_B[b] - 1 + t: one model call for the
+batch with per-row positions (`ArithModel.apply` with `start` [B]), on the cache split into one buffer per pass and
+layer (`ArithModel.unstack_cache`, heads before slots), so the passes run unrolled and every step writes each
+row's new key and value into those buffers in place. The Abacus id of a fed token (the index of a digit within its
+number, from 1; 0 for non-digits) follows from the previous token's: a digit continues the count, anything else
+resets it.
 Uncached: every step writes each row's token into a token buffer at its own index and re-runs the model on the
 whole buffer (positions 0..S-1 for every row, exact for the same reason).
 
@@ -64,7 +68,7 @@ def length_bucket(n: int, smallest: int = SMALLEST_BUCKET) -> int:
 class _CachedState(NamedTuple):
     """The step function's cache in cached mode (greedy never looks inside it)."""
 
-    kv: KVCache              # leaves [passes, layers, B, S, heads, head_dim]
+    kv: tuple                # `ArithModel.unstack_cache`: [pass][layer] HeadsKVCache [B, heads, S, head_dim]
     index_B: jnp.ndarray     # int32: absolute position (= cache slot) of each row's token fed next
     abacus_B: jnp.ndarray    # int32: Abacus id of each row's token fed last
 
@@ -92,22 +96,6 @@ def _force_eos_past_budget(logits_BxV, step_B, max_new_B):
     return jnp.where((step_B >= max_new_B)[:, None], eos_only[None, :], logits_BxV)
 
 
-def _apply_per_row(model: ArithModel, params, tokens_BxQ, abacus_BxQ, kv: KVCache, index_B, recurrences, rng):
-    """model.apply with a cache, row b's Q tokens at positions (and cache slots) index_B[b] + 0..Q-1; row b's
-    initial-state noise (if the model has any in evaluation) is keyed by (rng, b, index_B[b])."""
-    def one_row(tokens_Q, abacus_Q, kv_row, index, row):
-        kv_1 = jax.tree_util.tree_map(lambda x: x[:, :, None], kv_row)   # back to [passes, layers, 1, S, H, D]
-        key = jax.random.fold_in(jax.random.fold_in(rng, row), index)
-        logits_1xQxV, kv_1 = model.apply(params, tokens_Q[None], abacus_BxQ=abacus_Q[None], cache=kv_1,
-                                         start=index, recurrences=recurrences, rng=key)
-        return logits_1xQxV[0], jax.tree_util.tree_map(lambda x: x[:, :, 0], kv_1)
-
-    rows = KVCache(2, 2)  # the batch axis of the cache leaves
-    row_B = jnp.arange(tokens_BxQ.shape[0])
-    return jax.vmap(one_row, in_axes=(0, 0, rows, 0, 0), out_axes=(0, rows))(tokens_BxQ, abacus_BxQ, kv, index_B,
-                                                                             row_B)
-
-
 @functools.lru_cache(maxsize=64)
 def _compiled(model_type: type, cfg: ModelConfig, vocab_size: int, max_new: int, recurrences: int | None,
               use_cache: bool, stop_at_eos: bool):
@@ -117,24 +105,30 @@ def _compiled(model_type: type, cfg: ModelConfig, vocab_size: int, max_new: int,
     # without the stop, no token counts as EOS inside the loop (every row runs max_new steps); PAD after EOS is
     # applied afterwards, so the answers are the same either way
     eos_id = EOS if stop_at_eos else -1
-    # the passes run as a rolled loop: unrolling speeds training up but makes decoding programs slower to compile
+    # the prefill's passes run as a rolled loop: unrolling speeds training up but makes programs slower to compile
+    # (the steps' passes are unrolled anyway: their cache is one buffer per pass)
     model = model_type(dataclasses.replace(cfg, scan_unroll=1), vocab_size)
 
     def cached(params, prompts_BxP, lengths_B, max_new_B, rng):
         B, P = prompts_BxP.shape
         r_prefill, r_steps = jax.random.split(rng)
-        kv = model.init_cache(B, P + max_new, recurrences)
-        if P > 1:
-            _, kv = model.apply(params, prompts_BxP[:, :-1], cache=kv, start=0, recurrences=recurrences,
-                                rng=r_prefill)
+        if P > 1:   # prefill a cache of the prompts' length (its queries see no more), then widen it for the answer
+            _, kv = model.apply(params, prompts_BxP[:, :-1], cache=model.init_cache(B, P - 1, recurrences), start=0,
+                                recurrences=recurrences, rng=r_prefill)
+            kv = KVCache(*(jnp.pad(x, [(0, 0)] * 3 + [(0, max_new + 1), (0, 0), (0, 0)]) for x in kv))
+        else:
+            kv = model.init_cache(B, P + max_new, recurrences)
         first_B = lengths_B - 1
         prev_abacus_B = jnp.take_along_axis(abacus_ids(prompts_BxP), jnp.maximum(first_B - 1, 0)[:, None], 1)[:, 0]
-        start = _CachedState(kv, first_B, jnp.where(first_B > 0, prev_abacus_B, 0))
+        start = _CachedState(model.unstack_cache(kv), first_B, jnp.where(first_B > 0, prev_abacus_B, 0))
+        row_B = jnp.arange(B)
+        # the initial-state noise (a model with eval_init_noise) of row b's token at position i: key (r_steps, b, i)
+        row_keys = jax.vmap(lambda row, index: jax.random.fold_in(jax.random.fold_in(r_steps, row), index))
 
         def tokens_to_logits(tokens_Bx1, s: _CachedState):
             aba_Bx1 = jnp.where(_is_digit(tokens_Bx1), s.abacus_B[:, None] + 1, 0)
-            logits_BxQxV, kv = _apply_per_row(model, params, tokens_Bx1, aba_Bx1, s.kv, s.index_B, recurrences,
-                                              r_steps)
+            logits_BxQxV, kv = model.apply(params, tokens_Bx1, abacus_BxQ=aba_Bx1, cache=s.kv, start=s.index_B,
+                                           recurrences=recurrences, rng=row_keys(row_B, s.index_B))
             logits = _force_eos_past_budget(logits_BxQxV[:, 0], s.index_B - first_B, max_new_B)
             return logits, _CachedState(kv, s.index_B + 1, aba_Bx1[:, 0])
 

@@ -82,7 +82,7 @@ def solve_prompts(model: ArithModel, params, prompts: list[np.ndarray], max_new:
         for width in sorted(groups):
             idx = groups[width]
             new = max(max_new[i] for i in idx)
-            new = max(width, length_bucket(new)) if bucket else new
+            new = length_bucket(new) if bucket else new
             for s in range(0, len(idx), rows):
                 chunk = idx[s:s + rows] + idx[:1] * max(0, rows - len(idx[s:s + rows]))  # fill with a repeat
                 batch = np.full((rows, width), PAD, np.int32)

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from core_jax.attention import Attention, KVCache, dense_dot_general, xavier
+from core_jax.attention import Attention, HeadsKVCache, KVCache, dense_dot_general, xavier
 from arith_jax.tokenizer import DIGIT_IDS
 
 POSITION_KINDS = ("abacus", "learned", "fire", "rope")
@@ -189,15 +189,21 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, pos_Q, caches=None, cache_index=None, out_index_BxA=None):
+        """`caches`: None, a KVCache stacked over the layers ([layers, B, S, H, D] leaves), or a tuple of one
+        cache per layer (any layout); the new caches come back in the same form."""
         new = []
         last = self.cfg.layers - 1
+        stacked = isinstance(caches, KVCache)
         for i in range(self.cfg.layers):
-            c = None if caches is None else KVCache(caches.k_BxSxHxD[i], caches.v_BxSxHxD[i])
+            c = (None if caches is None else KVCache(caches.k_BxSxHxD[i], caches.v_BxSxHxD[i]) if stacked
+                 else caches[i])
             x, c = Layer(self.cfg, name=f"layer{i}")(x, pos_Q, c, cache_index,
                                                      out_index_BxA if i == last else None)
             new.append(c)
         if caches is None:
             return x, None
+        if not stacked:
+            return x, tuple(new)
         return x, KVCache(jnp.stack([c.k_BxSxHxD for c in new]), jnp.stack([c.v_BxSxHxD for c in new]))
 
 
@@ -214,8 +220,9 @@ class Embed(nn.Module):
         x = nn.Embed(self.vocab_size, cfg.width, embedding_init=init, name="word")(tokens_BxQ)
         if "abacus" in cfg.positions:
             x = x + nn.Embed(cfg.table_size, cfg.width, embedding_init=init, name="abacus")(abacus_BxQ)
-        if "learned" in cfg.positions:
-            x = x + nn.Embed(cfg.table_size, cfg.width, embedding_init=init, name="learned")(pos_Q)[None]
+        if "learned" in cfg.positions:   # positions [Q] shared by the rows, or [B, Q] per row
+            learned = nn.Embed(cfg.table_size, cfg.width, embedding_init=init, name="learned")(pos_Q)
+            x = x + (learned if pos_Q.ndim == 2 else learned[None])
         return _norm("norm")(x)
 
 
@@ -274,6 +281,21 @@ class ArithModel:
         dtype = _dtype(cfg.dtype)
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
+    @staticmethod
+    def unstack_cache(cache: KVCache) -> tuple[tuple[HeadsKVCache, ...], ...]:
+        """A cache from `init_cache` (leaves [passes, layers, B, S, H, D]) as one `HeadsKVCache` per pass and
+        layer (`[pass][layer]`, leaves [B, H, S, D]): the same keys and values. `apply` with such a cache runs the
+        passes unrolled and updates every buffer where it is (decoding: see `apply`)."""
+        k, v = HeadsKVCache.from_cache(cache)
+        return tuple(tuple(HeadsKVCache(k[i, l], v[i, l]) for l in range(k.shape[1])) for i in range(k.shape[0]))
+
+    @staticmethod
+    def stack_cache(caches) -> KVCache:
+        """The inverse of `unstack_cache`."""
+        k = jnp.stack([jnp.stack([c.k_BxHxSxD for c in layers]) for layers in caches])
+        v = jnp.stack([jnp.stack([c.v_BxHxSxD for c in layers]) for layers in caches])
+        return KVCache(jnp.swapaxes(k, -3, -2), jnp.swapaxes(v, -3, -2))
+
     def apply(self, params, tokens_BxQ, *, abacus_BxQ=None, start: int | jnp.ndarray = 0, rng=None,
               train: bool = False, recurrences: int | None = None, cache: KVCache | None = None):
         """Logits [B, Q, vocab] for tokens at absolute positions start..start+Q-1.
@@ -282,6 +304,14 @@ class ArithModel:
         returned. In training, `rng` drives the Abacus offset, the initial-state noise and the progressive loss; in
         evaluation it drives only the initial-state noise of a model with `cfg.eval_init_noise` (and must be given
         there), and is ignored otherwise.
+
+        Rows at positions of their own (decoding right-padded prompts; evaluation with a cache only): `start` [B]
+        puts row b's tokens at positions (and cache slots) start[b]..start[b]+Q-1, and `rng`, where the model
+        draws noise, is one key per row ([B] keys), row b's initial state drawn from rng[b] exactly as a one-row
+        call with that key draws it; row b's logits and cache row are then those of that one-row call. The cache
+        may also be `unstack_cache`'s (one buffer per pass and layer, heads before slots): the passes then run
+        unrolled and each buffer is updated in place (one scatter per buffer and call) instead of every pass's
+        cache being sliced out of and written back into a stacked one (whole-cache copies at every call).
         """
         h, new_cache = self.hidden(params, tokens_BxQ, abacus_BxQ=abacus_BxQ, start=start, rng=rng, train=train,
                                    recurrences=recurrences, cache=cache)
@@ -294,6 +324,8 @@ class ArithModel:
         arguments are those of `apply`. The head acts on each position alone, so `head(hidden(...)[0])` restricted
         to some positions equals `apply(...)` at those positions."""
         cfg = self.cfg
+        if jnp.ndim(start) == 1 and (cache is None or train):
+            raise ValueError("per-row start positions [B] are for evaluation with a KV cache")
         e, h, rng, pos_Q = self._embed_and_h0(params["embed"], tokens_BxQ, abacus_BxQ, start, rng, train)
         if train and cfg.looped and cfg.progressive:
             h = self.progressive_passes(params["block"], h, e, pos_Q, *self.sample_progressive(rng))
@@ -307,10 +339,12 @@ class ArithModel:
         return h, new_cache
 
     def _embed_and_h0(self, embed_params, tokens_BxQ, abacus_BxQ, start, rng, train):
-        """(e, h0, rng left over, pos_Q): the embedded input, the initial state and the absolute positions."""
+        """(e, h0, rng left over, pos_Q): the embedded input, the initial state and the absolute positions ([Q],
+        or [B, Q] for a per-row `start` [B], whose `rng` is then one key per row: see `apply`)."""
         cfg = self.cfg
         B, Q = tokens_BxQ.shape
-        pos_Q = start + jnp.arange(Q)
+        per_row = jnp.ndim(start) == 1
+        pos_Q = (start[:, None] if per_row else start) + jnp.arange(Q)
         if abacus_BxQ is None:
             abacus_BxQ = abacus_ids(tokens_BxQ)
         if train and "abacus" in cfg.positions and cfg.abacus_max_k > 0:
@@ -327,8 +361,13 @@ class ArithModel:
             if rng is None:
                 raise ValueError("this model draws its initial state from noise in evaluation too "
                                  "(model.eval_init_noise): pass rng")
-            rng, r_h = jax.random.split(rng)
-            h = cfg.init_noise * jax.random.normal(r_h, e.shape, jnp.float32).astype(e.dtype)
+            if per_row:   # row b as a one-row call keyed rng[b] draws it (evaluation only: no rng left over)
+                draw = lambda r: jax.random.normal(jax.random.split(r)[1], (1, Q, e.shape[-1]), jnp.float32)[0]
+                h = cfg.init_noise * jax.vmap(draw)(rng).astype(e.dtype)
+                rng = None
+            else:
+                rng, r_h = jax.random.split(rng)
+                h = cfg.init_noise * jax.random.normal(r_h, e.shape, jnp.float32).astype(e.dtype)
         else:
             h = jnp.zeros_like(e)
 
@@ -378,6 +417,15 @@ class ArithModel:
 
     def _passes(self, block_params, h, e, pos_Q, passes, cache, start):
         cfg = self.cfg
+        if cache is not None and not isinstance(cache, KVCache):   # `unstack_cache`'s: one buffer per pass
+            if len(cache) != passes:
+                raise ValueError(f"the cache holds {len(cache)} passes, the model runs {passes}")
+            new_cache = []
+            for i in range(passes):   # unrolled: each pass reads and writes its own buffers, nothing is copied
+                p = block_params if cfg.shared else jax.tree_util.tree_map(lambda x: x[i], block_params)
+                h, c = self._step(p, h, e, pos_Q, i, cache[i], start)
+                new_cache.append(c)
+            return h, tuple(new_cache)
 
         def body(h, xs):
             i, p, c = xs

@@ -32,6 +32,42 @@ class KVCache(NamedTuple):
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
+class HeadsKVCache(NamedTuple):
+    """A KV cache laid out heads before slots, [B, heads, S, head_dim]: the layout the attention's products read
+    directly (batch axes b, h leading). With `KVCache`'s [B, S, H, D], XLA:CPU transposes the whole cache for the
+    products at every call, which dominates one-token decoding steps over a long cache. Same semantics otherwise."""
+
+    k_BxHxSxD: jnp.ndarray
+    v_BxHxSxD: jnp.ndarray
+
+    @classmethod
+    def zeros(cls, batch: int, length: int, num_heads: int, head_dim: int, dtype=jnp.float32) -> "HeadsKVCache":
+        shape = (batch, num_heads, length, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @classmethod
+    def from_cache(cls, cache: KVCache) -> "HeadsKVCache":
+        """The same keys/values in this layout (any leading axes before B are kept)."""
+        swap = lambda x: jnp.swapaxes(x, -3, -2)
+        return cls(swap(cache.k_BxSxHxD), swap(cache.v_BxSxHxD))
+
+
+def _write_cache(buf, new_BxQxHxD, index, heads_major: bool):
+    """`buf` with the Q new keys (or values) at slots index..index+Q-1: a shared index (scalar) or one per row
+    ([B]: row b at index[b]..index[b]+Q-1, one scatter for the batch; slots past the buffer are dropped)."""
+    new = new_BxQxHxD.astype(buf.dtype)
+    if jnp.ndim(index) == 0:
+        if heads_major:
+            return lax.dynamic_update_slice(buf, jnp.swapaxes(new, 1, 2), (0, 0, index, 0))
+        return lax.dynamic_update_slice(buf, new, (0, index, 0, 0))
+    B, Q = new.shape[:2]
+    rows_BxQ = jnp.arange(B)[:, None]
+    slots_BxQ = index[:, None] + jnp.arange(Q)[None, :]
+    if heads_major:   # advanced indices apart: their [B, Q] leads the update's shape, then H, D
+        return buf.at[rows_BxQ, :, slots_BxQ].set(new, mode="drop")
+    return buf.at[rows_BxQ, slots_BxQ].set(new, mode="drop")
+
+
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """`lax.dot_general` for dense layers (`dot_general=` of `nn.Dense` / `nn.DenseGeneral`), with a CPU-friendly
     weight gradient.
@@ -103,8 +139,9 @@ def xavier(gain: float = 1.0):
 class Attention(nn.Module):
     """Scaled dot-product attention with fp32 scores/softmax.
 
-    Call with `x_BxQxD` (queries) and optionally `kv_BxKxD` (cross-attention). Positions are 1-D; with a cache,
-    the Q new tokens are written at slots [index, index+Q) and queries attend to all slots up to their own.
+    Call with `x_BxQxD` (queries) and optionally `kv_BxKxD` (cross-attention). Positions are 1-D unless given per
+    row (below); with a cache, the Q new tokens are written at slots [index, index+Q) and queries attend to all
+    slots up to their own.
     Returns (y_BxQxD, new_cache or None).
 
     Cross-attention to a fixed memory (an encoder's output) need not re-project the memory at every decoding step:
@@ -113,6 +150,12 @@ class Attention(nn.Module):
 
     Queries at positions of their own in each row (e.g. only some positions of a sequence, against keys at all
     of them): pass `q_pos_Q` as [B, Q] with `kv_BxKxD` and `k_pos_K` (no cache).
+
+    Rows at positions of their own with a cache (decoding right-padded prompts of different lengths): pass
+    `cache_index` as [B]; row b's Q tokens are written at slots cache_index[b]..+Q-1, are at those positions
+    (`q_pos_Q` default; RoPE, FIRE and the causal mask per row), and attend to the slots up to their own. The cache
+    may be a `KVCache` or a `HeadsKVCache` (same function, a layout the products read without a transpose);
+    the new cache has the layout of the one given.
 
     Packed rows (several sequences back to back in one row): with `q_segment_BxQ` and `kv_segment_BxK` (integer
     segment ids), a query attends only to keys of its own segment, on top of the causal and key masks. Not with a
@@ -135,14 +178,17 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxQxD, kv_BxKxD=None, *, q_pos_Q=None, k_pos_K=None, causal: bool = False,
-                 kv_mask_BxK=None, cache: KVCache | None = None, cache_index=None,
+                 kv_mask_BxK=None, cache: KVCache | HeadsKVCache | None = None, cache_index=None,
                  memory_kv: KVCache | None = None, kv_only: bool = False, q_segment_BxQ=None,
                  kv_segment_BxK=None):
         if (q_segment_BxQ is None) != (kv_segment_BxK is None):
             raise ValueError("segment ids restrict attention to a query's own segment: pass both q_segment_BxQ "
                              "and kv_segment_BxK, or neither")
-        if q_pos_Q is not None and jnp.ndim(q_pos_Q) == 2 and (cache is not None or k_pos_K is None):
-            raise ValueError("per-row query positions q_pos_Q [B, Q] need k_pos_K and no KV cache")
+        per_row_index = cache is not None and cache_index is not None and jnp.ndim(cache_index) == 1
+        if (q_pos_Q is not None and jnp.ndim(q_pos_Q) == 2 and not per_row_index
+                and (cache is not None or k_pos_K is None)):
+            raise ValueError("per-row query positions q_pos_Q [B, Q] need k_pos_K and no KV cache, or a cache "
+                             "with a per-row cache_index [B]")
         if q_segment_BxQ is not None and cache is not None:
             raise ValueError("segment ids are for full-sequence passes over packed rows, not with a KV cache")
         d_model = (kv_BxKxD if kv_only else x_BxQxD).shape[-1]
@@ -170,7 +216,7 @@ class Attention(nn.Module):
         n_q = x_BxQxD.shape[1]
         if q_pos_Q is None:
             start = 0 if cache_index is None else cache_index
-            q_pos_Q = start + jnp.arange(n_q)
+            q_pos_Q = (start[:, None] if per_row_index else start) + jnp.arange(n_q)
         if cache is None and k_pos_K is None:
             k_pos_K = jnp.arange(k.shape[1]) if cross else q_pos_Q
 
@@ -182,19 +228,21 @@ class Attention(nn.Module):
         if cache is not None:
             if cross:
                 raise ValueError("the KV cache is for self-attention; cache cross-attention keys outside")
-            idx = (0, cache_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(cache.k_BxSxHxD, k.astype(cache.k_BxSxHxD.dtype), idx)
-            v_all = jax.lax.dynamic_update_slice(cache.v_BxSxHxD, v.astype(cache.v_BxSxHxD.dtype), idx)
-            new_cache = KVCache(k_all, v_all)
-            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-            k_pos_K = jnp.arange(k.shape[1])
+            heads_major = isinstance(cache, HeadsKVCache)
+            new_cache = type(cache)(*(_write_cache(buf, new, cache_index, heads_major)
+                                      for buf, new in zip(cache, (k, v))))
+            k, v = new_cache[0].astype(q.dtype), new_cache[1].astype(q.dtype)
+            k_pos_K = jnp.arange(k.shape[2 if heads_major else 1])
 
         if self.deferred_norm:
             q = q * (1.0 / math.sqrt(head_dim))
-        scores_BxHxQxK = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        kv_heads_major = isinstance(new_cache, HeadsKVCache)   # k, v [B, H, K, D]
+        kv_spec = "bhkd" if kv_heads_major else "bkhd"
+        n_k = k.shape[2 if kv_heads_major else 1]
+        scores_BxHxQxK = jnp.einsum(f"bqhd,{kv_spec}->bhqk", q, k, preferred_element_type=jnp.float32)
         if not self.deferred_norm:
             scores_BxHxQxK = scores_BxHxQxK / jnp.sqrt(jnp.float32(head_dim))
-        per_row = q_pos_Q.ndim == 2   # queries at their own positions in each row ([B, Q]; no cache)
+        per_row = q_pos_Q.ndim == 2   # queries at their own positions in each row ([B, Q])
         if self.fire:
             fire = FireBias(self.num_heads, name="fire")
             if per_row:   # the bias is a function of each (query, key) position pair: run it on the flat rows
@@ -202,7 +250,7 @@ class Attention(nn.Module):
                 scores_BxHxQxK = scores_BxHxQxK + jnp.transpose(bias, (1, 0, 2, 3))
             else:
                 scores_BxHxQxK = scores_BxHxQxK + fire(q_pos_Q, k_pos_K)[None]
-        allowed = jnp.ones((1, 1, n_q, k.shape[1]), bool)
+        allowed = jnp.ones((1, 1, n_q, n_k), bool)
         if causal and per_row:
             allowed = allowed & (k_pos_K[None, None, :] <= q_pos_Q[:, :, None])[:, None]
         elif causal:
@@ -215,11 +263,11 @@ class Attention(nn.Module):
         if self.deferred_norm:
             exp_BxHxQxK = jnp.exp(scores_BxHxQxK - lax.stop_gradient(scores_BxHxQxK.max(-1, keepdims=True)))
             inv_BxQxH = jnp.transpose(1.0 / exp_BxHxQxK.sum(-1), (0, 2, 1))
-            out_BxQxHxD = (jnp.einsum("bhqk,bkhd->bqhd", exp_BxHxQxK.astype(v.dtype), v)
+            out_BxQxHxD = (jnp.einsum(f"bhqk,{kv_spec}->bqhd", exp_BxHxQxK.astype(v.dtype), v)
                            * inv_BxQxH[..., None].astype(v.dtype))
         else:
             probs = jax.nn.softmax(scores_BxHxQxK, axis=-1).astype(v.dtype)
-            out_BxQxHxD = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+            out_BxQxHxD = jnp.einsum(f"bhqk,{kv_spec}->bqhd", probs, v)
         y = nn.DenseGeneral(d_model, axis=(-2, -1), use_bias=self.use_bias, kernel_init=xavier(self.out_gain),
                             dtype=self.dtype, dot_general=dense_dot_general, name="out")(out_BxQxHxD)
         return y, new_cache

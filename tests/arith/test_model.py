@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from arith_jax.model import ArithModel, ModelConfig, abacus_ids, count_params_formula
+from core_jax.attention import KVCache
 from arith_jax.tokenizer import Tokenizer
 
 TOK = Tokenizer.for_task("add")
@@ -82,6 +83,46 @@ def test_more_recurrences_at_test_time():
     unshared = ArithModel(small(shared=False), 19)
     with pytest.raises(ValueError, match="only looped"):
         unshared.apply(unshared.init(jax.random.PRNGKey(0)), tokens, recurrences=6)
+
+
+@pytest.mark.parametrize("kw", [dict(positions=("abacus", "fire"), eval_init_noise=True, init_noise=0.5),
+                                dict(shared=False, layers=1, recurrences=2, positions=("learned", "rope")),
+                                dict(layers=2, recurrences=2, positions=())])
+def test_per_row_start_equals_each_row_alone(kw):
+    """apply with a per-row start [B] (and one noise key per row) gives row b the logits and cache row of a
+    one-row call at start[b] with key b (how decoding used to map the model over rows), with the stacked cache
+    and with `unstack_cache`'s per-pass buffers (passes unrolled)."""
+    model = ArithModel(small(**kw), 19)
+    params = model.init(jax.random.PRNGKey(0))
+    tokens = jnp.array([TOK.encode("321+7654=0964"), TOK.encode("999+1111=0111"), TOK.encode("55+66=0121+78")])
+    B, S = tokens.shape[0], 16
+    _, cache = model.apply(params, tokens[:, :9], cache=model.init_cache(B, S), start=0, rng=jax.random.PRNGKey(1))
+    start = jnp.array([9, 4, 6])
+    step = jnp.take_along_axis(tokens, start[:, None] + jnp.arange(2)[None], 1)
+    keys = jax.random.split(jax.random.PRNGKey(2), B)
+
+    def one_row(tok_Q, kv_row, index, key):
+        kv_1 = jax.tree_util.tree_map(lambda x: x[:, :, None], kv_row)
+        logits, kv_1 = model.apply(params, tok_Q[None], cache=kv_1, start=index, rng=key)
+        return logits[0], jax.tree_util.tree_map(lambda x: x[:, :, 0], kv_1)
+
+    rows = KVCache(2, 2)
+    ref, ref_cache = jax.jit(jax.vmap(one_row, in_axes=(0, rows, 0, 0), out_axes=(0, rows)))(step, cache, start, keys)
+    batched = jax.jit(lambda c: model.apply(params, step, cache=c, start=start, rng=keys))
+    got, got_cache = batched(cache)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    np.testing.assert_allclose(got_cache.k_BxSxHxD, ref_cache.k_BxSxHxD, atol=1e-5)
+    got_u, got_cache_u = batched(model.unstack_cache(cache))
+    np.testing.assert_allclose(got_u, ref, atol=1e-5)
+    stacked = model.stack_cache(got_cache_u)
+    for a, b in zip(stacked, ref_cache):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert not np.allclose(stacked.k_BxSxHxD, cache.k_BxSxHxD)   # the step wrote something
+    if model.cfg.eval_init_noise:   # the rows' own keys matter
+        other, _ = jax.jit(lambda c: model.apply(params, step, cache=c, start=start, rng=keys[::-1]))(cache)
+        assert not np.allclose(other, got, atol=1e-4)
+    with pytest.raises(ValueError, match="per-row start"):
+        model.apply(params, step, start=start)
 
 
 def _setup_progressive():

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from core_jax.attention import Attention, KVCache
+from core_jax.attention import Attention, HeadsKVCache, KVCache
 from core_jax.positions import FireBias, apply_rope
 
 
@@ -26,6 +26,38 @@ def test_cache_equals_full_pass(rope, fire):
         outs.append(o)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("layout", [KVCache, HeadsKVCache])
+@pytest.mark.parametrize("rope,fire", [(False, False), (True, True)])
+def test_per_row_cache_index_equals_each_row_alone(layout, rope, fire):
+    """A per-row cache_index [B] (row b's tokens at slots and positions index[b]..) gives every row the output and
+    cache row it gets alone with that index as a shared scalar, in either cache layout; the heads-major layout
+    holds the same keys/values as KVCache."""
+    attn = Attention(num_heads=2, rope=rope, fire=fire)
+    B, S, Q = 3, 10, 2
+    x = jax.random.normal(jax.random.PRNGKey(0), (B, 6, 8))
+    params = attn.init(jax.random.PRNGKey(1), x, causal=True)
+    apply = jax.jit(functools.partial(attn.apply, causal=True))
+    cache = layout.zeros(B, S, 2, 4)
+    _, cache = apply(params, x[:, :4], cache=cache, cache_index=0)   # a shared prefix, then rows go their own way
+    index = jnp.array([4, 1, 7])
+    new = jax.random.normal(jax.random.PRNGKey(2), (B, Q, 8))
+    out, new_cache = apply(params, new, cache=cache, cache_index=index)
+    for b in range(B):
+        one = jax.tree_util.tree_map(lambda c: c[b:b + 1], cache)
+        ref, ref_cache = apply(params, new[b:b + 1], cache=one, cache_index=int(index[b]))
+        np.testing.assert_allclose(out[b:b + 1], ref, atol=1e-6)
+        for got, want in zip(new_cache, ref_cache):
+            np.testing.assert_array_equal(got[b:b + 1], want)
+    assert not np.allclose(out[0], out[1], atol=1e-3)   # the rows differ
+    if layout is HeadsKVCache:   # the same function as the [B, S, H, D] cache, keys and values transposed
+        plain = KVCache.zeros(B, S, 2, 4)
+        _, plain = apply(params, x[:, :4], cache=plain, cache_index=0)
+        out_plain, plain = apply(params, new, cache=plain, cache_index=index)
+        np.testing.assert_allclose(out, out_plain, atol=1e-6)
+        for got, want in zip(new_cache, HeadsKVCache.from_cache(plain)):
+            np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_per_row_query_positions_equal_the_full_pass_rows():

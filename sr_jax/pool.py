@@ -562,17 +562,29 @@ def _transformed_sums(products: list[_Term], z, y, offset, scale) -> list[Expres
 
 
 def _monomial(z, y, offset, scale) -> Optional[Expression]:
-    """0 + c * prod_j x_j ** p_j over the raw features, from least squares on log|y|; None where it does not apply."""
+    """0 + c * prod_j x_j ** p_j over the raw features, from least squares on log|y| weighted by |y| (so that, to
+    first order, it is least squares on y itself: rows near 0, where noise dominates log|y|, count little), on the
+    rows of y's dominant sign; None where it does not apply: a feature not positive, or the other sign's rows
+    holding more than ``_MONOMIAL_OTHER_SIGN`` of sum(y**2) (noise around small values, not a sign change)."""
     x = z * scale + offset
-    if not ((x > 0).all() and ((y > 0).all() or (y < 0).all())):
+    if not (x > 0).all():
         return None
-    sign = 1.0 if y[0] > 0 else -1.0
-    a = np.concatenate([np.ones((len(y), 1)), np.log(x)], axis=1)
-    coef, *_ = np.linalg.lstsq(a, np.log(np.abs(y)), rcond=None)
+    sign = 1.0 if np.sum(y[y > 0] ** 2) >= np.sum(y[y < 0] ** 2) else -1.0
+    rows = sign * y > 0
+    energy = float(np.sum(y * y))
+    if rows.sum() <= x.shape[1] + 1 or not np.sum(y[~rows] ** 2) <= _MONOMIAL_OTHER_SIGN * energy:
+        return None
+    w = np.abs(y[rows])[:, None]
+    a = np.concatenate([np.ones((int(rows.sum()), 1)), np.log(x[rows])], axis=1)
+    with np.errstate(all="ignore"):
+        coef, *_ = np.linalg.lstsq(a * w, np.log(np.abs(y[rows])) * w[:, 0], rcond=None)
     if not np.isfinite(coef).all():
         return None
     prod = _product([["pow", *_affine(scale[j], offset[j], j), float(p)] for j, p in enumerate(coef[1:])])
     return Expression(["add", 0.0, "mul", float(sign * np.exp(coef[0])), *prod])
+
+
+_MONOMIAL_OTHER_SIGN = 0.05
 
 
 # unary-of-monomial bases: u(c * M2) times a monomial M1, M2 a product of powers of at most five raw features

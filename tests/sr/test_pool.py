@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from sr_jax import Expression
 from sr_jax.candidates import Candidate
-from sr_jax.pool import (PriorLibrary, _product_library, _transformed_sums, _unary_monomials, basis_candidates,
+from sr_jax.pool import (PriorLibrary, _monomial, _product_library, _transformed_sums, _unary_monomials, basis_candidates,
                           dedupe, outer_terms, prior_candidates, prior_library, screen_prior)
 
 
@@ -224,6 +224,22 @@ def test_unary_of_monomial_bases_need_positive_features():
     x[0, 1] = -1.0
     z, m, s = _standardise(x)
     assert _unary_monomials(z, x[:, 0] * np.exp(-x[:, 1]), m, s) == []
+
+
+def test_monomial_basis_fits_noisy_targets_that_cross_zero_near_their_small_values():
+    """Noise of 10% of RMS(y) on a product of powers with a wide range makes a few small targets negative: the
+    monomial is still fitted (on the dominant sign's rows, weighted by |y|) and lands near the truth, while a
+    target that really changes sign gets none."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(1, 5, size=(200, 3))
+    clean = 0.05 * x[:, 0] ** 2 * x[:, 1] ** 2 / x[:, 2] ** 3
+    y = clean + 0.1 * np.sqrt(np.mean(clean ** 2)) * rng.normal(size=200)
+    assert (y < 0).any()
+    z, m, s = _standardise(x)
+    mono = _monomial(z, y, m, s)
+    assert mono is not None
+    assert _nmse(mono, z, clean) < 0.01  # within the noise of the truth before any refinement
+    assert _monomial(z, x[:, 0] - 3.0, m, s) is None  # half the rows negative: not a monomial
 
 
 def test_screening_in_small_pieces_equals_screening_at_once(monkeypatch):

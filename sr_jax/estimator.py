@@ -688,12 +688,17 @@ def _tidy(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray) -> symp
     for all of them, not one each: on noisy data snapping many constants at one price each moved the formula
     measurably away from the truth.
     Repeated (at most 3 passes) while it changes something: snapping can let sympy merge constants into new ones
-    (0.166*(1.74*x - 6e-17)**2 becomes 0.500001*x**2 once the -6e-17 is 0), which the next pass snaps in turn."""
+    (0.166*(1.74*x - 6e-17)**2 becomes 0.500001*x**2 once the -6e-17 is 0), which the next pass snaps in turn.
+    Merging the snapped constants (at their few digits' precision) can also move the formula past the allowance:
+    then the pass is run again in a quarter of the room left, and not kept if that too ends past it."""
     allowed = None  # from the unsnapped formula's loss, so that the passes together stay within the tolerance
     for _ in range(3):
         tidied, allowed = _tidy_once(expr, t, z, y, allowed)
-        if tidied == expr or not _tidy_loss(tidied, t, z, y) <= allowed:  # sympy's merging of the snapped
-            break  # constants (at their few digits' precision) can move the formula: then the pass is not kept
+        if tidied != expr and not _tidy_loss(tidied, t, z, y) <= allowed:
+            now = float(_tidy_loss(expr, t, z, y))
+            tidied, _ = _tidy_once(expr, t, z, y, now + (allowed - now) / 4)
+        if tidied == expr or not _tidy_loss(tidied, t, z, y) <= allowed:
+            break
         expr = tidied
     return expr
 
@@ -727,11 +732,14 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
     becomes a*b). Only constants whose plain removal raises the loss by at most ``_DROP_GATE`` times the room under
     the allowance are tried, the ``_DROP_ROWS`` cheapest at a time, and only in formulas of at most
     ``_DROP_MAX_CONSTANTS`` constants (a real term costs far more; this keeps formulas with many constants cheap).
-    Then it shortens the
+    Next it rounds exponents the same way (each free exponent to its nearest integer and its nearest half, the
+    other free constants refitted, integers first, then the one that moves least, in what is left of that half:
+    noisy q1*q2/r**2 fitted as q1**1.01*q2**0.99/r**2.03 becomes q1*q2/r**2). Then it shortens the
     remaining constants one at a time, largest first, the others fixed: to 1-6 significant digits, or to a short
-    multiple of a power of pi, whichever shortest form keeps the loss within the allowance. When terms were
-    dropped, the formula shortened without dropping is kept instead if it is shorter to write (``_written_size``):
-    the refit can use up the allowance and leave every other constant at full precision."""
+    multiple of a power of pi (not exponents), whichever shortest form keeps the loss within the allowance. When
+    terms were dropped or exponents rounded, the formula shortened without either is kept instead if it is shorter
+    to write (``_written_size``): the refit can use up the allowance and leave every other constant at full
+    precision."""
     floats = sorted(expr.atoms(sympy.Float), key=lambda f: -abs(float(f)))
     if not floats:
         return expr, allowed
@@ -763,6 +771,7 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
     budget = max(allowed - ref, 1e-300)
     start_P, fixed_P = values_P.copy(), values_P == 0.0
     drop = len(values_P) <= _DROP_MAX_CONSTANTS
+    exponent_P = np.array([p in {pw.exp for pw in template.atoms(sympy.Pow)} for p in params])
     while drop and not fixed_P.all():  # drop terms
         now = float(losses(values_P[None])[0])
         tried_T = np.flatnonzero(~fixed_P)
@@ -782,6 +791,27 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
             break
         pick = ok[np.argmin(np.abs(values_P[tried_T[ok]]))]
         values_P, fixed_P[tried_T[pick]] = trial_TxP[pick].copy(), True
+    while drop and (exponent_P & ~fixed_P).any():  # round exponents: to an integer, else to a half
+        tried, targets = [], []
+        for i in np.flatnonzero(exponent_P & ~fixed_P):
+            for r in dict.fromkeys([float(np.round(values_P[i])), float(np.round(2 * values_P[i]) / 2)]):
+                if r not in (0.0, values_P[i]):
+                    tried.append(i)
+                    targets.append(r)
+        if not tried:
+            break
+        tried_T, target_T = np.array(tried), np.array(targets)
+        trial_TxP = np.repeat(values_P[None], len(tried_T), axis=0)
+        trial_TxP[np.arange(len(tried_T)), tried_T] = target_T
+        free_TxP = np.repeat((~fixed_P)[None], len(tried_T), axis=0)
+        free_TxP[np.arange(len(tried_T)), tried_T] = False
+        trial_TxP = _refit_constants(predict, y, trial_TxP, free_TxP)
+        ok = np.flatnonzero(losses(trial_TxP) <= ref + budget / 2)
+        if not len(ok):
+            break
+        # integers before halves, then the exponent that moves least
+        pick = ok[np.lexsort((np.abs(target_T[ok] - values_P[tried_T[ok]]), target_T[ok] != np.round(target_T[ok])))[0]]
+        values_P, fixed_P[tried_T[pick]] = trial_TxP[pick].copy(), True
 
     def shorten(values_P: np.ndarray, skip_P: np.ndarray, zero: bool) -> sympy.Expr:
         """The formula with each constant not in ``skip_P`` at its shortest form (0 first if ``zero``) that keeps
@@ -795,7 +825,8 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
             trials = [(t, 0) for t in shorter]  # (k, e): k * pi**e
             own = next((k for k, (t, _) in enumerate(trials) if t == v), None)
             trials = trials[:own] if own is not None else trials  # stop at v's own length
-            if len(trials) > len(shorter) - 3:  # more than 3 digits: short multiples of pi**e before longer ones
+            if len(trials) > len(shorter) - 3 and not exponent_P[i]:  # more than 3 digits: short multiples
+                # of pi**e before longer ones (not for exponents)
                 trials[len(shorter) - 3:len(shorter) - 3] = _pi_forms(v)
             if not trials:
                 continue
@@ -814,7 +845,7 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
         return template.xreplace({p: written(i, float(v)) for i, (p, v) in enumerate(zip(params, values_P))})
 
     tidied = shorten(values_P, fixed_P, zero=not drop)
-    if fixed_P.sum() > (start_P == 0.0).sum():  # terms were dropped: keep that only if it is not longer to write
+    if fixed_P.sum() > (start_P == 0.0).sum():  # dropped or rounded: kept only if not longer to write
         kept = shorten(start_P, start_P == 0.0, zero=True)  # (the refit can leave no room to shorten the rest)
         tidied = min([tidied, kept], key=_written_size)
     return tidied, allowed

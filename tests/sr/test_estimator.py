@@ -435,3 +435,26 @@ def test_written_size_counts_nodes_and_digits():
     assert _written_size(3 * x) == 3
     long = sympy.Float(0.35240775212422892) * x
     assert _written_size(long) > _written_size(_sympy_number(0.35) * x + _sympy_number(0.01))
+
+
+def test_tidy_rounds_exponents_with_a_refit_of_the_other_constants():
+    """Noisy q1*q2/r**2 fitted as a monomial c * q1**p1 * q2**p2 * r**p3: the noise moves every exponent a little
+    (1.01, 0.99, -2.03), and rounding one alone leaves the others' compensation in the fit; each is rounded to an
+    integer while the rest are refitted, and no exponent gets a pi form."""
+    from sr_jax.estimator import _tidy, _tidy_loss, _tidy_allowance, _Transform
+
+    rng = np.random.default_rng(2)
+    x = rng.uniform(1, 5, (200, 3))
+    clean = 0.08 * x[:, 0] * x[:, 1] / x[:, 2] ** 2
+    y = clean + 0.01 * np.sqrt(np.mean(clean ** 2)) * rng.normal(size=200)
+    a = np.concatenate([np.ones((200, 1)), np.log(x)], axis=1)
+    coef = np.linalg.lstsq(a, np.log(y), rcond=None)[0]
+    assert np.abs(coef[1:] - [1, 1, -2]).max() > 0.003  # the noise did move the exponents
+    q1, q2, r = sympy.symbols("q1 q2 r")
+    c = [sympy.Float(v) for v in coef]
+    fitted = sympy.Float(np.exp(coef[0])) * q1 ** c[1] * q2 ** c[2] * r ** c[3]
+    t = _Transform((0, 1, 2), (0.0,) * 3, (1.0,) * 3, ("q1", "q2", "r"))
+    tidied = _tidy(fitted, t, x, y)
+    assert {sympy.Integer(1), sympy.Integer(-2)} >= {p.exp for p in tidied.atoms(sympy.Pow)}, tidied
+    assert not tidied.has(sympy.pi)
+    assert _tidy_loss(tidied, t, x, y) <= _tidy_loss(fitted, t, x, y) * _tidy_allowance(200) + 1e-10

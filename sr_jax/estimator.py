@@ -35,10 +35,12 @@ Pipeline of one ``fit`` (spec sections 6-7, with the original's bugs fixed):
    multiplied out) are tidied within one allowance for all changes together: MSE / var(y) on all rows may rise by
    the BIC's price of one constant (a factor N**(1/N): 2.7% at 200 rows; at least 0.1%; +1e-10). First terms are
    dropped: a constant goes to 0 while the others are refitted (so offsets that the noise spread over several
-   constants go to 0 together), using at most half of that room; then the other constants are snapped, one at a
-   time, to the fewest significant digits (1..6) that stay within it — trying short multiples of pi**e (e in -3..3,
-   e.g. 0.5/pi, 4*pi) after 3 digits and before 4 —, integral constants become integers, and the form with fewer
-   nodes is kept (so a noise-free 2.5*sin(x) + x**2 reads as exactly that, and noisy x*y + 0.01*x - 0.08 as x*y).
+   constants go to 0 together), using at most half of that room, and exponents are rounded to integers or halves
+   the same way, in what is left of that half; then the other constants are snapped, one at a time, to the
+   fewest significant digits (1..6) that stay within it — trying short multiples of pi**e (e in -3..3, e.g.
+   0.5/pi, 4*pi; not for exponents) after 3 digits and before 4 —, integral constants become integers, and the
+   form with fewer nodes is kept (so a noise-free 2.5*sin(x) + x**2 reads as exactly that, and noisy
+   x*y + 0.01*x - 0.08 as x*y).
 
 Batched fitting: ``fit([X_1, ..., X_B], [y_1, ..., y_B])`` runs steps 1-6 for every dataset with ONE decoding call
 and ONE refinement call; every fitted attribute becomes a list with one entry per dataset and ``predict``/``score``
@@ -810,7 +812,8 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
         if not len(ok):
             break
         # integers before halves, then the exponent that moves least
-        pick = ok[np.lexsort((np.abs(target_T[ok] - values_P[tried_T[ok]]), target_T[ok] != np.round(target_T[ok])))[0]]
+        moved, half = np.abs(target_T[ok] - values_P[tried_T[ok]]), target_T[ok] != np.round(target_T[ok])
+        pick = ok[np.lexsort((moved, half))[0]]
         values_P, fixed_P[tried_T[pick]] = trial_TxP[pick].copy(), True
 
     def shorten(values_P: np.ndarray, skip_P: np.ndarray, zero: bool) -> sympy.Expr:

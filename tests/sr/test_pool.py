@@ -5,8 +5,8 @@ from hypothesis import strategies as st
 
 from sr_jax import Expression
 from sr_jax.candidates import Candidate
-from sr_jax.pool import (PriorLibrary, _monomial, _product_library, _transformed_sums, _unary_monomials, basis_candidates,
-                          dedupe, outer_terms, prior_candidates, prior_library, screen_prior)
+from sr_jax.pool import (PriorLibrary, _monomial, _product_library, _transformed_sums, _unary_monomials,
+                          basis_candidates, dedupe, outer_terms, prior_candidates, prior_library, screen_prior)
 
 
 def _nmse(expr: Expression, z, y) -> float:

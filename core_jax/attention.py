@@ -42,8 +42,7 @@ class HeadsKVCache(NamedTuple):
 
     @classmethod
     def zeros(cls, batch: int, length: int, num_heads: int, head_dim: int, dtype=jnp.float32) -> "HeadsKVCache":
-        shape = (batch, num_heads, length, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        return cls.from_cache(KVCache.zeros(batch, length, num_heads, head_dim, dtype))
 
     @classmethod
     def from_cache(cls, cache: KVCache) -> "HeadsKVCache":

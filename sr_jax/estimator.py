@@ -285,10 +285,11 @@ class SymbolicTransformerRegressor:
             than the best by more than one standard error of their paired per-row difference counts as well).
         tidy: snap the chosen formula's constants to short values when that does not hurt the fit.
         max_time: seconds (None: no limit), a soft limit on the whole fit (of all datasets, after a batched fit),
-            compilation included: refinement stops at its next checkpoint once all but ``_SELECT_SHARE`` (a fifth)
-            of it is spent (candidates still running keep their best constants so far), and tidying starts no new
-            step once all of it is spent (the formula keeps the steps already taken, and is still shortened). The
-            transformer's decoding runs to its end.
+            compilation included: refinement stops at its next checkpoint once all but ``_SELECT_SHARE`` (0.4) of
+            it is spent (candidates still running keep their best constants so far), and tidying starts no new step
+            once all of it is spent, or that share of it after refinement when compiling (a process's first fits)
+            spent more (the formula keeps the steps already taken, and is still shortened). The transformer's
+            decoding runs to its end.
         random_state: int seed (None: a fresh one per fit) for row shuffling, the prior and sampling.
 
     Fitted attributes (lists, one entry per dataset, after a batched fit): ``expression_`` (sympy, user names),
@@ -407,6 +408,8 @@ class SymbolicTransformerRegressor:
         pools = self._pools(prepared, sources, seed, trained)
         deadline = None if self.max_time is None else t_start + float(self.max_time)
         results = self._refine(prepared, pools, deadline)
+        if deadline is not None:  # tidying keeps at least its share even when compilation spent the rest
+            deadline = max(deadline, time.perf_counter() + _SELECT_SHARE * float(self.max_time))
         fits = [self._select(p, pool, res, deadline) for p, pool, res in zip(prepared, pools, results)]
 
         def out(values):

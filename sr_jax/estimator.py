@@ -82,6 +82,7 @@ _SOLVED_LOSS = 1e-10  # refinement: a candidate fitting this well stops every mo
 _BEATEN_RATIO = 100.0  # refinement: a candidate this many times worse than a no-more-complex one stops early
 _STALL = 1e-3  # refinement: a candidate whose loss fell by less than this fraction since the last checkpoint stops
 _SOURCES = ("model", "prior", "bases")
+_SELECT_SHARE = 0.4  # with max_time, this share of it is left to selection and tidying (refinement gets the rest)
 _PRIOR_LIBRARY_SEED = 0  # the screened prior draws one fixed library per dimension (data-independent, cached)
 _SCREEN_ROWS = 256  # training rows the prior library is screened on
 
@@ -283,9 +284,12 @@ class SymbolicTransformerRegressor:
         complexity_tolerance: relative loss slack within which the simplest candidate wins (a candidate not worse
             than the best by more than one standard error of their paired per-row difference counts as well).
         tidy: snap the chosen formula's constants to short values when that does not hurt the fit.
-        max_time: seconds (None: no limit), a soft limit on a fit: refinement stops at its next checkpoint once
-            the time since ``fit`` began is spent (candidates still running keep their best constants so far).
-            Compilation counts; the transformer's decoding runs to its end.
+        max_time: seconds (None: no limit), a soft limit on the whole fit (of all datasets, after a batched fit),
+            compilation included: refinement stops at its next checkpoint once all but ``_SELECT_SHARE`` (0.4) of
+            it is spent (candidates still running keep their best constants so far), and tidying starts no new step
+            once all of it is spent, or that share of it after refinement when compiling (a process's first fits)
+            spent more (the formula keeps the steps already taken, and is still shortened). The transformer's
+            decoding runs to its end.
         random_state: int seed (None: a fresh one per fit) for row shuffling, the prior and sampling.
 
     Fitted attributes (lists, one entry per dataset, after a batched fit): ``expression_`` (sympy, user names),
@@ -402,8 +406,11 @@ class SymbolicTransformerRegressor:
         width = min(MAX_FEATURES, trained.config.model.max_dim) if trained is not None else MAX_FEATURES
         prepared = [self._prepare(x, yy, names, seed, width) for x, yy, names, _ in data]
         pools = self._pools(prepared, sources, seed, trained)
-        results = self._refine(prepared, pools, t_start)
-        fits = [self._select(p, pool, res) for p, pool, res in zip(prepared, pools, results)]
+        deadline = None if self.max_time is None else t_start + float(self.max_time)
+        results = self._refine(prepared, pools, deadline)
+        if deadline is not None:  # tidying keeps at least its share even when compilation spent the rest
+            deadline = max(deadline, time.perf_counter() + _SELECT_SHARE * float(self.max_time))
+        fits = [self._select(p, pool, res, deadline) for p, pool, res in zip(prepared, pools, results)]
 
         def out(values):
             return list(values) if batched else values[0]
@@ -472,10 +479,11 @@ class SymbolicTransformerRegressor:
         return [dedupe(pool) or [Candidate(Expression([float(p.y_N.mean())]), "basis")]
                 for pool, p in zip(pools, prepared)]
 
-    def _refine(self, prepared: list[_Prepared], pools: list[list[Candidate]], t_start: float):
+    def _refine(self, prepared: list[_Prepared], pools: list[list[Candidate]], deadline: Optional[float]):
         from .refinement import Beaten, refine
 
-        left = None if self.max_time is None else max(float(self.max_time) - (time.perf_counter() - t_start), 0.0)
+        left = None if deadline is None else max(
+            deadline - _SELECT_SHARE * float(self.max_time) - time.perf_counter(), 0.0)
         # every dataset's inputs padded with zero columns to MAX_FEATURES (no candidate reads them): fits of datasets
         # with different numbers of features then share refinement's compiled programs
         res = refine([[c.expression for c in pool] for pool in pools],
@@ -485,8 +493,9 @@ class SymbolicTransformerRegressor:
                      beaten=Beaten(solved_loss=_SOLVED_LOSS, ratio=_BEATEN_RATIO, stall=_STALL))
         return res.expressions
 
-    def _select(self, p: _Prepared, pool: list[Candidate], refined: list[Expression]):
-        """(equations sorted by complexity then loss, the chosen equation, its user-space sympy expression)."""
+    def _select(self, p: _Prepared, pool: list[Candidate], refined: list[Expression], deadline: Optional[float]):
+        """(equations sorted by complexity then loss, the chosen equation, its user-space sympy expression);
+        tidying starts no new step after ``deadline`` (a ``time.perf_counter()`` value, None: no limit)."""
         y = p.y_N
         var_sel = max(float(np.var(y[p.select])), 1e-300)
         sst = float(np.sum((y - y.mean()) ** 2))
@@ -525,7 +534,7 @@ class SymbolicTransformerRegressor:
         if self.tidy and np.isfinite(best.loss):
             expanded = sympy.expand(expr, power_exp=False, power_base=False, log=False)
             forms = [expr] + ([expanded] if expanded != expr else [])
-            expr = min((_tidy(f, p.transform, p.z_NxK, y) for f in forms), key=sympy_nodes)
+            expr = min((_tidy(f, p.transform, p.z_NxK, y, deadline) for f in forms), key=sympy_nodes)
         return equations, chosen, expr
 
     # ----- use ---------------------------------------------------------------------------------------------------
@@ -681,7 +690,8 @@ def _column_fn(expr: sympy.Expr, symbols: Sequence[sympy.Symbol], xp) -> Callabl
     return f
 
 
-def _tidy(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray) -> sympy.Expr:
+def _tidy(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray,
+          deadline: Optional[float] = None) -> sympy.Expr:
     """Drop terms (constants to 0, the others refitted) and snap constants to few significant digits while the fit
     on (z, y) stays as good as the data can tell (``_tidy_once``):
     all snaps together may raise MSE / var(y) by ``_tidy_allowance`` (the BIC's price of one free constant: 2.7% at
@@ -692,13 +702,21 @@ def _tidy(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray) -> symp
     Repeated (at most 3 passes) while it changes something: snapping can let sympy merge constants into new ones
     (0.166*(1.74*x - 6e-17)**2 becomes 0.500001*x**2 once the -6e-17 is 0), which the next pass snaps in turn.
     Merging the snapped constants (at their few digits' precision) can also move the formula past the allowance:
-    then the pass is run again in a quarter of the room left, and not kept if that too ends past it."""
+    then the pass is run again in a quarter of the room left, and not kept if that too ends past it.
+    Past ``deadline`` (a ``time.perf_counter()`` value; None: none) no new pass starts, and a pass drops no more
+    terms and rounds no more exponents (it still shortens: one evaluation per trial value)."""
+
+    def late() -> bool:
+        return deadline is not None and time.perf_counter() >= deadline
+
     allowed = None  # from the unsnapped formula's loss, so that the passes together stay within the tolerance
-    for _ in range(3):
-        tidied, allowed = _tidy_once(expr, t, z, y, allowed)
+    for n_pass in range(3):
+        if n_pass and late():
+            break
+        tidied, allowed = _tidy_once(expr, t, z, y, allowed, late)
         if tidied != expr and not _tidy_loss(tidied, t, z, y) <= allowed:
             now = float(_tidy_loss(expr, t, z, y))
-            tidied, _ = _tidy_once(expr, t, z, y, now + (allowed - now) / 4)
+            tidied, _ = _tidy_once(expr, t, z, y, now + (allowed - now) / 4, late)
         if tidied == expr or not _tidy_loss(tidied, t, z, y) <= allowed:
             break
         expr = tidied
@@ -722,9 +740,10 @@ def _tidy_loss(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, en
     return np.where(np.isfinite(v), v, np.inf)
 
 
-def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, allowed) -> tuple:
+def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, allowed,
+               late=lambda: False) -> tuple:
     """One pass of ``_tidy``: (the snapped formula, the loss allowed: given, or ``_tidy_allowance`` above this
-    one's).
+    one's). Dropping and rounding stop (keeping the steps taken) once ``late()`` says the time is spent.
 
     First it drops terms: each constant not yet fixed is set to 0 while the other free constants are refitted
     (``_refit_constants``), all such trials at once; the smallest constant whose trial stays within half the room
@@ -774,26 +793,34 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
     start_P, fixed_P = values_P.copy(), values_P == 0.0
     drop = len(values_P) <= _DROP_MAX_CONSTANTS
     exponent_P = np.array([p in {pw.exp for pw in template.atoms(sympy.Pow)} for p in params])
-    while drop and not fixed_P.all():  # drop terms
+
+    def refit_trials(tried_T: np.ndarray, target_T) -> tuple:
+        """(trial rows: the current values with constant tried_T[r] set to target_T[r] and the other free ones
+        refitted, the indices of the rows whose loss stays within half the room: the other half is for
+        shortening)."""
+        trial_TxP = np.repeat(values_P[None], len(tried_T), axis=0)
+        trial_TxP[np.arange(len(tried_T)), tried_T] = target_T
+        free_TxP = np.repeat((~fixed_P)[None], len(tried_T), axis=0)
+        free_TxP[np.arange(len(tried_T)), tried_T] = False
+        trial_TxP = _refit_constants(predict, y, trial_TxP, free_TxP)
+        return trial_TxP, np.flatnonzero(losses(trial_TxP) <= ref + budget / 2)
+
+    while drop and not fixed_P.all() and not late():  # drop terms
         now = float(losses(values_P[None])[0])
         tried_T = np.flatnonzero(~fixed_P)
         trial_TxP = np.repeat(values_P[None], len(tried_T), axis=0)
         trial_TxP[np.arange(len(tried_T)), tried_T] = 0.0
         cost_T = losses(trial_TxP) - now
         gate = _DROP_GATE * max(allowed - now, budget)  # the room under the allowance (refits can widen it)
-        cheapest = [k for k in np.argsort(cost_T, kind="stable")[:_DROP_ROWS] if cost_T[k] <= gate]
-        tried_T, trial_TxP = tried_T[cheapest], trial_TxP[cheapest]
+        tried_T = tried_T[[k for k in np.argsort(cost_T, kind="stable")[:_DROP_ROWS] if cost_T[k] <= gate]]
         if not len(tried_T):
             break
-        free_TxP = np.repeat((~fixed_P)[None], len(tried_T), axis=0)
-        free_TxP[np.arange(len(tried_T)), tried_T] = False
-        trial_TxP = _refit_constants(predict, y, trial_TxP, free_TxP)
-        ok = np.flatnonzero(losses(trial_TxP) <= ref + budget / 2)  # half the room, the rest for shortening
+        trial_TxP, ok = refit_trials(tried_T, 0.0)
         if not len(ok):
             break
         pick = ok[np.argmin(np.abs(values_P[tried_T[ok]]))]
         values_P, fixed_P[tried_T[pick]] = trial_TxP[pick].copy(), True
-    while drop and (exponent_P & ~fixed_P).any():  # round exponents: to an integer, else to a half
+    while drop and (exponent_P & ~fixed_P).any() and not late():  # round exponents: to an integer, else to a half
         tried, targets = [], []
         for i in np.flatnonzero(exponent_P & ~fixed_P):
             for r in dict.fromkeys([float(np.round(values_P[i])), float(np.round(2 * values_P[i]) / 2)]):
@@ -803,12 +830,7 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
         if not tried:
             break
         tried_T, target_T = np.array(tried), np.array(targets)
-        trial_TxP = np.repeat(values_P[None], len(tried_T), axis=0)
-        trial_TxP[np.arange(len(tried_T)), tried_T] = target_T
-        free_TxP = np.repeat((~fixed_P)[None], len(tried_T), axis=0)
-        free_TxP[np.arange(len(tried_T)), tried_T] = False
-        trial_TxP = _refit_constants(predict, y, trial_TxP, free_TxP)
-        ok = np.flatnonzero(losses(trial_TxP) <= ref + budget / 2)
+        trial_TxP, ok = refit_trials(tried_T, target_T)
         if not len(ok):
             break
         # integers before halves, then the exponent that moves least

@@ -1,5 +1,6 @@
 """SymbolicTransformerRegressor with the non-neural pool (small: the tests share a few compiled refinement shapes)."""
 import pickle
+import time
 
 import jax
 import jax.numpy as jnp
@@ -405,6 +406,47 @@ def test_tidy_drops_offsets_that_compensate_each_other():
     tidied = _tidy(fitted, t, z, y)
     assert str(tidied) == "a*b"
     assert _tidy_loss(tidied, t, z, y) <= _tidy_loss(fitted, t, z, y) * _tidy_allowance(200) + 1e-10
+    # past its deadline tidying drops nothing (the offsets stay), but it still shortens the constants it keeps
+    late = _tidy(fitted, t, z, y, deadline=0.0)
+    assert len(late.atoms(sympy.Float)) == 4 and late != fitted
+    assert _tidy_loss(late, t, z, y) <= _tidy_loss(fitted, t, z, y) * _tidy_allowance(200) + 1e-10
+
+
+def test_max_time_bounds_refinement_and_tidying_of_the_whole_fit(monkeypatch):
+    """With max_time, refinement gets the time left minus the share kept for selection and tidying, and tidying
+    gets the deadline of the whole fit; without it, neither has a limit."""
+    import sr_jax.estimator as estimator
+    import sr_jax.refinement as refinement
+
+    seen = {}
+    real_refine, real_tidy = refinement.refine, estimator._tidy
+
+    def refine(*args, max_time=None, **kw):
+        seen["refine"] = max_time
+        out = real_refine(*args, max_time=max_time, **kw)
+        time.sleep(seen.pop("sleep", 0.0))  # as if compiling had taken this long
+        seen["refine_end"] = time.perf_counter()
+        return out
+
+    def tidy(*args):
+        seen["tidy"] = args[4] if len(args) > 4 else None
+        return real_tidy(*args)
+
+    monkeypatch.setattr(refinement, "refine", refine)
+    monkeypatch.setattr(estimator, "_tidy", tidy)
+    x = np.random.default_rng(0).uniform(1, 3, (60, 1))
+    y = 2.5 * x[:, 0] ** 2
+    small(candidate_sources=("bases",)).fit(x, y)
+    assert seen["refine"] is None and seen["tidy"] is None
+    before = time.perf_counter()
+    small(candidate_sources=("bases",), max_time=50.0).fit(x, y)
+    after = time.perf_counter()
+    assert 0 < seen["refine"] <= 50.0 * (1 - estimator._SELECT_SHARE)
+    assert before + 50.0 <= seen["tidy"] <= after + 50.0
+    # when the fit has spent its time before tidying (compilation), tidying still gets its share of it
+    seen["sleep"] = 1.0
+    small(candidate_sources=("bases",), max_time=0.5).fit(x, y)
+    assert seen["tidy"] >= seen["refine_end"] + 0.5 * estimator._SELECT_SHARE
 
 
 def test_refit_constants_fits_only_the_free_ones():

@@ -493,7 +493,8 @@ class SymbolicTransformerRegressor:
                      beaten=Beaten(solved_loss=_SOLVED_LOSS, ratio=_BEATEN_RATIO, stall=_STALL))
         return res.expressions
 
-    def _select(self, p: _Prepared, pool: list[Candidate], refined: list[Expression], deadline: Optional[float]):
+    def _select(self, p: _Prepared, pool: list[Candidate], refined: list[Expression],
+                deadline: Optional[float] = None):
         """(equations sorted by complexity then loss, the chosen equation, its user-space sympy expression);
         tidying starts no new step after ``deadline`` (a ``time.perf_counter()`` value, None: no limit)."""
         y = p.y_N

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -38,6 +39,27 @@ def int_at_least(lo: int) -> Callable[[str], int]:
         return value
     parse.__name__ = f"integer >= {lo}"
     return parse
+
+
+def _finite_float(text: str, above_zero: bool) -> float:
+    bound = "> 0" if above_zero else ">= 0"
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}") from None
+    if not (math.isfinite(v) and (v > 0 if above_zero else v >= 0)):
+        raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text}")
+    return v
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    return _finite_float(text, above_zero=False)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _finite_float(text, above_zero=True)
 
 
 def int_list_at_least(lo: int) -> Callable[[str], tuple[int, ...]]:

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from core_jax.cli import OneLineParser, check_writable, int_at_least, run_command
+from core_jax.cli import (OneLineParser, check_writable, int_at_least, nonnegative_float, positive_float,
+                          run_command)
 
 from . import feynman
 
@@ -26,23 +27,6 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    v = _nonnegative_float(text)
-    if v == 0:
-        raise argparse.ArgumentTypeError("expected a number > 0, got 0")
     return v
 
 
@@ -62,17 +46,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="benchmark seed; each problem's seed derives from it")
     p.add_argument("--n-train", type=_positive_int, default=200, help="training points per problem")
     p.add_argument("--n-test", type=_positive_int, default=200, help="test points per problem")
-    p.add_argument("--noise", type=_nonnegative_float, default=0.0,
+    p.add_argument("--noise", type=nonnegative_float, default=0.0,
                    help="add G*RMS(y)*N(0,1) to the training targets (SRBench: 0, 0.001, 0.01, 0.1)")
     p.add_argument("--compare", choices=["operon"], help="also run pyoperon's SymbolicRegressor on the same problems")
-    p.add_argument("--time-per-problem", type=_positive_float, metavar="T",
+    p.add_argument("--time-per-problem", type=positive_float, metavar="T",
                    help="seconds per problem: Operon's limit, and ours where the regressor takes max_time "
                         "(default: Operon gets our median seconds)")
     p.add_argument("--operon-threads", type=_positive_int, default=_usable_cores(),
                    help="Operon's threads (default: the cores this process may use, as JAX does)")
     p.add_argument("--sources", help="candidate sources of our regressor, comma-separated (e.g. model,prior,bases)")
     p.add_argument("--model", help="our regressor's model_path (default: the shipped model)")
-    p.add_argument("--recovery-timeout", type=_positive_float, default=5.0,
+    p.add_argument("--recovery-timeout", type=positive_float, default=5.0,
                    help="cap in seconds of the sympy part of each symbolic-recovery check")
     p.add_argument("--table", help="the equation table (default: the copy shipped with sr_jax)")
     p.add_argument("--json", help="write settings, per-problem records and the summary here (rewritten after every problem, with \"complete\": false until the end)")

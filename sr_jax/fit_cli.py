@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from core_jax.cli import OneLineParser, check_plot_path, check_writable, int_at_least, run_command
+from core_jax.cli import OneLineParser, check_plot_path, check_writable, int_at_least, positive_float, run_command
 
 _SOURCES = ("model", "prior", "bases")
 
@@ -28,6 +28,8 @@ def _parser() -> OneLineParser:
                    help=f"comma-separated candidate sources, any of {','.join(_SOURCES)} (default: all)")
     p.add_argument("--model", help="trained transformer directory (default: the shipped model)")
     p.add_argument("--seed", type=int_at_least(0), default=0, help="random_state of the fit (default 0)")
+    p.add_argument("--max-time", type=positive_float, metavar="S",
+                   help="a soft limit in seconds on the whole fit, compilation included (default: none)")
     p.add_argument("--n-prior", type=int_at_least(0),
                    help="skeletons from the generator's prior refined per dataset (default: the estimator's n_prior)")
     p.add_argument("--prior-draws", type=int_at_least(0),
@@ -168,7 +170,8 @@ def _fit(argv: list[str]) -> None:
         check_plot_path(args.plot, "--plot")
     from .estimator import SymbolicTransformerRegressor
 
-    given = {k: v for k, v in (("n_prior", args.n_prior), ("prior_draws", args.prior_draws)) if v is not None}
+    given = {k: v for k, v in (("n_prior", args.n_prior), ("prior_draws", args.prior_draws),
+                               ("max_time", args.max_time)) if v is not None}
     est = SymbolicTransformerRegressor(model_path=args.model, candidate_sources=sources, random_state=args.seed,
                                        **given)
     est.fit(x, y, feature_names=names)

@@ -33,7 +33,7 @@ def _linear(seed):
     (["feynman", "--limit", "0"], "expected a positive integer, got 0"),
     (["feynman", "--noise", "-0.1"], "expected a finite number >= 0"),
     (["feynman", "--noise", "nan"], "expected a finite number >= 0"),
-    (["feynman", "--time-per-problem", "0"], "expected a number > 0"),
+    (["feynman", "--time-per-problem", "0"], "expected a finite number > 0, got 0"),
     (["feynman", "--compare", "eureqa"], "invalid choice: 'eureqa'"),
     (["feynman", "--problems", "I.99.9"], "unknown Feynman equations ['I.99.9']"),
     (["feynman", "--problems", "I.9.18", "--max-vars", "2"], "no equation has at most 2 variables"),

@@ -97,9 +97,27 @@ def test_unwritable_outputs_fail_before_the_fit(capsys, good, tmp_path, monkeypa
 @pytest.mark.parametrize("argv,message", [
     (["--seed", "-1"], "argument --seed: expected an integer >= 0, got -1"),
     (["--n-prior", "-3"], "argument --n-prior: expected an integer >= 0, got -3"),
+    (["--max-time", "0"], "argument --max-time: expected a finite number > 0, got 0"),
+    (["--max-time", "-1"], "argument --max-time: expected a finite number > 0, got -1"),
+    (["--max-time", "nan"], "argument --max-time: expected a finite number > 0, got nan"),
+    (["--max-time", "soon"], "argument --max-time: expected a number > 0, got 'soon'"),
 ])
 def test_bad_numbers_are_one_line_errors(capsys, good, argv, message):
     assert message in run_err(capsys, [good, "--target", "y", *argv])
+
+
+def test_max_time_reaches_the_estimator(capsys, good, monkeypatch):
+    import sr_jax.estimator
+
+    seen = []
+
+    def fit(self, *a, **k):
+        seen.append(self.max_time)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sr_jax.estimator.SymbolicTransformerRegressor, "fit", fit)
+    assert main([good, "--target", "y", "--max-time", "1.5"]) == 130
+    assert main([good, "--target", "y"]) == 130
+    assert seen == [1.5, None]
 
 
 def test_ctrl_c_is_one_line_130(capsys, good, monkeypatch):

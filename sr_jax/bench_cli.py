@@ -20,16 +20,6 @@ from core_jax.cli import (OneLineParser, check_writable, int_at_least, nonnegati
 from . import feynman
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 def _usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
@@ -39,20 +29,20 @@ def _usable_cores() -> int:
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="run.py sr bench", description="Symbolic-regression benchmarks of sr_jax's regressor")
     p.add_argument("benchmark", choices=["feynman"], help="the AI Feynman table (100 equations)")
-    p.add_argument("--limit", type=_positive_int, help="only the first N equations (after the other filters)")
+    p.add_argument("--limit", type=int_at_least(1), help="only the first N equations (after the other filters)")
     p.add_argument("--problems", help="comma-separated equation names, e.g. I.6.2a,II.38.14")
-    p.add_argument("--max-vars", type=_positive_int, help="only equations with at most K variables")
+    p.add_argument("--max-vars", type=int_at_least(1), help="only equations with at most K variables")
     p.add_argument("--seed", type=int_at_least(0), default=0,
                    help="benchmark seed; each problem's seed derives from it")
-    p.add_argument("--n-train", type=_positive_int, default=200, help="training points per problem")
-    p.add_argument("--n-test", type=_positive_int, default=200, help="test points per problem")
+    p.add_argument("--n-train", type=int_at_least(1), default=200, help="training points per problem")
+    p.add_argument("--n-test", type=int_at_least(1), default=200, help="test points per problem")
     p.add_argument("--noise", type=nonnegative_float, default=0.0,
                    help="add G*RMS(y)*N(0,1) to the training targets (SRBench: 0, 0.001, 0.01, 0.1)")
     p.add_argument("--compare", choices=["operon"], help="also run pyoperon's SymbolicRegressor on the same problems")
     p.add_argument("--time-per-problem", type=positive_float, metavar="T",
                    help="seconds per problem: Operon's limit, and ours where the regressor takes max_time "
                         "(default: Operon gets our median seconds)")
-    p.add_argument("--operon-threads", type=_positive_int, default=_usable_cores(),
+    p.add_argument("--operon-threads", type=int_at_least(1), default=_usable_cores(),
                    help="Operon's threads (default: the cores this process may use, as JAX does)")
     p.add_argument("--sources", help="candidate sources of our regressor, comma-separated (e.g. model,prior,bases)")
     p.add_argument("--model", help="our regressor's model_path (default: the shipped model)")

@@ -407,9 +407,10 @@ class SymbolicTransformerRegressor:
         prepared = [self._prepare(x, yy, names, seed, width) for x, yy, names, _ in data]
         pools = self._pools(prepared, sources, seed, trained)
         deadline = None if self.max_time is None else t_start + float(self.max_time)
-        results = self._refine(prepared, pools, deadline)
+        kept = None if deadline is None else _SELECT_SHARE * float(self.max_time)  # for selection and tidying
+        results = self._refine(prepared, pools, None if deadline is None else deadline - kept)
         if deadline is not None:  # tidying keeps at least its share even when compilation spent the rest
-            deadline = max(deadline, time.perf_counter() + _SELECT_SHARE * float(self.max_time))
+            deadline = max(deadline, time.perf_counter() + kept)
         fits = [self._select(p, pool, res, deadline) for p, pool, res in zip(prepared, pools, results)]
 
         def out(values):
@@ -480,10 +481,11 @@ class SymbolicTransformerRegressor:
                 for pool, p in zip(pools, prepared)]
 
     def _refine(self, prepared: list[_Prepared], pools: list[list[Candidate]], deadline: Optional[float]):
+        """Every pool refined in one batched call, stopping at its next checkpoint past ``deadline`` (a
+        ``time.perf_counter()`` value, None: no limit)."""
         from .refinement import Beaten, refine
 
-        left = None if deadline is None else max(
-            deadline - _SELECT_SHARE * float(self.max_time) - time.perf_counter(), 0.0)
+        left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
         # every dataset's inputs padded with zero columns to MAX_FEATURES (no candidate reads them): fits of datasets
         # with different numbers of features then share refinement's compiled programs
         res = refine([[c.expression for c in pool] for pool in pools],

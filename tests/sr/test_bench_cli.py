@@ -30,7 +30,7 @@ def _linear(seed):
 
 @pytest.mark.parametrize("argv,message", [
     (["strogatz"], "invalid choice: 'strogatz'"),
-    (["feynman", "--limit", "0"], "expected a positive integer, got 0"),
+    (["feynman", "--limit", "0"], "expected an integer >= 1, got 0"),
     (["feynman", "--noise", "-0.1"], "expected a finite number >= 0"),
     (["feynman", "--noise", "nan"], "expected a finite number >= 0"),
     (["feynman", "--time-per-problem", "0"], "expected a finite number > 0, got 0"),

@@ -43,6 +43,7 @@ def _parser() -> OneLineParser:
     e.add_argument("--errors", type=int_at_least(0), metavar="N",
                    help="add a breakdown of the wrong answers of the grid and of the sweep (wrong tokens per answer, "
                         "answer positions, cells) with N example problems each")
+    e.add_argument("--abacus-offset", type=int_at_least(0), metavar="K", help=_OFFSET_HELP)
     e.add_argument("--json", help="write the report here")
     e.add_argument("--plot", help="write the heatmap PNG here")
 
@@ -58,6 +59,8 @@ def _parser() -> OneLineParser:
                                         "(default: the shipped model of each problem's operation)")
     s.add_argument("--recurrences", type=int_at_least(1),
                    help="passes at test time (looped models; without --checkpoint, for every shipped model used)")
+    s.add_argument("--abacus-offset", type=int_at_least(0), metavar="K",
+                   help=_OFFSET_HELP + "; needs --checkpoint")
 
     x = sub.add_parser("export", help="write a parameters-only copy of a checkpoint")
     x.add_argument("--checkpoint", required=True)
@@ -65,7 +68,13 @@ def _parser() -> OneLineParser:
     x.add_argument("--average-last", type=int_at_least(1), default=1, metavar="N",
                    help="export the mean parameters of the workdir's newest N checkpoints (a checkpoint average; "
                         "train with train.keep_checkpoints >= N; default 1: the newest checkpoint)")
+    x.add_argument("--abacus-offset", type=int_at_least(0), metavar="K",
+                   help=_OFFSET_HELP + "; the export keeps it as its model.abacus_eval_offset")
     return p
+
+
+_OFFSET_HELP = ("add K to every digit's Abacus id in evaluation (digit i of a number gets id K + i; default: the "
+                "model's model.abacus_eval_offset)")
 
 
 def _check_lengths(cfg, flag: str, lengths) -> None:
@@ -124,7 +133,7 @@ def _eval(args) -> None:
     if args.plot:
         check_plot_path(args.plot, "--plot")
     cfg, model, params = load_trained(DEFAULT_MODEL if args.checkpoint is None else args.checkpoint,
-                                      average_last=args.average_last)
+                                      average_last=args.average_last, abacus_offset=args.abacus_offset)
     sweep = cfg.eval.sweep if args.sweep is None else args.sweep
     max_len = cfg.eval.max_len if args.max_len is None else args.max_len
     n = cfg.eval.n_per_cell if args.n is None else args.n
@@ -183,9 +192,11 @@ def _solve(args) -> int:
         raise ValueError(f"problem file {args.file!r} holds no problems (only blank lines, or empty)" if args.file
                          else 'no problems given; pass them as arguments ("123+456") or with --file')
     if args.checkpoint is None:  # each problem to the shipped model of its operation, loaded when first needed
+        if args.abacus_offset is not None:
+            raise UsageError("--abacus-offset needs --checkpoint (the shipped models keep their own offsets)")
         solver = Solver.shipped(recurrences=args.recurrences)
     else:
-        solver = Solver.load(args.checkpoint, recurrences=args.recurrences)
+        solver = Solver.load(args.checkpoint, recurrences=args.recurrences, abacus_offset=args.abacus_offset)
         _check_recurrences(solver.cfg, args.recurrences)
     results: list[str | ValueError] = []
     for _, text in items:  # syntax errors without the model
@@ -211,7 +222,7 @@ def _export(args) -> None:
     from arith_jax.train import export_params, load_trained
 
     check_writable_dir(args.out, "--out")
-    cfg, _, params = load_trained(args.checkpoint, average_last=args.average_last)
+    cfg, _, params = load_trained(args.checkpoint, average_last=args.average_last, abacus_offset=args.abacus_offset)
     extra = {}
     if args.average_last > 1:
         from core_jax.trained import averaged_steps

@@ -39,10 +39,10 @@ def sequence_length(task: str, max_len: int, max_count: int) -> int:
 
 def fits_positions(model: dict, task: str, max_len: int, max_count: int, train: bool) -> bool:
     """Whether problems with operands of <= max_len digits stay inside the model's position tables (in training,
-    the Abacus 'shift' offsets up to abacus_max_k come on top)."""
+    the Abacus 'shift' offsets up to abacus_max_k come on top; in evaluation, abacus_eval_offset)."""
     table = model["table_size"]
     if "abacus" in model["positions"]:
-        offset = 0
+        offset = model.get("abacus_eval_offset", 0)
         if train:
             offset = model["abacus_max_k"] if model["abacus_train_ids"] == "shift" else model.get("abacus_subset_shift", 0)
         if longest_number(task, max_len) + offset > table - 1:
@@ -74,6 +74,8 @@ class ArithConfig:
                 why += f", abacus_max_k {m['abacus_max_k']}"
             if train and "abacus" in m["positions"] and m["abacus_train_ids"] == "subset" and m["abacus_subset_shift"]:
                 why += f", abacus_subset_shift {m['abacus_subset_shift']}"
+            if not train and "abacus" in m["positions"] and m.get("abacus_eval_offset"):
+                why += f", abacus_eval_offset {m['abacus_eval_offset']}"
             return Rule(ok, f"<= {limit} (the longest operand the position table holds: {why})")
 
         if task not in TASKS:  # the position-table rules below need a known task: this one error comes first
@@ -84,6 +86,7 @@ class ArithConfig:
             ("model.layers", at_least(1)), ("model.recurrences", at_least(1)),
             ("model.abacus_max_k", at_least(0)), ("model.abacus_train_ids", one_of(("shift", "subset"))),
             ("model.abacus_subset_shift", at_least(0)), ("model.abacus_contiguous_frac", between(0, 1)),
+            ("model.abacus_eval_offset", at_least(0)),
             ("model.table_size", at_least(2)),
             ("model.max_backprop", Rule(lambda v: 1 <= v <= m["recurrences"],
                                        f"in [1, model.recurrences = {m['recurrences']}] or null")),

@@ -38,9 +38,11 @@ class Solver:
         self.recurrences, self.batch_size = recurrences, batch_size
 
     @classmethod
-    def load(cls, path: str | Path | None = None, recurrences: int | None = None) -> "Solver":
-        """Loads a checkpoint (training workdir, its checkpoints/ or an export); None = the shipped addition model."""
-        cfg, model, params = load_trained(DEFAULT_MODEL if path is None else path)
+    def load(cls, path: str | Path | None = None, recurrences: int | None = None,
+             abacus_offset: int | None = None) -> "Solver":
+        """Loads a checkpoint (training workdir, its checkpoints/ or an export); None = the shipped addition model.
+        `abacus_offset` overrides the model's `abacus_eval_offset` (the offset added to every Abacus id)."""
+        cfg, model, params = load_trained(DEFAULT_MODEL if path is None else path, abacus_offset=abacus_offset)
         return cls(cfg, model, params, recurrences)
 
     @staticmethod
@@ -57,8 +59,9 @@ class Solver:
         """Longest operand (number, for sorting) the position tables can represent (no limit but a practical one
         without tables)."""
         m = self.cfg.model
-        if "abacus" in m.positions:
-            return {"add": m.table_size - 2, "mul": (m.table_size - 1) // 2, "sort": m.table_size - 1}[self.task]
+        if "abacus" in m.positions:  # the longest number's ids, raised by the evaluation offset, fit the table
+            top = m.table_size - 1 - m.abacus_eval_offset
+            return {"add": top - 1, "mul": top // 2, "sort": top}[self.task]
         if "learned" in m.positions:
             if self.task == "sort":  # one number of D digits: D + 5 positions with label, ':', '=', answer, EOS
                 return m.table_size - 5

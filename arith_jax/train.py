@@ -6,6 +6,7 @@ YAML file. `export_params` writes a parameters-only checkpoint (no optimizer sta
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -30,11 +31,19 @@ def run_training(cfg: ArithConfig, workdir: str | Path | None, *, stop_at: int |
                  progress=progress, mesh=mesh)
 
 
-def load_trained(path: str | Path, step: int | None = None,
-                 average_last: int = 1) -> tuple[ArithConfig, ArithModel, dict]:
+def load_trained(path: str | Path, step: int | None = None, average_last: int = 1,
+                 abacus_offset: int | None = None) -> tuple[ArithConfig, ArithModel, dict]:
     """(config, model, params) from a training workdir, its checkpoints/ folder, or an exported model;
-    `average_last` N > 1: the mean parameters of its newest N checkpoints (`core_jax.trained.load_trained`)."""
-    return trained.load_trained(path, ArithConfig, build_model, kind="arith", step=step, average_last=average_last)
+    `average_last` N > 1: the mean parameters of its newest N checkpoints (`core_jax.trained.load_trained`).
+    `abacus_offset` (default: the checkpoint's own `model.abacus_eval_offset`) sets the offset added to every
+    Abacus id in evaluation; the returned config carries it (an export of it then keeps it)."""
+    cfg, model, params = trained.load_trained(path, ArithConfig, build_model, kind="arith", step=step,
+                                              average_last=average_last)
+    if abacus_offset is not None and abacus_offset != cfg.model.abacus_eval_offset:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, abacus_eval_offset=abacus_offset))
+        cfglib.validate(cfg)   # the offset must leave the evaluation lengths inside the position table
+        model = build_model(cfg)
+    return cfg, model, params
 
 
 def export_params(cfg: ArithConfig, params, directory: str | Path, extra_meta: dict | None = None) -> Path:

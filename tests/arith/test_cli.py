@@ -87,6 +87,36 @@ def test_solve_file_and_export_roundtrip(tiny_ckpt, tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines() == lines
 
 
+def test_abacus_offset_flags(tiny_ckpt, tmp_path, capsys):
+    """--abacus-offset K: `export` keeps it in the exported config, `solve --checkpoint` and `eval` use it (the same
+    answers as the export that carries it), an offset that pushes the model's lengths past its position table and
+    `solve` without --checkpoint are one-line errors."""
+    from arith_jax.train import load_trained
+
+    assert main(["export", "--checkpoint", str(tiny_ckpt), "--out", str(tmp_path / "exp"), "--abacus-offset", "3"]) == 0
+    cfg, model, _ = load_trained(tmp_path / "exp")
+    assert cfg.model.abacus_eval_offset == 3 and model.cfg.abacus_eval_offset == 3
+    assert load_trained(tiny_ckpt)[0].model.abacus_eval_offset == 0
+    capsys.readouterr()
+    problems = ["12+34", "5+6", "999+1", "7+8"]
+    assert main(["solve", "--checkpoint", str(tmp_path / "exp"), *problems]) == 0
+    exported = capsys.readouterr().out
+    assert main(["solve", "--checkpoint", str(tiny_ckpt), "--abacus-offset", "3", *problems]) == 0
+    assert capsys.readouterr().out == exported
+    assert main(["eval", "--checkpoint", str(tiny_ckpt), "--abacus-offset", "3", "--max-len", "2", "--n", "2",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    assert len(json.loads((tmp_path / "r.json").read_text())["grid"]) == 2
+    capsys.readouterr()
+    for argv, message in [(["solve", "--abacus-offset", "3", "1+2"], "needs --checkpoint"),
+                          (["eval", "--checkpoint", str(tiny_ckpt), "--abacus-offset", "1000"], "abacus_eval_offset"),
+                          (["solve", "--checkpoint", str(tiny_ckpt), "--abacus-offset", "-1", "1+2"], ">= 0"),
+                          (["solve", "--checkpoint", str(tiny_ckpt), "--abacus-offset", "3", "9" * 60 + "+1"],
+                           "limit is 59 digits")]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, (argv, err)
+
+
 def test_eval_writes_json_and_plot(tiny_ckpt, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tiny_ckpt), "--max-len", "3", "--n", "2",
                  "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")]) == 0

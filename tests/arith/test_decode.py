@@ -15,11 +15,14 @@ from arith_jax.model import ArithModel, ModelConfig
 from arith_jax.tokenizer import EOS, PAD
 
 
-@pytest.mark.parametrize("positions,shared", [(("abacus",), True), (("abacus", "fire"), True), (("rope",), False),
-                                              (("learned",), True), ((), True)])
-def test_cached_equals_uncached(positions, shared):
+@pytest.mark.parametrize("positions,shared,offset", [(("abacus",), True, 0), (("abacus", "fire"), True, 0),
+                                                     (("abacus", "fire"), True, 5), (("rope",), False, 0),
+                                                     (("learned",), True, 0), ((), True, 0)])
+def test_cached_equals_uncached(positions, shared, offset):
+    """Also with an Abacus evaluation offset: the cached steps' ids (counted from the previous token's) are raised
+    exactly as the whole-buffer ids are."""
     cfg = ModelConfig(width=32, ffn=64, heads=4, layers=1, recurrences=2, shared=shared, input_injection=True,
-                      positions=positions, table_size=64)
+                      positions=positions, table_size=64, abacus_eval_offset=offset)
     model = ArithModel(cfg, 19)
     params = model.init(jax.random.PRNGKey(1))
     prompts, _ = make_eval_cell("add", 5, 3, 8, seed=0)

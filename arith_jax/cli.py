@@ -43,7 +43,7 @@ def _parser() -> OneLineParser:
     e.add_argument("--errors", type=int_at_least(0), metavar="N",
                    help="add a breakdown of the wrong answers of the grid and of the sweep (wrong tokens per answer, "
                         "answer positions, cells) with N example problems each")
-    e.add_argument("--abacus-offset", type=int_at_least(0), metavar="K", help=_OFFSET_HELP)
+    e.add_argument("--abacus-offsets", type=int_list_at_least(0), metavar="K,...", help=_OFFSET_HELP)
     e.add_argument("--json", help="write the report here")
     e.add_argument("--plot", help="write the heatmap PNG here")
 
@@ -59,7 +59,7 @@ def _parser() -> OneLineParser:
                                         "(default: the shipped model of each problem's operation)")
     s.add_argument("--recurrences", type=int_at_least(1),
                    help="passes at test time (looped models; without --checkpoint, for every shipped model used)")
-    s.add_argument("--abacus-offset", type=int_at_least(0), metavar="K",
+    s.add_argument("--abacus-offsets", type=int_list_at_least(0), metavar="K,...",
                    help=_OFFSET_HELP + "; needs --checkpoint")
 
     x = sub.add_parser("export", help="write a parameters-only copy of a checkpoint")
@@ -68,13 +68,13 @@ def _parser() -> OneLineParser:
     x.add_argument("--average-last", type=int_at_least(1), default=1, metavar="N",
                    help="export the mean parameters of the workdir's newest N checkpoints (a checkpoint average; "
                         "train with train.keep_checkpoints >= N; default 1: the newest checkpoint)")
-    x.add_argument("--abacus-offset", type=int_at_least(0), metavar="K",
-                   help=_OFFSET_HELP + "; the export keeps it as its model.abacus_eval_offset")
+    x.add_argument("--abacus-offsets", type=int_list_at_least(0), metavar="K,...",
+                   help=_OFFSET_HELP + "; the export keeps them as its eval.abacus_offsets")
     return p
 
 
-_OFFSET_HELP = ("add K to every digit's Abacus id in evaluation (digit i of a number gets id K + i; default: the "
-                "model's model.abacus_eval_offset)")
+_OFFSET_HELP = ("decode once per offset K, digit i of every number getting Abacus id K + i, and answer what most "
+                "decodes agree on, e.g. 0,5,11 (default: the checkpoint's eval.abacus_offsets, usually 0)")
 
 
 def _check_lengths(cfg, flag: str, lengths) -> None:
@@ -82,13 +82,14 @@ def _check_lengths(cfg, flag: str, lengths) -> None:
     from arith_jax.config import fits_positions
     from core_jax.config import to_dict
 
-    model = to_dict(cfg.model)
+    model, offset = to_dict(cfg.model), max(cfg.eval.abacus_offsets)
     for n in lengths:
-        if not fits_positions(model, cfg.data.task, n, n, train=False):
-            limit = max((k for k in range(1, n) if fits_positions(model, cfg.data.task, k, k, train=False)),
-                        default=0)
+        if not fits_positions(model, cfg.data.task, n, n, train=False, eval_offset=offset):
+            limit = max((k for k in range(1, n) if fits_positions(model, cfg.data.task, k, k, train=False,
+                                                                   eval_offset=offset)), default=0)
             raise UsageError(f"{flag} {n} is beyond this model's position table (model.table_size "
-                             f"{cfg.model.table_size}): at most {limit}")
+                             f"{cfg.model.table_size}{f', Abacus offsets up to {offset}' if offset else ''}): "
+                             f"at most {limit}")
 
 
 def _check_recurrences(cfg, recurrences: int | None) -> None:
@@ -113,7 +114,8 @@ def _train(args) -> None:
             report = run_evaluation(build_model(cfg), result.state.params, cfg.data.task, cfg.data.max_len, max_len,
                                     cfg.eval.n_per_cell, cfg.eval.sweep, workdir / "eval.json",
                                     workdir / "eval.png", batch_size=cfg.eval.batch_size,
-                                    recurrences=cfg.eval.recurrences, seed=cfg.eval.seed)
+                                    recurrences=cfg.eval.recurrences, seed=cfg.eval.seed,
+                                    abacus_offsets=cfg.eval.abacus_offsets)
         except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (core_jax.cli.Stopped): the trained state is saved
             name = signal_name(e)
             raise Interrupted(signal.Signals[name], f"interrupted by {name} during the evaluation after training; "
@@ -133,7 +135,7 @@ def _eval(args) -> None:
     if args.plot:
         check_plot_path(args.plot, "--plot")
     cfg, model, params = load_trained(DEFAULT_MODEL if args.checkpoint is None else args.checkpoint,
-                                      average_last=args.average_last, abacus_offset=args.abacus_offset)
+                                      average_last=args.average_last, abacus_offsets=args.abacus_offsets)
     sweep = cfg.eval.sweep if args.sweep is None else args.sweep
     max_len = cfg.eval.max_len if args.max_len is None else args.max_len
     n = cfg.eval.n_per_cell if args.n is None else args.n
@@ -146,7 +148,8 @@ def _eval(args) -> None:
         check_writable(plot.with_name(plot.stem + "_sweep.png"), "--plot (its sweep figure)")
     report = run_evaluation(model, params, cfg.data.task, cfg.data.max_len, max_len, n, sweep, args.json, args.plot,
                             batch_size=cfg.eval.batch_size, recurrences=recurrences,
-                            seed=cfg.eval.seed if args.seed is None else args.seed, errors=args.errors)
+                            seed=cfg.eval.seed if args.seed is None else args.seed, errors=args.errors,
+                            abacus_offsets=cfg.eval.abacus_offsets)
     summary = {k: v for k, v in report.items() if k not in ("grid", "top1_grid")}
     print(json.dumps(summary, indent=1))
 
@@ -192,11 +195,11 @@ def _solve(args) -> int:
         raise ValueError(f"problem file {args.file!r} holds no problems (only blank lines, or empty)" if args.file
                          else 'no problems given; pass them as arguments ("123+456") or with --file')
     if args.checkpoint is None:  # each problem to the shipped model of its operation, loaded when first needed
-        if args.abacus_offset is not None:
-            raise UsageError("--abacus-offset needs --checkpoint (the shipped models keep their own offsets)")
+        if args.abacus_offsets is not None:
+            raise UsageError("--abacus-offsets needs --checkpoint (the shipped models keep their own offsets)")
         solver = Solver.shipped(recurrences=args.recurrences)
     else:
-        solver = Solver.load(args.checkpoint, recurrences=args.recurrences, abacus_offset=args.abacus_offset)
+        solver = Solver.load(args.checkpoint, recurrences=args.recurrences, abacus_offsets=args.abacus_offsets)
         _check_recurrences(solver.cfg, args.recurrences)
     results: list[str | ValueError] = []
     for _, text in items:  # syntax errors without the model
@@ -222,7 +225,7 @@ def _export(args) -> None:
     from arith_jax.train import export_params, load_trained
 
     check_writable_dir(args.out, "--out")
-    cfg, _, params = load_trained(args.checkpoint, average_last=args.average_last, abacus_offset=args.abacus_offset)
+    cfg, _, params = load_trained(args.checkpoint, average_last=args.average_last, abacus_offsets=args.abacus_offsets)
     extra = {}
     if args.average_last > 1:
         from core_jax.trained import averaged_steps

@@ -25,6 +25,8 @@ class EvalConfig:
     recurrences: int | None = None  # passes at test time (default: as trained); looped models may go higher
     sweep: tuple[int, ...] = ()    # equal-length operand sizes evaluated beyond the grid
     seed: int = 1234
+    abacus_offsets: tuple[int, ...] = (0,)  # decode once per offset added to every digit's Abacus id and keep the
+                                   # majority answer (`arith_jax.evaluate.solve_prompts`); (0,): once, as trained
 
 
 def longest_number(task: str, max_len: int) -> int:
@@ -37,12 +39,13 @@ def sequence_length(task: str, max_len: int, max_count: int) -> int:
     return {"add": 3 * max_len + 4, "mul": 4 * max_len + 3, "sort": max_count * (max_len + 5)}[task]
 
 
-def fits_positions(model: dict, task: str, max_len: int, max_count: int, train: bool) -> bool:
+def fits_positions(model: dict, task: str, max_len: int, max_count: int, train: bool, eval_offset: int = 0) -> bool:
     """Whether problems with operands of <= max_len digits stay inside the model's position tables (in training,
-    the Abacus 'shift' offsets up to abacus_max_k come on top; in evaluation, abacus_eval_offset)."""
+    the Abacus 'shift' offsets up to abacus_max_k come on top; in evaluation, the largest Abacus offset
+    `eval_offset`)."""
     table = model["table_size"]
     if "abacus" in model["positions"]:
-        offset = model.get("abacus_eval_offset", 0)
+        offset = eval_offset
         if train:
             offset = model["abacus_max_k"] if model["abacus_train_ids"] == "shift" else model.get("abacus_subset_shift", 0)
         if longest_number(task, max_len) + offset > table - 1:
@@ -64,18 +67,20 @@ class ArithConfig:
     def config_rules(c: dict) -> list[tuple[str, Rule]]:
         """Allowed ranges (checked by core_jax.config when the config is loaded)."""
         m, d, task = c["model"], c["data"], c["data"]["task"]
+        eval_offset = max(max(c["eval"]["abacus_offsets"], default=0), 0)
 
         def fits(train: bool, same_count: bool) -> Rule:
             def ok(n: int) -> bool:
-                return fits_positions(m, task, n, n if same_count else d["max_count"], train)
+                return fits_positions(m, task, n, n if same_count else d["max_count"], train,
+                                      0 if train else eval_offset)
             limit = max((n for n in range(1, m["table_size"] + 1) if ok(n)), default=0)
             why = f"model.table_size {m['table_size']}, positions {list(m['positions'])}"
             if train and "abacus" in m["positions"] and m["abacus_train_ids"] == "shift":
                 why += f", abacus_max_k {m['abacus_max_k']}"
             if train and "abacus" in m["positions"] and m["abacus_train_ids"] == "subset" and m["abacus_subset_shift"]:
                 why += f", abacus_subset_shift {m['abacus_subset_shift']}"
-            if not train and "abacus" in m["positions"] and m.get("abacus_eval_offset"):
-                why += f", abacus_eval_offset {m['abacus_eval_offset']}"
+            if not train and "abacus" in m["positions"] and eval_offset:
+                why += f", eval.abacus_offsets up to {eval_offset}"
             return Rule(ok, f"<= {limit} (the longest operand the position table holds: {why})")
 
         if task not in TASKS:  # the position-table rules below need a known task: this one error comes first
@@ -86,7 +91,6 @@ class ArithConfig:
             ("model.layers", at_least(1)), ("model.recurrences", at_least(1)),
             ("model.abacus_max_k", at_least(0)), ("model.abacus_train_ids", one_of(("shift", "subset"))),
             ("model.abacus_subset_shift", at_least(0)), ("model.abacus_contiguous_frac", between(0, 1)),
-            ("model.abacus_eval_offset", at_least(0)),
             ("model.table_size", at_least(2)),
             ("model.max_backprop", Rule(lambda v: 1 <= v <= m["recurrences"],
                                        f"in [1, model.recurrences = {m['recurrences']}] or null")),
@@ -102,6 +106,8 @@ class ArithConfig:
             ("data.max_len", fits(train=True, same_count=False)),
             ("eval.max_len", at_least(0)), ("eval.n_per_cell", at_least(1)), ("eval.batch_size", at_least(1)),
             ("eval.recurrences", at_least(1)), ("eval.seed", at_least(0)), ("eval.sweep", each(at_least(1))),
+            ("eval.abacus_offsets", Rule(lambda v: len(v) > 0 and len(set(v)) == len(v) and min(v) >= 0,
+                                         "one or more distinct integers >= 0")),
             ("eval.max_len", fits(train=False, same_count=True)),
             ("eval.sweep", each(fits(train=False, same_count=True))),
         ]

@@ -84,6 +84,11 @@ def _is_digit(tokens):
     return (tokens >= DIGIT_IDS[0]) & (tokens <= DIGIT_IDS[-1])
 
 
+def _raise(abacus_BxQ, offset_B):
+    """Abacus ids raised by each row's offset (digits only: non-digits keep id 0)."""
+    return jnp.where(abacus_BxQ > 0, abacus_BxQ + offset_B[:, None], 0)
+
+
 def _pad_after_eos(tokens_BxT):
     """PAD after each row's first EOS (for runs that do not stop at EOS)."""
     seen = jnp.cumsum(tokens_BxT == EOS, axis=1) - (tokens_BxT == EOS)
@@ -109,12 +114,14 @@ def _compiled(model_type: type, cfg: ModelConfig, vocab_size: int, max_new: int,
     # (the steps' passes are unrolled anyway: their cache is one buffer per pass)
     model = model_type(dataclasses.replace(cfg, scan_unroll=1), vocab_size)
 
-    def cached(params, prompts_BxP, lengths_B, max_new_B, rng):
+    def cached(params, prompts_BxP, lengths_B, max_new_B, rng, offset_B):
         B, P = prompts_BxP.shape
         r_prefill, r_steps = jax.random.split(rng)
         if P > 1:   # prefill a cache of the prompts' length (its queries see no more), then widen it for the answer
-            _, kv = model.apply(params, prompts_BxP[:, :-1], cache=model.init_cache(B, P - 1, recurrences), start=0,
-                                recurrences=recurrences, rng=r_prefill)
+            head_BxQ = prompts_BxP[:, :-1]
+            _, kv = model.apply(params, head_BxQ, abacus_BxQ=_raise(abacus_ids(head_BxQ), offset_B),
+                                cache=model.init_cache(B, P - 1, recurrences), start=0, recurrences=recurrences,
+                                rng=r_prefill)
             kv = KVCache(*(jnp.pad(x, [(0, 0)] * 3 + [(0, max_new + 1), (0, 0), (0, 0)]) for x in kv))
         else:
             kv = model.init_cache(B, P + max_new, recurrences)
@@ -127,7 +134,8 @@ def _compiled(model_type: type, cfg: ModelConfig, vocab_size: int, max_new: int,
 
         def tokens_to_logits(tokens_Bx1, s: _CachedState):
             aba_Bx1 = jnp.where(_is_digit(tokens_Bx1), s.abacus_B[:, None] + 1, 0)
-            logits_BxQxV, kv = model.apply(params, tokens_Bx1, abacus_BxQ=aba_Bx1, cache=s.kv, start=s.index_B,
+            logits_BxQxV, kv = model.apply(params, tokens_Bx1, abacus_BxQ=_raise(aba_Bx1, offset_B), cache=s.kv,
+                                           start=s.index_B,
                                            recurrences=recurrences, rng=row_keys(row_B, s.index_B))
             logits = _force_eos_past_budget(logits_BxQxV[:, 0], s.index_B - first_B, max_new_B)
             return logits, _CachedState(kv, s.index_B + 1, aba_Bx1[:, 0])
@@ -136,7 +144,7 @@ def _compiled(model_type: type, cfg: ModelConfig, vocab_size: int, max_new: int,
         return decode.greedy(tokens_to_logits, start, last_B, max_len=max_new, eos_id=eos_id,
                              pad_id=PAD).tokens_BxT
 
-    def uncached(params, prompts_BxP, lengths_B, max_new_B, rng):
+    def uncached(params, prompts_BxP, lengths_B, max_new_B, rng, offset_B):
         B, P = prompts_BxP.shape
         buffer = jnp.concatenate([prompts_BxP, jnp.full((B, max_new), PAD, jnp.int32)], axis=1)
         first_B = lengths_B - 1
@@ -145,7 +153,8 @@ def _compiled(model_type: type, cfg: ModelConfig, vocab_size: int, max_new: int,
         def tokens_to_logits(tokens_Bx1, s: _BufferState):
             tokens = jnp.where(slots_S[None, :] == s.index_B[:, None], tokens_Bx1, s.tokens_BxS)
             step = s.index_B[0] - first_B[0]  # every row is at the same step
-            logits = model.apply(params, tokens, recurrences=recurrences, rng=jax.random.fold_in(rng, step))
+            logits = model.apply(params, tokens, abacus_BxQ=_raise(abacus_ids(tokens), offset_B),
+                                 recurrences=recurrences, rng=jax.random.fold_in(rng, step))
             logits = jnp.take_along_axis(logits, s.index_B[:, None, None], axis=1)[:, 0]
             return (_force_eos_past_budget(logits, s.index_B - first_B, max_new_B),
                     _BufferState(tokens, s.index_B + 1))
@@ -156,10 +165,10 @@ def _compiled(model_type: type, cfg: ModelConfig, vocab_size: int, max_new: int,
 
     fn = cached if use_cache else uncached
 
-    def program(params, prompts_BxP, lengths_B, max_new_B, rng):
+    def program(params, prompts_BxP, lengths_B, max_new_B, rng, offset_B):
         global _programs
         _programs += 1  # runs once per trace, i.e. once per compiled program
-        tokens_BxT = fn(params, prompts_BxP, lengths_B, max_new_B, rng)
+        tokens_BxT = fn(params, prompts_BxP, lengths_B, max_new_B, rng, offset_B)
         if not stop_at_eos:
             tokens_BxT = _pad_after_eos(tokens_BxT)
         return jnp.where(jnp.arange(max_new)[None, :] < max_new_B[:, None], tokens_BxT, PAD)
@@ -169,7 +178,7 @@ def _compiled(model_type: type, cfg: ModelConfig, vocab_size: int, max_new: int,
 
 def greedy_decode(model: ArithModel, params, prompts_BxP, max_new: int, *, lengths_B=None, max_new_B=None,
                   recurrences: int | None = None, use_cache: bool = True, stop_at_eos: bool = True,
-                  rng=None) -> np.ndarray:
+                  rng=None, abacus_offset_B=None) -> np.ndarray:
     """Generated token ids [B, max_new] (EOS included, PAD after it).
 
     prompts_BxP: token ids; with `lengths_B`, row b's prompt is prompts_BxP[b, :lengths_B[b]] and the rest of the
@@ -179,6 +188,9 @@ def greedy_decode(model: ArithModel, params, prompts_BxP, max_new: int, *, lengt
     `stop_at_eos=False` always runs max_new steps (for benchmarks, where an untrained model's early EOS would
     flatter the timing); the returned ids are the same. `rng` (default `jax.random.PRNGKey(0)`) keys the
     initial-state noise of a model with `eval_init_noise` and is ignored otherwise (module docstring).
+    `abacus_offset_B` (default 0 for every row) raises row b's Abacus ids by abacus_offset_B[b]: digit i of a
+    number gets id offset + i instead of i (the offsets `arith_jax.evaluate.solve_prompts` votes over); a model
+    without Abacus embeddings ignores it. It is an argument of the compiled program: no offset compiles anew.
     """
     if int(max_new) < 1:
         raise ValueError(f"max_new must be >= 1 (the answer needs at least its EOS), got {max_new}")
@@ -193,7 +205,11 @@ def greedy_decode(model: ArithModel, params, prompts_BxP, max_new: int, *, lengt
     if budgets.shape != (B,) or (budgets < 1).any() or (budgets > max_new).any():
         raise ValueError(f"max_new_B must hold one answer budget in 1..{max_new} per row ({B} rows), "
                          f"got {max_new_B}")
+    offsets = np.zeros(B, np.int32) if abacus_offset_B is None else np.asarray(abacus_offset_B)
+    if offsets.shape != (B,) or not np.issubdtype(offsets.dtype, np.integer) or (offsets < 0).any():
+        raise ValueError(f"abacus_offset_B must hold one integer >= 0 per row ({B} rows), got {abacus_offset_B}")
     fn = _compiled(type(model), model.cfg, int(model.vocab_size), int(max_new), recurrences, bool(use_cache),
                    bool(stop_at_eos))
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    return np.asarray(fn(params, jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths), jnp.asarray(budgets), rng))
+    return np.asarray(fn(params, jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths), jnp.asarray(budgets), rng,
+                         jnp.asarray(offsets, jnp.int32)))

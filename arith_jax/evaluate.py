@@ -54,7 +54,7 @@ class CellScore(NamedTuple):
 def solve_prompts(model: ArithModel, params, prompts: list[np.ndarray], max_new: list[int], *,
                   batch_size: int = 256, recurrences: int | None = None, use_cache: bool = True,
                   progress: bool = False, desc: str = "decode", bucket: bool = True,
-                  noise_seed: int = 0) -> list[np.ndarray]:
+                  noise_seed: int = 0, abacus_offsets: tuple[int, ...] = (0,)) -> list[np.ndarray]:
     """Greedy generations for prompts of any lengths: row i has exactly max_new[i] tokens (EOS, then PAD).
 
     With `bucket` (default), prompts are right-padded to their `length_bucket` and answers to the bucket of the
@@ -63,11 +63,55 @@ def solve_prompts(model: ArithModel, params, prompts: list[np.ndarray], max_new:
     two that holds the largest group). Each answer is what decoding its prompt alone at its exact length gives
     (`greedy_decode`). `bucket=False` groups prompts by exact length instead (the reference).
 
+    `abacus_offsets`: decode with every digit's Abacus id raised by each offset in turn and return, per problem,
+    the generation most offsets agree on (ties: the one that came first). A trained model's weak ids then fall on
+    different digits in each decode. A problem stops being decoded as soon as the remaining offsets cannot change
+    its majority (with three offsets, the third decodes only the problems where the first two disagree), so the
+    answers are those of decoding every offset, at about two decodes' cost. The default (0,) decodes once, as
+    trained.
+
     A model with `eval_init_noise` draws the initial state of the c-th decoded chunk from
-    `fold_in(PRNGKey(noise_seed), c)` (then each answer depends on the seed and on where its prompt lands).
+    `fold_in(PRNGKey(noise_seed), c)` (then each answer depends on the seed and on where its prompt lands; with
+    several offsets, the j-th offset's chunks fold in j as well, for j > 0).
     """
     if len(prompts) != len(max_new):
         raise ValueError(f"got {len(prompts)} prompts but {len(max_new)} answer lengths")
+    offsets = check_abacus_offsets(abacus_offsets)
+    votes: list[dict[bytes, list]] = [{} for _ in prompts]   # generation bytes -> [count, first offset index, ids]
+    todo = list(range(len(prompts)))
+    for j, offset in enumerate(offsets):
+        key = jax.random.PRNGKey(noise_seed) if j == 0 else jax.random.fold_in(jax.random.PRNGKey(noise_seed), j)
+        label = desc if len(offsets) == 1 else f"{desc} (Abacus offset {offset})"
+        gens = _decode(model, params, [prompts[i] for i in todo], [max_new[i] for i in todo], batch_size,
+                       recurrences, use_cache, progress, label, bucket, key, offset)
+        for i, g in zip(todo, gens):
+            entry = votes[i].setdefault(g.tobytes(), [0, j, g])
+            entry[0] += 1
+        left = len(offsets) - j - 1
+        todo = [i for i in todo if not _settled(votes[i], left)]
+        if not todo:
+            break
+    return [min(v.values(), key=lambda e: (-e[0], e[1]))[2] for v in votes]
+
+
+def check_abacus_offsets(offsets) -> tuple[int, ...]:
+    """The offsets as a tuple, after checking they are distinct integers >= 0, at least one."""
+    out = tuple(offsets)
+    if not out or any(not isinstance(o, (int, np.integer)) or o < 0 for o in out) or len(set(out)) != len(out):
+        raise ValueError(f"abacus_offsets must be one or more distinct integers >= 0, got {offsets!r}")
+    return tuple(int(o) for o in out)
+
+
+def _settled(votes: dict, left: int) -> bool:
+    """Whether `left` more votes cannot change the leader (a tie would go to the earlier answer, but a later
+    runner-up that only ties may have come first, so a tie still counts as open)."""
+    counts = sorted((e[0] for e in votes.values()), reverse=True) + [0]
+    return counts[0] > counts[1] + left
+
+
+def _decode(model, params, prompts, max_new, batch_size, recurrences, use_cache, progress, desc, bucket, noise_key,
+            offset) -> list[np.ndarray]:
+    """`solve_prompts` for one Abacus offset."""
     key = (lambda n: length_bucket(n)) if bucket else (lambda n: n)
     groups: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(prompts):
@@ -75,7 +119,6 @@ def solve_prompts(model: ArithModel, params, prompts: list[np.ndarray], max_new:
     rows = min(batch_size, _pow2_at_least(max((len(ix) for ix in groups.values()), default=1)))
     results: list[np.ndarray | None] = [None] * len(prompts)
     total = sum(-(-len(ix) // rows) for ix in groups.values())
-    noise_key = jax.random.PRNGKey(noise_seed)
     chunk_number = 0
     with tqdm(total=total, disable=not progress, desc=desc, dynamic_ncols=True,
               mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
@@ -90,7 +133,8 @@ def solve_prompts(model: ArithModel, params, prompts: list[np.ndarray], max_new:
                     batch[j, :len(prompts[i])] = prompts[i]
                 gen = greedy_decode(model, params, batch, new, lengths_B=[len(prompts[i]) for i in chunk],
                                     max_new_B=[max_new[i] for i in chunk], recurrences=recurrences,
-                                    use_cache=use_cache, rng=jax.random.fold_in(noise_key, chunk_number))
+                                    use_cache=use_cache, rng=jax.random.fold_in(noise_key, chunk_number),
+                                    abacus_offset_B=np.full(rows, offset, np.int32))
                 chunk_number += 1
                 for j, i in enumerate(chunk[:min(rows, len(idx) - s)]):
                     results[i] = gen[j, :max_new[i]]
@@ -121,9 +165,10 @@ class Decoded(NamedTuple):
 
 
 def decode_cells(model: ArithModel, params, task: str, cells: list[tuple[int, int]], n: int, *, seed: int = 1234,
-                 batch_size: int = 256, recurrences: int | None = None, progress: bool = True) -> Decoded:
+                 batch_size: int = 256, recurrences: int | None = None, progress: bool = True,
+                 abacus_offsets: tuple[int, ...] = (0,)) -> Decoded:
     """Draw `n` problems per cell (`seed`) and decode them all together (padded into prompt-length buckets); `seed`
-    also keys the initial-state noise of a model with `eval_init_noise`."""
+    also keys the initial-state noise of a model with `eval_init_noise`; `abacus_offsets` as in `solve_prompts`."""
     prompts, targets, max_new, owner = [], [], [], []
     for cell in cells:
         p, t = cell_problems(task, *cell, n, seed)
@@ -132,7 +177,7 @@ def decode_cells(model: ArithModel, params, task: str, cells: list[tuple[int, in
         max_new += [answer_length(task, *cell)] * len(p)
         owner += [cell] * len(p)
     gens = solve_prompts(model, params, prompts, max_new, batch_size=batch_size, recurrences=recurrences,
-                         progress=progress, desc="eval", noise_seed=seed)
+                         progress=progress, desc="eval", noise_seed=seed, abacus_offsets=abacus_offsets)
     return Decoded(owner, prompts, targets, gens)
 
 
@@ -232,6 +277,8 @@ def run_evaluation(model: ArithModel, params, task: str, train_len: int, max_len
         "out_of_distribution_acc": float(grid[~in_dist].mean()) if (~in_dist).any() else None,
         "grid": grid.tolist(),
     }
+    if tuple(kw.get("abacus_offsets", (0,))) != (0,):
+        report["abacus_offsets"] = list(kw["abacus_offsets"])
     if task == "sort":
         report.update({
             "in_distribution_top1": float(top1_grid[in_dist].mean()),

@@ -48,9 +48,6 @@ class ModelConfig:
                                   # the subset draw (k ~ U{0..pool-Q}, the original's shift inside the same pool), so
                                   # an answer's extra digit sits at the id right after the last operand digit's, as
                                   # at test time; the subset shift still applies on top; 0 = off
-    abacus_eval_offset: int = 0   # evaluation adds this to every digit's Abacus id (digit i of a number gets id
-                                  # offset + i): with subset ids, training rarely gives a number's first digits
-                                  # ids 1, 2, 3, so a small offset puts test numbers on better-trained ids
     table_size: int = 512         # rows of the Abacus / learned position tables
     max_backprop: int | None = None  # progressive loss: at most this many passes with gradient (default T//2)
     progressive: bool = True      # progressive loss for looped models (n no-grad passes, then k with grad)
@@ -92,8 +89,6 @@ class ModelConfig:
                 raise ValueError(f"{name} applies to abacus_train_ids 'subset' only (got "
                                  f"{self.abacus_train_ids!r}, where it would do nothing): set "
                                  "abacus_train_ids: subset or leave it at 0")
-        if self.abacus_eval_offset < 0:
-            raise ValueError(f"abacus_eval_offset must be >= 0, got {self.abacus_eval_offset}")
         if self.recurrences < 1 or self.layers < 1:
             raise ValueError("layers and recurrences must be >= 1")
 
@@ -355,8 +350,6 @@ class ArithModel:
         if train and "abacus" in cfg.positions and cfg.abacus_max_k > 0:
             rng, r_k = jax.random.split(rng)
             abacus_BxQ = self._train_abacus_ids(abacus_BxQ, r_k)
-        elif not train and cfg.abacus_eval_offset:
-            abacus_BxQ = jnp.where(abacus_BxQ > 0, abacus_BxQ + cfg.abacus_eval_offset, 0)
         # callers validate lengths against the tables; clamping keeps padding past them finite (it is never
         # attended to, but a NaN there would still poison the attention's weighted sum: 0 * NaN = NaN)
         abacus_BxQ = jnp.minimum(abacus_BxQ, cfg.table_size - 1)

@@ -39,10 +39,11 @@ class Solver:
 
     @classmethod
     def load(cls, path: str | Path | None = None, recurrences: int | None = None,
-             abacus_offset: int | None = None) -> "Solver":
+             abacus_offsets: tuple[int, ...] | None = None) -> "Solver":
         """Loads a checkpoint (training workdir, its checkpoints/ or an export); None = the shipped addition model.
-        `abacus_offset` overrides the model's `abacus_eval_offset` (the offset added to every Abacus id)."""
-        cfg, model, params = load_trained(DEFAULT_MODEL if path is None else path, abacus_offset=abacus_offset)
+        `abacus_offsets` overrides the checkpoint's `eval.abacus_offsets` (the Abacus offsets answers are voted
+        over: `arith_jax.evaluate.solve_prompts`)."""
+        cfg, model, params = load_trained(DEFAULT_MODEL if path is None else path, abacus_offsets=abacus_offsets)
         return cls(cfg, model, params, recurrences)
 
     @staticmethod
@@ -59,8 +60,8 @@ class Solver:
         """Longest operand (number, for sorting) the position tables can represent (no limit but a practical one
         without tables)."""
         m = self.cfg.model
-        if "abacus" in m.positions:  # the longest number's ids, raised by the evaluation offset, fit the table
-            top = m.table_size - 1 - m.abacus_eval_offset
+        if "abacus" in m.positions:  # the longest number's ids, raised by the largest offset, fit the table
+            top = m.table_size - 1 - max(self.cfg.eval.abacus_offsets)
             return {"add": top - 1, "mul": top // 2, "sort": top}[self.task]
         if "learned" in m.positions:
             if self.task == "sort":  # one number of D digits: D + 5 positions with label, ':', '=', answer, EOS
@@ -92,7 +93,8 @@ class Solver:
         tok = self.cfg.data.tokenizer
         max_new = [answer_length(self.task, *ab) for ab in lengths]
         gens = solve_prompts(self.model, self.params, [np.asarray(tok.encode(p), np.int32) for p in parsed], max_new,
-                             batch_size=self.batch_size, recurrences=self.recurrences)
+                             batch_size=self.batch_size, recurrences=self.recurrences,
+                             abacus_offsets=self.cfg.eval.abacus_offsets)
         out = []
         for text, prompt, g in zip(problems, parsed, gens):
             raw = tok.decode(g.tolist())

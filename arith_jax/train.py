@@ -32,17 +32,17 @@ def run_training(cfg: ArithConfig, workdir: str | Path | None, *, stop_at: int |
 
 
 def load_trained(path: str | Path, step: int | None = None, average_last: int = 1,
-                 abacus_offset: int | None = None) -> tuple[ArithConfig, ArithModel, dict]:
+                 abacus_offsets: tuple[int, ...] | None = None) -> tuple[ArithConfig, ArithModel, dict]:
     """(config, model, params) from a training workdir, its checkpoints/ folder, or an exported model;
     `average_last` N > 1: the mean parameters of its newest N checkpoints (`core_jax.trained.load_trained`).
-    `abacus_offset` (default: the checkpoint's own `model.abacus_eval_offset`) sets the offset added to every
-    Abacus id in evaluation; the returned config carries it (an export of it then keeps it)."""
+    `abacus_offsets` (default: the checkpoint's own `eval.abacus_offsets`) sets the Abacus offsets evaluation
+    decodes with and votes over (`arith_jax.evaluate.solve_prompts`); the returned config carries them (an export of
+    it then keeps them)."""
     cfg, model, params = trained.load_trained(path, ArithConfig, build_model, kind="arith", step=step,
                                               average_last=average_last)
-    if abacus_offset is not None and abacus_offset != cfg.model.abacus_eval_offset:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, abacus_eval_offset=abacus_offset))
-        cfglib.validate(cfg)   # the offset must leave the evaluation lengths inside the position table
-        model = build_model(cfg)
+    if abacus_offsets is not None:
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, abacus_offsets=tuple(abacus_offsets)))
+        cfglib.validate(cfg)   # distinct, >= 0, and leaving the evaluation lengths inside the position table
     return cfg, model, params
 
 

@@ -87,30 +87,33 @@ def test_solve_file_and_export_roundtrip(tiny_ckpt, tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines() == lines
 
 
-def test_abacus_offset_flags(tiny_ckpt, tmp_path, capsys):
-    """--abacus-offset K: `export` keeps it in the exported config, `solve --checkpoint` and `eval` use it (the same
-    answers as the export that carries it), an offset that pushes the model's lengths past its position table and
-    `solve` without --checkpoint are one-line errors."""
+def test_abacus_offsets_flags(tiny_ckpt, tmp_path, capsys):
+    """--abacus-offsets K,...: `export` keeps them in the exported config, `solve --checkpoint` and `eval` use them
+    (the same answers as the export that carries them; the report names them), offsets that push the model's
+    lengths past its position table, repeated offsets and `solve` without --checkpoint are one-line errors."""
     from arith_jax.train import load_trained
 
-    assert main(["export", "--checkpoint", str(tiny_ckpt), "--out", str(tmp_path / "exp"), "--abacus-offset", "3"]) == 0
-    cfg, model, _ = load_trained(tmp_path / "exp")
-    assert cfg.model.abacus_eval_offset == 3 and model.cfg.abacus_eval_offset == 3
-    assert load_trained(tiny_ckpt)[0].model.abacus_eval_offset == 0
+    out = str(tmp_path / "exp")
+    assert main(["export", "--checkpoint", str(tiny_ckpt), "--out", out, "--abacus-offsets", "0,3,5"]) == 0
+    assert load_trained(out)[0].eval.abacus_offsets == (0, 3, 5)
+    assert load_trained(tiny_ckpt)[0].eval.abacus_offsets == (0,)
     capsys.readouterr()
     problems = ["12+34", "5+6", "999+1", "7+8"]
-    assert main(["solve", "--checkpoint", str(tmp_path / "exp"), *problems]) == 0
+    assert main(["solve", "--checkpoint", out, *problems]) == 0
     exported = capsys.readouterr().out
-    assert main(["solve", "--checkpoint", str(tiny_ckpt), "--abacus-offset", "3", *problems]) == 0
+    assert main(["solve", "--checkpoint", str(tiny_ckpt), "--abacus-offsets", "0,3,5", *problems]) == 0
     assert capsys.readouterr().out == exported
-    assert main(["eval", "--checkpoint", str(tiny_ckpt), "--abacus-offset", "3", "--max-len", "2", "--n", "2",
+    assert main(["eval", "--checkpoint", str(tiny_ckpt), "--abacus-offsets", "3,5,0", "--max-len", "2", "--n", "2",
                  "--json", str(tmp_path / "r.json")]) == 0
-    assert len(json.loads((tmp_path / "r.json").read_text())["grid"]) == 2
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["grid"]) == 2 and report["abacus_offsets"] == [3, 5, 0]
     capsys.readouterr()
-    for argv, message in [(["solve", "--abacus-offset", "3", "1+2"], "needs --checkpoint"),
-                          (["eval", "--checkpoint", str(tiny_ckpt), "--abacus-offset", "1000"], "abacus_eval_offset"),
-                          (["solve", "--checkpoint", str(tiny_ckpt), "--abacus-offset", "-1", "1+2"], ">= 0"),
-                          (["solve", "--checkpoint", str(tiny_ckpt), "--abacus-offset", "3", "9" * 60 + "+1"],
+    for argv, message in [(["solve", "--abacus-offsets", "3", "1+2"], "needs --checkpoint"),
+                          (["eval", "--checkpoint", str(tiny_ckpt), "--abacus-offsets", "0,1000"],
+                           "eval.abacus_offsets up to 1000"),
+                          (["eval", "--checkpoint", str(tiny_ckpt), "--abacus-offsets", "0,3,3"], "distinct"),
+                          (["solve", "--checkpoint", str(tiny_ckpt), "--abacus-offsets", "-1", "1+2"], ">= 0"),
+                          (["solve", "--checkpoint", str(tiny_ckpt), "--abacus-offsets", "0,3", "9" * 60 + "+1"],
                            "limit is 59 digits")]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()

@@ -11,18 +11,15 @@ import pytest
 from arith_jax.data import make_eval_cell
 from arith_jax.decode import compiled_programs, greedy_decode, length_bucket
 from arith_jax.evaluate import solve_prompts
-from arith_jax.model import ArithModel, ModelConfig
+from arith_jax.model import ArithModel, ModelConfig, abacus_ids
 from arith_jax.tokenizer import EOS, PAD
 
 
-@pytest.mark.parametrize("positions,shared,offset", [(("abacus",), True, 0), (("abacus", "fire"), True, 0),
-                                                     (("abacus", "fire"), True, 5), (("rope",), False, 0),
-                                                     (("learned",), True, 0), ((), True, 0)])
-def test_cached_equals_uncached(positions, shared, offset):
-    """Also with an Abacus evaluation offset: the cached steps' ids (counted from the previous token's) are raised
-    exactly as the whole-buffer ids are."""
+@pytest.mark.parametrize("positions,shared", [(("abacus",), True), (("abacus", "fire"), True), (("rope",), False),
+                                              (("learned",), True), ((), True)])
+def test_cached_equals_uncached(positions, shared):
     cfg = ModelConfig(width=32, ffn=64, heads=4, layers=1, recurrences=2, shared=shared, input_injection=True,
-                      positions=positions, table_size=64, abacus_eval_offset=offset)
+                      positions=positions, table_size=64)
     model = ArithModel(cfg, 19)
     params = model.init(jax.random.PRNGKey(1))
     prompts, _ = make_eval_cell("add", 5, 3, 8, seed=0)
@@ -179,3 +176,62 @@ def test_decode_rejects_bad_lengths():
         greedy_decode(model, None, prompts, 4, lengths_B=[5, 6])
     with pytest.raises(ValueError, match="max_new_B"):
         greedy_decode(model, None, prompts, 4, max_new_B=[4, 5])
+
+
+def test_abacus_offsets_per_row():
+    """abacus_offset_B: cached == uncached with a different offset per row; row b equals decoding it alone with its
+    offset; the first token is the argmax of a forward pass on ids raised by the offset; offsets change answers."""
+    cfg = ModelConfig(width=32, ffn=64, heads=4, layers=1, recurrences=2, input_injection=True,
+                      positions=("abacus", "fire"), table_size=64)
+    model = ArithModel(cfg, 19)
+    params = model.init(jax.random.PRNGKey(1))
+    prompts, _ = make_eval_cell("add", 5, 3, 6, seed=0)
+    offsets = np.array([0, 3, 7, 0, 3, 7], np.int32)
+    a = greedy_decode(model, params, prompts, 9, abacus_offset_B=offsets)
+    np.testing.assert_array_equal(a, greedy_decode(model, params, prompts, 9, abacus_offset_B=offsets, use_cache=False))
+    for b in (1, 2):
+        np.testing.assert_array_equal(a[b:b + 1], greedy_decode(model, params, prompts[b:b + 1], 9,
+                                                                abacus_offset_B=offsets[b:b + 1]))
+    ids = abacus_ids(jnp.asarray(prompts))
+    raised = jnp.where(ids > 0, ids + offsets[:, None], 0)
+    first = np.argmax(np.asarray(model.apply(params, prompts, abacus_BxQ=raised))[:, -1], -1)
+    np.testing.assert_array_equal(a[:, 0], first)
+    np.testing.assert_array_equal(greedy_decode(model, params, prompts, 9),
+                                  greedy_decode(model, params, prompts, 9, abacus_offset_B=np.zeros(6, np.int32)))
+    shifted = greedy_decode(model, params, prompts, 9, abacus_offset_B=np.full(6, 7, np.int32))
+    assert (shifted != greedy_decode(model, params, prompts, 9)).any()
+    with pytest.raises(ValueError, match="abacus_offset_B"):
+        greedy_decode(model, params, prompts, 9, abacus_offset_B=[0, -1, 0, 0, 0, 0])
+
+
+def test_vote_over_offsets_is_the_majority_of_every_decode(monkeypatch):
+    """solve_prompts(abacus_offsets=(a, b, c)): each answer is what most of the three full decodes agree on (ties:
+    the first offset's), yet the third offset decodes only the problems whose first two answers differ."""
+    import arith_jax.evaluate as ev
+
+    cfg = ModelConfig(width=32, ffn=64, heads=4, layers=1, recurrences=2, input_injection=True,
+                      positions=("abacus",), table_size=64)
+    model = ArithModel(cfg, 19)
+    params = model.init(jax.random.PRNGKey(2))
+    prompts = [p[p != PAD] for n in (2, 4, 6) for p in make_eval_cell("add", n, 3, 8, seed=n)[0]]
+    max_new = [len(p) - 2 for p in prompts]
+    offsets = (0, 4, 9)
+    each = [solve_prompts(model, params, prompts, max_new, abacus_offsets=(o,)) for o in offsets]
+    expected = []
+    for answers in zip(*each):
+        keys = [a.tobytes() for a in answers]
+        best = max(range(3), key=lambda j: (keys.count(keys[j]), -j))
+        expected.append(answers[best])
+    decoded_rows = []
+    real = ev._decode
+    monkeypatch.setattr(ev, "_decode", lambda m, p, prompts, *a: decoded_rows.append(len(prompts)) or
+                        real(m, p, prompts, *a))
+    voted = solve_prompts(model, params, prompts, max_new, abacus_offsets=offsets)
+    for v, e in zip(voted, expected):
+        np.testing.assert_array_equal(v, e)
+    disagree = sum(a.tobytes() != b.tobytes() for a, b in zip(each[0], each[1]))
+    assert 0 < disagree < len(prompts) and decoded_rows == [len(prompts), len(prompts), disagree]
+    assert len({tuple(np.concatenate(e)) for e in each}) == 3      # the offsets do change answers
+    for bad in [(), (0, 0), (-1,), (1.5,)]:
+        with pytest.raises(ValueError, match="abacus_offsets"):
+            solve_prompts(model, params, prompts[:2], max_new[:2], abacus_offsets=bad)

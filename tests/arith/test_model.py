@@ -283,23 +283,3 @@ def test_contiguous_frac_gives_some_rows_consecutive_ids_and_keeps_the_default()
         with pytest.raises(ValueError, match="subset' only"):
             ModelConfig(abacus_train_ids="shift", **option)
 
-
-def test_eval_offset_raises_digit_ids_in_evaluation_only():
-    """abacus_eval_offset K: evaluation sees every digit's id raised by K (non-digits keep 0), whether the ids are
-    computed from the tokens or passed in; training is untouched (its ids are drawn as before)."""
-    base = ArithModel(small(abacus_train_ids="subset", abacus_k_per_row=True), 19)
-    shifted = ArithModel(small(abacus_train_ids="subset", abacus_k_per_row=True, abacus_eval_offset=3), 19)
-    params = base.init(jax.random.PRNGKey(0))
-    tokens = jnp.array([TOK.encode("4321+876=5197"), TOK.encode("12+34=64" + "00000")])
-    ids = abacus_ids(tokens)
-    raised = jnp.where(ids > 0, ids + 3, 0)
-    np.testing.assert_allclose(shifted.apply(params, tokens), base.apply(params, tokens, abacus_BxQ=raised),
-                               rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(shifted.apply(params, tokens, abacus_BxQ=ids),
-                               base.apply(params, tokens, abacus_BxQ=raised), rtol=1e-6, atol=1e-6)
-    assert not np.allclose(shifted.apply(params, tokens), base.apply(params, tokens), atol=1e-4)
-    key = jax.random.PRNGKey(5)
-    np.testing.assert_array_equal(shifted.apply(params, tokens, rng=key, train=True),
-                                  base.apply(params, tokens, rng=key, train=True))
-    with pytest.raises(ValueError, match="abacus_eval_offset"):
-        ModelConfig(abacus_eval_offset=-1)

@@ -71,7 +71,7 @@ def check_hypothesis(ids_T, length, n_vars, max_len):
 
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**16), n_vars=st.lists(st.integers(1, 10), min_size=4, max_size=4),
-       max_len=st.integers(8, 60), binary_bias=st.sampled_from([0.0, 4.0]))
+       max_len=st.sampled_from([11, 40]), binary_bias=st.sampled_from([0.0, 4.0]))  # few lengths: few compiles
 def test_every_decoder_output_parses(seed, n_vars, max_len, binary_bias):
     n_vars = np.array(n_vars, np.int32)
     table = bigram_table(seed, binary_bias)

@@ -226,11 +226,14 @@ def _export(args) -> None:
 
     check_writable_dir(args.out, "--out")
     cfg, _, params = load_trained(args.checkpoint, average_last=args.average_last, abacus_offsets=args.abacus_offsets)
+    from core_jax.checkpoint import read_meta
+    from core_jax.trained import averaged_steps, checkpoint_dir
+
     extra = {}
     if args.average_last > 1:
-        from core_jax.trained import averaged_steps
-
         extra["averaged_steps"] = averaged_steps(args.checkpoint, args.average_last)
+    elif "averaged_steps" in (source := read_meta(checkpoint_dir(args.checkpoint), None)[0]):
+        extra["averaged_steps"] = source["averaged_steps"]   # re-exporting an average: it stays one
     print(export_params(cfg, params, args.out, extra))
 
 

@@ -136,7 +136,7 @@ def test_unknown_package():
 
 def test_average_last_checkpoints_export_and_eval(tmp_path, capsys):
     """`export --average-last N` writes the element-wise mean of the newest N checkpoints' parameters (and says which
-    steps), `eval` takes the same flag and a held-out `--seed`; N = 1 is the newest checkpoint unchanged, and more
+    steps, also when that export is exported again), `eval` takes the same flag and a held-out `--seed`; N = 1 is the newest checkpoint unchanged, and more
     than the workdir keeps is one line naming train.keep_checkpoints."""
     import jax
     import numpy as np
@@ -156,6 +156,10 @@ def test_average_last_checkpoints_export_and_eval(tmp_path, capsys):
         np.testing.assert_allclose(m, (a + b) / 2, rtol=1e-6, atol=1e-7)
     assert main(["export", "--checkpoint", str(work), "--out", str(tmp_path / "exp"), "--average-last", "3"]) == 0
     assert read_meta(tmp_path / "exp")[0]["averaged_steps"] == [1, 2, 3]
+    # re-exporting the average (e.g. to give it Abacus offsets) keeps saying which steps it averages
+    assert main(["export", "--checkpoint", str(tmp_path / "exp"), "--out", str(tmp_path / "again"),
+                 "--abacus-offsets", "0,2"]) == 0
+    assert read_meta(tmp_path / "again")[0]["averaged_steps"] == [1, 2, 3]
     for m, a, b, c in zip(leaves(load_trained(tmp_path / "exp")[2]), at[1], at[2], at[3]):
         np.testing.assert_allclose(m, (a + b + c) / 3, rtol=1e-6, atol=1e-7)
     capsys.readouterr()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from arith_jax.data import SAMPLING, DataConfig
 from arith_jax.model import FIRE_INITS, LOSS_REDUCTIONS, PROGRESSIVE_GRADS, ModelConfig
 from arith_jax.tokenizer import TASKS
@@ -27,6 +29,12 @@ class EvalConfig:
     seed: int = 1234
     abacus_offsets: tuple[int, ...] = (0,)  # decode once per offset added to every digit's Abacus id and keep the
                                    # majority answer (`arith_jax.evaluate.solve_prompts`); (0,): once, as trained
+
+
+def valid_abacus_offsets(offsets) -> bool:
+    """One or more distinct integers >= 0 (what `eval.abacus_offsets` and `solve_prompts` accept)."""
+    return (len(offsets) > 0 and len(set(offsets)) == len(offsets)
+            and all(isinstance(o, (int, np.integer)) and not isinstance(o, bool) and o >= 0 for o in offsets))
 
 
 def longest_number(task: str, max_len: int) -> int:
@@ -106,8 +114,9 @@ class ArithConfig:
             ("data.max_len", fits(train=True, same_count=False)),
             ("eval.max_len", at_least(0)), ("eval.n_per_cell", at_least(1)), ("eval.batch_size", at_least(1)),
             ("eval.recurrences", at_least(1)), ("eval.seed", at_least(0)), ("eval.sweep", each(at_least(1))),
-            ("eval.abacus_offsets", Rule(lambda v: len(v) > 0 and len(set(v)) == len(v) and min(v) >= 0,
-                                         "one or more distinct integers >= 0")),
+            ("eval.abacus_offsets", Rule(valid_abacus_offsets, "one or more distinct integers >= 0")),
+            ("eval.abacus_offsets", Rule(lambda v: "abacus" in m["positions"] or tuple(v) == (0,),
+                                         "(0,) for a model without Abacus positions (offsets would change nothing)")),
             ("eval.max_len", fits(train=False, same_count=True)),
             ("eval.sweep", each(fits(train=False, same_count=True))),
         ]

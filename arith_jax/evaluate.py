@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from arith_jax.config import valid_abacus_offsets
 from arith_jax.data import answer_length, make_eval_cell
 from arith_jax.decode import greedy_decode, length_bucket
 from arith_jax.model import ArithModel
@@ -97,7 +98,7 @@ def solve_prompts(model: ArithModel, params, prompts: list[np.ndarray], max_new:
 def check_abacus_offsets(offsets) -> tuple[int, ...]:
     """The offsets as a tuple, after checking they are distinct integers >= 0, at least one."""
     out = tuple(offsets)
-    if not out or any(not isinstance(o, (int, np.integer)) or o < 0 for o in out) or len(set(out)) != len(out):
+    if not valid_abacus_offsets(out):
         raise ValueError(f"abacus_offsets must be one or more distinct integers >= 0, got {offsets!r}")
     return tuple(int(o) for o in out)
 

@@ -28,7 +28,8 @@ class Solver:
 
     Every problem must be of the model's operation (`Solver.shipped()` takes any mix). Problems of any mix of
     lengths are padded into a few length buckets (`arith_jax.evaluate.solve_prompts`), so a call compiles one
-    decoding program per bucket; every answer is the one its problem gets alone (for a model whose config sets
+    decoding program per bucket; answers are voted over the checkpoint's `eval.abacus_offsets` (the shipped addition
+    model: 0, 5, 11; `solve_prompts`); every answer is the one its problem gets alone (for a model whose config sets
     `model.eval_init_noise`, evaluation starts from noise as the original's, and answers depend on that noise too:
     `solve_prompts` keys it by seed 0 and the problem's place in the call).
     """

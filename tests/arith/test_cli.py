@@ -50,6 +50,8 @@ def test_error_paths_without_traceback(tmp_path, capsys):
         (["train", "--config", TINY, "--set", "model.widht=3"], "unknown config key 'model.widht'"),
         (["train", "--config", TINY, "--set", "model.width=big"], "expects an integer"),
         (["train", "--config", TINY, "--set", "model.positions=[alibi]"], "unknown position kind"),
+        (["train", "--config", TINY, "--set", "model.positions=[fire]", "--set", "eval.abacus_offsets=[0,3]"],
+         "without Abacus positions"),
         (["solve", "--checkpoint", str(tmp_path), "--file", str(tmp_path / "none.txt")], "not found"),
         (["solve", "--checkpoint", str(tmp_path)], "no problems given"),
     ]

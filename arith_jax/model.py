@@ -25,6 +25,7 @@ from arith_jax.tokenizer import DIGIT_IDS
 POSITION_KINDS = ("abacus", "learned", "fire", "rope")
 LOSS_REDUCTIONS = ("mean", "padded")
 PROGRESSIVE_GRADS = ("branches", "scan")
+ATTENTION_KERNELS = ("einsum", "xla", "cudnn")   # core_jax.attention.Attention.kernel
 FIRE_INITS = ("xavier", "lecun")
 
 
@@ -59,6 +60,8 @@ class ModelConfig:
     progressive_grad: str = "branches"  # how the progressive loss differentiates its k passes (same function):
                                   # "branches": lax.switch over k, each branch runs its k passes unrolled and takes
                                   # its own gradient; "scan": one scan of max_backprop passes under lax.cond
+    attention: str = "einsum"     # self-attention kernel (core_jax.attention.Attention.kernel): "einsum", or
+                                  # jax.nn.dot_product_attention's "xla" or "cudnn" (fused; GPU, bfloat16 only)
     dtype: str = "float32"        # compute dtype: float32 or bfloat16 (params stay float32)
     loss_reduction: str = "mean"  # "mean": over the batch's answer tokens (the original's default, its addition and
                                   # sorting); "padded": each row's answer-token sum / (S - 1), averaged over rows
@@ -76,6 +79,11 @@ class ModelConfig:
             raise ValueError(f"fire_init must be one of {FIRE_INITS}, got {self.fire_init!r}")
         if self.progressive_grad not in PROGRESSIVE_GRADS:
             raise ValueError(f"progressive_grad must be one of {PROGRESSIVE_GRADS}, got {self.progressive_grad!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
+        if self.attention == "cudnn" and self.dtype != "bfloat16":
+            raise ValueError("attention 'cudnn' (cuDNN's fused kernel) takes bfloat16 only: set dtype: bfloat16, "
+                             "or use attention 'einsum' or 'xla'")
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
         if self.abacus_train_ids not in ("shift", "subset"):
@@ -172,7 +180,7 @@ class Layer(nn.Module):
         residual, LayerNorms, FFN) acts on each position alone and runs at those only."""
         cfg, dtype = self.cfg, _dtype(self.cfg.dtype)
         attn = Attention(cfg.heads, rope="rope" in cfg.positions, fire="fire" in cfg.positions,
-                         v_gain=_gain(cfg), out_gain=_gain(cfg), dtype=dtype, name="attn")
+                         v_gain=_gain(cfg), out_gain=_gain(cfg), dtype=dtype, kernel=cfg.attention, name="attn")
         if out_index_BxA is None:
             a, cache = attn(x, q_pos_Q=pos_Q, causal=True, cache=cache, cache_index=cache_index)
         else:   # queries at the kept positions only, keys and values at all of them (same parameters)
@@ -247,6 +255,9 @@ class ArithModel:
     """Pure init/apply around the Linen pieces; holds no parameters itself."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int):
+        if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
+            # a kernel choice, not part of the model: a checkpoint trained with it runs anywhere (same function)
+            cfg = dataclasses.replace(cfg, attention="xla")
         self.cfg, self.vocab_size = cfg, vocab_size
         self.embed = Embed(cfg, vocab_size)
         self.block = Block(cfg)

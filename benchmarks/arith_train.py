@@ -2,9 +2,12 @@
 
     python benchmarks/arith_train.py configs/arith_add_small.yaml configs/arith_add_looped_1x16.yaml [--steps 20]
 
-Tokens = batch × padded length per step. Model FLOPs count what the progressive loss actually computes: the
-expected n + k forward passes and 2k backward passes (exact expectation over the (n, k) distribution), plus
-attention; MFU divides by the chip's dense peak (H100 SXM bf16: 989 TFLOP/s).
+    python benchmarks/arith_train.py "configs/arith_add_looped_1x16.yaml|model.attention=cudnn"
+
+Tokens = batch × padded length per step. Model FLOPs count what the step actually computes: the progressive
+loss's expected n + k forward passes and 2k backward passes (exact expectation over the (n, k) distribution), plus
+attention, with the output head (and the final pass's last layer but its keys and values) at the positions the loss
+scores only; MFU divides by the chip's dense peak (H100/H200 SXM bf16: 989 TFLOP/s).
 """
 
 from __future__ import annotations
@@ -44,17 +47,30 @@ def expected_passes(cfg) -> tuple[float, float]:
     return fwd, grad
 
 
-def step_flops(cfg: ArithConfig) -> float:
+def step_flops(cfg: ArithConfig, answer_len: int | None = None) -> float:
+    """Model FLOPs of one training step (forward + backward). With `answer_len` A (the batch's `loss_pos`), the
+    output head runs at A positions per row, and so does the final pass's last layer except its keys and values
+    (what `ArithModel.loss` computes); without it, at every position."""
     m, S, Bt = cfg.model, cfg.data.seq_len - 1, cfg.data.batch_size
     H, F = m.width, m.ffn
-    per_token_layer = 2 * (4 * H * H + H * F + (F // 2) * H) + 2 * 2 * S * H / 2  # causal: half the scores
+    ffn = 2 * (H * F + (F // 2) * H)
+    per_token_layer = 2 * 4 * H * H + ffn + 2 * 2 * S * H / 2  # causal: half the scores
     fwd, grad = expected_passes(m)
-    layer_flops = per_token_layer * m.layers * (fwd + 2 * grad)
-    head = 2 * (H * F + (F // 2) * H + H * H + H * 19) * 3
-    return Bt * S * (layer_flops + head)
+    head = 2 * (H * F + (F // 2) * H + H * H + H * 19)
+    passes = m.layers * (fwd + 2 * grad)            # layer applications, backward counted twice
+    reduced_last = answer_len is not None and (m.recurrences == 1 or (
+        m.looped and m.progressive and m.progressive_grad == "branches"))
+    if not reduced_last:
+        A = S if answer_len is None else answer_len
+        return Bt * (S * per_token_layer * passes + A * head * 3)
+    A = answer_len
+    last = S * 2 * 2 * H * H + A * (2 * 2 * H * H + ffn + 2 * 2 * S * H)   # keys/values everywhere, the rest at A
+    return Bt * (S * per_token_layer * (passes - 3) + 3 * last + 3 * A * head)
 
 
 def bench(path: str, steps: int, overrides: list[str]) -> dict:
+    path, *own = path.split("|")     # "config.yaml|key=value|key=value": overrides for this config only
+    overrides = list(overrides) + own
     cfg = load_config(ArithConfig, path, overrides)
     model = build_model(cfg)
     mesh = shd.data_mesh()
@@ -74,7 +90,7 @@ def bench(path: str, steps: int, overrides: list[str]) -> dict:
 
     sec = timeit(run, warmup=1, repeat=3) / steps
     tokens = cfg.data.batch_size * cfg.data.seq_len
-    flops = step_flops(cfg)
+    flops = step_flops(cfg, batches[0]["loss_pos"].shape[1] if "loss_pos" in batches[0] else None)
     kind = jax.devices()[0].device_kind
     peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
     return {"config": Path(path).name + (" " + " ".join(overrides) if overrides else ""),
@@ -86,7 +102,7 @@ def bench(path: str, steps: int, overrides: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("configs", nargs="+")
+    ap.add_argument("configs", nargs="+", help='config files; "PATH|key=value|..." adds overrides for that one')
     ap.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
     ap.add_argument("--set", action="append", default=[], help="override for every config")
     args = ap.parse_args()

@@ -163,6 +163,11 @@ class Attention(nn.Module):
     `deferred_norm=True` divides by the softmax denominator after the product with the values (on [B, Q, H, D]
     rather than on the [B, H, Q, K] probabilities), with the scores' 1/sqrt(D) applied to the queries: the same
     function up to rounding, fewer passes over the score array.
+
+    `kernel` picks how plain self-attention over whole sequences (no cache, FIRE, masks or segments; queries and
+    keys at the same 1-D positions) is computed: "einsum" (default) writes it out as above; "xla" and "cudnn" call
+    `jax.nn.dot_product_attention` with that implementation ("cudnn": the fused flash-attention kernel, GPU only,
+    bf16/fp16). Every other case runs the einsum path whatever `kernel` says. Same function up to rounding.
     """
 
     num_heads: int
@@ -174,6 +179,7 @@ class Attention(nn.Module):
     out_gain: float = 1.0
     dtype: Any = jnp.float32
     deferred_norm: bool = False
+    kernel: str = "einsum"
 
     @nn.compact
     def __call__(self, x_BxQxD, kv_BxKxD=None, *, q_pos_Q=None, k_pos_K=None, causal: bool = False,
@@ -197,6 +203,8 @@ class Attention(nn.Module):
         dense = lambda name, gain: nn.DenseGeneral((self.num_heads, head_dim), use_bias=self.use_bias,
                                                    kernel_init=xavier(gain), dtype=self.dtype,
                                                    dot_general=dense_dot_general, name=name)
+        out = nn.DenseGeneral(d_model, axis=(-2, -1), use_bias=self.use_bias, kernel_init=xavier(self.out_gain),
+                              dtype=self.dtype, dot_general=dense_dot_general, name="out")
         if kv_only:
             if kv_BxKxD is None:
                 raise ValueError("kv_only projects a cross-attention memory: pass it as kv_BxKxD")
@@ -233,6 +241,11 @@ class Attention(nn.Module):
             k, v = new_cache[0].astype(q.dtype), new_cache[1].astype(q.dtype)
             k_pos_K = jnp.arange(k.shape[2 if heads_major else 1])
 
+        if (self.kernel != "einsum" and new_cache is None and not cross and not self.fire and kv_mask_BxK is None
+                and q_segment_BxQ is None and q_pos_Q.ndim == 1 and k_pos_K is q_pos_Q):
+            out_BxQxHxD = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=causal,
+                                                       implementation=self.kernel)
+            return out(out_BxQxHxD), None
         if self.deferred_norm:
             q = q * (1.0 / math.sqrt(head_dim))
         kv_heads_major = isinstance(new_cache, HeadsKVCache)   # k, v [B, H, K, D]
@@ -267,6 +280,4 @@ class Attention(nn.Module):
         else:
             probs = jax.nn.softmax(scores_BxHxQxK, axis=-1).astype(v.dtype)
             out_BxQxHxD = jnp.einsum(f"bhqk,{kv_spec}->bqhd", probs, v)
-        y = nn.DenseGeneral(d_model, axis=(-2, -1), use_bias=self.use_bias, kernel_init=xavier(self.out_gain),
-                            dtype=self.dtype, dot_general=dense_dot_general, name="out")(out_BxQxHxD)
-        return y, new_cache
+        return out(out_BxQxHxD), new_cache

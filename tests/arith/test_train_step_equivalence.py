@@ -121,3 +121,24 @@ def test_progressive_branches_equal_scan():
         left = jax.random.split(jax.random.split(rng)[0])[0]
         seen_k.add(int(ours.sample_progressive(left)[1]))
     assert seen_k == set(range(1, cfg.backprop + 1))
+
+
+def test_xla_attention_kernel_equals_einsum():
+    """model.attention "xla" (jax.nn.dot_product_attention; "cudnn" is its GPU kernel, which falls back to it
+    off a GPU) gives the einsum path's loss, metrics and gradients, looped progressive model included."""
+    data = DataConfig("add", max_len=4, batch_size=6, seed=1)
+    base = dict(width=32, ffn=64, heads=4, layers=1, recurrences=3, input_injection=True, positions=("abacus",),
+                abacus_max_k=5, table_size=64)
+    batch = {k: jnp.asarray(v) for k, v in make_batch(data, 0).items()}
+    outs = []
+    for attention in ("einsum", "xla"):
+        model = ArithModel(ModelConfig(**base, attention=attention), data.tokenizer.vocab_size)
+        grad = jax.jit(jax.value_and_grad(model.loss, has_aux=True))
+        outs.append(grad(model.init(jax.random.PRNGKey(0)), batch, jax.random.PRNGKey(3)))
+    _assert_same_step(*outs[0], *outs[1])
+    cudnn = ArithModel(ModelConfig(**base, attention="cudnn", dtype="bfloat16"), data.tokenizer.vocab_size)
+    assert cudnn.cfg.attention == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    with pytest.raises(ValueError, match="bfloat16"):
+        ModelConfig(**base, attention="cudnn")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        ModelConfig(**base, attention="flash")

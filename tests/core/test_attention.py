@@ -171,3 +171,40 @@ def test_deferred_norm_is_the_same_function(causal):
     a, _ = dfr.apply(params, x[:, :3], causal=True, cache=cache, cache_index=0)
     b, _ = std.apply(params, x[:, :3], causal=True, cache=cache, cache_index=0)
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("rope", [False, True])
+def test_xla_kernel_equals_einsum(causal, rope):
+    """kernel="xla" (jax.nn.dot_product_attention) computes the einsum path's function: outputs and gradients
+    with respect to the input and the parameters (same parameter tree)."""
+    ein, fused = Attention(num_heads=4, rope=rope), Attention(num_heads=4, rope=rope, kernel="xla")
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 16))
+    params = ein.init(jax.random.PRNGKey(1), x, causal=causal)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+        fused.init(jax.random.PRNGKey(1), x, causal=causal))
+
+    def loss(module, p, x):
+        return jnp.sum(jnp.sin(module.apply(p, x, causal=causal)[0]))
+
+    for a, b in zip(jax.grad(functools.partial(loss, ein), argnums=(0, 1))(params, x),
+                    jax.grad(functools.partial(loss, fused), argnums=(0, 1))(params, x)):
+        for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+            np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ein.apply(params, x, causal=causal)[0], fused.apply(params, x, causal=causal)[0],
+                               atol=1e-5)
+
+
+def test_fused_kernel_leaves_other_cases_to_einsum():
+    """What jax.nn.dot_product_attention does not cover here (FIRE, a KV cache) runs the einsum path: the very
+    same numbers as kernel="einsum"."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
+    for kw in (dict(fire=True), dict()):
+        ein, fused = Attention(num_heads=2, **kw), Attention(num_heads=2, kernel="cudnn", **kw)
+        params = ein.init(jax.random.PRNGKey(1), x, causal=True)
+        if kw:   # FIRE: whole-sequence pass
+            np.testing.assert_array_equal(ein.apply(params, x, causal=True)[0],
+                                          fused.apply(params, x, causal=True)[0])
+        cache = KVCache.zeros(2, 8, 2, 4)
+        np.testing.assert_array_equal(ein.apply(params, x, causal=True, cache=cache, cache_index=0)[0],
+                                      fused.apply(params, x, causal=True, cache=cache, cache_index=0)[0])

@@ -36,10 +36,11 @@ echo "== 3. training for ${TRAIN_S} s ($(left) s left)"
 if [ "$TRAIN_S" -gt 30 ]; then
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 timeout -k 60 -s TERM "$TRAIN_S" $PY run.py arith train --config "$L" \
     --workdir runs/gpu_paper_1x16 --eval-max-len 0 --set train.ckpt_every=500 --set train.log_every=100 \
-    --set train.keep_checkpoints=1 > "$OUT/train_paper.log" 2>&1 &
+    --set train.keep_checkpoints=1 > "$OUT/train_paper.log" 2>&1 & p1=$!
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 timeout -k 60 -s TERM "$TRAIN_S" $PY run.py arith train \
     --config configs/arith_add20_gpu.yaml --workdir runs/gpu_add20 --eval-max-len 0 > "$OUT/train_add20.log" 2>&1 &
-  wait
+  p2=$!
+  wait $p1 $p2   # by pid: a bare `wait` would also wait for the tee of this script's own log
 fi
 for w in gpu_paper_1x16 gpu_add20; do echo "-- $w"; grep -E '^\{' "runs/$w/metrics.jsonl" 2>/dev/null | tail -2; done
 
@@ -50,9 +51,9 @@ XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout "$EVAL_S" $PY run.py arith export --
 for w in gpu_add20_export gpu_paper_1x16; do
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout "$EVAL_S" $PY run.py arith eval --checkpoint "runs/$w" --max-len 20 \
     --n ${EVAL_N:-20} --sweep 30,40,60,80,100 --json "$OUT/eval_$w.json" --plot "$OUT/eval_$w.png" \
-    > "$OUT/eval_$w.log" 2>&1 &
+    > "$OUT/eval_$w.log" 2>&1 & pids="${pids:-} $!"
 done
-wait
+wait $pids
 for w in gpu_add20_export gpu_paper_1x16; do
   echo "-- $w"; $PY -c "import json,sys; r=json.load(open(sys.argv[1])); g=r['grid']; print('grid mean', round(sum(map(sum,g))/sum(map(len,g)),4), 'diag 20', g[-1][-1], 'sweep', r.get('sweep'))" "$OUT/eval_$w.json" 2>&1 | tail -1
 done

@@ -135,6 +135,22 @@ def xavier(gain: float = 1.0):
     return nn.initializers.variance_scaling(gain * gain, "fan_avg", "normal")
 
 
+def fused_attention(q_BxQxHxD, k_BxQxHxD, v_BxQxHxD, causal: bool, implementation: str, pad_to_even: bool = False):
+    """`jax.nn.dot_product_attention` of a self-attention (queries and keys at the same positions). cuDNN's fused
+    kernel has no backward pass for odd sequence lengths (`NotImplementedError: Unsupported sequence length`), so
+    `pad_to_even` appends one zero query and one zero key: the extra query's output is dropped, and the extra key
+    is hidden from every real query by the causal mask or, without one, by `key_value_seq_lengths`."""
+    n = q_BxQxHxD.shape[1]
+    if not pad_to_even or n % 2 == 0:
+        return jax.nn.dot_product_attention(q_BxQxHxD, k_BxQxHxD, v_BxQxHxD, is_causal=causal,
+                                            implementation=implementation)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    lengths = None if causal else jnp.full((q_BxQxHxD.shape[0],), n, jnp.int32)
+    out = jax.nn.dot_product_attention(pad(q_BxQxHxD), pad(k_BxQxHxD), pad(v_BxQxHxD), is_causal=causal,
+                                       key_value_seq_lengths=lengths, implementation=implementation)
+    return out[:, :n]
+
+
 class Attention(nn.Module):
     """Scaled dot-product attention with fp32 scores/softmax.
 
@@ -167,7 +183,7 @@ class Attention(nn.Module):
     `kernel` picks how plain self-attention over whole sequences (no cache, FIRE, masks or segments; queries and
     keys at the same 1-D positions) is computed: "einsum" (default) writes it out as above; "xla" and "cudnn" call
     `jax.nn.dot_product_attention` with that implementation ("cudnn": the fused flash-attention kernel, GPU only,
-    bf16/fp16). Every other case runs the einsum path whatever `kernel` says. Same function up to rounding.
+    bf16/fp16; odd lengths padded, see `fused_attention`). Every other case runs the einsum path whatever `kernel` says. Same function up to rounding.
     """
 
     num_heads: int
@@ -243,8 +259,8 @@ class Attention(nn.Module):
 
         if (self.kernel != "einsum" and new_cache is None and not cross and not self.fire and kv_mask_BxK is None
                 and q_segment_BxQ is None and q_pos_Q.ndim == 1 and k_pos_K is q_pos_Q):
-            out_BxQxHxD = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), is_causal=causal,
-                                                       implementation=self.kernel)
+            out_BxQxHxD = fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), causal, self.kernel,
+                                          pad_to_even=self.kernel == "cudnn")
             return out(out_BxQxHxD), None
         if self.deferred_norm:
             q = q * (1.0 / math.sqrt(head_dim))

@@ -208,3 +208,21 @@ def test_fused_kernel_leaves_other_cases_to_einsum():
         cache = KVCache.zeros(2, 8, 2, 4)
         np.testing.assert_array_equal(ein.apply(params, x, causal=True, cache=cache, cache_index=0)[0],
                                       fused.apply(params, x, causal=True, cache=cache, cache_index=0)[0])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_attention_padding_to_even_changes_nothing(causal):
+    """The padding cuDNN's kernel needs for odd lengths (one zero query and key) gives the unpadded outputs and
+    gradients: checked with the xla implementation, which takes both."""
+    from core_jax.attention import fused_attention
+
+    q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 7, 4, 8))
+
+    def loss(pad, q, k, v):
+        return jnp.sum(jnp.sin(fused_attention(q, k, v, causal, "xla", pad_to_even=pad)))
+
+    np.testing.assert_allclose(fused_attention(q, k, v, causal, "xla", pad_to_even=True),
+                               fused_attention(q, k, v, causal, "xla"), atol=1e-6)
+    for a, b in zip(jax.grad(functools.partial(loss, True), argnums=(0, 1, 2))(q, k, v),
+                    jax.grad(functools.partial(loss, False), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(a, b, atol=1e-5)

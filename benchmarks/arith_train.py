@@ -110,7 +110,12 @@ def main() -> None:
     print("| config | params (M) | batch × len | steps/s | tokens/s | model TFLOP/s | MFU |")
     print("|---|---|---|---|---|---|---|")
     for path in args.configs:
-        r = bench(path, args.steps, args.set)
+        try:
+            r = bench(path, args.steps, args.set)
+        except Exception as e:  # one config that cannot run (e.g. a kernel this chip refuses) ends only its row
+            print(f"| {path.replace("|", " ")} {' '.join(args.set)} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
+                  "| | | | | |", flush=True)
+            continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"| {r['config']} | {r['params_M']:.2f} | {r['batch']}×{r['seq_len']} | {r['steps_per_s']:.2f} | "
               f"{r['tokens_per_s']:,.0f} | {r['tflops']:.2f} | {mfu} |", flush=True)

@@ -11,6 +11,10 @@
 #      carried) is resumed;
 #   4. evaluation of both (grid up to 20 digits, 30..100 digits beyond), exports, and what comes back in $OUT.
 # Usage: OUT=results_dir bash benchmarks/gpu_arith_h200.sh
+# A dry run of the whole flow on a CPU in a few minutes (tiny models; checks the script, not the numbers):
+#   OUT=/tmp/dry PY=python BUDGET=300 RESERVE_S=150 MAX_TRAIN_S=40 BENCH_S=60 EVAL_N=2 BENCH="configs/arith_tiny.yaml" \
+#     PAPER_SET="--set model.width=64 --set model.ffn=128 --set model.heads=4 --set data.batch_size=8 --set model.dtype=float32" \
+#     SMALL_SET="--set train.steps=60 --set data.batch_size=16" bash benchmarks/gpu_arith_h200.sh
 set -u
 OUT=${OUT:-runs/gpu_h200}; mkdir -p "$OUT" runs
 BUDGET=${BUDGET:-570}
@@ -28,17 +32,18 @@ timeout 120 $PY run.py arith train --config configs/arith_tiny.yaml --set train.
 
 echo "== 2. throughput ($(left) s left)"
 L=configs/arith_add_looped_1x16.yaml; S=configs/arith_add_standard_16.yaml
-timeout ${BENCH_S:-200} $PY benchmarks/arith_train.py "$L" "$L|model.attention=cudnn" "$L|model.progressive_grad=scan" \
-  "$S" "$S|model.attention=cudnn" --steps ${BENCH_STEPS:-5} 2>&1 | grep -v Warning | tee "$OUT/mfu.md"
+BENCH=${BENCH:-"$L $L|model.attention=cudnn $L|model.progressive_grad=scan $S $S|model.attention=cudnn"}
+timeout ${BENCH_S:-200} $PY benchmarks/arith_train.py $BENCH --steps ${BENCH_STEPS:-5} 2>&1 | grep -v Warning \
+  | tee "$OUT/mfu.md"
 
 TRAIN_S=$(( $(left) - ${RESERVE_S:-150} )); [ "$TRAIN_S" -gt "${MAX_TRAIN_S:-400}" ] && TRAIN_S=${MAX_TRAIN_S:-400}
 echo "== 3. training for ${TRAIN_S} s ($(left) s left)"
 if [ "$TRAIN_S" -gt 30 ]; then
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 timeout -k 60 -s TERM "$TRAIN_S" $PY run.py arith train --config "$L" \
     --workdir runs/gpu_paper_1x16 --eval-max-len 0 --set train.ckpt_every=500 --set train.log_every=100 \
-    --set train.keep_checkpoints=1 > "$OUT/train_paper.log" 2>&1 & p1=$!
+    --set train.keep_checkpoints=1 ${PAPER_SET:-} > "$OUT/train_paper.log" 2>&1 & p1=$!
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 timeout -k 60 -s TERM "$TRAIN_S" $PY run.py arith train \
-    --config configs/arith_add20_gpu.yaml --workdir runs/gpu_add20 --eval-max-len 0 > "$OUT/train_add20.log" 2>&1 &
+    --config configs/arith_add20_gpu.yaml --workdir runs/gpu_add20 --eval-max-len 0 ${SMALL_SET:-} > "$OUT/train_add20.log" 2>&1 &
   p2=$!
   wait $p1 $p2   # by pid: a bare `wait` would also wait for the tee of this script's own log
 fi
@@ -46,8 +51,10 @@ for w in gpu_paper_1x16 gpu_add20; do echo "-- $w"; grep -E '^\{' "runs/$w/metri
 
 echo "== 4. evaluation ($(left) s left)"
 EVAL_S=$(( $(left) - 25 ))
+# the mean of the newest checkpoints (the recipe's), or the newest alone where fewer were kept
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout "$EVAL_S" $PY run.py arith export --checkpoint runs/gpu_add20 \
-  --out runs/gpu_add20_export --average-last ${AVERAGE_LAST:-6} > /dev/null 2>&1
+  --out runs/gpu_add20_export --average-last ${AVERAGE_LAST:-6} \
+  || timeout "$EVAL_S" $PY run.py arith export --checkpoint runs/gpu_add20 --out runs/gpu_add20_export
 for w in gpu_add20_export gpu_paper_1x16; do
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout "$EVAL_S" $PY run.py arith eval --checkpoint "runs/$w" --max-len 20 \
     --n ${EVAL_N:-20} --sweep 30,40,60,80,100 --json "$OUT/eval_$w.json" --plot "$OUT/eval_$w.png" \
@@ -58,9 +65,11 @@ for w in gpu_add20_export gpu_paper_1x16; do
   echo "-- $w"; $PY -c "import json,sys; r=json.load(open(sys.argv[1])); g=r['grid']; print('grid mean', round(sum(map(sum,g))/sum(map(len,g)),4), 'diag 20', g[-1][-1], 'sweep', r.get('sweep'))" "$OUT/eval_$w.json" 2>&1 | tail -1
 done
 
-# what comes back: the add20 workdir with its newest checkpoint only (resumable elsewhere) and its export; the
-# paper model's metrics (its full state, 12M parameters with Adam moments, is larger than one can bring back)
+# what comes back (at most 8 files): log.txt, mfu.md, the two eval JSONs, and one tar with the add20 workdir's
+# newest checkpoint (resumable elsewhere), its export, both metrics files, the training and evaluation logs and the
+# heatmaps (the paper model's full state, 12M parameters with Adam moments, is larger than one can bring back)
 newest=$(ls runs/gpu_add20/checkpoints 2>/dev/null | sort -n | tail -1)
-tar cf "$OUT/add20.tar" runs/gpu_add20/metrics.jsonl runs/gpu_add20/config.yaml runs/gpu_add20_export \
+mkdir -p runs/gpu_logs && mv "$OUT"/*.log "$OUT"/*.png runs/gpu_logs/ 2>/dev/null
+tar cf "$OUT/add20.tar" runs/gpu_add20/metrics.jsonl runs/gpu_add20_export runs/gpu_logs \
   ${newest:+runs/gpu_add20/checkpoints/$newest} runs/gpu_paper_1x16/metrics.jsonl 2>/dev/null
 ls -la "$OUT"; echo "== done at ${SECONDS} s"

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# One GPU session of issue 11's GPU work, as one command that ends within BUDGET seconds (default 570):
+# One GPU session of issue 11's GPU work, as one command that ends within BUDGET seconds (default 570), most
+# important result first:
 #   1. smoke: the CLI trains, checkpoints and evaluates on this machine (stops here if it cannot);
-#   2. training throughput and MFU of the paper's models (benchmarks/arith_train.py): the looped 1x16 model with
-#      the einsum attention, cuDNN's fused attention, and the older scan-under-cond progressive gradient; the
-#      16-layer standard model with both attention kernels;
-#   3. side by side on the one GPU until the budget's training share is spent (SIGTERM: each saves a checkpoint):
+#   2. side by side on the one GPU until the budget's training share is spent (SIGTERM: each saves a checkpoint):
 #      the paper's looped 1x16 configuration unchanged (configs/arith_add_looped_1x16.yaml: its 100,000-step
 #      schedule, so a short run is its first minutes) and configs/arith_add20_gpu.yaml (the CPU recipe of the
 #      shipped addition model on the paper's 1..20-digit operands); a workdir already there (a warm machine, or
 #      carried) is resumed;
-#   4. evaluation of both (grid up to 20 digits, 30..100 digits beyond), exports, and what comes back in $OUT.
-# Usage: OUT=results_dir bash benchmarks/gpu_arith_h200.sh
+#   3. evaluation of both (grid up to 20 digits, 30..100 digits beyond), exports, and what comes back in $OUT;
+#   4. with the time left, training throughput and MFU of the paper's models (benchmarks/arith_train.py): the
+#      looped 1x16 model with the einsum attention, cuDNN's fused attention, and the older scan-under-cond
+#      progressive gradient; the 16-layer standard model with both attention kernels.
+# Usage: OUT=results_dir bash benchmarks/gpu_arith_h200.sh    (device tool: timeout_s 600)
 # A dry run of the whole flow on a CPU in a few minutes (tiny models; checks the script, not the numbers):
-#   OUT=/tmp/dry PY=python BUDGET=300 RESERVE_S=150 MAX_TRAIN_S=40 BENCH_S=60 EVAL_N=2 BENCH="configs/arith_tiny.yaml" \
+#   OUT=/tmp/dry PY=python BUDGET=300 MAX_TRAIN_S=40 EVAL_N=2 BENCH="configs/arith_tiny.yaml" \
 #     PAPER_SET="--set model.width=64 --set model.ffn=128 --set model.heads=4 --set data.batch_size=8 --set model.dtype=float32" \
 #     SMALL_SET="--set train.steps=60 --set data.batch_size=16" bash benchmarks/gpu_arith_h200.sh
 set -u
@@ -30,14 +31,9 @@ echo "== 1. smoke ($(left) s left)"
 timeout 120 $PY run.py arith train --config configs/arith_tiny.yaml --set train.steps=20 --workdir runs/smoke \
   --eval-max-len 2 || { echo "SMOKE FAILED"; exit 1; }
 
-echo "== 2. throughput ($(left) s left)"
 L=configs/arith_add_looped_1x16.yaml; S=configs/arith_add_standard_16.yaml
-BENCH=${BENCH:-"$L $L|model.attention=cudnn $L|model.progressive_grad=scan $S $S|model.attention=cudnn"}
-timeout ${BENCH_S:-200} $PY benchmarks/arith_train.py $BENCH --steps ${BENCH_STEPS:-5} 2>&1 | grep -v Warning \
-  | tee "$OUT/mfu.md"
-
-TRAIN_S=$(( $(left) - ${RESERVE_S:-150} )); [ "$TRAIN_S" -gt "${MAX_TRAIN_S:-400}" ] && TRAIN_S=${MAX_TRAIN_S:-400}
-echo "== 3. training for ${TRAIN_S} s ($(left) s left)"
+TRAIN_S=$(( $(left) - ${RESERVE_S:-260} )); [ "$TRAIN_S" -gt "${MAX_TRAIN_S:-400}" ] && TRAIN_S=${MAX_TRAIN_S:-400}
+echo "== 2. training for ${TRAIN_S} s ($(left) s left)"
 if [ "$TRAIN_S" -gt 30 ]; then
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 timeout -k 60 -s TERM "$TRAIN_S" $PY run.py arith train --config "$L" \
     --workdir runs/gpu_paper_1x16 --eval-max-len 0 --set train.ckpt_every=500 --set train.log_every=100 \
@@ -49,8 +45,8 @@ if [ "$TRAIN_S" -gt 30 ]; then
 fi
 for w in gpu_paper_1x16 gpu_add20; do echo "-- $w"; grep -E '^\{' "runs/$w/metrics.jsonl" 2>/dev/null | tail -2; done
 
-echo "== 4. evaluation ($(left) s left)"
-EVAL_S=$(( $(left) - 25 ))
+echo "== 3. evaluation ($(left) s left)"
+EVAL_S=$(( $(left) - ${BENCH_RESERVE_S:-170} ))
 # the mean of the newest checkpoints (the recipe's), or the newest alone where fewer were kept
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout "$EVAL_S" $PY run.py arith export --checkpoint runs/gpu_add20 \
   --out runs/gpu_add20_export --average-last ${AVERAGE_LAST:-6} \
@@ -72,4 +68,11 @@ newest=$(ls runs/gpu_add20/checkpoints 2>/dev/null | sort -n | tail -1)
 mkdir -p runs/gpu_logs && mv "$OUT"/*.log "$OUT"/*.png runs/gpu_logs/ 2>/dev/null
 tar cf "$OUT/add20.tar" runs/gpu_add20/metrics.jsonl runs/gpu_add20_export runs/gpu_logs \
   ${newest:+runs/gpu_add20/checkpoints/$newest} runs/gpu_paper_1x16/metrics.jsonl 2>/dev/null
-ls -la "$OUT"; echo "== done at ${SECONDS} s"
+ls -la "$OUT"
+
+echo "== 4. throughput ($(left) s left)"
+BENCH=${BENCH:-"$L $L|model.attention=cudnn $L|model.progressive_grad=scan $S $S|model.attention=cudnn"}
+timeout $(( $(left) - 5 )) $PY benchmarks/arith_train.py $BENCH --steps ${BENCH_STEPS:-5} 2>&1 | grep -v Warning \
+  | tee "$OUT/mfu.md"
+
+echo "== done at ${SECONDS} s"

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from arith_jax.data import SAMPLING, DataConfig
+from arith_jax.data import SAMPLERS, SAMPLING, DataConfig
 from arith_jax.model import FIRE_INITS, LOSS_REDUCTIONS, PROGRESSIVE_GRADS, ModelConfig
 from arith_jax.tokenizer import TASKS
 from core_jax.config import Rule, at_least, between, each, one_of
@@ -110,7 +110,7 @@ class ArithConfig:
                                  "such that model.width / model.heads is even (RoPE rotates pairs)")),
             ("data.task", one_of(TASKS)), ("data.max_len", at_least(1)), ("data.min_len", at_least(1)),
             ("data.max_count", at_least(1)), ("data.batch_size", at_least(1)), ("data.seed", at_least(0)),
-            ("data.sampling", one_of(SAMPLING)),
+            ("data.sampling", one_of(SAMPLING)), ("data.sampler", one_of(SAMPLERS)),
             ("data.max_len", fits(train=True, same_count=False)),
             ("eval.max_len", at_least(0)), ("eval.n_per_cell", at_least(1)), ("eval.batch_size", at_least(1)),
             ("eval.recurrences", at_least(1)), ("eval.seed", at_least(0)), ("eval.sweep", each(at_least(1))),

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from arith_jax.data import (
     DataConfig, answer_length, encode_sample, format_answer, format_problem, format_sort_problem,
-    length_cells, make_batch, make_eval_cell, parse_problem, sample_problems,
+    length_cells, loss_positions, make_batch, make_eval_cell, parse_problem, sample_problems,
 )
 from arith_jax.tokenizer import EOS, PAD, SORT_VOCAB_LABELS, Tokenizer
 
@@ -276,3 +276,36 @@ def test_parse_then_format_round_trip(a, b, op):
     expected_prompt, answer = format_problem(task, a, b)
     assert prompt == expected_prompt
     assert format_answer(task, answer) == str(a + b if op == "+" else a * b)
+
+
+@pytest.mark.parametrize("task", ["add", "mul"])
+@pytest.mark.parametrize("sampling", ["iid", "cycle"])
+def test_batch_sampler_rows_are_the_rows_samplers_encoding_of_correct_problems(task, sampling):
+    """sampler "batch": every row is exactly what `encode_sample` makes of a correct problem (operands of the
+    configured digit counts, no leading zero, the true sum or product), and the batch is a pure function of
+    (seed, step)."""
+    cfg = DataConfig(task, min_len=2, max_len=6, batch_size=200, seed=3, sampling=sampling, sampler="batch")
+    tok = Tokenizer.for_task(task)
+    op = {"add": "+", "mul": "x"}[task]
+    batch = make_batch(cfg, 5)
+    lengths = set()
+    for tokens, mask in zip(batch["tokens"], batch["mask"]):
+        prompt, _ = tok.decode(tokens).split("=")
+        a, b = prompt.split(op)
+        assert a[-1] != "0" and b[-1] != "0" and 2 <= len(a) <= 6 and 2 <= len(b) <= 6
+        lengths.add((len(a), len(b)))
+        want_tokens, want_mask = encode_sample(task, *format_problem(task, a[::-1], b[::-1]), cfg.seq_len)
+        np.testing.assert_array_equal(tokens, want_tokens)
+        np.testing.assert_array_equal(mask, want_mask)
+    assert len(lengths) > 10   # many cells in one batch
+    np.testing.assert_array_equal(batch["loss_pos"], loss_positions(batch["mask"], cfg.answer_len))
+    again = make_batch(cfg, 5)
+    assert all(np.array_equal(batch[k], again[k]) for k in batch)
+    assert not np.array_equal(batch["tokens"], make_batch(cfg, 6)["tokens"])
+
+
+def test_batch_sampler_is_for_add_and_mul():
+    with pytest.raises(ValueError, match="sort takes sampler 'rows'"):
+        DataConfig("sort", sampler="batch")
+    with pytest.raises(ValueError, match="unknown data.sampler"):
+        DataConfig("add", sampler="fast")

@@ -1,8 +1,8 @@
 """On-the-fly arithmetic data in the original's formats (spec sections 1, 6 and 8).
 
 Every batch is a pure function of (config, step): the training loop can resume from a step number
-alone, and two runs with the same seed see the same data. All numbers are Python ints or digit
-strings, so operands of hundreds of digits never overflow.
+alone, and two runs with the same seed see the same data. All numbers are Python ints, digit
+strings or digit arrays (`DataConfig.sampler`), so operands of hundreds of digits never overflow.
 
 Formats (digits least-significant first, one character per token, EOS appended by `make_batch`):
     add   rev(a)+rev(b)=rev(a+b)          e.g. 123+4567 -> "321+7654=0964"
@@ -41,7 +41,7 @@ class DataConfig:
 
     sampler: how a batch's numbers are drawn. "rows" (default): one problem after another, Python integers and
     strings (the stream every shipped model was trained on). "batch" (add and mul): all rows' digits in a few
-    array operations and the answers by digit arithmetic with carries, ~10x faster to build (BENCHMARKS.md), which
+    array operations and the answers by digit arithmetic with carries, 6-11x faster to build (BENCHMARKS.md), which
     matters where the device's step is shorter than the host's batch, e.g. a small model on a GPU. The same
     distribution (each row's cell as `sampling` says, operands uniform over their digit counts) from another
     random stream, so the same seed gives other problems than "rows".

@@ -32,7 +32,7 @@ timeout 120 $PY run.py arith train --config configs/arith_tiny.yaml --set train.
   --eval-max-len 2 || { echo "SMOKE FAILED"; exit 1; }
 
 L=configs/arith_add_looped_1x16.yaml; S=configs/arith_add_standard_16.yaml
-TRAIN_S=$(( $(left) - ${RESERVE_S:-260} )); [ "$TRAIN_S" -gt "${MAX_TRAIN_S:-400}" ] && TRAIN_S=${MAX_TRAIN_S:-400}
+TRAIN_S=$(( $(left) - ${RESERVE_S:-280} )); [ "$TRAIN_S" -gt "${MAX_TRAIN_S:-400}" ] && TRAIN_S=${MAX_TRAIN_S:-400}
 echo "== 2. training for ${TRAIN_S} s ($(left) s left)"
 if [ "$TRAIN_S" -gt 30 ]; then
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 timeout -k 60 -s TERM "$TRAIN_S" $PY run.py arith train --config "$L" \
@@ -46,7 +46,7 @@ fi
 for w in gpu_paper_1x16 gpu_add20; do echo "-- $w"; grep -E '^\{' "runs/$w/metrics.jsonl" 2>/dev/null | tail -2; done
 
 echo "== 3. evaluation ($(left) s left)"
-EVAL_S=$(( $(left) - ${BENCH_RESERVE_S:-170} ))
+EVAL_S=$(( $(left) - ${BENCH_RESERVE_S:-110} ))
 # the mean of the newest checkpoints (the recipe's), or the newest alone where fewer were kept
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 timeout "$EVAL_S" $PY run.py arith export --checkpoint runs/gpu_add20 \
   --out runs/gpu_add20_export --average-last ${AVERAGE_LAST:-6} \
@@ -71,7 +71,7 @@ tar cf "$OUT/add20.tar" runs/gpu_add20/metrics.jsonl runs/gpu_add20_export runs/
 ls -la "$OUT"
 
 echo "== 4. throughput ($(left) s left)"
-BENCH=${BENCH:-"$L $L|model.attention=cudnn $L|model.progressive_grad=scan $S $S|model.attention=cudnn"}
+BENCH=${BENCH:-"$L $L|model.attention=cudnn $S $S|model.attention=cudnn $L|model.progressive_grad=scan"}
 timeout $(( $(left) - 5 )) $PY benchmarks/arith_train.py $BENCH --steps ${BENCH_STEPS:-5} 2>&1 | grep -v Warning \
   | tee "$OUT/mfu.md"
 

@@ -13,7 +13,7 @@
 #      progressive gradient; the 16-layer standard model with both attention kernels.
 # Usage: OUT=results_dir bash benchmarks/gpu_arith_h200.sh    (device tool: timeout_s 600)
 # A dry run of the whole flow on a CPU in a few minutes (tiny models; checks the script, not the numbers):
-#   OUT=/tmp/dry PY=python BUDGET=300 MAX_TRAIN_S=40 EVAL_N=2 BENCH="configs/arith_tiny.yaml" \
+#   OUT=/tmp/dry PY=python BUDGET=300 RESERVE_S=200 BENCH_RESERVE_S=60 MAX_TRAIN_S=40 EVAL_N=2 BENCH="configs/arith_tiny.yaml" \
 #     PAPER_SET="--set model.width=64 --set model.ffn=128 --set model.heads=4 --set data.batch_size=8 --set model.dtype=float32" \
 #     SMALL_SET="--set train.steps=60 --set data.batch_size=16" bash benchmarks/gpu_arith_h200.sh
 set -u

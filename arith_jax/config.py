@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 
 from arith_jax.data import SAMPLERS, SAMPLING, DataConfig
-from arith_jax.model import FIRE_INITS, LOSS_REDUCTIONS, PROGRESSIVE_GRADS, ModelConfig
+from arith_jax.model import ATTENTION_KERNELS, FIRE_INITS, LOSS_REDUCTIONS, PROGRESSIVE_GRADS, ModelConfig
 from arith_jax.tokenizer import TASKS
 from core_jax.config import Rule, at_least, between, each, one_of
 from core_jax.train import TrainConfig
@@ -104,7 +104,7 @@ class ArithConfig:
                                        f"in [1, model.recurrences = {m['recurrences']}] or null")),
             ("model.init_noise", at_least(0)), ("model.scan_unroll", at_least(1)), ("model.dtype", one_of(DTYPES)),
             ("model.loss_reduction", one_of(LOSS_REDUCTIONS)), ("model.fire_init", one_of(FIRE_INITS)),
-            ("model.progressive_grad", one_of(PROGRESSIVE_GRADS)),
+            ("model.progressive_grad", one_of(PROGRESSIVE_GRADS)), ("model.attention", one_of(ATTENTION_KERNELS)),
             ("model.width", Rule(lambda w: w % m["heads"] == 0, f"divisible by model.heads ({m['heads']})")),
             ("model.width", Rule(lambda w: "rope" not in m["positions"] or (w // m["heads"]) % 2 == 0,
                                  "such that model.width / model.heads is even (RoPE rotates pairs)")),

@@ -41,7 +41,7 @@ class DataConfig:
 
     sampler: how a batch's numbers are drawn. "rows" (default): one problem after another, Python integers and
     strings (the stream every shipped model was trained on). "batch" (add and mul): all rows' digits in a few
-    array operations and the answers by digit arithmetic with carries, 6-11x faster to build (BENCHMARKS.md), which
+    array operations and the answers by digit arithmetic with carries, much faster to build (BENCHMARKS.md), which
     matters where the device's step is shorter than the host's batch, e.g. a small model on a GPU. The same
     distribution (each row's cell as `sampling` says, operands uniform over their digit counts) from another
     random stream, so the same seed gives other problems than "rows".

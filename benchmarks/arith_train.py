@@ -113,8 +113,8 @@ def main() -> None:
         try:
             r = bench(path, args.steps, args.set)
         except Exception as e:  # one config that cannot run (e.g. a kernel this chip refuses) ends only its row
-            print(f"| {path.replace('|', ' ')} {' '.join(args.set)} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
-                  "| | | | | |", flush=True)
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(f"| {path.replace('|', ' ')} {' '.join(args.set)} | failed: {reason} | | | | | |", flush=True)
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"| {r['config']} | {r['params_M']:.2f} | {r['batch']}×{r['seq_len']} | {r['steps_per_s']:.2f} | "

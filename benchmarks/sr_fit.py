@@ -4,7 +4,7 @@ one batched fit vs B separate fits.
 
     python benchmarks/sr_fit.py [--datasets 64] [--points 200] [--dim 2] [--sources prior,bases] [--model DIR]
                                 [--n-prior 16] [--prior-draws 1024] [--skip-cold | --cold-only | --ablation]
-                                [--phases] [--json out.json]
+                                [--phases] [--chunks] [--json out.json]
 
 Datasets come from the training generator (``--dim`` variables, noise-free). The separate fits and the batched fit
 are each timed twice: the first pass includes tracing/compiling the shapes they need (how many refinement programs
@@ -12,6 +12,11 @@ are traced is reported), the second is measured compiled.
 
 ``--phases`` also reports where the compiled passes' seconds go: building the candidate pools (bases, the
 transformer's decoding, prior screening), refinement, and selection with tidying (per dataset, in sympy/numpy).
+
+``--chunks`` also reports the compiled batched fit's refinement chunk by chunk (lockstep evaluations up to
+``stop_at`` on a tape of ``rows`` candidate rows: seconds, and the XLA temp buffer of each program from
+``compiled.memory_analysis()``), and the system seconds and minor page faults (``getrusage``) of the compiled
+separate fits and of the compiled batched fit.
 
 ``--ablation`` instead fits the datasets once (batched) with each part of the candidate pool alone and with the
 whole pool (the transformer's parts only with ``--model``) and reports the share with R² > 0.99 on the training
@@ -109,6 +114,8 @@ def main() -> None:
     p.add_argument("--skip-cold", action="store_true", help="skip the fresh-process measurements")
     p.add_argument("--cold-only", action="store_true", help="only the fresh-process measurements")
     p.add_argument("--phases", action="store_true", help="also report the seconds of pools / refinement / selection")
+    p.add_argument("--chunks", action="store_true",
+                   help="also time the batched refinement chunk by chunk, and system time / page faults per mode")
     p.add_argument("--json")
     args = p.parse_args()
     sources = tuple(args.sources.split(","))
@@ -149,25 +156,56 @@ def main() -> None:
                     phases[_name] = phases.get(_name, 0.0) + time.perf_counter() - t0
             setattr(SymbolicTransformerRegressor, stage, timed)
 
+    chunks: list = []
+    if args.chunks:  # wrap the lockstep run's chunk step (this process only) to time each chunk after compilation
+        import jax
+
+        import sr_jax.refinement as refinement
+
+        step, temp_mb = refinement._Run.step, {}
+
+        def timed_step(run, stop_at, tol, hessian):
+            if run.sig not in temp_mb:
+                program = refinement._lockstep_program(run.sig, tol, run.dtype, hessian)
+                compiled = program.lower(run.arrays, run.c, run.state, run.real, run.x, run.y, run.w,
+                                         stop_at).compile()
+                temp_mb[run.sig] = compiled.memory_analysis().temp_size_in_bytes / 2**20
+            t0 = time.perf_counter()
+            step(run, stop_at, tol, hessian)
+            jax.block_until_ready(run.c)
+            chunks.append({"rows": run.sig.n_expressions, "stop_at": stop_at,
+                           "seconds": round(time.perf_counter() - t0, 3), "temp_MB": round(temp_mb[run.sig], 1)})
+        refinement._Run.step = timed_step
+
+    def usage():
+        import resource
+
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return np.array([r.ru_stime, r.ru_minflt], float)
+
     c0, t = COMPILE_COUNTER["refine"], time.perf_counter()
     for x, y in zip(xs, ys):  # first pass: compiles every shape the separate fits need
         est().fit(x, y)
     first_sep, programs_sep = time.perf_counter() - t, COMPILE_COUNTER["refine"] - c0
     times, r2_sep = [], []
     phases.clear()
+    u0 = usage()
     for x, y in zip(xs, ys):
         t = time.perf_counter()
         e = est().fit(x, y)
         times.append(time.perf_counter() - t)
         r2_sep.append(e.score(x, y))
     phases_sep = {k: round(v, 2) for k, v in phases.items()}
+    u_sep = usage() - u0
     c0, t = COMPILE_COUNTER["refine"], time.perf_counter()
     est().fit(xs, ys)  # first batched fit: compiles its shapes
     first_batch, programs_batch = time.perf_counter() - t, COMPILE_COUNTER["refine"] - c0
     phases.clear()
-    t = time.perf_counter()
+    chunks.clear()
+    u0, t = usage(), time.perf_counter()
     batch = est().fit(xs, ys)
     t_batch = time.perf_counter() - t
+    u_batch = usage() - u0
     phases_batch = {k: round(v, 2) for k, v in phases.items()}
     r2_batch = batch.score(xs, ys)
     report.update({
@@ -182,6 +220,10 @@ def main() -> None:
     })
     if args.phases:
         report.update({"phases_separate_s": phases_sep, "phases_batched_s": phases_batch})
+    if args.chunks:
+        report.update({"batched_refine_chunks": chunks,
+                       "system_s_and_minor_faults_separate": [round(u_sep[0], 2), int(u_sep[1])],
+                       "system_s_and_minor_faults_batched": [round(u_batch[0], 2), int(u_batch[1])]})
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

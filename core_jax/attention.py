@@ -137,7 +137,7 @@ def xavier(gain: float = 1.0):
 
 def fused_attention(q_BxQxHxD, k_BxQxHxD, v_BxQxHxD, causal: bool, implementation: str, pad_to_even: bool = False):
     """`jax.nn.dot_product_attention` of a self-attention (queries and keys at the same positions). cuDNN's fused
-    kernel has no backward pass for odd sequence lengths (`NotImplementedError: Unsupported sequence length`), so
+    kernel refuses odd sequence lengths when training (JAX reports an unsupported sequence length), so
     `pad_to_even` appends one zero query and one zero key: the extra query's output is dropped, and the extra key
     is hidden from every real query by the causal mask or, without one, by `key_value_seq_lengths`."""
     n = q_BxQxHxD.shape[1]
@@ -183,7 +183,8 @@ class Attention(nn.Module):
     `kernel` picks how plain self-attention over whole sequences (no cache, FIRE, masks or segments; queries and
     keys at the same 1-D positions) is computed: "einsum" (default) writes it out as above; "xla" and "cudnn" call
     `jax.nn.dot_product_attention` with that implementation ("cudnn": the fused flash-attention kernel, GPU only,
-    bf16/fp16; odd lengths padded, see `fused_attention`). Every other case runs the einsum path whatever `kernel` says. Same function up to rounding.
+    bf16/fp16; odd lengths padded, see `fused_attention`). Every other case runs the einsum path whatever `kernel`
+    says. Same function up to rounding.
     """
 
     num_heads: int

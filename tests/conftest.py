@@ -30,8 +30,8 @@ import pytest
 # Compilation, not running, is most of this suite's time on CPU, and the tests check what programs compute (equal
 # outputs, gradients, shapes, messages), not how fast. So the whole session -- this process, its xdist workers and
 # the `run.py` subprocesses that inherit the environment -- compiles with JAX's `jax_disable_most_optimizations`
-# (XLA backend optimisation level 0, no expensive LLVM passes): 913 tests in 8 min 57 s instead of 10 min 54 s on
-# two cores. It is one setting for the whole session because comparisons between programs compiled at different
+# (XLA backend optimisation level 0, no expensive LLVM passes; BENCHMARKS.md, "Test suite: two workers" has the
+# time it saves). It is one setting for the whole session because comparisons between programs compiled at different
 # levels are not bit-exact (a few Adam steps amplify the rounding). `MATHFORMERS_TEST_XLA_OPTIMIZED=1` runs the suite
 # with JAX's default optimisations instead.
 if not os.environ.get("MATHFORMERS_TEST_XLA_OPTIMIZED"):

@@ -12,6 +12,9 @@ are traced is reported), the second is measured compiled.
 
 ``--phases`` also reports where the compiled passes' seconds go: building the candidate pools (bases, the
 transformer's decoding, prior screening), refinement, and selection with tidying (per dataset, in sympy/numpy).
+A dataset is selected as soon as its refinement is final, inside the refinement call (while the device refines
+the other datasets where it can), so "refine" is that call's wall time, selection included, and "select" the
+seconds spent selecting, wherever they ran.
 
 ``--chunks`` also reports the compiled batched fit's refinement chunk by chunk (lockstep evaluations up to
 ``stop_at`` on a tape of ``rows`` candidate rows: seconds, and the XLA temp buffer of each program from

@@ -180,8 +180,9 @@ class Attention(nn.Module):
     rather than on the [B, H, Q, K] probabilities), with the scores' 1/sqrt(D) applied to the queries: the same
     function up to rounding, fewer passes over the score array.
 
-    `kernel` picks how plain self-attention over whole sequences (no cache, FIRE, masks or segments; queries and
-    keys at the same 1-D positions) is computed: "einsum" (default) writes it out as above; "xla" and "cudnn" call
+    `kernel` picks how plain self-attention over whole sequences (no cache, FIRE, masks or segments; `k_pos_K` not
+    given, so keys sit at the queries' 1-D positions, increasing along the sequence: the fused kernels' causal mask
+    compares indices) is computed: "einsum" (default) writes it out as above; "xla" and "cudnn" call
     `jax.nn.dot_product_attention` with that implementation ("cudnn": the fused flash-attention kernel, GPU only,
     bf16/fp16; odd lengths padded, see `fused_attention`). Every other case runs the einsum path whatever `kernel`
     says. Same function up to rounding.
@@ -241,6 +242,8 @@ class Attention(nn.Module):
         if q_pos_Q is None:
             start = 0 if cache_index is None else cache_index
             q_pos_Q = (start[:, None] if per_row_index else start) + jnp.arange(n_q)
+        # plain self-attention: keys at the queries' own positions (what the fused kernels compute)
+        keys_at_query_positions = cache is None and not cross and k_pos_K is None
         if cache is None and k_pos_K is None:
             k_pos_K = jnp.arange(k.shape[1]) if cross else q_pos_Q
 
@@ -258,8 +261,8 @@ class Attention(nn.Module):
             k, v = new_cache[0].astype(q.dtype), new_cache[1].astype(q.dtype)
             k_pos_K = jnp.arange(k.shape[2 if heads_major else 1])
 
-        if (self.kernel != "einsum" and new_cache is None and not cross and not self.fire and kv_mask_BxK is None
-                and q_segment_BxQ is None and q_pos_Q.ndim == 1 and k_pos_K is q_pos_Q):
+        if (self.kernel != "einsum" and keys_at_query_positions and not self.fire and kv_mask_BxK is None
+                and q_segment_BxQ is None and q_pos_Q.ndim == 1):
             out_BxQxHxD = fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), causal, self.kernel,
                                           pad_to_even=self.kernel == "cudnn")
             return out(out_BxQxHxD), None

@@ -408,10 +408,16 @@ class SymbolicTransformerRegressor:
         pools = self._pools(prepared, sources, seed, trained)
         deadline = None if self.max_time is None else t_start + float(self.max_time)
         kept = None if deadline is None else _SELECT_SHARE * float(self.max_time)  # for selection and tidying
-        results = self._refine(prepared, pools, None if deadline is None else deadline - kept)
-        if deadline is not None:  # tidying keeps at least its share even when compilation spent the rest
-            deadline = max(deadline, time.perf_counter() + kept)
-        fits = [self._select(p, pool, res, deadline) for p, pool, res in zip(prepared, pools, results)]
+        fits: list = [None] * len(prepared)
+        select_by = []  # selection's deadline, set at the first dataset refined
+
+        def select(b: int, refined: list[Expression]) -> None:
+            if not select_by:  # tidying keeps at least its share even when compilation spent the rest
+                select_by.append(None if deadline is None else max(deadline, time.perf_counter() + kept))
+            fits[b] = self._select(prepared[b], pools[b], refined, select_by[0])
+
+        # each dataset is selected as soon as its refinement is final, while the device refines the others
+        self._refine(prepared, pools, None if deadline is None else deadline - kept, select)
 
         def out(values):
             return list(values) if batched else values[0]
@@ -480,20 +486,22 @@ class SymbolicTransformerRegressor:
         return [dedupe(pool) or [Candidate(Expression([float(p.y_N.mean())]), "basis")]
                 for pool, p in zip(pools, prepared)]
 
-    def _refine(self, prepared: list[_Prepared], pools: list[list[Candidate]], deadline: Optional[float]):
+    def _refine(self, prepared: list[_Prepared], pools: list[list[Candidate]], deadline: Optional[float],
+                on_final: Callable[[int, list[Expression]], None]) -> None:
         """Every pool refined in one batched call, stopping at its next checkpoint past ``deadline`` (a
-        ``time.perf_counter()`` value, None: no limit)."""
+        ``time.perf_counter()`` value, None: no limit); ``on_final(b, refined expressions of pool b)`` as soon as
+        dataset b's are final (``sr_jax.refine``'s ``on_final``)."""
         from .refinement import Beaten, refine
 
         left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
         # every dataset's inputs padded with zero columns to MAX_FEATURES (no candidate reads them): fits of datasets
         # with different numbers of features then share refinement's compiled programs
-        res = refine([[c.expression for c in pool] for pool in pools],
-                     [_pad_columns(p.z_NxK[p.train], MAX_FEATURES) for p in prepared],
-                     [p.y_N[p.train] for p in prepared],
-                     maxiter=int(self.refine_iterations), max_time=left,
-                     beaten=Beaten(solved_loss=_SOLVED_LOSS, ratio=_BEATEN_RATIO, stall=_STALL))
-        return res.expressions
+        refine([[c.expression for c in pool] for pool in pools],
+               [_pad_columns(p.z_NxK[p.train], MAX_FEATURES) for p in prepared],
+               [p.y_N[p.train] for p in prepared],
+               maxiter=int(self.refine_iterations), max_time=left,
+               beaten=Beaten(solved_loss=_SOLVED_LOSS, ratio=_BEATEN_RATIO, stall=_STALL),
+               on_final=lambda b, result: on_final(b, result.expressions))
 
     def _select(self, p: _Prepared, pool: list[Candidate], refined: list[Expression],
                 deadline: Optional[float] = None):

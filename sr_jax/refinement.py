@@ -58,7 +58,7 @@ import dataclasses
 import functools
 import time
 import warnings
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -523,8 +523,13 @@ class _Run:
         self.x, self.y, self.w = (jnp.asarray(a, dtype) for a in (batch.x_BxNxD, batch.y_BxN, batch.w_BxN))
 
     def step(self, stop_at: int, tol: float, hessian: str) -> None:
+        """Dispatch the next chunk (runs on the device while the host goes on: JAX dispatches asynchronously)."""
         program = _lockstep_program(self.sig, tol, self.dtype, hessian)
         self.c, self.state = program(self.arrays, self.c, self.state, self.real, self.x, self.y, self.w, stop_at)
+
+    def ready(self) -> bool:
+        """Whether the chunk last dispatched has finished."""
+        return all(a.is_ready() for a in jax.tree_util.tree_leaves((self.c, self.state)))
 
     def record(self, c, state) -> None:
         """Copy the current rows' results (host arrays of the single vmapped entry) into their original rows
@@ -616,7 +621,8 @@ class _Run:
 
 
 def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dtype, compact,
-                     deadline: Optional[float] = None, beaten: Optional[Beaten] = None) -> dict:
+                     deadline: Optional[float] = None, beaten: Optional[Beaten] = None,
+                     report: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Run the lockstep solver on ``batch``; per-candidate results as the host arrays ``refine`` reports.
 
     With ``compact``, a ``deadline`` or ``beaten`` (and one tape, i.e. one dataset or folded datasets) the run stops
@@ -626,6 +632,11 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
     whole state), so the results are an uninterrupted run's up to rounding. Past the ``deadline`` (a
     ``time.perf_counter()`` value) the run ends at the next checkpoint. With ``beaten``, at each checkpoint the
     candidates it names stop (``_Run.stop_beaten``).
+    ``report(slot, fields)`` (chunked runs): called for each user dataset (``batch.slots[slot]``, its
+    ``_slot_result`` fields) once none of its candidates runs any more, while the device computes the next chunk
+    (between datasets it checks whether the chunk is done, and then waits no longer), so that the caller's host
+    work on finished datasets overlaps the refinement of the others; what is still unreported at the end, the
+    caller reports.
     """
     if compact is None:
         compact = batch.tape.signature.n_expressions >= _COMPACT_MIN_EXPRESSIONS
@@ -645,14 +656,26 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
         if deadline is not None:  # and every _CHECKPOINTS[-1] evaluations after the last
             checkpoints += list(range(2 * _CHECKPOINTS[-1], maxiter, _CHECKPOINTS[-1]))
         previous_loss = None  # the original rows' losses at the previous checkpoint (the stall rule's reference)
+        finished: list[int] = []  # slots whose candidates have all stopped, not yet reported
+        reported = np.zeros(len(batch.slots), bool)
         for stop_at in [k for k in checkpoints if k < maxiter] + [maxiter]:
             run.step(stop_at, tol, hessian)
+            if finished:  # host work on finished datasets while the device computes this chunk
+                out = _outcome(batch, {k: v[None] for k, v in run.final.items()}, dtype)
+                while finished and not run.ready():
+                    slot = finished.pop(0)
+                    report(slot, _slot_result(batch, out, tol, slot))
             c, state = jax.device_get((run.c, run.state))
             run.record(c, state)
             live = np.flatnonzero(run.running(state, tol))
             stopping = beaten is not None and len(live)
             if stopping:
                 live = run.stop_beaten(live, beaten, stop_at, previous_loss)
+            if report is not None:
+                done = ~reported
+                done[run.dataset[run.origin[live]]] = False
+                reported |= done
+                finished += [int(slot) for slot in np.flatnonzero(done)]
             previous_loss = run.final["loss"][: len(run.exprs)].copy()
             late = deadline is not None and stop_at >= _CHECKPOINTS[0] and time.perf_counter() >= deadline
             if stop_at == maxiter or not len(live) or late:
@@ -660,6 +683,12 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
             if not (compact and len(live) <= run.sig.n_expressions // 2 and run.compact(c, state, live)) and stopping:
                 run.halt_stopped(state)
         final = {k: v[None] for k, v in run.final.items()}
+    return _outcome(batch, final, dtype)
+
+
+def _outcome(batch: "_Batch", final: dict, dtype) -> dict:
+    """What ``refine`` reports per candidate row from the solver's ``final`` host arrays (leading vmapped axis):
+    the refined constants where they beat the given ones (else the given ones), losses, and the counts."""
     c0 = np.asarray(batch.tape.consts, np.float64)
     real = batch.real_BxE
     l0, l_end = np.asarray(final["initial_loss"], np.float64), np.asarray(final["loss"], np.float64)
@@ -787,7 +816,8 @@ def _folded_batch(exprs, xs, ys) -> _Batch:
 def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5,
            linesearch: str = "lockstep", hessian: str = "hybrid", maxls: int = 10, dtype=None,
            fold_datasets: bool = True, compact: Optional[bool] = None,
-           max_time: Optional[float] = None, beaten: Optional[Beaten] = None) -> RefineResult:
+           max_time: Optional[float] = None, beaten: Optional[Beaten] = None,
+           on_final: Optional[Callable[[int, RefineResult], None]] = None) -> RefineResult:
     """Refine the constants of every candidate with BFGS on MSE / var(y), all in one jitted call.
 
     ``expressions``: candidates (Expression or prefix lists) whose numbers are the initial constants; for several
@@ -821,6 +851,13 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5
     their dataset's choice (or, with its stall rule, have stalled) stop, keeping what they have (``converged``
     False unless they had); their losses are where they stopped. ``SymbolicTransformerRegressor`` uses it to stop refining candidates that a simpler one
     already beats.
+    ``on_final(b, result)``: called once for every dataset b (0 for one dataset) with its ``RefineResult`` (as
+    ``refine`` of that dataset alone returns it: fields not lists) as soon as its results are final. In a run that
+    stops at checkpoints (lockstep on one tape with ``compact``, ``max_time`` or ``beaten``) a dataset whose
+    candidates have all stopped is reported while the device refines the others' (JAX dispatches asynchronously),
+    so a caller's host work on finished datasets (``SymbolicTransformerRegressor`` selects and tidies their
+    formulas) overlaps the refinement of the rest; every other dataset is reported before ``refine`` returns.
+    The order of the calls depends on when datasets finish, never the results.
     """
     t_start = time.perf_counter()
     exprs, xs, ys, multi = _as_datasets(expressions, X, y)
@@ -838,13 +875,24 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5
     batch = _folded_batch(exprs, xs, ys) if multi and fold_datasets else _stacked_batch(exprs, xs, ys)
     itp.check_range(batch.x_BxNxD, "X", dtype)
     itp.check_range(batch.y_BxN, "y", dtype)
+    reported = np.zeros(len(batch.slots), bool)
+
+    def report(slot: int, fields: dict) -> None:
+        reported[slot] = True
+        on_final(slot, RefineResult(**fields))
+
     with itp.precision(dtype):
         if linesearch == "lockstep" and maxiter > 0:
             deadline = None if max_time is None else t_start + float(max_time)
-            out = _lockstep_refine(batch, int(maxiter), float(tol), hessian, dtype, compact, deadline, beaten)
+            out = _lockstep_refine(batch, int(maxiter), float(tol), hessian, dtype, compact, deadline, beaten,
+                                   None if on_final is None else report)
         else:
             out = _jaxopt_refine(batch, int(maxiter), float(tol), linesearch, int(maxls), dtype, hessian)
-    return _result(batch, out, tol, multi)
+    result = _result(batch, out, tol, multi)
+    if on_final is not None:
+        for slot in np.flatnonzero(~reported):
+            report(int(slot), _slot_result(batch, out, tol, slot))
+    return result
 
 
 def _jaxopt_refine(batch: "_Batch", maxiter: int, tol: float, linesearch: str, maxls: int, dtype, hessian: str):
@@ -856,21 +904,24 @@ def _jaxopt_refine(batch: "_Batch", maxiter: int, tol: float, linesearch: str, m
 
 
 def _result(batch: "_Batch", out: dict, tol: float, multi: bool) -> RefineResult:
-    per = []
-    for b, lo, ex in batch.slots:
-        rows = slice(lo, lo + len(ex))
-        refined = [e.with_constants(out["consts"][b, lo + i, : len(e.constants)]) if len(e.constants) else e
-                   for i, e in enumerate(ex)]
-        losses = np.asarray(out["losses"][b, rows], np.float64)
-        failed = ~np.isfinite(losses)
-        per.append(dict(
-            expressions=refined, losses=np.where(failed, np.inf, losses),
-            initial_losses=np.asarray(out["initial_losses"][b, rows], np.float64), failed=failed,
-            improved=np.asarray(out["improved"][b, rows]), n_iterations=np.asarray(out["n_iterations"][b, rows]),
-            converged=np.asarray(out["grad_norm"][b, rows]) <= tol))
+    per = [_slot_result(batch, out, tol, s) for s in range(len(batch.slots))]
     if not multi:
         return RefineResult(**per[0])
     return RefineResult(**{k: [p[k] for p in per] for k in per[0]})
+
+
+def _slot_result(batch: "_Batch", out: dict, tol: float, slot: int) -> dict:
+    """The ``RefineResult`` fields of one user dataset (``batch.slots[slot]``) from ``out`` (``_outcome``'s)."""
+    b, lo, ex = batch.slots[slot]
+    rows = slice(lo, lo + len(ex))
+    refined = [e.with_constants(out["consts"][b, lo + i, : len(e.constants)]) if len(e.constants) else e
+               for i, e in enumerate(ex)]
+    losses = np.asarray(out["losses"][b, rows], np.float64)
+    failed = ~np.isfinite(losses)
+    return dict(expressions=refined, losses=np.where(failed, np.inf, losses),
+                initial_losses=np.asarray(out["initial_losses"][b, rows], np.float64), failed=failed,
+                improved=np.array(out["improved"][b, rows]), n_iterations=np.array(out["n_iterations"][b, rows]),
+                converged=np.asarray(out["grad_norm"][b, rows]) <= tol)
 
 
 def make_refine_fn(expressions: Sequence, n_features: int, *, maxiter: int = 100, tol: float = 1e-5,

@@ -421,12 +421,15 @@ def test_max_time_bounds_refinement_and_tidying_of_the_whole_fit(monkeypatch):
     seen = {}
     real_refine, real_tidy = refinement.refine, estimator._tidy
 
-    def refine(*args, max_time=None, **kw):
+    def refine(*args, max_time=None, on_final=None, **kw):
         seen["refine"] = max_time
-        out = real_refine(*args, max_time=max_time, **kw)
-        time.sleep(seen.pop("sleep", 0.0))  # as if compiling had taken this long
-        seen["refine_end"] = time.perf_counter()
-        return out
+
+        def report(b, result):
+            time.sleep(seen.pop("sleep", 0.0))  # as if compiling had taken this long
+            seen["refine_end"] = time.perf_counter()
+            on_final(b, result)
+
+        return real_refine(*args, max_time=max_time, on_final=report, **kw)
 
     def tidy(*args):
         seen["tidy"] = args[4] if len(args) > 4 else None

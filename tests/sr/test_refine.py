@@ -470,3 +470,42 @@ def test_beaten_candidates_stop_at_a_checkpoint_and_the_others_are_unchanged():
         refine([simple], X, y, beaten=Beaten(solved_loss=1e-10), linesearch="zoom")
     with pytest.raises(ValueError, match="beaten works with the lockstep solver on one tape"):
         refine([[simple], [simple]], [X, X], [y, y], beaten=Beaten(solved_loss=1e-10), fold_datasets=False)
+
+
+def test_on_final_reports_every_dataset_once_and_finished_ones_while_the_others_refine(monkeypatch):
+    """``on_final`` gets every dataset once, with what ``refine`` returns for it; in a run that stops at checkpoints
+    a dataset whose candidates have all stopped is reported while the next chunk runs (the device is made to look
+    busy here), before the dataset still refining; a run without checkpoints reports at its end."""
+    from sr_jax import Beaten
+    from sr_jax import refinement
+
+    simple = Expression(["add", 1.0, "mul", 1.0, "x_0"])  # the shapes of the test above: its programs are reused
+    slow = Expression(["add", 1.0, "mul", 1.0, "exp", "mul", 3.0, "x_1"])
+    y, y_exp = 0.5 + 2.0 * X[:, 0], 1.0 + np.exp(0.5 * X[:, 1])
+    cands = [[simple.with_constants([0.5, 2.0]), slow], [simple, slow]]  # dataset 0 is solved at its start
+    events, got = [], {}
+    step = refinement._Run.step
+
+    def logged_step(run, stop_at, *args):
+        events.append(("chunk", stop_at))
+        step(run, stop_at, *args)
+
+    def on_final(b, result):
+        events.append(("final", b))
+        got[b] = result
+
+    monkeypatch.setattr(refinement._Run, "step", logged_step)
+    monkeypatch.setattr(refinement._Run, "ready", lambda run: False)
+    res = refine(cands, [X, X], [y, y_exp], beaten=Beaten(solved_loss=1e-10), on_final=on_final)
+    assert events[:3] == [("chunk", 1), ("chunk", 8), ("final", 0)] and events[-1] == ("final", 1)
+    assert [e for e in events if e[0] == "final"] == [("final", 0), ("final", 1)]
+    for b in (0, 1):
+        assert got[b].expressions == res.expressions[b]
+        for field in ("losses", "initial_losses", "failed", "improved", "n_iterations", "converged"):
+            np.testing.assert_array_equal(getattr(got[b], field), getattr(res, field)[b])
+    assert res.n_iterations[0].tolist() == [1, 1] and res.n_iterations[1][1] > 8
+    events.clear()
+    one = refine(CANDS, X, Y, on_final=on_final)  # one dataset, one uninterrupted program
+    assert events == [("final", 0)]
+    np.testing.assert_array_equal(got[0].losses, one.losses)
+    assert got[0].expressions == one.expressions

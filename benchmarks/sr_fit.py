@@ -4,11 +4,12 @@ one batched fit vs B separate fits.
 
     python benchmarks/sr_fit.py [--datasets 64] [--points 200] [--dim 2] [--sources prior,bases] [--model DIR]
                                 [--n-prior 16] [--prior-draws 1024] [--skip-cold | --cold-only | --ablation]
-                                [--phases] [--chunks] [--json out.json]
+                                [--phases] [--chunks] [--rounds R] [--compare-overlap R] [--json out.json]
 
 Datasets come from the training generator (``--dim`` variables, noise-free). The separate fits and the batched fit
-are each timed twice: the first pass includes tracing/compiling the shapes they need (how many refinement programs
-are traced is reported), the second is measured compiled.
+are each run once to trace/compile the shapes they need (timed; how many refinement programs are traced is
+reported), then measured compiled in ``--rounds`` rounds (default 1) of the separate fits followed by the batched
+fit; phases, chunks and R² are from the first round.
 
 ``--phases`` also reports where the compiled passes' seconds go: building the candidate pools (bases, the
 transformer's decoding, prior screening), refinement, and selection with tidying (per dataset, in sympy/numpy).
@@ -20,6 +21,9 @@ seconds spent selecting, wherever they ran.
 ``stop_at`` on a tape of ``rows`` candidate rows: seconds, and the XLA temp buffer of each program from
 ``compiled.memory_analysis()``), and the system seconds and minor page faults (``getrusage``) of the compiled
 separate fits and of the compiled batched fit.
+
+``--compare-overlap R`` instead times R rounds of the compiled batched fit with the selection of finished datasets
+overlapping the refinement of the others (the estimator's behaviour) and without it, alternating in one process.
 
 ``--ablation`` instead fits the datasets once (batched) with each part of the candidate pool alone and with the
 whole pool (the transformer's parts only with ``--model``) and reports the share with R² > 0.99 on the training
@@ -104,6 +108,34 @@ def ablation(args, xs, ys) -> list[dict]:
     return rows
 
 
+def compare_overlap(args, xs, ys) -> dict:
+    """Compiled batched fits alternating (``--compare-overlap R`` rounds) with the selection of finished datasets
+    overlapping the refinement of the others (as shipped) and without (every dataset reported when refinement ends:
+    the refinement run is told its chunks are never ready early). Seconds per fit and their medians."""
+    import sr_jax.refinement as refinement
+    from sr_jax import SymbolicTransformerRegressor
+
+    def est():
+        return SymbolicTransformerRegressor(candidate_sources=tuple(args.sources.split(",")), model_path=args.model,
+                                            n_prior=args.n_prior, prior_draws=args.prior_draws, random_state=0)
+
+    ready = refinement._Run.ready
+    est().fit(xs, ys)  # compiles
+    seconds: dict = {"overlapped": [], "serial": []}
+    try:
+        for r in range(args.compare_overlap):
+            for mode in seconds:
+                refinement._Run.ready = ready if mode == "overlapped" else (lambda run: True)
+                t = time.perf_counter()
+                est().fit(xs, ys)
+                seconds[mode].append(round(time.perf_counter() - t, 2))
+            print(json.dumps({"round": r + 1, **{k: v[-1] for k, v in seconds.items()}}), flush=True)
+    finally:
+        refinement._Run.ready = ready
+    return {"seconds": seconds, "median_s": {k: float(np.median(v)) for k, v in seconds.items()},
+            "speedup_median": float(np.median(np.array(seconds["serial"]) / np.array(seconds["overlapped"])))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", type=int, default=64)
@@ -117,6 +149,11 @@ def main() -> None:
     p.add_argument("--skip-cold", action="store_true", help="skip the fresh-process measurements")
     p.add_argument("--cold-only", action="store_true", help="only the fresh-process measurements")
     p.add_argument("--phases", action="store_true", help="also report the seconds of pools / refinement / selection")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="compiled rounds of (64 separate fits, one batched fit), alternating; the speed-up per round "
+                        "and its median are reported (this CPU's speed drifts within minutes)")
+    p.add_argument("--compare-overlap", type=int, default=0, metavar="R",
+                   help="only: R rounds of compiled batched fits with and without selection overlapping refinement")
     p.add_argument("--chunks", action="store_true",
                    help="also time the batched refinement chunk by chunk, and system time / page faults per mode")
     p.add_argument("--json")
@@ -127,6 +164,12 @@ def main() -> None:
     xs, ys = datasets(args.datasets, args.dim, args.points)
     report = {"machine": machine_line(), "datasets": args.datasets, "points": args.points, "dim": args.dim,
               "sources": list(sources), "n_prior": args.n_prior, "prior_draws": args.prior_draws}
+    if args.compare_overlap:
+        report["compare_overlap"] = compare_overlap(args, xs, ys)
+        print(json.dumps(report, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        return
     if args.ablation:
         report["ablation"] = ablation(args, xs, ys)
         print(json.dumps(report, indent=2))
@@ -190,31 +233,40 @@ def main() -> None:
     for x, y in zip(xs, ys):  # first pass: compiles every shape the separate fits need
         est().fit(x, y)
     first_sep, programs_sep = time.perf_counter() - t, COMPILE_COUNTER["refine"] - c0
-    times, r2_sep = [], []
-    phases.clear()
-    u0 = usage()
-    for x, y in zip(xs, ys):
-        t = time.perf_counter()
-        e = est().fit(x, y)
-        times.append(time.perf_counter() - t)
-        r2_sep.append(e.score(x, y))
-    phases_sep = {k: round(v, 2) for k, v in phases.items()}
-    u_sep = usage() - u0
     c0, t = COMPILE_COUNTER["refine"], time.perf_counter()
     est().fit(xs, ys)  # first batched fit: compiles its shapes
     first_batch, programs_batch = time.perf_counter() - t, COMPILE_COUNTER["refine"] - c0
-    phases.clear()
-    chunks.clear()
-    u0, t = usage(), time.perf_counter()
-    batch = est().fit(xs, ys)
-    t_batch = time.perf_counter() - t
-    u_batch = usage() - u0
-    phases_batch = {k: round(v, 2) for k, v in phases.items()}
-    r2_batch = batch.score(xs, ys)
+    rounds = []
+    for r in range(args.rounds):  # compiled: separate fits then the batched fit, alternating
+        times, r2_sep = [], []
+        phases.clear()
+        u0 = usage()
+        for x, y in zip(xs, ys):
+            t = time.perf_counter()
+            e = est().fit(x, y)
+            times.append(time.perf_counter() - t)
+            r2_sep.append(e.score(x, y))
+        if not r:
+            phases_sep = {k: round(v, 2) for k, v in phases.items()}
+            u_sep = usage() - u0
+            phases.clear()
+            chunks.clear()
+        u0, t = usage(), time.perf_counter()
+        batch = est().fit(xs, ys)
+        t_batch = time.perf_counter() - t
+        if not r:
+            u_batch = usage() - u0
+            phases_batch = {k: round(v, 2) for k, v in phases.items()}
+            r2_batch, sep_times = batch.score(xs, ys), times
+        rounds.append({"separate_s": round(float(np.sum(times)), 2), "batched_s": round(t_batch, 2),
+                       "speedup": round(float(np.sum(times) / t_batch), 2)})
+        print(json.dumps({"round": r + 1, **rounds[-1]}), flush=True)
+    times = sep_times
     report.update({
         "fit_median_s": float(np.median(times)), "fit_max_s": float(np.max(times)),
-        "separate_total_s": float(np.sum(times)), "batched_total_s": t_batch,
-        "batched_speedup": float(np.sum(times) / t_batch),
+        "separate_total_s": rounds[0]["separate_s"], "batched_total_s": rounds[0]["batched_s"],
+        "batched_speedup": rounds[0]["speedup"], "rounds": rounds,
+        "batched_speedup_median": float(np.median([r["speedup"] for r in rounds])),
         "first_pass_separate_s": first_sep, "first_pass_batched_s": first_batch,
         "first_pass_speedup": first_sep / first_batch,
         "refine_programs_traced_separate": programs_sep, "refine_programs_traced_batched": programs_batch,

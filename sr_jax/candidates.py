@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -125,10 +125,22 @@ def model_candidates(trained, datasets: Sequence[tuple[np.ndarray, np.ndarray]],
     samples' distinct expressions, each with its log-probability. Every candidate parses (grammar-constrained).
 
     `max_len`: generated tokens at most (EOS included); default: the longest training target."""
+    return start_model_candidates(trained, datasets, decoding=decoding, beam_size=beam_size, n_samples=n_samples,
+                                  temperature=temperature, length_penalty=length_penalty, max_len=max_len, seed=seed,
+                                  group=group)()
+
+
+def start_model_candidates(trained, datasets: Sequence[tuple[np.ndarray, np.ndarray]], *, decoding: str = "beam",
+                           beam_size: int = 10, n_samples: int = 32, temperature: float = 1.0,
+                           length_penalty: float = 1.0, max_len: int | None = None, seed: int = 0,
+                           group: int = DECODE_GROUP) -> Callable[[], list[list[Candidate]]]:
+    """``model_candidates`` in two steps: this call checks the arguments and dispatches the decoding (JAX runs it
+    asynchronously) and returns a function that waits for it and returns the candidates, so that host work done in
+    between (``SymbolicTransformerRegressor`` builds its other candidates) overlaps the decoding."""
     if decoding not in DECODINGS:
         raise ValueError(f"unknown decoding {decoding!r}; choose from {', '.join(DECODINGS)}")
     if not datasets:
-        return []
+        return list
     cfg, model, params = trained
     # default: the longest target the model was trained on (targets are padded to data.target_buckets, BOS included)
     max_len = min(max_len or max(cfg.data.target_buckets) - 1, cfg.model.max_len - 1)
@@ -138,19 +150,24 @@ def model_candidates(trained, datasets: Sequence[tuple[np.ndarray, np.ndarray]],
     points, mask, n_vars = encode_datasets(datasets, cfg.model.max_dim)
     program = decoding_program(model, decoding, width, int(max_len), float(length_penalty), float(temperature),
                                int(group))
-    g_tok, g_lp, x_tok, x_lp = jax.device_get(program(params, points, mask, n_vars, jax.random.PRNGKey(seed)))
-    out = []
-    for b in range(len(datasets)):
-        seen: dict[Expression, Candidate] = {}
-        rows = [(g_tok[b], g_lp[b], "greedy")]
-        if x_tok is not None:
-            rows += [(x_tok[b, k], x_lp[b, k], decoding) for k in range(x_tok.shape[1])]
-        for ids, lp, source in rows:
-            try:
-                expr = model.vocab.decode_expression(ids)
-            except ValueError:
-                continue  # an unfinished hypothesis (decoding ran out of length)
-            if expr not in seen:
-                seen[expr] = Candidate(expr, source, float(lp))
-        out.append(list(seen.values()))
-    return out
+    decoded = program(params, points, mask, n_vars, jax.random.PRNGKey(seed))
+
+    def finish() -> list[list[Candidate]]:
+        g_tok, g_lp, x_tok, x_lp = jax.device_get(decoded)
+        out = []
+        for b in range(len(datasets)):
+            seen: dict[Expression, Candidate] = {}
+            rows = [(g_tok[b], g_lp[b], "greedy")]
+            if x_tok is not None:
+                rows += [(x_tok[b, k], x_lp[b, k], decoding) for k in range(x_tok.shape[1])]
+            for ids, lp, source in rows:
+                try:
+                    expr = model.vocab.decode_expression(ids)
+                except ValueError:
+                    continue  # an unfinished hypothesis (decoding ran out of length)
+                if expr not in seen:
+                    seen[expr] = Candidate(expr, source, float(lp))
+            out.append(list(seen.values()))
+        return out
+
+    return finish

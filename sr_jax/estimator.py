@@ -456,20 +456,22 @@ class SymbolicTransformerRegressor:
         return _Prepared(transform, z, y, train[: int(self.max_refine_points)], select, bags)
 
     def _pools(self, prepared: list[_Prepared], sources: tuple, seed: int, trained) -> list[list[Candidate]]:
-        pools: list[list[Candidate]] = [[] for _ in prepared]
-        if "bases" in sources:
-            for pool, p in zip(pools, prepared):
-                t = p.transform
-                pool += basis_candidates(p.z_NxK[p.train], p.y_N[p.train], np.asarray(t.mean), np.asarray(t.scale))
-        if trained is not None:
-            from .candidates import model_candidates
+        bases: list[list[Candidate]] = [[] for _ in prepared]
+        decoded: list[list[Candidate]] = [[] for _ in prepared]  # the transformer's
+        finish_decoding = None
+        if trained is not None:  # dispatched first: the device decodes while the host builds the other candidates
+            from .candidates import start_model_candidates
 
             jobs = [(b, bag) for b, p in enumerate(prepared) for bag in p.bags]
-            decoded = model_candidates(trained, [(prepared[b].z_NxK[bag], prepared[b].y_N[bag]) for b, bag in jobs],
-                                       decoding=self.decoding, beam_size=int(self.beam_size),
-                                       n_samples=int(self.n_samples), temperature=float(self.temperature), seed=seed)
-            for (b, _), cands in zip(jobs, decoded):
-                pools[b] += cands
+            finish_decoding = start_model_candidates(
+                trained, [(prepared[b].z_NxK[bag], prepared[b].y_N[bag]) for b, bag in jobs], decoding=self.decoding,
+                beam_size=int(self.beam_size), n_samples=int(self.n_samples), temperature=float(self.temperature),
+                seed=seed)
+        if "bases" in sources:
+            for pool, p in zip(bases, prepared):
+                t = p.transform
+                pool += basis_candidates(p.z_NxK[p.train], p.y_N[p.train], np.asarray(t.mean), np.asarray(t.scale))
+        priors: list[list[Candidate]] = [[] for _ in prepared]
         n_prior, draws = int(self.n_prior), int(self.prior_draws)
         if "prior" in sources and n_prior > 0 and draws > n_prior:
             # one fixed library per dimension, screened on each dataset's rows (datasets of a dimension together)
@@ -479,12 +481,15 @@ class SymbolicTransformerRegressor:
                 screened = screen_prior(_library(d, draws), [(prepared[b].z_NxK[r], prepared[b].y_N[r])
                                                              for b, r in zip(members, rows)], n_prior)
                 for b, cands in zip(members, screened):
-                    pools[b] += cands
+                    priors[b] += cands
         elif "prior" in sources and n_prior > 0:
-            for pool, p in zip(pools, prepared):
+            for pool, p in zip(priors, prepared):
                 pool += _prior(p.z_NxK.shape[1], n_prior, seed)
-        return [dedupe(pool) or [Candidate(Expression([float(p.y_N.mean())]), "basis")]
-                for pool, p in zip(pools, prepared)]
+        if finish_decoding is not None:
+            for (b, _), cands in zip(jobs, finish_decoding()):
+                decoded[b] += cands
+        return [dedupe(basis + model + prior) or [Candidate(Expression([float(p.y_N.mean())]), "basis")]
+                for basis, model, prior, p in zip(bases, decoded, priors, prepared)]
 
     def _refine(self, prepared: list[_Prepared], pools: list[list[Candidate]], deadline: Optional[float],
                 on_final: Callable[[int, list[Expression]], None]) -> None:

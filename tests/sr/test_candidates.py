@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from core_jax.config import load_config
-from sr_jax.candidates import model_candidates
+from sr_jax.candidates import model_candidates, start_model_candidates
 from sr_jax.config import SRConfig
 from sr_jax.generator import GeneratorConfig, sample
 from sr_jax.train import TrainedModel, build_model
@@ -43,6 +43,19 @@ def test_samples_parse_and_are_reproducible(tiny, datasets):
     for (x, _), cands in zip(datasets, a):
         assert 1 <= len(cands) <= 5
         assert all(v < x.shape[1] for c in cands for v in c.expression.variables)
+
+
+def test_started_decoding_finishes_with_the_same_candidates(tiny, datasets):
+    """``start_model_candidates`` dispatches and returns a function that waits: the same candidates as
+    ``model_candidates``; bad requests fail at the start, before anything is dispatched."""
+    finish = start_model_candidates(tiny, datasets[:2], decoding="sample", n_samples=4, temperature=2.0, max_len=24,
+                                    seed=5)
+    a = model_candidates(tiny, datasets[:2], decoding="sample", n_samples=4, temperature=2.0, max_len=24, seed=5)
+    assert [[(c.expression, c.source) for c in cs] for cs in finish()] == [[(c.expression, c.source) for c in cs]
+                                                                           for cs in a]
+    assert start_model_candidates(tiny, [], decoding="greedy")() == []
+    with pytest.raises(ValueError, match="unknown decoding"):
+        start_model_candidates(tiny, datasets, decoding="nucleus")
 
 
 def test_bad_requests_are_clear_errors(tiny, datasets):

@@ -220,6 +220,24 @@ def test_batched_fit_equals_separate_fits(fitted):
         batch.predict(X1)
 
 
+def test_the_shipped_transformer_in_the_pool_batched_and_alone():
+    """The default pool's transformer (the shipped model, decoding dispatched before the host builds the bases):
+    its candidates reach the equations, and a batched fit selects what separate fits select."""
+    rng = np.random.default_rng(4)
+    xa, xb = rng.uniform(1, 3, (60, 1)), rng.uniform(-2, 2, (60, 2))
+    ya, yb = 2.5 * np.sin(xa[:, 0]) + xa[:, 0] ** 2, xb[:, 0] * xb[:, 1] + 1.0
+
+    def est():
+        return SymbolicTransformerRegressor(candidate_sources=("model", "bases"), beam_size=2, random_state=0)
+
+    batch = est().fit([xa, xb], [ya, yb])
+    alone = est().fit(xb, yb)
+    assert batch.expression_[1] == alone.expression_
+    assert [e.expression.skeleton() for e in batch.equations_[1]] == [e.expression.skeleton() for e in alone.equations_]
+    assert {"greedy"} & {e.source for eqs in batch.equations_ for e in eqs}
+    assert sympy.simplify(batch.expression_[0] - (2.5 * sympy.sin(x) + x ** 2)) == 0
+
+
 def test_pickles(fitted):
     fitted.predict(X1[:3])  # builds the cached prediction function, which must not be pickled
     back = pickle.loads(pickle.dumps(fitted))

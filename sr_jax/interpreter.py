@@ -113,6 +113,14 @@ def precision(dtype: np.dtype):
 
 
 @contextlib.contextmanager
+def x64_as(enabled: bool):
+    """Scope with ``jax_enable_x64`` set to ``enabled`` for this thread only: inside a ``precision`` scope, code of
+    the caller's (a callback) runs with the setting the caller had (``enabled``) rather than refinement's."""
+    with _X64_SCOPE(bool(enabled)):
+        yield
+
+
+@contextlib.contextmanager
 def gc_paused():
     """Python's cyclic garbage collector paused inside the scope, then restored to what it was.
 

@@ -74,6 +74,37 @@ def minimize(objective, c0_P, *args, maxiter, tol: float, gauss_newton: bool = F
     return jax.lax.while_loop(cond, body, (c0_P, state))
 
 
+def minimize_batch(objective, c0_ExP, lane_args, *, maxiter, tol: float, gauss_newton: bool = False,
+                   state: Optional[LockstepState] = None, until_running=0):
+    """``jax.vmap(minimize)`` over E candidates (the leading axis of ``c0_ExP``, of every leaf of ``lane_args`` and
+    of ``state``), written as one loop over the batch so that it can also stop when at most ``until_running``
+    candidates still run (a traced integer; 0: only when none does). A caller then moves those few to a smaller
+    batch and resumes them (``state``) exactly where they stopped. ``objective(c_P, gn_below, lane_arg)`` as in
+    ``minimize``, ``lane_arg`` the candidate's slice of ``lane_args``; ``(c_ExP, state)``.
+
+    With ``until_running=0`` this is what ``jax.vmap`` makes of ``minimize``'s loop: every iteration updates every
+    candidate and keeps the update only where that candidate was still running.
+    """
+    if state is None:
+        state = init_lockstep_state(c0_ExP)
+
+    def running(st):
+        return (st.n_evaluations < maxiter) & (st.grad_norm > tol)
+
+    def cond(carry):
+        n = jnp.sum(running(carry[1]))
+        return (n > 0) & (n > until_running)
+
+    def body(carry):
+        c_ExP, st = carry
+        keep_E = running(st)
+        new = jax.vmap(lambda c_P, s, a: _lockstep_update(objective, gauss_newton, c_P, s, (a,)))(c_ExP, st, lane_args)
+        return jax.tree_util.tree_map(lambda n, o: jnp.where(keep_E.reshape(keep_E.shape + (1,) * (n.ndim - 1)), n, o),
+                                      new, carry)
+
+    return jax.lax.while_loop(cond, body, (c0_ExP, state))
+
+
 def init_lockstep_state(c0_P) -> LockstepState:
     """The state ``minimize`` starts from (nothing evaluated yet; works on numpy or JAX arrays, with any
     leading batch axes)."""

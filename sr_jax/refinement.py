@@ -67,7 +67,7 @@ from jax.custom_batching import custom_vmap
 
 from . import interpreter as itp
 from .expressions import Expression
-from .lockstep import init_lockstep_state, minimize as lockstep_minimize, partial_capacity
+from .lockstep import init_lockstep_state, minimize as lockstep_minimize, minimize_batch, partial_capacity
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -455,35 +455,34 @@ _CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 @functools.lru_cache(maxsize=_PROGRAM_CACHE_SIZE)
 def _lockstep_program(sig, tol: float, dtype: np.dtype, hessian: str):
-    """Jitted chunk of lockstep refinement for one tape signature: ``(arrays, c, state, real, x, y, w, stop_at) ->
-    (c, state)``, over the leading (dataset) axis (``_over_datasets``). Every candidate runs until its gradient norm
-    is at most ``tol`` or its evaluation count reaches ``stop_at`` (a traced integer: every chunk of a run, whatever
-    its end, reuses one program). Call it under ``interpreter.precision(dtype)``."""
+    """Jitted chunk of lockstep refinement for one tape signature: ``(arrays, c, state, real, x, y, w, stop_at,
+    until_running) -> (c, state)``, over the leading (dataset) axis (``_over_datasets``). Every candidate runs until
+    its gradient norm is at most ``tol`` or its evaluation count reaches ``stop_at``, and the chunk ends early once at
+    most ``until_running`` candidates still run (0: never); both are traced integers, so every chunk of a run,
+    whatever its end, reuses one program. Call it under ``interpreter.precision(dtype)``."""
     use_gn = hessian == "hybrid"
     objective = _make_objective(sig, use_gn)
 
-    def gn_objective(c_P, gn_below, lane, problem):
-        return objective(c_P, lane._replace(gn_below=gn_below), problem)
-
-    def one_dataset(arrays, c_ExP, state, real_E, x, y, w, stop_at):
+    def one_dataset(arrays, c_ExP, state, real_E, x, y, w, stop_at, until_running):
         problem = make_problem(arrays, x, y, w)
         lane = _Lane(jnp.arange(sig.n_expressions), real_E, jnp.full(real_E.shape, jnp.inf, c_ExP.dtype))
 
-        def run(c_P, st, ln):
-            return lockstep_minimize(gn_objective, c_P, ln, problem, maxiter=stop_at, tol=tol, gauss_newton=use_gn,
-                                     state=st)
+        def gn_objective(c_P, gn_below, ln):
+            return objective(c_P, ln._replace(gn_below=gn_below), problem)
 
-        return jax.vmap(run)(c_ExP, state, lane)
+        return minimize_batch(gn_objective, c_ExP, lane, maxiter=stop_at, tol=tol, gauss_newton=use_gn, state=state,
+                              until_running=until_running)
 
-    def program(arrays, c, state, real, x, y, w, stop_at):
+    def program(arrays, c, state, real, x, y, w, stop_at, until_running):
         itp.COMPILE_COUNTER["refine"] += 1  # trace-time only
-        return _over_datasets(one_dataset, (arrays, c, state, real, x, y, w), stop_at)
+        return _over_datasets(one_dataset, (arrays, c, state, real, x, y, w), stop_at, until_running)
 
     return _jit(program)
 
 
-# Evaluation counts after which the host looks at which candidates still run and, when at most half of the
-# batch's bucket does, moves them to a smaller tape (a smaller compiled program) for the rest of the run.
+# Evaluation counts after which the host looks at which candidates still run (the ``beaten`` rules, the deadline, the
+# datasets finished). With compaction a chunk also ends as soon as at most half of its tape's candidates still run,
+# and those move to a smaller tape (a smaller compiled program) for the rest of the run.
 _CHECKPOINTS = (8, 16, 32, 64)
 # With compaction or ``beaten``, also a checkpoint after the first evaluation (the start point): candidates that start
 # at their optimum (the least-squares bases) or are already beaten leave before the batch runs its first chunk.
@@ -513,6 +512,7 @@ class _Run:
         self.origin = np.arange(len(self.exprs))  # original row of each current row
         self.n_nodes = np.array([e.n_nodes for e in self.exprs])
         self.stopped = np.zeros(len(self.exprs), bool)  # original rows stopped early (their results are final)
+        self.unshrinkable = None  # a signature whose running candidates no smaller tape could hold
         e0, p0 = tape.consts.shape[1:]
         self.final = dict(consts=np.array(tape.consts[0], np.float64), n_evaluations=np.zeros(e0, np.int64),
                           grad_norm=np.full(e0, np.inf), initial_loss=np.full(e0, np.inf), loss=np.full(e0, np.inf))
@@ -522,10 +522,18 @@ class _Run:
         self.real = jnp.asarray(batch.real_BxE)
         self.x, self.y, self.w = (jnp.asarray(a, dtype) for a in (batch.x_BxNxD, batch.y_BxN, batch.w_BxN))
 
-    def step(self, stop_at: int, tol: float, hessian: str) -> None:
-        """Dispatch the next chunk (runs on the device while the host goes on: JAX dispatches asynchronously)."""
+    def step(self, stop_at: int, tol: float, hessian: str, until_running: int = 0) -> None:
+        """Dispatch the next chunk: to ``stop_at`` evaluations, or until at most ``until_running`` candidates still
+        run (it runs on the device while the host goes on: JAX dispatches asynchronously)."""
         program = _lockstep_program(self.sig, tol, self.dtype, hessian)
-        self.c, self.state = program(self.arrays, self.c, self.state, self.real, self.x, self.y, self.w, stop_at)
+        self.c, self.state = program(self.arrays, self.c, self.state, self.real, self.x, self.y, self.w, stop_at,
+                                     until_running)
+
+    def shrink_target(self) -> int:
+        """How few candidates must still run for ``compact`` to move them to a smaller tape (0: none is smaller)."""
+        half = self.sig.n_expressions // 2
+        smallest = max(_MIN_ROWS, self.batch.tape.signature.n_expressions * _MIN_FRACTION)
+        return 0 if half < smallest or self.sig == self.unshrinkable else half
 
     def ready(self) -> bool:
         """Whether the chunk last dispatched has finished."""
@@ -626,11 +634,12 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
     """Run the lockstep solver on ``batch``; per-candidate results as the host arrays ``refine`` reports.
 
     With ``compact``, a ``deadline`` or ``beaten`` (and one tape, i.e. one dataset or folded datasets) the run stops
-    at ``_CHECKPOINTS`` (and, with ``compact`` or ``beaten``, at ``_EARLY_CHECKPOINT``). With ``compact``, when the
-    candidates still running fit in a bucket at most half the current one, they continue on a tape of their own, so
-    candidates that have converged stop costing. Stopping and resuming is exact (``lockstep.minimize`` carries its
-    whole state), so the results are an uninterrupted run's up to rounding. Past the ``deadline`` (a
-    ``time.perf_counter()`` value) the run ends at the next checkpoint. With ``beaten``, at each checkpoint the
+    at ``_CHECKPOINTS`` (and, with ``compact`` or ``beaten``, at ``_EARLY_CHECKPOINT``). With ``compact``, as soon as
+    the candidates still running fit in a bucket at most half the current one (a chunk ends early then:
+    ``_Run.shrink_target``), they continue on a tape of their own, so candidates that have converged stop costing.
+    Stopping and resuming is exact (``lockstep.minimize`` carries its whole state), so the results are an
+    uninterrupted run's up to rounding. Past the ``deadline`` (a ``time.perf_counter()`` value) the run ends at the
+    next checkpoint. With ``beaten``, at each checkpoint the
     candidates it names stop (``_Run.stop_beaten``).
     ``report(slot, fields)`` (chunked runs): called for each user dataset (``batch.slots[slot]``, its
     ``_slot_result`` fields) once none of its candidates runs any more, while the device computes the next chunk
@@ -647,7 +656,7 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
         state0 = jax.tree_util.tree_map(jnp.asarray, init_lockstep_state(np.asarray(batch.tape.consts, dtype)))
         c, state = jax.device_get(program(arrays, c0, state0, jnp.asarray(batch.real_BxE),
                                           *(jnp.asarray(a, dtype) for a in (batch.x_BxNxD, batch.y_BxN, batch.w_BxN)),
-                                          maxiter))
+                                          maxiter, 0))
         final = dict(consts=c, n_evaluations=state.n_evaluations, grad_norm=state.grad_norm,
                      initial_loss=state.initial_loss, loss=state.loss)
     else:
@@ -659,15 +668,20 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
         finished: list[int] = []  # slots whose candidates have all stopped, not yet reported
         reported = np.zeros(len(batch.slots), bool)
         for stop_at in [k for k in checkpoints if k < maxiter] + [maxiter]:
-            run.step(stop_at, tol, hessian)
-            if finished:  # host work on finished datasets while the device computes this chunk
-                out = _outcome(batch, {k: v[None] for k, v in run.final.items()}, dtype)
-                while finished and not run.ready():
-                    slot = finished.pop(0)
-                    report(slot, _slot_result(batch, out, tol, slot))
-            c, state = jax.device_get((run.c, run.state))
-            run.record(c, state)
-            live = np.flatnonzero(run.running(state, tol))
+            while True:  # to stop_at; with compaction, the chunk also ends once a smaller tape could take the rest
+                run.step(stop_at, tol, hessian, run.shrink_target() if compact else 0)
+                if finished:  # host work on finished datasets while the device computes this chunk
+                    out = _outcome(batch, {k: v[None] for k, v in run.final.items()}, dtype)
+                    while finished and not run.ready():
+                        slot = finished.pop(0)
+                        report(slot, _slot_result(batch, out, tol, slot))
+                c, state = jax.device_get((run.c, run.state))
+                run.record(c, state)
+                live = np.flatnonzero(run.running(state, tol))
+                if not (state.n_evaluations[0, live] < stop_at).any():
+                    break  # the chunk reached its checkpoint (the candidates still running share one count)
+                if not run.compact(c, state, live):
+                    run.unshrinkable = run.sig  # no smaller tape holds them: run to the checkpoint
             stopping = beaten is not None and len(live)
             if stopping:
                 live = run.stop_beaten(live, beaten, stop_at, previous_loss)
@@ -838,9 +852,9 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5
     batch of B datasets costs one tape pass per BFGS evaluation like a batch of candidates on one dataset. With
     False, the program is ``jax.vmap``-ed over datasets (much slower on CPU for many datasets of one candidate:
     batched gathers with per-dataset indices, and every dataset padded to the largest one's groups).
-    ``compact`` (lockstep, one dataset or folded datasets): candidates that have converged stop costing: at a few
-    evaluation counts (``_CHECKPOINTS``) the candidates still running move to a tape of their own when they fit in
-    a bucket at most half the current one (a smaller program, compiled once per shape). The solver's state carries
+    ``compact`` (lockstep, one dataset or folded datasets): candidates that have converged stop costing: as soon as
+    the candidates still running fit in a bucket at most half the current one, they move to a tape of their own (a
+    smaller program, compiled once per shape). The solver's state carries
     over exactly, so the results are those of an uninterrupted run up to rounding (a different tape layout sums in
     another order). None (default): compact batches of at least ``_COMPACT_MIN_EXPRESSIONS`` (bucketed)
     candidates, where the time saved repays compiling the smaller programs; False: one uninterrupted program.
@@ -849,15 +863,16 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5
     (``converged`` False).
     ``beaten`` (a ``Beaten``; lockstep on one tape): at each checkpoint, the candidates it says can no longer be
     their dataset's choice (or, with its stall rule, have stalled) stop, keeping what they have (``converged``
-    False unless they had); their losses are where they stopped. ``SymbolicTransformerRegressor`` uses it to stop refining candidates that a simpler one
-    already beats.
+    False unless they had); their losses are where they stopped. ``SymbolicTransformerRegressor`` uses it to stop
+    refining candidates that a simpler one already beats.
     ``on_final(b, result)``: called once for every dataset b (0 for one dataset) with its ``RefineResult`` (as
     ``refine`` of that dataset alone returns it: fields not lists) as soon as its results are final. In a run that
     stops at checkpoints (lockstep on one tape with ``compact``, ``max_time`` or ``beaten``) a dataset whose
     candidates have all stopped is reported while the device refines the others' (JAX dispatches asynchronously),
     so a caller's host work on finished datasets (``SymbolicTransformerRegressor`` selects and tidies their
     formulas) overlaps the refinement of the rest; every other dataset is reported before ``refine`` returns.
-    The order of the calls depends on when datasets finish, never the results.
+    The order of the calls depends on when datasets finish, never the results; the callback runs in the caller's
+    ``jax_enable_x64`` setting.
     """
     t_start = time.perf_counter()
     exprs, xs, ys, multi = _as_datasets(expressions, X, y)
@@ -876,10 +891,12 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5
     itp.check_range(batch.x_BxNxD, "X", dtype)
     itp.check_range(batch.y_BxN, "y", dtype)
     reported = np.zeros(len(batch.slots), bool)
+    caller_x64 = jax.config.jax_enable_x64
 
     def report(slot: int, fields: dict) -> None:
         reported[slot] = True
-        on_final(slot, RefineResult(**fields))
+        with itp.x64_as(caller_x64):  # the callback runs in the caller's JAX setting, not refinement's
+            on_final(slot, RefineResult(**fields))
 
     with itp.precision(dtype):
         if linesearch == "lockstep" and maxiter > 0:

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sr_jax.lockstep import init_lockstep_state, minimize
+from sr_jax.lockstep import init_lockstep_state, minimize, minimize_batch
 
 T = np.linspace(-1.0, 1.0, 30)
 Y = 2.0 * np.exp(-0.5 * T)  # the model a * exp(b t) fits exactly at (a, b) = (2, -0.5)
@@ -47,3 +47,26 @@ def test_stopping_and_resuming_equals_one_run():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         fresh = init_lockstep_state(np.asarray(STARTS))
         assert fresh.n_evaluations.shape == (3,) and np.isinf(fresh.loss).all()
+
+
+def test_minimize_batch_is_the_vmapped_loop_and_can_stop_when_few_still_run():
+    """``minimize_batch`` with ``until_running=0`` equals ``jax.vmap(minimize)`` exactly; with ``until_running=k`` it
+    stops once at most k candidates still run, and resuming those from its state ends exactly as one run."""
+    def lane_objective(c_P, gn_below, lane):  # a per-candidate argument, as refinement's objective has
+        return objective(c_P * lane, gn_below)
+
+    starts = np.concatenate([STARTS, [[2.0, -0.5], [1.9, -0.45]]])  # two start at or near the fit: they stop first
+    kw = dict(maxiter=200, tol=1e-12, gauss_newton=True)
+    with jax.enable_x64(True):
+        c0, ones = jnp.asarray(starts), jnp.ones(len(starts))
+        whole = jax.vmap(lambda c: minimize(objective, c, **kw))(c0)
+        batch = jax.jit(lambda c, k: minimize_batch(lane_objective, c, ones, until_running=k, **kw))
+        for a, b in zip(jax.tree_util.tree_leaves(batch(c0, 0)), jax.tree_util.tree_leaves(whole)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        c, state = batch(c0, 3)
+        running = (np.asarray(state.n_evaluations) < 200) & (np.asarray(state.grad_norm) > 1e-12)
+        assert 1 <= running.sum() <= 3
+        assert np.asarray(state.n_evaluations).max() < np.asarray(whole[1].n_evaluations).max()
+        rest = minimize_batch(lane_objective, c, ones, state=state, **kw)
+        for a, b in zip(jax.tree_util.tree_leaves(rest), jax.tree_util.tree_leaves(whole)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

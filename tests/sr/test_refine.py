@@ -268,7 +268,7 @@ def test_one_dataset_program_keeps_the_few_candidates_paths_as_branches():
         state = jax.tree_util.tree_map(jnp.asarray, init_lockstep_state(np.asarray(tape.consts, np.float64)))
         x = jnp.asarray(X[None], jnp.float64)
         y, w = jnp.asarray(Y[None], jnp.float64), jnp.ones((1, len(Y)), jnp.float64)
-        jaxpr = program.trace(arrays, c, state, jnp.ones((1, e_b), bool), x, y, w, 8).jaxpr.jaxpr
+        jaxpr = program.trace(arrays, c, state, jnp.ones((1, e_b), bool), x, y, w, 8, 0).jaxpr.jaxpr
     found = gram_shapes(jaxpr)
     assert found and all(found), found  # the all-candidates Gram exists, only inside a branch
 
@@ -317,9 +317,9 @@ def test_make_refine_fn_is_differentiable_end_to_end():
 
 
 def test_compaction_continues_the_running_candidates_exactly(monkeypatch):
-    """Converged candidates stop costing: the ones still running move to a smaller tape (a smaller bucket, only
-    their datasets' columns), and the results are an uninterrupted run's up to rounding, on one dataset and on
-    folded datasets."""
+    """Converged candidates stop costing: as soon as the ones still running fit in half the tape (a chunk ends
+    early then), they move to a smaller tape (a smaller bucket, only their datasets' columns), and the results are
+    an uninterrupted run's up to rounding, on one dataset and on folded datasets."""
     refine_mod = importlib.import_module("sr_jax.refinement")
     sizes = []
     original = refine_mod._Run.compact
@@ -331,7 +331,7 @@ def test_compaction_continues_the_running_candidates_exactly(monkeypatch):
         return done
 
     monkeypatch.setattr(refine_mod._Run, "compact", spy)
-    monkeypatch.setattr(refine_mod, "_CHECKPOINTS", (8,))  # one compaction per run: fewer programs to compile
+    monkeypatch.setattr(refine_mod, "_CHECKPOINTS", (8,))  # compactions only as candidates stop, not at checkpoints
     monkeypatch.setattr(refine_mod, "_MIN_ROWS", 1)  # this tiny batch may shrink to its 2 running candidates
     fast = [perturbed(0.05, s) for s in range(5)]  # near their solution: 3-4 evaluations each
     slow = [Expression(["add", 0.1, "mul", 3.0, "sin", "add", 2.0, "mul", 4.0, "x_0"]),  # ~12 evaluations
@@ -339,7 +339,7 @@ def test_compaction_continues_the_running_candidates_exactly(monkeypatch):
     cands = fast + slow
     one = refine(cands, X, Y, compact=False)
     comp = refine(cands, X, Y, compact=True)
-    assert sizes == [(2, 2)]  # after 8 evaluations, from the 8-candidate bucket to 2
+    assert sizes == [(4, 4), (2, 2), (1, 1)]  # halved as soon as the running ones fit: 8 -> 4 -> 2 -> 1
     np.testing.assert_allclose(comp.losses, one.losses, rtol=1e-6, atol=1e-14)
     np.testing.assert_array_equal(comp.n_iterations, one.n_iterations)
     for a, b in zip(comp.expressions, one.expressions):
@@ -350,7 +350,7 @@ def test_compaction_continues_the_running_candidates_exactly(monkeypatch):
     ys = [1.5 + 2.0 * np.sin(0.7 * x[:, 0]) - 0.3 * x[:, 1] for x in xs]
     one = refine([[e] for e in cands], xs, ys, compact=False)
     comp = refine([[e] for e in cands], xs, ys, compact=True)
-    assert sizes == [(2, 2)]
+    assert sizes == [(3, 4), (2, 2), (1, 1)]  # (its data differ: two candidates stop at the same evaluation)
     for b in range(len(cands)):
         np.testing.assert_allclose(comp.losses[b], one.losses[b], rtol=1e-6, atol=1e-14)
         np.testing.assert_array_equal(comp.n_iterations[b], one.n_iterations[b])
@@ -491,6 +491,7 @@ def test_on_final_reports_every_dataset_once_and_finished_ones_while_the_others_
         step(run, stop_at, *args)
 
     def on_final(b, result):
+        assert not jax.config.jax_enable_x64  # the caller's setting, not refinement's scoped float64
         events.append(("final", b))
         got[b] = result
 

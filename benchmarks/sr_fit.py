@@ -18,7 +18,8 @@ the other datasets where it can), so "refine" is that call's wall time, selectio
 seconds spent selecting, wherever they ran.
 
 ``--chunks`` also reports the compiled batched fit's refinement chunk by chunk (lockstep evaluations up to
-``stop_at`` on a tape of ``rows`` candidate rows: seconds, and the XLA temp buffer of each program from
+``stop_at``, or ``reached`` where it ended early to move the candidates still running to a smaller tape, on a tape
+of ``rows`` candidate rows: seconds, and the XLA temp buffer of each program from
 ``compiled.memory_analysis()``), and the system seconds and minor page faults (``getrusage``) of the compiled
 separate fits and of the compiled batched fit.
 
@@ -164,17 +165,12 @@ def main() -> None:
     xs, ys = datasets(args.datasets, args.dim, args.points)
     report = {"machine": machine_line(), "datasets": args.datasets, "points": args.points, "dim": args.dim,
               "sources": list(sources), "n_prior": args.n_prior, "prior_draws": args.prior_draws}
-    if args.compare_overlap:
-        report["compare_overlap"] = compare_overlap(args, xs, ys)
-        print(json.dumps(report, indent=2))
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        return
-    if args.ablation:
-        report["ablation"] = ablation(args, xs, ys)
-        print(json.dumps(report, indent=2))
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.compare_overlap or args.ablation:
+        if args.compare_overlap:
+            report["compare_overlap"] = compare_overlap(args, xs, ys)
+        else:
+            report["ablation"] = ablation(args, xs, ys)
+        emit(report, args.json)
         return
     if not args.skip_cold:
         report["fresh_process_no_cache"] = cold_start(args, sources, cache=False)
@@ -210,17 +206,22 @@ def main() -> None:
 
         step, temp_mb = refinement._Run.step, {}
 
-        def timed_step(run, stop_at, tol, hessian):
+        def timed_step(run, stop_at, tol, hessian, until_running=0):
             if run.sig not in temp_mb:
                 program = refinement._lockstep_program(run.sig, tol, run.dtype, hessian)
                 compiled = program.lower(run.arrays, run.c, run.state, run.real, run.x, run.y, run.w,
-                                         stop_at).compile()
+                                         stop_at, until_running).compile()
                 temp_mb[run.sig] = compiled.memory_analysis().temp_size_in_bytes / 2**20
             t0 = time.perf_counter()
-            step(run, stop_at, tol, hessian)
+            step(run, stop_at, tol, hessian, until_running)
             jax.block_until_ready(run.c)
+            seconds = time.perf_counter() - t0
+            # the chunk ends at stop_at, or earlier ("reached") once at most until_running candidates still run
+            st = jax.device_get(run.state)
+            live = (st.n_evaluations < run.maxiter) & (st.grad_norm > tol)
             chunks.append({"rows": run.sig.n_expressions, "stop_at": stop_at,
-                           "seconds": round(time.perf_counter() - t0, 3), "temp_MB": round(temp_mb[run.sig], 1)})
+                           "reached": int(st.n_evaluations[live].max()) if live.any() else stop_at,
+                           "seconds": round(seconds, 3), "temp_MB": round(temp_mb[run.sig], 1)})
         refinement._Run.step = timed_step
 
     def usage():
@@ -257,7 +258,7 @@ def main() -> None:
         if not r:
             u_batch = usage() - u0
             phases_batch = {k: round(v, 2) for k, v in phases.items()}
-            r2_batch, sep_times = batch.score(xs, ys), times
+            r2_batch, sep_times, batch_chunks = batch.score(xs, ys), times, list(chunks)
         rounds.append({"separate_s": round(float(np.sum(times)), 2), "batched_s": round(t_batch, 2),
                        "speedup": round(float(np.sum(times) / t_batch), 2)})
         print(json.dumps({"round": r + 1, **rounds[-1]}), flush=True)
@@ -276,12 +277,17 @@ def main() -> None:
     if args.phases:
         report.update({"phases_separate_s": phases_sep, "phases_batched_s": phases_batch})
     if args.chunks:
-        report.update({"batched_refine_chunks": chunks,
+        report.update({"batched_refine_chunks": batch_chunks,
                        "system_s_and_minor_faults_separate": [round(u_sep[0], 2), int(u_sep[1])],
                        "system_s_and_minor_faults_batched": [round(u_batch[0], 2), int(u_batch[1])]})
+    emit(report, args.json)
+
+
+def emit(report: dict, path) -> None:
+    """Print the report and, with --json, write it there."""
     print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 A small pure-JAX solver for ``sr_jax.refinement`` (no private API of any library): written for ONE candidate's P
 constants and meant to be ``jax.vmap``-ed over candidates, with exactly one objective evaluation per iteration, so
 that a batch whose objective evaluates every candidate at once (one tape pass) costs one pass per iteration (see
-``minimize``). The state's fields are named for what they hold; a run can stop and resume exactly (``state=``).
+``minimize``). ``minimize_batch`` is the same loop over a whole batch, which can also stop once few candidates
+still run. The state's fields are named for what they hold; a run can stop and resume exactly (``state=``).
 
 Glossary: P constants of a candidate; ``H`` inverse-Hessian estimate (P x P); ``B`` Gauss-Newton matrix of the
 least-squares loss (P x P); ``t`` step length along the search direction ``d = -H g``.

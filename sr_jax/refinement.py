@@ -30,10 +30,10 @@ longest line search of the batch; ``maxiter`` counts evaluations. jaxopt's publi
 stays available ("backtracking", "zoom").
 
 Lane compaction: in a large batch most candidates converge within a few evaluations while a few run to ``maxiter``.
-So the lockstep run stops at a few evaluation counts (``_CHECKPOINTS``; ``lockstep.minimize`` resumes from its
-state exactly), and when at most half of the tape's rows still run, those continue on a smaller tape: the batch's
-own signature scaled by 1/2, 1/4, ... (``interpreter.scaled_signature``), into which the running candidates are
-placed. The scaled shapes depend only on the batch's signature, not on which candidates still run, so a process
+So the lockstep run ends a chunk as soon as at most half of the tape's rows still run (``lockstep.minimize_batch``'s
+``until_running``; and at a few evaluation counts, ``_CHECKPOINTS``; a run resumes from its state exactly), and
+those continue on a smaller tape: the batch's own signature scaled by 1/2, 1/4, ...
+(``interpreter.scaled_signature``), into which the running candidates are placed. The scaled shapes depend only on the batch's signature, not on which candidates still run, so a process
 compiles at most a handful of programs per signature and reuses them for every later batch of that signature.
 
 Stopping the beaten (``refine(beaten=Beaten(...))``): at the same checkpoints, plus one after the first evaluation,
@@ -512,7 +512,7 @@ class _Run:
         self.origin = np.arange(len(self.exprs))  # original row of each current row
         self.n_nodes = np.array([e.n_nodes for e in self.exprs])
         self.stopped = np.zeros(len(self.exprs), bool)  # original rows stopped early (their results are final)
-        self.unshrinkable = None  # a signature whose running candidates no smaller tape could hold
+        self.shrink_below: dict = {}  # per signature: after a compaction that found no smaller tape, how few must run
         e0, p0 = tape.consts.shape[1:]
         self.final = dict(consts=np.array(tape.consts[0], np.float64), n_evaluations=np.zeros(e0, np.int64),
                           grad_norm=np.full(e0, np.inf), initial_loss=np.full(e0, np.inf), loss=np.full(e0, np.inf))
@@ -531,9 +531,9 @@ class _Run:
 
     def shrink_target(self) -> int:
         """How few candidates must still run for ``compact`` to move them to a smaller tape (0: none is smaller)."""
-        half = self.sig.n_expressions // 2
+        half = min(self.sig.n_expressions // 2, self.shrink_below.get(self.sig, self.sig.n_expressions))
         smallest = max(_MIN_ROWS, self.batch.tape.signature.n_expressions * _MIN_FRACTION)
-        return 0 if half < smallest or self.sig == self.unshrinkable else half
+        return 0 if half < smallest else half
 
     def ready(self) -> bool:
         """Whether the chunk last dispatched has finished."""
@@ -680,8 +680,8 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
                 live = np.flatnonzero(run.running(state, tol))
                 if not (state.n_evaluations[0, live] < stop_at).any():
                     break  # the chunk reached its checkpoint (the candidates still running share one count)
-                if not run.compact(c, state, live):
-                    run.unshrinkable = run.sig  # no smaller tape holds them: run to the checkpoint
+                if not run.compact(c, state, live):  # no smaller tape holds them (too many nodes): try again
+                    run.shrink_below[run.sig] = len(live) // 2  # when half as many still run
             stopping = beaten is not None and len(live)
             if stopping:
                 live = run.stop_beaten(live, beaten, stop_at, previous_loss)

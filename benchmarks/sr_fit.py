@@ -23,8 +23,9 @@ of ``rows`` candidate rows: seconds, and the XLA temp buffer of each program fro
 ``compiled.memory_analysis()``), and the system seconds and minor page faults (``getrusage``) of the compiled
 separate fits and of the compiled batched fit.
 
-``--compare-overlap R`` instead times R rounds of the compiled batched fit with the selection of finished datasets
-overlapping the refinement of the others (the estimator's behaviour) and without it, alternating in one process.
+``--compare-overlap R`` instead times R rounds of the compiled batched fit with the host's work overlapping the
+device's (the estimator's behaviour: selection of finished datasets during refinement, and with ``model`` in
+``--sources`` the other candidates built during decoding) and without, alternating in one process.
 
 ``--ablation`` instead fits the datasets once (batched) with each part of the candidate pool alone and with the
 whole pool (the transformer's parts only with ``--model``) and reports the share with R² > 0.99 on the training
@@ -110,11 +111,19 @@ def ablation(args, xs, ys) -> list[dict]:
 
 
 def compare_overlap(args, xs, ys) -> dict:
-    """Compiled batched fits alternating (``--compare-overlap R`` rounds) with the selection of finished datasets
-    overlapping the refinement of the others (as shipped) and without (every dataset reported when refinement ends:
-    the refinement run is told its chunks are never ready early). Seconds per fit and their medians."""
+    """Compiled batched fits alternating (``--compare-overlap R`` rounds) with the host's work overlapping the
+    device's (as shipped) and without: every dataset selected when refinement ends (the refinement run is told its
+    chunks are never ready early) and, with the transformer in the pool, its decoding waited for before the host
+    builds the other candidates. Seconds per fit and their medians."""
+    import sr_jax.candidates as candidates
     import sr_jax.refinement as refinement
     from sr_jax import SymbolicTransformerRegressor
+
+    start = candidates.start_model_candidates
+
+    def start_and_wait(*a, **k):
+        done = start(*a, **k)()
+        return lambda: done
 
     def est():
         return SymbolicTransformerRegressor(candidate_sources=tuple(args.sources.split(",")), model_path=args.model,
@@ -127,12 +136,13 @@ def compare_overlap(args, xs, ys) -> dict:
         for r in range(args.compare_overlap):
             for mode in seconds:
                 refinement._Run.ready = ready if mode == "overlapped" else (lambda run: True)
+                candidates.start_model_candidates = start if mode == "overlapped" else start_and_wait
                 t = time.perf_counter()
                 est().fit(xs, ys)
                 seconds[mode].append(round(time.perf_counter() - t, 2))
             print(json.dumps({"round": r + 1, **{k: v[-1] for k, v in seconds.items()}}), flush=True)
     finally:
-        refinement._Run.ready = ready
+        refinement._Run.ready, candidates.start_model_candidates = ready, start
     return {"seconds": seconds, "median_s": {k: float(np.median(v)) for k, v in seconds.items()},
             "speedup_median": float(np.median(np.array(seconds["serial"]) / np.array(seconds["overlapped"])))}
 

@@ -55,7 +55,8 @@ def fits_positions(model: dict, task: str, max_len: int, max_count: int, train: 
     if "abacus" in model["positions"]:
         offset = eval_offset
         if train:
-            offset = model["abacus_max_k"] if model["abacus_train_ids"] == "shift" else model.get("abacus_subset_shift", 0)
+            shifted = model["abacus_train_ids"] == "shift"
+            offset = model["abacus_max_k"] if shifted else model.get("abacus_subset_shift", 0)
         if longest_number(task, max_len) + offset > table - 1:
             return False
     if "learned" in model["positions"]:

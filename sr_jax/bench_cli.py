@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recovery-timeout", type=positive_float, default=5.0,
                    help="cap in seconds of the sympy part of each symbolic-recovery check")
     p.add_argument("--table", help="the equation table (default: the copy shipped with sr_jax)")
-    p.add_argument("--json", help="write settings, per-problem records and the summary here (rewritten after every problem, with \"complete\": false until the end)")
+    p.add_argument("--json", help="write settings, per-problem records and the summary here (rewritten after every "
+                                  "problem, with \"complete\": false until the end)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

@@ -33,8 +33,9 @@ Lane compaction: in a large batch most candidates converge within a few evaluati
 So the lockstep run ends a chunk as soon as at most half of the tape's rows still run (``lockstep.minimize_batch``'s
 ``until_running``; and at a few evaluation counts, ``_CHECKPOINTS``; a run resumes from its state exactly), and
 those continue on a smaller tape: the batch's own signature scaled by 1/2, 1/4, ...
-(``interpreter.scaled_signature``), into which the running candidates are placed. The scaled shapes depend only on the batch's signature, not on which candidates still run, so a process
-compiles at most a handful of programs per signature and reuses them for every later batch of that signature.
+(``interpreter.scaled_signature``), into which the running candidates are placed. The scaled shapes depend only on
+the batch's signature, not on which candidates still run, so a process compiles at most a handful of programs per
+signature and reuses them for every later batch of that signature.
 
 Stopping the beaten (``refine(beaten=Beaten(...))``): at the same checkpoints, plus one after the first evaluation,
 a candidate that a no-more-complex candidate of its dataset has already solved (or beats ``ratio``-fold) stops; a

@@ -372,8 +372,8 @@ def _beaten_by_definition(beaten, loss, n_nodes, dataset, evaluations=None, prev
     loss = np.where(np.isnan(loss), np.inf, loss)
     out = np.zeros(len(loss), bool)
     for i in range(len(loss)):
-        if (beaten.stall is not None and previous is not None and (evaluations is None or evaluations >= beaten.stall_from)
-                and np.isfinite(loss[i])):
+        stall_on = beaten.stall is not None and (evaluations is None or evaluations >= beaten.stall_from)
+        if stall_on and previous is not None and np.isfinite(loss[i]):
             before = np.inf if np.isnan(previous[i]) else previous[i]
             out[i] |= bool(loss[i] >= before * (1 - beaten.stall))
         if beaten.ratio is not None and evaluations is not None and evaluations < beaten.ratio_from:

@@ -46,6 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import machine_line  # noqa: E402
+from core_jax.cli import int_at_least  # noqa: E402
 
 _COLD = """
 import sys, time
@@ -160,10 +161,10 @@ def main() -> None:
     p.add_argument("--skip-cold", action="store_true", help="skip the fresh-process measurements")
     p.add_argument("--cold-only", action="store_true", help="only the fresh-process measurements")
     p.add_argument("--phases", action="store_true", help="also report the seconds of pools / refinement / selection")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=int_at_least(1), default=1,
                    help="compiled rounds of (64 separate fits, one batched fit), alternating; the speed-up per round "
                         "and its median are reported (this CPU's speed drifts within minutes)")
-    p.add_argument("--compare-overlap", type=int, default=0, metavar="R",
+    p.add_argument("--compare-overlap", type=int_at_least(0), default=0, metavar="R",
                    help="only: R rounds of compiled batched fits with and without selection overlapping refinement")
     p.add_argument("--chunks", action="store_true",
                    help="also time the batched refinement chunk by chunk, and system time / page faults per mode")

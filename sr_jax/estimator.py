@@ -48,8 +48,8 @@ them (JAX runs it asynchronously), so the two overlap.
 Batched fitting: ``fit([X_1, ..., X_B], [y_1, ..., y_B])`` runs steps 1-6 for every dataset with ONE decoding call
 and ONE refinement call; steps 5-6 of a dataset run as soon as its refinement is final (``refine``'s ``on_final``),
 while the device refines the datasets still running; every fitted attribute becomes a list with one entry per
-dataset and ``predict``/``score`` take and return lists. Dataset b of a batched fit gets the same rows and non-neural pool as a separate fit with the
-same ``random_state`` (those draws depend on ``random_state`` and the dataset's own shape only); the transformer's
+dataset and ``predict``/``score`` take and return lists. Dataset b of a batched fit gets the same rows and
+non-neural pool as a separate fit with the same ``random_state`` (those draws depend on ``random_state`` and the dataset's own shape only); the transformer's
 greedy and beam candidates do not depend on the batch either, its samples (``decoding="sample"``) may.
 
 Compilation: refinement compiles one program per tape shape bucket; compiled programs are reused across fits in a
@@ -413,12 +413,13 @@ class SymbolicTransformerRegressor:
         deadline = None if self.max_time is None else t_start + float(self.max_time)
         kept = None if deadline is None else _SELECT_SHARE * float(self.max_time)  # for selection and tidying
         fits: list = [None] * len(prepared)
-        select_by = []  # selection's deadline, set at the first dataset refined
+        select_by = None  # selection's deadline, set when the first dataset is refined
 
         def select(b: int, refined: list[Expression]) -> None:
-            if not select_by:  # tidying keeps at least its share even when compilation spent the rest
-                select_by.append(None if deadline is None else max(deadline, time.perf_counter() + kept))
-            fits[b] = self._select(prepared[b], pools[b], refined, select_by[0])
+            nonlocal select_by
+            if select_by is None and deadline is not None:  # tidying keeps at least its share even when
+                select_by = max(deadline, time.perf_counter() + kept)  # compilation spent the rest
+            fits[b] = self._select(prepared[b], pools[b], refined, select_by)
 
         # each dataset is selected as soon as its refinement is final, while the device refines the others
         self._refine(prepared, pools, None if deadline is None else deadline - kept, select)

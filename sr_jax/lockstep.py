@@ -67,12 +67,17 @@ def minimize(objective, c0_P, *args, maxiter, tol: float, gauss_newton: bool = F
         state = init_lockstep_state(c0_P)
 
     def cond(carry):
-        return (carry[1].n_evaluations < maxiter) & (carry[1].grad_norm > tol)
+        return _running(carry[1], maxiter, tol)
 
     def body(carry):
         return _lockstep_update(objective, gauss_newton, *carry, args)
 
     return jax.lax.while_loop(cond, body, (c0_P, state))
+
+
+def _running(state: LockstepState, maxiter, tol: float):
+    """Whether a candidate still runs: evaluations left and its gradient norm above ``tol``."""
+    return (state.n_evaluations < maxiter) & (state.grad_norm > tol)
 
 
 def minimize_batch(objective, c0_ExP, lane_args, *, maxiter, tol: float, gauss_newton: bool = False,
@@ -89,16 +94,13 @@ def minimize_batch(objective, c0_ExP, lane_args, *, maxiter, tol: float, gauss_n
     if state is None:
         state = init_lockstep_state(c0_ExP)
 
-    def running(st):
-        return (st.n_evaluations < maxiter) & (st.grad_norm > tol)
-
     def cond(carry):
-        n = jnp.sum(running(carry[1]))
+        n = jnp.sum(_running(carry[1], maxiter, tol))
         return (n > 0) & (n > until_running)
 
     def body(carry):
         c_ExP, st = carry
-        keep_E = running(st)
+        keep_E = _running(st, maxiter, tol)
         new = jax.vmap(lambda c_P, s, a: _lockstep_update(objective, gauss_newton, c_P, s, (a,)))(c_ExP, st, lane_args)
         return jax.tree_util.tree_map(lambda n, o: jnp.where(keep_E.reshape(keep_E.shape + (1,) * (n.ndim - 1)), n, o),
                                       new, carry)

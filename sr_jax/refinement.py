@@ -640,8 +640,7 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
     ``_Run.shrink_target``), they continue on a tape of their own, so candidates that have converged stop costing.
     Stopping and resuming is exact (``lockstep.minimize`` carries its whole state), so the results are an
     uninterrupted run's up to rounding. Past the ``deadline`` (a ``time.perf_counter()`` value) the run ends at the
-    next checkpoint. With ``beaten``, at each checkpoint the
-    candidates it names stop (``_Run.stop_beaten``).
+    next checkpoint. With ``beaten``, at each checkpoint the candidates it names stop (``_Run.stop_beaten``).
     ``report(slot, fields)`` (chunked runs): called for each user dataset (``batch.slots[slot]``, its
     ``_slot_result`` fields) once none of its candidates runs any more, while the device computes the next chunk
     (between datasets it checks whether the chunk is done, and then waits no longer), so that the caller's host
@@ -855,10 +854,10 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5
     batched gathers with per-dataset indices, and every dataset padded to the largest one's groups).
     ``compact`` (lockstep, one dataset or folded datasets): candidates that have converged stop costing: as soon as
     the candidates still running fit in a bucket at most half the current one, they move to a tape of their own (a
-    smaller program, compiled once per shape). The solver's state carries
-    over exactly, so the results are those of an uninterrupted run up to rounding (a different tape layout sums in
-    another order). None (default): compact batches of at least ``_COMPACT_MIN_EXPRESSIONS`` (bucketed)
-    candidates, where the time saved repays compiling the smaller programs; False: one uninterrupted program.
+    smaller program, compiled once per shape). The solver's state carries over exactly, so the results are those of
+    an uninterrupted run up to rounding (a different tape layout sums in another order). None (default): compact
+    batches of at least ``_COMPACT_MIN_EXPRESSIONS`` (bucketed) candidates, where the time saved repays compiling
+    the smaller programs; False: one uninterrupted program.
     ``max_time`` (seconds, lockstep on one tape): a soft limit on the solver's time (compilation included): past
     it, the run ends at its next checkpoint, and candidates still running keep the best constants found so far
     (``converged`` False).
@@ -878,6 +877,9 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5
     t_start = time.perf_counter()
     exprs, xs, ys, multi = _as_datasets(expressions, X, y)
     _check_options(maxiter, tol, linesearch, hessian, maxls)
+    if on_final is not None and not callable(on_final):
+        raise ValueError(f"on_final must be a function f(dataset index, RefineResult) (or None), got "
+                         f"{type(on_final).__name__}")
     if max_time is not None and not max_time >= 0:
         raise ValueError(f"max_time must be a number of seconds >= 0 (or None), got {max_time!r}")
     if beaten is not None:
@@ -906,11 +908,13 @@ def refine(expressions: Sequence, X, y, *, maxiter: int = 100, tol: float = 1e-5
                                    None if on_final is None else report)
         else:
             out = _jaxopt_refine(batch, int(maxiter), float(tol), linesearch, int(maxls), dtype, hessian)
-    result = _result(batch, out, tol, multi)
+    per = [_slot_result(batch, out, tol, s) for s in range(len(batch.slots))]
     if on_final is not None:
         for slot in np.flatnonzero(~reported):
-            report(int(slot), _slot_result(batch, out, tol, slot))
-    return result
+            report(int(slot), per[slot])
+    if not multi:
+        return RefineResult(**per[0])
+    return RefineResult(**{k: [p[k] for p in per] for k in per[0]})
 
 
 def _jaxopt_refine(batch: "_Batch", maxiter: int, tol: float, linesearch: str, maxls: int, dtype, hessian: str):
@@ -919,13 +923,6 @@ def _jaxopt_refine(batch: "_Batch", maxiter: int, tol: float, linesearch: str, m
     program = _refine_program(batch.tape.signature, maxiter, tol, linesearch, maxls, dtype, hessian)
     return jax.device_get(program(arrays, c0, jnp.asarray(batch.real_BxE), jnp.asarray(batch.x_BxNxD, dtype),
                                   jnp.asarray(batch.y_BxN, dtype), jnp.asarray(batch.w_BxN, dtype)))
-
-
-def _result(batch: "_Batch", out: dict, tol: float, multi: bool) -> RefineResult:
-    per = [_slot_result(batch, out, tol, s) for s in range(len(batch.slots))]
-    if not multi:
-        return RefineResult(**per[0])
-    return RefineResult(**{k: [p[k] for p in per] for k in per[0]})
 
 
 def _slot_result(batch: "_Batch", out: dict, tol: float, slot: int) -> dict:

@@ -175,9 +175,15 @@ def test_deferred_norm_is_the_same_function(causal):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("rope", [False, True])
-def test_xla_kernel_equals_einsum(causal, rope):
+def test_xla_kernel_equals_einsum(causal, rope, monkeypatch):
     """kernel="xla" (jax.nn.dot_product_attention) computes the einsum path's function: outputs and gradients
-    with respect to the input and the parameters (same parameter tree)."""
+    with respect to the input and the parameters (same parameter tree); the fused kernel really ran, and keys at
+    explicitly given positions go to the einsum path."""
+    import core_jax.attention as attention
+
+    calls = []
+    fused_attention = attention.fused_attention
+    monkeypatch.setattr(attention, "fused_attention", lambda *a, **k: calls.append(1) or fused_attention(*a, **k))
     ein, fused = Attention(num_heads=4, rope=rope), Attention(num_heads=4, rope=rope, kernel="xla")
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 16))
     params = ein.init(jax.random.PRNGKey(1), x, causal=causal)
@@ -193,6 +199,11 @@ def test_xla_kernel_equals_einsum(causal, rope):
             np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ein.apply(params, x, causal=causal)[0], fused.apply(params, x, causal=causal)[0],
                                atol=1e-5)
+    assert calls
+    calls.clear()
+    pos = jnp.arange(7)
+    fused.apply(params, x, q_pos_Q=pos, k_pos_K=pos, causal=causal)
+    assert not calls
 
 
 def test_fused_kernel_leaves_other_cases_to_einsum():

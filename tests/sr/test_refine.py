@@ -510,3 +510,5 @@ def test_on_final_reports_every_dataset_once_and_finished_ones_while_the_others_
     assert events == [("final", 0)]
     np.testing.assert_array_equal(got[0].losses, one.losses)
     assert got[0].expressions == one.expressions
+    with pytest.raises(ValueError, match="on_final must be a function"):  # before any work, not at the first report
+        refine(CANDS, X, Y, on_final=3)

@@ -569,17 +569,27 @@ def scaled_signature(sig: TapeSignature, fraction: float, n_features: int, slack
 
 
 @gc_paused()
-def compile_tape_into(sig: TapeSignature, expressions: Sequence, feature_offsets: Sequence[int] | None = None):
-    """One dataset's expressions compiled into the given signature; None when they do not fit (too many
-    expressions, constants per expression, constant or variable leaves, or nodes for its levels)."""
-    exprs = _check_expressions(list(expressions), sig.n_features)
-    if len(exprs) > sig.n_expressions or max((len(e.constants) for e in exprs), default=0) > sig.n_consts:
-        return None
-    p = _parse(exprs, feature_offsets)
-    if max(p.features, default=-1) >= sig.n_features:
-        return None
-    levels = _place(sig, p)
-    if levels is None:
+def compile_tape_into(signatures: TapeSignature | Sequence[TapeSignature], expressions: Sequence,
+                      feature_offsets: Sequence[int] | None = None):
+    """One dataset's expressions compiled into the given signature, or into the first of the given signatures that
+    holds them (parsed once for all); None when none does (too many expressions, constants per expression,
+    constant or variable leaves, or nodes for its levels)."""
+    if isinstance(signatures, TapeSignature):
+        signatures = (signatures,)
+    exprs, p = None, None
+    for sig in signatures:
+        if exprs is None:
+            exprs = _check_expressions(list(expressions), sig.n_features)
+        if len(exprs) > sig.n_expressions or max((len(e.constants) for e in exprs), default=0) > sig.n_consts:
+            continue
+        if p is None:
+            p = _parse(exprs, feature_offsets)
+        if max(p.features, default=-1) >= sig.n_features:
+            continue
+        levels = _place(sig, p)
+        if levels is not None:
+            break
+    else:
         return None
     filled = _fill(sig, p, levels)
     consts = np.zeros((1, sig.n_expressions, sig.n_consts))

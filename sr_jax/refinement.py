@@ -589,15 +589,13 @@ class _Run:
         fraction = 1.0
         while int(root.n_expressions * fraction / 2) >= max(n, _MIN_ROWS) and fraction > _MIN_FRACTION:
             fraction /= 2
-        tape = None
-        while tape is None and int(root.n_expressions * fraction) < self.sig.n_expressions:
+        shapes = []  # smallest first, each with the tightest capacities first (interpreter.SCALE_SLACKS)
+        while int(root.n_expressions * fraction) < self.sig.n_expressions:
             e_b = int(root.n_expressions * fraction)
             n_cols = min(len(self.batch.slots), e_b) * self.d if self.folded else root.n_features
-            for slack in itp.SCALE_SLACKS:  # the tightest capacities that hold the running candidates
-                tape = itp.compile_tape_into(itp.scaled_signature(root, fraction, n_cols, slack), exprs, offsets)
-                if tape is not None:
-                    break
+            shapes += [itp.scaled_signature(root, fraction, n_cols, slack) for slack in itp.SCALE_SLACKS]
             fraction *= 2
+        tape = itp.compile_tape_into(shapes, exprs, offsets)  # the first shape that holds the running candidates
         if tape is None:
             return False
         x = self.batch.x_BxNxD

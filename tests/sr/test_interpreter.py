@@ -192,6 +192,11 @@ def test_scaled_signatures_hold_a_subset_tightest_slack_first():
     deepest = sorted(exprs, key=lambda e: -e.n_nodes)[: tight.n_expressions]
     fits = [compile_tape_into(s, deepest) is not None for s in (tight, loose)]
     assert fits[1] and fits[0] <= fits[1]
+    # several shapes at once: the first that holds them, the same tape as compiling into that one alone
+    first = tight if fits[0] else loose
+    both, alone = compile_tape_into((tight, loose), deepest), compile_tape_into(first, deepest)
+    assert both.signature == first and all(np.array_equal(both.arrays[k], alone.arrays[k]) for k in alone.arrays)
+    assert compile_tape_into((tight, loose), exprs) is None  # the whole batch fits in neither quarter
 
 
 def test_rare_transcendentals_share_a_mixed_group_with_exact_derivatives(monkeypatch):

@@ -13,7 +13,7 @@ every node. Here the whole batch is compiled on the host into one *tape*:
   group, so a transcendental is computed only for nodes that use it -- except where it has none or only a few nodes
   at a height: those share the height's "mixed" group (every transcendental of the batch computed, one kept per
   node), so that the compiled program holds one group there instead of one per operator. Each level: gather its
-  arguments, apply each group, write the level's outputs into ``V`` in place (its rows are contiguous).
+  arguments, apply each group, write each group's outputs into ``V`` in place (its rows are contiguous).
 * runs of levels: consecutive levels are given identical groups and capacities where that pads little
   (``_tiered``), and each run of identical levels is one ``lax.scan`` over its levels. XLA:CPU's compile time grows
   with the number of operations in a program, so a tape's programs compile in time that follows its number of runs
@@ -764,16 +764,18 @@ def _level_args(idx: _LevelIndex, v, cvals):
 
 
 def _level_out(groups, lo, idx: _LevelIndex, a, b, mixed_ops):
-    """A level's outputs (L, N), its groups applied to their slices of the arguments."""
+    """A level's outputs per group ((rows, N) each, in row order), its groups applied to their slices of the
+    arguments."""
     outs = []
     for g, glo, ghi in groups:
         s = slice(glo - lo, ghi - lo)
         outs.append(_group_apply(g, a[s], b[s] if g in _BINARY_GROUPS else None, idx.code[s], mixed_ops))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
+    return outs
 
 
 def _level_cotangents(groups, lo, idx: _LevelIndex, a, b, ct, mixed_ops):
-    """A level's contributions to its first arguments (L, N) and binary second arguments (BL, N) or None."""
+    """A level's contributions to its first arguments and binary second arguments, per group (in row order; the
+    second list only for binary groups)."""
     to_a, to_b = [], []
     for g, glo, ghi in groups:
         s = slice(glo - lo, ghi - lo)
@@ -781,7 +783,23 @@ def _level_cotangents(groups, lo, idx: _LevelIndex, a, b, ct, mixed_ops):
         to_a.append(ct[s] * da)
         if g in _BINARY_GROUPS:
             to_b.append(ct[s] * db)
-    return jnp.concatenate(to_a), (jnp.concatenate(to_b) if to_b else None)
+    return to_a, to_b
+
+
+def _stacked_rows(parts, rows: int):
+    """A (rows, N) buffer starting with ``parts`` (row blocks), zeros below: written into a zeroed buffer rather than
+    concatenated with a block of zeros (XLA:CPU writes a concatenation element by element)."""
+    return _write_rows(jnp.zeros((rows,) + parts[0].shape[1:], parts[0].dtype), parts, 0)
+
+
+def _write_rows(buf, parts, start):
+    """``parts`` (row blocks) written into ``buf`` one after another from row ``start``: one in-place write per block,
+    not one write of their concatenation (XLA:CPU fuses a concatenation into the write as a slower per-element loop:
+    BENCHMARKS.md, "one write per group")."""
+    for part in parts:
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, part, start, axis=0)
+        start = start + part.shape[0]
+    return buf
 
 
 def _over_run(level, carry, count: int, index: _LevelIndex, reverse: bool = False):
@@ -802,15 +820,15 @@ def _forward(sig: TapeSignature, arrays, consts_ExP, x_NxD):
     dtype = x_NxD.dtype
     n = x_NxD.shape[0]
     cvals = consts_ExP.reshape(-1).astype(dtype)[arrays["c_idx"]]
-    v = jnp.concatenate([jnp.full((1, n), 0.5, dtype), x_NxD.T, jnp.zeros((sig.n_nodes_padded, n), dtype)])
+    v = _stacked_rows([jnp.full((1, n), 0.5, dtype), x_NxD.T], 1 + x_NxD.shape[1] + sig.n_nodes_padded)
     cvals = jnp.concatenate([cvals, jnp.zeros((1,), dtype)])  # index -1: not a constant (value unused)
     for count, (lo, hi, blo, bhi, groups) in sig.runs:
         index = _run_index(arrays, count, lo, hi, blo, bhi)
 
         def level(v, i_idx, lo=lo, hi=hi, groups=groups):
             i, idx = i_idx
-            out = _level_out(groups, lo, idx, *_level_args(idx, v, cvals), sig.mixed_ops)
-            return jax.lax.dynamic_update_slice_in_dim(v, out, sig.node_base + lo + i * (hi - lo), axis=0), None
+            outs = _level_out(groups, lo, idx, *_level_args(idx, v, cvals), sig.mixed_ops)
+            return _write_rows(v, outs, sig.node_base + lo + i * (hi - lo)), None
 
         v = _over_run(level, v, count, index)
     return v, cvals
@@ -821,7 +839,7 @@ def run_tape(sig: TapeSignature, arrays, consts_ExP, x_NxD):
     """Traced evaluation for ONE dataset (arrays without the dataset axis): returns (E_b, N) predictions.
 
     Reverse mode is hand-written (``_reverse``): every value has exactly one user, so each level's cotangents are
-    one gather from the K buffer, and its contributions to its arguments one in-place write (no scatter).
+    one gather from the K buffer, and its contributions to its arguments in-place writes (no scatter).
     """
     return _roots(sig, arrays, consts_ExP, _forward(sig, arrays, consts_ExP, x_NxD)[0])
 
@@ -839,14 +857,13 @@ def _run_tape_fwd(sig, arrays, consts_ExP, x_NxD):
 
 
 def _reverse(sig, arrays, saved, ct_ExN):
-    """Reverse sweep, top level first: the K buffer of ``_fill`` (one gather and one in-place write per level; a
+    """Reverse sweep, top level first: the K buffer of ``_fill`` (one gather and one in-place write per group of a level; a
     run of identical levels is one reversed ``lax.scan``)."""
     v, cvals = saved
     dtype = v.dtype
     n = ct_ExN.shape[1]
     e_b, n_nodes = sig.n_expressions, sig.n_nodes_padded
-    k_buf = jnp.concatenate([jnp.zeros((1, n), dtype), ct_ExN.astype(dtype),
-                             jnp.zeros((n_nodes + sig.n_binary, n), dtype)])
+    k_buf = _stacked_rows([jnp.zeros((1, n), dtype), ct_ExN.astype(dtype)], 1 + e_b + n_nodes + sig.n_binary)
     for count, (lo, hi, blo, bhi, groups) in reversed(sig.runs):
         index = _run_index(arrays, count, lo, hi, blo, bhi)
 
@@ -854,10 +871,9 @@ def _reverse(sig, arrays, saved, ct_ExN):
             i, idx = i_idx
             a, b = _level_args(idx, v, cvals)  # the level's outputs are not read: see _group_derivs
             to_a, to_b = _level_cotangents(groups, lo, idx, a, b, k_buf[idx.kpos], sig.mixed_ops)
-            k_buf = jax.lax.dynamic_update_slice_in_dim(k_buf, to_a, 1 + e_b + lo + i * (hi - lo), axis=0)
-            if to_b is not None:
-                k_buf = jax.lax.dynamic_update_slice_in_dim(k_buf, to_b, 1 + e_b + n_nodes + blo + i * (bhi - blo),
-                                                            axis=0)
+            k_buf = _write_rows(k_buf, to_a, 1 + e_b + lo + i * (hi - lo))
+            if to_b:
+                k_buf = _write_rows(k_buf, to_b, 1 + e_b + n_nodes + blo + i * (bhi - blo))
             return k_buf, None
 
         k_buf = _over_run(level, k_buf, count, index, reverse=True)

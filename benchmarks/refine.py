@@ -25,7 +25,7 @@ Two scenarios, both printed:
 Results are recorded in BENCHMARKS.md.
 
 Run: python benchmarks/refine.py [--scenario both|worst|e2e] [--n 256] [--maxiter N] [--no-compact]
-     [--compare-compact] [--profile-eval]
+     [--compare-compact] [--profile-eval] [--lockstep-evals K]
      [--linesearch lockstep|backtracking|zoom] [--hessian hybrid|bfgs] [--dtype float64|float32]
 """
 from __future__ import annotations
@@ -244,6 +244,9 @@ def main(argv=None):
     ap.add_argument("--profile-eval", action="store_true",
                     help="instead: CPU ms of one evaluation of the E2E-like batch (forward, + reverse, value and "
                          "gradient, Gauss-Newton), alternating, each compiled first")
+    ap.add_argument("--lockstep-evals", type=int, default=0, metavar="K",
+                    help="instead: ms per evaluation of refinement's compiled lockstep program on the E2E-like batch's "
+                         "whole tape, K evaluations from the start per call (--repeats calls after a first one)")
     ap.add_argument("--compile-depth", default=None, metavar="D1,D2,...",
                     help="instead: seconds to compile the value and gradient of a tape of two chains of each depth, "
                          "with levels scanned in runs (as refinement runs them) and written out level by level")
@@ -260,6 +263,8 @@ def main(argv=None):
     out = {}
     if args.profile_eval:
         return profile_eval(args)
+    if args.lockstep_evals:
+        return lockstep_evals(args)
     if args.compile_depth:
         return compile_depth([int(d) for d in args.compile_depth.split(",")])
     if args.compare_compact:
@@ -321,6 +326,40 @@ def profile_eval(args):
     print("|---|---|---|---|---|")
     for k, v in ms.items():
         print(f"| {k} | {', '.join(f'{t:.1f}' for t in v)} | {min(v):.1f} | {temp[k]:.1f} | {min(faults[k]):.0f} |")
+    return ms
+
+
+def lockstep_evals(args):
+    """Milliseconds per evaluation of the lockstep chunk program (``refinement._lockstep_program``, the Gauss-Newton
+    hybrid, float64) on the E2E-like batch folded into one tape, every candidate running ``--lockstep-evals``
+    evaluations from its start: what one evaluation costs inside refinement's loop, where a program's buffers are
+    allocated once per call rather than once per evaluation (``--profile-eval`` times single evaluations)."""
+    import jax
+
+    from sr_jax import interpreter as itp
+    from sr_jax import refinement as rf
+
+    probs = build_e2e_problem(args.n)
+    d = max(x.shape[1] for _, x, _ in probs)
+    batch = rf._folded_batch([[e] for e, _, _ in probs], [_pad_cols(x, d) for _, x, _ in probs],
+                             [y for _, _, y in probs])
+    k = args.lockstep_evals
+    with itp.precision(np.float64):
+        run = rf._Run(batch, np.dtype(np.float64), k)
+        program = rf._lockstep_program(run.sig, args.tol, np.dtype(np.float64), "hybrid")
+
+        def call():
+            return jax.block_until_ready(program(run.arrays, run.c, run.state, run.real, run.x, run.y, run.w, k, 0))
+
+        call()
+        ms = []
+        for _ in range(max(args.repeats, 1)):
+            t0 = time.perf_counter()
+            call()
+            ms.append(1e3 * (time.perf_counter() - t0) / k)
+    print(f"tape: {run.sig.n_expressions} candidates, {run.sig.n_nodes_padded} node rows, {batch.x_BxNxD.shape[1]} "
+          f"points; {k} evaluations per call")
+    print(f"ms per evaluation (each call): {', '.join(f'{t:.1f}' for t in ms)}; min {min(ms):.1f}")
     return ms
 
 

@@ -857,8 +857,8 @@ def _run_tape_fwd(sig, arrays, consts_ExP, x_NxD):
 
 
 def _reverse(sig, arrays, saved, ct_ExN):
-    """Reverse sweep, top level first: the K buffer of ``_fill`` (one gather and one in-place write per group of a level; a
-    run of identical levels is one reversed ``lax.scan``)."""
+    """Reverse sweep, top level first: the K buffer of ``_fill`` (per level one gather, and one in-place write per
+    group; a run of identical levels is one reversed ``lax.scan``)."""
     v, cvals = saved
     dtype = v.dtype
     n = ct_ExN.shape[1]

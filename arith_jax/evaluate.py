@@ -2,9 +2,9 @@
 
 A problem counts as solved only if the generated answer matches every token *and* ends with EOS at the right
 place (spec §6.2; for sorting this is stricter than the original, which ignored EOS). Sorting also reports the
-original's top-1 accuracy (spec §6.3): whether the first answer token, the label of the smallest number, is right. Problems are padded into
-prompt-length buckets (powers of two) and decoded in fixed-size batches, so a whole grid compiles one program per
-bucket, and every answer is the one its prompt gets decoded alone at its exact length.
+original's top-1 accuracy (spec §6.3): whether the first answer token, the label of the smallest number, is right.
+Problems are padded into prompt-length buckets (powers of two) and decoded in fixed-size batches, so a whole grid
+compiles one program per bucket, and every answer is the one its prompt gets decoded alone at its exact length.
 
 `run_evaluation(..., errors=N)` adds an error breakdown of the grid's and the sweep's wrong answers
 (`error_breakdown`): how many answer tokens each got wrong, at which answer positions, in which cells, and N examples

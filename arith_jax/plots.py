@@ -35,7 +35,8 @@ def plot_accuracy_grid(
     fig = Figure(figsize=(_inches(cols) + 2.5, _inches(rows) + 1.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(acc), cmap="YlGnBu", vmin=0, vmax=100, aspect="auto", interpolation="nearest")
+    image = ax.imshow(np.ma.masked_invalid(acc), cmap="YlGnBu", vmin=0, vmax=100, aspect="auto",
+                      interpolation="nearest")
     fig.colorbar(image, ax=ax, label="accuracy (%)")
     ax.add_patch(Rectangle((-0.5, -0.5), train_len, train_len, fill=False, edgecolor="red", linewidth=2))
     _length_ticks(ax.set_xticks, ax.set_xticklabels, cols)

@@ -16,7 +16,8 @@ from core_jax.config import to_dict
 
 INVALID = "?"  # the answer reported when the model generated no number (no ordering of the labels, for sorting)
 PRETRAINED = Path(__file__).parent / "pretrained"
-SHIPPED_MODELS = {"add": PRETRAINED / "add_long_avg", "mul": PRETRAINED / "mul_small", "sort": PRETRAINED / "sort_small"}
+SHIPPED_MODELS = {"add": PRETRAINED / "add_long_avg", "mul": PRETRAINED / "mul_small",
+                  "sort": PRETRAINED / "sort_small"}
 DEFAULT_MODEL = SHIPPED_MODELS["add"]
 log = logging.getLogger(__name__)
 _TASK_NAMES = {"add": "addition", "mul": "multiplication", "sort": "sorting"}

@@ -62,7 +62,8 @@ def addition_batches(count: int, seed: int = 0):
     for _ in range(count):
         rows = np.zeros((BATCH, SEQ), np.int32)
         for r in range(BATCH):
-            a, b = (rng.randrange(10 ** (n - 1), 10 ** n) for n in (rng.randint(1, MAX_DIGITS), rng.randint(1, MAX_DIGITS)))
+            a, b = (rng.randrange(10 ** (n - 1), 10 ** n)
+                    for n in (rng.randint(1, MAX_DIGITS), rng.randint(1, MAX_DIGITS)))
             text = f"{str(a)[::-1]}+{str(b)[::-1]}={str(a + b)[::-1]}"
             rows[r, :len(text) + 1] = [ids[c] for c in text] + [3]
         out.append(rows)
@@ -188,8 +189,8 @@ def main() -> None:
                     help="extra config override for this project's side, e.g. model.scan_unroll=4")
     ap.add_argument("--full-head", action="store_true",
                     help="this project's loss computes logits (and the last layer) at every position, as the original, "
-                         "instead of only where the loss needs them (the batch's loss_pos, as arith_jax.data.make_batch "
-                         "gives it)")
+                         "instead of only where the loss needs them (the batch's loss_pos, as "
+                         "arith_jax.data.make_batch gives it)")
     ap.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()

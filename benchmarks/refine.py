@@ -322,7 +322,8 @@ def profile_eval(args):
                     jax.block_until_ready(f(c, problem))
                 ms[k].append(100.0 * (time.process_time() - t0))
                 faults[k].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 10)
-    print("| evaluation | CPU ms per call (each round) | min | program's temporary buffers, MiB | page faults per call |")
+    print("| evaluation | CPU ms per call (each round) | min | program's temporary buffers, MiB "
+          "| page faults per call |")
     print("|---|---|---|---|---|")
     for k, v in ms.items():
         print(f"| {k} | {', '.join(f'{t:.1f}' for t in v)} | {min(v):.1f} | {temp[k]:.1f} | {min(faults[k]):.0f} |")
@@ -478,13 +479,15 @@ def run_worst(args, kw):
     print(f"refine options: {kw or 'defaults'}; 2nd call recompiled: {recompiled}; "
           f"max iterations {result['max_iterations']}, converged {100 * result['frac_converged']:.1f}%")
     print("| candidates | compile+first call, other batch (s) | sr_jax.refine 2nd call (s) | median of next "
-          f"{args.repeats} (s) | scipy BFGS one by one (s) | speed-up (2nd / median) | ours <= scipy(1+{args.loss_rtol:g}) "
+          f"{args.repeats} (s) | scipy BFGS one by one (s) | speed-up (2nd / median) "
+          f"| ours <= scipy(1+{args.loss_rtol:g}) "
           "| <= scipy(1+1e-4) | worse / better by >1e-3 rel | median loss ours / scipy | mean loss ours / scipy |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.n} x 200 pts | {compile_s:.1f} | {ours_s:.3f} | {ours_med:.3f} | {scipy_s:.2f} "
           f"| {result['speedup']:.1f}x / {result['speedup_median']:.1f}x | {100 * result['frac_ours_le_scipy']:.1f}% "
           f"| {100 * result['frac_ours_le_scipy_1e4']:.1f}% | {100 * result['frac_ours_worse_1e3']:.1f}% / "
-          f"{100 * result['frac_ours_better_1e3']:.1f}% | {result['median_loss_ours']:.6g} / {result['median_loss_scipy']:.6g} "
+          f"{100 * result['frac_ours_better_1e3']:.1f}% "
+          f"| {result['median_loss_ours']:.6g} / {result['median_loss_scipy']:.6g} "
           f"| {result['mean_loss_ours']:.4g} / {result['mean_loss_scipy']:.4g} |")
     return result
 

@@ -18,8 +18,8 @@ Settings (fp32, the same sizes on both sides; attention heads of 32 dimensions a
   per batch: 32 equations of <= 100 points or 16 of <= 200; lr 1e-3, warmup 1,000 steps, clipping 0.5).
 
 Both settings take that config's training-speed options on this project's side: batches packed several equations
-per row (`data.pack`) and attention normalised after the value product (`model.deferred_norm`); the layout and attention of
-before them: `--set data.pack=false --set model.deferred_norm=false`.
+per row (`data.pack`) and attention normalised after the value product (`model.deferred_norm`); the layout and
+attention of before them: `--set data.pack=false --set model.deferred_norm=false`.
 
 Both sides train on the same examples: those of `--batches` steps of this project's data stream
 (`sr_jax.data.step_examples`: the generator, float tokens, the step's point cap) are generated once in the parent

@@ -26,7 +26,8 @@ class OptimConfig:
     lr: float = 1e-4
     schedule: Literal["trapezoid", "cosine", "constant", "inverse_sqrt"] = "trapezoid"
     warmup_frac: float = 0.1      # linear warmup over this fraction of the steps
-    warmup_steps: int = 0         # > 0: warmup over exactly this many steps instead (inverse_sqrt: the original's 10000)
+    warmup_steps: int = 0         # > 0: warmup over exactly this many steps instead (inverse_sqrt: the original's
+    #                               10000)
     warmup_init: float = 0.0      # learning rate at step 0 (the E2E original's inverse_sqrt starts at 1e-7)
     decay_frac: float = 0.1       # trapezoid: linear decay to 0 over the last fraction (the original's budget-constant)
     min_lr_frac: float = 0.0      # cosine: floor as a fraction of lr

@@ -231,7 +231,8 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
 
     At most `MAX_STEPS_IN_FLIGHT` steps run ahead of the host, so SIGTERM or Ctrl-C (first press) stops within
     about that many steps: the state is saved, the final evaluation is skipped, and the result's `interrupted_by`
-    holds the signal; a signal during an `eval_fn` call abandons that evaluation at once and stops the same way. The progress bar counts finished steps. `cfg` must satisfy `TrainConfig.config_rules`
+    holds the signal; a signal during an `eval_fn` call abandons that evaluation at once and stops the same way.
+    The progress bar counts finished steps. `cfg` must satisfy `TrainConfig.config_rules`
     (checked here too, for configs built in Python rather than loaded). A checkpoint or metrics.jsonl write that
     fails (disk full, folder removed, ...) raises a one-line `CheckpointError` naming the file, the reason and the
     step a rerun resumes from; the previous checkpoint stays intact.

@@ -49,8 +49,9 @@ Batched fitting: ``fit([X_1, ..., X_B], [y_1, ..., y_B])`` runs steps 1-6 for ev
 and ONE refinement call; steps 5-6 of a dataset run as soon as its refinement is final (``refine``'s ``on_final``),
 while the device refines the datasets still running; every fitted attribute becomes a list with one entry per
 dataset and ``predict``/``score`` take and return lists. Dataset b of a batched fit gets the same rows and
-non-neural pool as a separate fit with the same ``random_state`` (those draws depend on ``random_state`` and the dataset's own shape only); the transformer's
-greedy and beam candidates do not depend on the batch either, its samples (``decoding="sample"``) may.
+non-neural pool as a separate fit with the same ``random_state`` (those draws depend on ``random_state`` and the
+dataset's own shape only); the transformer's greedy and beam candidates do not depend on the batch either, its
+samples (``decoding="sample"``) may.
 
 Compilation: refinement compiles one program per tape shape bucket; compiled programs are reused across fits in a
 process. The estimator never changes JAX's global settings; to also skip XLA's compilation in later processes, turn

@@ -109,7 +109,8 @@ class FloatEncoder:
             if self.overflow == "raise":
                 i = np.flatnonzero(over.reshape(-1))[0]
                 raise ValueError(
-                    f"value {v.reshape(-1)[i]!r} (flat index {i}) exceeds the encodable range |x| <= {self.max_value:.4g}"
+                    f"value {v.reshape(-1)[i]!r} (flat index {i}) exceeds the encodable range "
+                    f"|x| <= {self.max_value:.4g}"
                     f"; rescale the data or use FloatEncoder(overflow='clip') to saturate"
                 )
             mant = np.where(over, 10**self.n_digits - 1, mant)
@@ -149,17 +150,20 @@ class FloatEncoder:
         ok_m = np.char.startswith(mant, "N") & (np.char.str_len(mant) == self.n_digits + 1) & np.char.isdigit(digits)
         if not ok_m.all():
             raise ValueError(
-                f"invalid mantissa token {mant[~ok_m].reshape(-1)[0]!r}: expected 'N' followed by {self.n_digits} digits"
+                f"invalid mantissa token {mant[~ok_m].reshape(-1)[0]!r}: expected 'N' followed by "
+                f"{self.n_digits} digits"
             )
         e_body = np.char.lstrip(exp, "E")
-        ok_e = np.char.startswith(exp, "E") & np.char.isdigit(np.char.lstrip(e_body, "-")) & (np.char.str_len(e_body) > 0)
+        ok_e = (np.char.startswith(exp, "E") & np.char.isdigit(np.char.lstrip(e_body, "-"))
+                & (np.char.str_len(e_body) > 0))
         ok_e &= np.char.count(e_body, "-") <= 1
         if ok_e.all():
             e_int = np.where(ok_e, e_body, "0").astype(np.int64)
             ok_e &= np.abs(e_int) <= self.max_exponent
         if not ok_e.all():
             raise ValueError(
-                f"invalid exponent token {exp[~ok_e].reshape(-1)[0]!r}: expected 'E<int>' with |int| <= {self.max_exponent}"
+                f"invalid exponent token {exp[~ok_e].reshape(-1)[0]!r}: expected 'E<int>' with "
+                f"|int| <= {self.max_exponent}"
             )
         return self.from_parts(sign == "-", digits.astype(np.int64), e_int)
 

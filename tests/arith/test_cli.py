@@ -138,8 +138,8 @@ def test_unknown_package():
 
 def test_average_last_checkpoints_export_and_eval(tmp_path, capsys):
     """`export --average-last N` writes the element-wise mean of the newest N checkpoints' parameters (and says which
-    steps, also when that export is exported again), `eval` takes the same flag and a held-out `--seed`; N = 1 is the newest checkpoint unchanged, and more
-    than the workdir keeps is one line naming train.keep_checkpoints."""
+    steps, also when that export is exported again), `eval` takes the same flag and a held-out `--seed`; N = 1 is the
+    newest checkpoint unchanged, and more than the workdir keeps is one line naming train.keep_checkpoints."""
     import jax
     import numpy as np
 

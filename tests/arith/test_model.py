@@ -261,7 +261,8 @@ def test_contiguous_frac_gives_some_rows_consecutive_ids_and_keeps_the_default()
     kw = dict(abacus_train_ids="subset", abacus_k_per_row=True, abacus_max_k=9)
     for S in (0, 30):
         plain = ArithModel(small(**kw, abacus_subset_shift=S), 19)._train_abacus_ids(base, key)
-        off = ArithModel(small(**kw, abacus_subset_shift=S, abacus_contiguous_frac=0.0), 19)._train_abacus_ids(base, key)
+        off = ArithModel(small(**kw, abacus_subset_shift=S, abacus_contiguous_frac=0.0), 19)._train_abacus_ids(
+            base, key)
         np.testing.assert_array_equal(plain, off)
         ids = np.asarray(ArithModel(small(**kw, abacus_subset_shift=S, abacus_contiguous_frac=0.25), 19)
                          ._train_abacus_ids(base, key))

@@ -328,7 +328,8 @@ def test_cli_full_disk_is_one_line(monkeypatch, tmp_path, capsys, package):
     sets = ["train.steps=2", "train.ckpt_every=1"]
     _failing_saves(monkeypatch, 2, ENOSPC)
     monkeypatch.setattr("arith_jax.evaluate.run_evaluation", lambda *a, **k: pytest.fail("evaluated"))
-    assert main(["train", "--config", config, "--workdir", str(tmp_path), *[a for s in sets for a in ("--set", s)]]) == 2
+    args = ["train", "--config", config, "--workdir", str(tmp_path), *[a for s in sets for a in ("--set", s)]]
+    assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: cannot write the checkpoint of step 2 in ") and "Traceback" not in err
     assert "No space left on device" in err[-1] and "rerun the same command to resume from step 1" in err[-1]

@@ -96,10 +96,12 @@ def _report(est, names, target, r2: float) -> dict:
 
 
 def _short(expr) -> str:
-    """A front formula for reading: products and integer powers of sums multiplied out, 6 significant digits."""
+    """A front formula for reading: products and integer powers of sums multiplied out, every number to 6 significant
+    digits (also inside functions, where ``evalf(6)`` keeps a Float's own precision)."""
     import sympy
 
-    return str(sympy.expand(expr, power_exp=False, power_base=False, log=False).evalf(6))
+    expanded = sympy.expand(expr, power_exp=False, power_base=False, log=False)
+    return str(expanded.xreplace({f: sympy.Float(f, 6) for f in expanded.atoms(sympy.Float)}))
 
 
 def _finite(v: float):

@@ -66,6 +66,18 @@ def test_read_csv_selects_columns(tmp_path):
     assert names == ["b"] and x.tolist() == [[3], [6]]
 
 
+def test_front_formulas_print_every_number_to_six_digits():
+    """Also the numbers inside a function's argument, which sympy's evalf(6) leaves at full precision."""
+    import sympy
+
+    from sr_jax.fit_cli import _short
+
+    angle = sympy.Symbol("angle")
+    raw = sympy.Float("2.4713912") * sympy.sin(sympy.Float("1.0037984683002331") * angle
+                                               + sympy.Float("0.0067847985394963049")) + sympy.Float("0.751717")
+    assert _short(raw) == "2.47139*sin(1.0038*angle + 0.0067848) + 0.751717"
+
+
 def test_fit_prints_formula_front_json_and_plot(capsys, good, tmp_path):
     out_json, out_png = tmp_path / "o.json", tmp_path / "p.png"
     argv = [good, "--target", "y", "--sources", "prior,bases", "--n-prior", "4", "--json", str(out_json),

@@ -21,7 +21,8 @@ seconds spent selecting, wherever they ran.
 ``stop_at``, or ``reached`` where it ended early to move the candidates still running to a smaller tape, on a tape
 of ``rows`` candidate rows: seconds, and the XLA temp buffer of each program from
 ``compiled.memory_analysis()``), and the system seconds and minor page faults (``getrusage``) of the compiled
-separate fits and of the compiled batched fit.
+separate fits and of the compiled batched fit. It waits for every chunk, so with ``--chunks`` nothing overlaps a
+chunk (the estimator's selection of finished datasets runs between chunks): the batched fit's seconds then run high.
 
 ``--compare-overlap R`` instead times R rounds of the compiled batched fit with the host's work overlapping the
 device's (the estimator's behaviour: selection of finished datasets during refinement, and with ``model`` in
@@ -162,7 +163,8 @@ def main() -> None:
     p.add_argument("--cold-only", action="store_true", help="only the fresh-process measurements")
     p.add_argument("--phases", action="store_true", help="also report the seconds of pools / refinement / selection")
     p.add_argument("--rounds", type=int_at_least(1), default=1,
-                   help="compiled rounds of (64 separate fits, one batched fit), alternating; the speed-up per round "
+                   help="compiled rounds of (--datasets separate fits, one batched fit), alternating; the speed-up "
+                        "per round "
                         "and its median are reported (this CPU's speed drifts within minutes)")
     p.add_argument("--compare-overlap", type=int_at_least(0), default=0, metavar="R",
                    help="only: R rounds of compiled batched fits with and without selection overlapping refinement")

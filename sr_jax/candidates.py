@@ -140,7 +140,7 @@ def start_model_candidates(trained, datasets: Sequence[tuple[np.ndarray, np.ndar
     if decoding not in DECODINGS:
         raise ValueError(f"unknown decoding {decoding!r}; choose from {', '.join(DECODINGS)}")
     if not datasets:
-        return list
+        return lambda: []
     cfg, model, params = trained
     # default: the longest target the model was trained on (targets are padded to data.target_buckets, BOS included)
     max_len = min(max_len or max(cfg.data.target_buckets) - 1, cfg.model.max_len - 1)

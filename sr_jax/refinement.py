@@ -24,7 +24,8 @@ they are compared (exact, so the loss is unchanged): squares and var(y) cannot o
 dtype holds.
 
 Early convergence / lockstep: inside a vmapped ``while_loop`` every lane runs until the slowest one stops. The
-default ``linesearch="lockstep"`` (``sr_jax.lockstep.minimize``) does exactly one batched evaluation per iteration
+default ``linesearch="lockstep"`` (``sr_jax.lockstep.minimize``, which ``refine`` runs over the whole batch as
+``minimize_batch``) does exactly one batched evaluation per iteration
 (a rejected trial shortens the next step instead of running an inner line search), so no iteration pays for the
 longest line search of the batch; ``maxiter`` counts evaluations. jaxopt's public BFGS with its own line searches
 stays available ("backtracking", "zoom").
@@ -636,7 +637,7 @@ def _lockstep_refine(batch: "_Batch", maxiter: int, tol: float, hessian: str, dt
     at ``_CHECKPOINTS`` (and, with ``compact`` or ``beaten``, at ``_EARLY_CHECKPOINT``). With ``compact``, as soon as
     the candidates still running fit in a bucket at most half the current one (a chunk ends early then:
     ``_Run.shrink_target``), they continue on a tape of their own, so candidates that have converged stop costing.
-    Stopping and resuming is exact (``lockstep.minimize`` carries its whole state), so the results are an
+    Stopping and resuming is exact (``lockstep.minimize_batch`` carries its whole state), so the results are an
     uninterrupted run's up to rounding. Past the ``deadline`` (a ``time.perf_counter()`` value) the run ends at the
     next checkpoint. With ``beaten``, at each checkpoint the candidates it names stop (``_Run.stop_beaten``).
     ``report(slot, fields)`` (chunked runs): called for each user dataset (``batch.slots[slot]``, its

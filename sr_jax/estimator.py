@@ -677,27 +677,31 @@ def _node_fn(expr: sympy.Expr, xp) -> Callable[[list], Any]:
     return lambda args: fn(args[0])
 
 
-def sympy_evaluator(expr: sympy.Expr, fixed: dict, variables: Sequence[sympy.Symbol]) -> Callable[[dict], Any]:
-    """``env -> evaluate_sympy(expr, {**fixed, **env})`` (numpy) for ``env`` giving values of ``variables``: every
-    part of ``expr`` that reads none of them is computed once, here. The same operations run in the same order as
-    in ``evaluate_sympy``, so the values are the same; for formulas evaluated at many values of a few constants."""
-    variables = frozenset(variables)
+def sympy_evaluator(expr: sympy.Expr, fixed: dict, variables: Sequence[sympy.Basic]) -> Callable[[Sequence], Any]:
+    """``values -> evaluate_sympy(expr, {**fixed, variables[k]: values[k]})`` (numpy). ``variables``: symbols, or
+    number atoms of ``expr`` (every occurrence of an equal number reads the value given for it). Every part of
+    ``expr`` that reads none of them is computed once, here. The same operations run in the same order as in
+    ``evaluate_sympy``, so the values are the same; for formulas evaluated at many values of a few constants."""
+    index = {v: k for k, v in enumerate(variables)}
+    numbers = frozenset(v for v in variables if v.is_number)
 
-    def build(e: sympy.Expr):  # (a function of env, True) or (the value, False)
+    def build(e: sympy.Expr):  # (a function of the values, True) or (the value, False)
+        if e in index:
+            return (lambda values, k=index[e]: values[k]), True
         if e.is_Symbol:
-            return ((lambda env: env[e]), True) if e in variables else (fixed[e], False)
-        if e.is_number:
+            return fixed[e], False
+        if e.is_number and (not numbers or numbers.isdisjoint(e.atoms(sympy.Number))):
             return _number_value(e, np), False
         op = _node_fn(e, np)
         parts = [build(a) for a in e.args]
         if not any(varies for _, varies in parts):
             return op([v for v, _ in parts]), False
-        getters = [g if varies else (lambda env, v=g: v) for g, varies in parts]
-        return (lambda env: op([g(env) for g in getters])), True
+        getters = [g if varies else (lambda values, v=g: v) for g, varies in parts]
+        return (lambda values: op([g(values) for g in getters])), True
 
     with np.errstate(all="ignore"):
         fn, varies = build(expr)
-    return fn if varies else (lambda env: fn)
+    return fn if varies else (lambda values: fn)
 
 
 def _column_fn(expr: sympy.Expr, symbols: Sequence[sympy.Symbol], xp) -> Callable:
@@ -786,21 +790,20 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
     floats = sorted(expr.atoms(sympy.Float), key=lambda f: -abs(float(f)))
     if not floats:
         return expr, allowed
-    params = [sympy.Dummy() for _ in floats]
-    template = expr.xreplace(dict(zip(floats, params)))
-
+    # the constants are the formula's own Float atoms (equal floats are one constant), evaluated as variables: no
+    # copy of the formula is built until a pass ends
     x_user = z * np.asarray(t.scale) + np.asarray(t.mean)
-    evaluate = sympy_evaluator(template, {t.symbols[c]: x_user[:, i] for i, c in enumerate(t.columns)}, params)
+    evaluate = sympy_evaluator(expr, {t.symbols[c]: x_user[:, i] for i, c in enumerate(t.columns)}, floats)
     var_y = max(float(np.var(y)), 1e-300)
 
     def predict(values_TxP: np.ndarray) -> np.ndarray:
-        """[T, N] predictions, one row per row of constants (as ``_tidy_predict`` of the template)."""
+        """[T, N] predictions, one row per row of constants (as ``_tidy_predict`` of the formula with them)."""
         with np.errstate(all="ignore"):
-            pred = np.asarray(evaluate({p: values_TxP[:, k:k + 1] for k, p in enumerate(params)}), np.float64)
+            pred = np.asarray(evaluate([values_TxP[:, k:k + 1] for k in range(len(floats))]), np.float64)
         return np.broadcast_to(pred, (len(values_TxP), len(y)))
 
     def losses(values_TxP: np.ndarray) -> np.ndarray:
-        """[T] MSE / var(y), inf where not finite (as ``_tidy_loss`` of the template)."""
+        """[T] MSE / var(y), inf where not finite (as ``_tidy_loss`` of the formula with them)."""
         with np.errstate(all="ignore"):
             v = np.mean((predict(values_TxP) - y) ** 2, axis=-1) / var_y
         return np.where(np.isfinite(v), v, np.inf)
@@ -814,7 +817,8 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
     budget = max(allowed - ref, 1e-300)
     start_P, fixed_P = values_P.copy(), values_P == 0.0
     drop = len(values_P) <= _DROP_MAX_CONSTANTS
-    exponent_P = np.array([p in {pw.exp for pw in template.atoms(sympy.Pow)} for p in params])
+    exponents = {pw.exp for pw in expr.atoms(sympy.Pow)}
+    exponent_P = np.array([f in exponents for f in floats])
 
     def refit_trials(tried_T: np.ndarray, target_T) -> tuple:
         """(trial rows: the current values with constant tried_T[r] set to target_T[r] and the other free ones
@@ -889,7 +893,7 @@ def _tidy_once(expr: sympy.Expr, t: _Transform, z: np.ndarray, y: np.ndarray, al
             k, e = pi_forms.get(i, (v, 0))
             return _sympy_number(k) * sympy.pi ** e if e else _sympy_number(v)
 
-        return template.xreplace({p: written(i, float(v)) for i, (p, v) in enumerate(zip(params, values_P))})
+        return expr.xreplace({f: written(i, float(v)) for i, (f, v) in enumerate(zip(floats, values_P))})
 
     tidied = shorten(values_P, fixed_P, zero=not drop)
     if fixed_P.sum() > (start_P == 0.0).sum():  # dropped or rounded: kept only if not longer to write

@@ -154,7 +154,8 @@ def test_evaluate_sympy_matches_the_expression(seed):
 @given(st.integers(0, 10**6))
 def test_sympy_evaluator_gives_evaluate_sympys_values_for_every_trial(seed):
     """The evaluator precomputes what does not read the constants; values must be bit-identical to a full
-    evaluation for every row of trial constants (tidying's decisions compare losses at the allowance's edge)."""
+    evaluation for every row of trial constants (tidying's decisions compare losses at the allowance's edge); with
+    the formula's own Float atoms as the constants, the same values up to rounding."""
     from sr_jax.estimator import sympy_evaluator
 
     rng = np.random.default_rng(seed)
@@ -168,11 +169,21 @@ def test_sympy_evaluator_gives_evaluate_sympys_values_for_every_trial(seed):
     pts = rng.normal(size=(16, 2))
     columns = {sympy.Symbol(f"x_{i}", real=True): pts[:, i] for i in range(2)}
     trials_TxP = np.array([float(f) for f in floats])[None] * rng.uniform(0.5, 1.5, size=(5, len(floats)))
-    env = {p: trials_TxP[:, k:k + 1] for k, p in enumerate(params)}
+    values = [trials_TxP[:, k:k + 1] for k in range(len(params))]
     with np.errstate(all="ignore"):
-        ref = np.broadcast_to(evaluate_sympy(template, {**columns, **env}), (5, 16))
-        got = np.broadcast_to(sympy_evaluator(template, columns, params)(env), (5, 16))
+        ref = np.broadcast_to(evaluate_sympy(template, {**columns, **dict(zip(params, values))}), (5, 16))
+        got = np.broadcast_to(sympy_evaluator(template, columns, params)(values), (5, 16))
+        # the formula's own Float atoms as the variables (what tidying does): at their own values exactly the
+        # formula's values; at the trial values the template's up to rounding (sympy orders a sum's or product's
+        # arguments differently around symbols than around numbers)
+        own = sympy_evaluator(sym, columns, floats)
+        at_start = np.broadcast_to(own([np.full((5, 1), float(f)) for f in floats]), (5, 16))
+        plain = np.broadcast_to(evaluate_sympy(sym, columns), (5, 16))
+        trial = np.broadcast_to(own(values), (5, 16))
     np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(at_start, plain)
+    fin = np.isfinite(ref) & np.isfinite(trial)
+    np.testing.assert_allclose(trial[fin], ref[fin], rtol=1e-6, atol=1e-6)
 
 
 def test_same_random_state_same_fit_and_column_y(fitted):

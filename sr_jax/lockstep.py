@@ -89,7 +89,11 @@ def minimize_batch(objective, c0_ExP, lane_args, *, maxiter, tol: float, gauss_n
     ``minimize``, ``lane_arg`` the candidate's slice of ``lane_args``; ``(c_ExP, state)``.
 
     With ``until_running=0`` this is what ``jax.vmap`` makes of ``minimize``'s loop: every iteration updates every
-    candidate and keeps the update only where that candidate was still running.
+    candidate and keeps the update only where that candidate was still running. Both loops share one iteration
+    (``_lockstep_update``, ``_running``); neither is written as the other because ``minimize`` cannot see the batch
+    (no count of running lanes under ``jax.vmap``), and ``minimize`` as a batch of one under an outer ``jax.vmap``
+    would nest the factorisation's batching rule inside another vmap, which turns its few-lanes branch into a
+    select that factorises every lane.
     """
     if state is None:
         state = init_lockstep_state(c0_ExP)

@@ -13,6 +13,7 @@ recurrence lives outside Linen so the progressive loss can cut gradients and ski
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -257,6 +258,8 @@ class ArithModel:
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
             # a kernel choice, not part of the model: a checkpoint trained with it runs anywhere (same function)
+            warnings.warn(f"model.attention 'cudnn' runs on a GPU only; using 'xla' (the same function) on "
+                          f"{jax.default_backend()}", stacklevel=2)
             cfg = dataclasses.replace(cfg, attention="xla")
         self.cfg, self.vocab_size = cfg, vocab_size
         self.embed = Embed(cfg, vocab_size)

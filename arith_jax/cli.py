@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from core_jax.cli import (Interrupted, OneLineParser, UsageError, add_train_parser, check_plot_path,
+from core_jax.cli import (Interrupted, OneLineParser, UsageError, add_train_parser, check_plot_path, decode_text,
                           check_writable, check_writable_dir, int_at_least, int_list_at_least, run_command, signal_name,
                           train_from_args)
 
@@ -162,12 +162,10 @@ def _read_problem_file(name: str) -> list[tuple[int, str]]:
     if not path.is_file():
         raise ValueError(f"problem file {name!r} not found")
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"problem file {name!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
-                         f"{e.start}); save it as UTF-8") from None
+        data = path.read_bytes()
     except OSError as e:
         raise ValueError(f"cannot read problem file {name!r}: {e.strerror}") from None
+    text = decode_text(data, f"problem file {name!r}")
     return [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 

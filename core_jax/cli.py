@@ -78,6 +78,21 @@ def int_list_at_least(lo: int) -> Callable[[str], tuple[int, ...]]:
     return parse
 
 
+_BYTE_ORDER_MARKS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+                     (b"\xfe\xff", "UTF-16"))
+
+
+def decode_text(data: bytes, what: str) -> str:
+    """``data`` as UTF-8 text (a UTF-8 byte-order mark, as Excel writes, is dropped); a ValueError naming ``what``
+    and, where a byte-order mark tells it, the encoding the file is in instead."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        other = next((name for mark, name in _BYTE_ORDER_MARKS if data.startswith(mark)), None)
+        where = f"it is {other}" if other else f"byte {data[e.start]:#04x} at offset {e.start}"
+        raise ValueError(f"{what} is not UTF-8 text ({where}); save it as UTF-8") from None
+
+
 def check_writable(path: str | Path, what: str) -> None:
     """Raises ValueError (one line) unless a file can be written at `path`, whose folder must exist: writes and
     deletes a probe file there, so read-only, missing or full locations fail before any work starts."""

@@ -22,11 +22,20 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import yaml
 
+from core_jax.cli import decode_text
+
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the config's schema."""
+
+
+def _decoded(data: bytes, what: str) -> str:
+    try:
+        return decode_text(data, what)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,12 +315,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found; see configs/ for the shipped ones")
         try:
-            data = _load_yaml(path.read_text(encoding="utf-8-sig"))
+            data = _load_yaml(_decoded(path.read_bytes(), f"config file {str(path)!r}"))
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(e).split())}") \
                 from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
         except OSError as e:
             raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
         if data is None:

@@ -7,11 +7,13 @@ line on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 
-from core_jax.cli import OneLineParser, check_plot_path, check_writable, int_at_least, positive_float, run_command
+from core_jax.cli import (OneLineParser, check_plot_path, check_writable, decode_text, int_at_least, positive_float,
+                          run_command)
 
 _SOURCES = ("model", "prior", "bases")
 
@@ -48,9 +50,13 @@ def read_csv(path: str, target: str, features: list[str] | None = None):
     if not p.is_file():
         raise ValueError(f"no such file: {path}")
     try:
-        with p.open(newline="") as f:
-            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    text = decode_text(data, path)  # a UTF-8 byte-order mark (Excel's) is not part of the first column's name
+    try:
+        rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r and any(c.strip() for c in r)]
+    except csv.Error as e:
         raise ValueError(f"cannot read {path} as CSV: {e}") from None
     if len(rows) < 2:
         raise ValueError(f"{path} needs a header row and at least one data row")

@@ -132,7 +132,11 @@ def test_solve_file_not_utf8_names_the_file(capsys, tmp_path):
     problems = tmp_path / "latin1.txt"
     problems.write_bytes("1+2\n3+4 \xe9\n".encode("latin-1"))
     err = one_line_error(capsys, ["solve", "--file", str(problems)])
-    assert f"problem file '{problems}' is not UTF-8 text" in err
+    assert f"problem file '{problems}' is not UTF-8 text (byte 0xe9 at offset 8)" in err
+    wide = tmp_path / "utf16.txt"
+    wide.write_bytes("1+2\n".encode("utf-16"))
+    err = one_line_error(capsys, ["solve", "--file", str(wide)])
+    assert f"problem file '{wide}' is not UTF-8 text (it is UTF-16); save it as UTF-8" in err
 
 
 def test_corrupt_checkpoint_is_one_line_without_asyncio_noise(tmp_path):

@@ -204,6 +204,14 @@ def test_empty_config_file_is_one_line(capsys, tmp_path):
     assert f"config file '{tmp_path / 'empty.yaml'}' is empty" in capsys.readouterr().err
 
 
+def test_config_file_in_another_encoding_is_one_line(capsys, tmp_path):
+    from arith_jax.cli import main
+    (tmp_path / "wide.yaml").write_bytes("name: x\n".encode("utf-16"))
+    assert main(["train", "--config", str(tmp_path / "wide.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"config file '{tmp_path / 'wide.yaml'}' is not UTF-8 text (it is UTF-16)" in err and err.count("\n") == 1
+
+
 def test_configs_built_in_python_are_checked_too(tmp_path):
     import dataclasses
 

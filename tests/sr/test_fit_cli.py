@@ -66,6 +66,17 @@ def test_read_csv_selects_columns(tmp_path):
     assert names == ["b"] and x.tolist() == [[3], [6]]
 
 
+def test_read_csv_drops_a_utf8_byte_order_mark_and_names_utf16(capsys, tmp_path):
+    """Excel writes CSV with a UTF-8 byte-order mark: not part of the first column's name."""
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbfa,y\n1,2\n3,4\n")
+    x, y, names = read_csv(str(path), "y", ["a"])
+    assert names == ["a"] and x.tolist() == [[1], [3]]
+    wide = tmp_path / "utf16.csv"
+    wide.write_bytes("a,y\n1,2\n".encode("utf-16"))
+    assert f"{wide} is not UTF-8 text (it is UTF-16); save it as UTF-8" in run_err(capsys, [str(wide), "--target", "y"])
+
+
 def test_front_formulas_print_every_number_to_six_digits():
     """Also the numbers inside a function's argument, which sympy's evalf(6) leaves at full precision."""
     import sympy

@@ -8,9 +8,13 @@ import sys
 def main() -> int:
     packages = {"arith": "arith_jax.cli", "sr": "sr_jax.cli"}
     if len(sys.argv) < 2 or sys.argv[1] not in packages:
-        print(f"usage: python run.py {{{','.join(packages)}}} COMMAND [options]  (try: python run.py arith -h)",
-              file=sys.stderr)
-        return 2
+        asked = sys.argv[1:2] in (["-h"], ["--help"])
+        print(f"usage: python run.py {{{','.join(packages)}}} COMMAND [options]\n"
+              "  arith  addition, multiplication and sorting with Abacus embeddings (train, eval, solve, export)\n"
+              "  sr     symbolic regression (fit, bench, train, eval, describe, export)\n"
+              "each package's commands: python run.py arith -h, python run.py sr -h",
+              file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     import importlib
 
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ and not os.environ.get("MATHFORMERS_NO_COMPILE_CACHE"):

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -238,6 +239,22 @@ def train_from_args(args, config_cls: type, run_training: Callable[[Any, Path], 
     return cfg, workdir, result
 
 
+@contextlib.contextmanager
+def _one_line_warnings():
+    """While a command runs, a Python warning prints as one ``warning: ...`` line on stderr (not file:line and the
+    source line: a command-line user did not write that code)."""
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+
+
 def run_command(command) -> int:
     """Run a CLI command (a function of no arguments returning an exit status or None) the way every command of
     this project ends: a bad input, file or checkpoint is one ``error: ...`` line on stderr and status 2, an
@@ -245,7 +262,7 @@ def run_command(command) -> int:
     else ``interrupted`` and 130, SIGTERM ``interrupted by SIGTERM`` and 143; never a traceback."""
     from core_jax.checkpoint import CheckpointError
 
-    with _signals_stop_the_command():
+    with _signals_stop_the_command(), _one_line_warnings():
         try:
             return command() or 0
         except (ValueError, CheckpointError, OSError) as e:

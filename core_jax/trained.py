@@ -7,6 +7,8 @@ it never overwrites a folder it did not write.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -94,10 +96,12 @@ def export_params(cfg, params, directory: str | Path, extra_meta: dict | None = 
     """A parameters-only checkpoint (what ships in <package>/pretrained).
 
     Refuses a non-empty folder that is not itself an export, so pointing `--out` at a training run never deletes
-    its checkpoints.
+    its checkpoints. An earlier export there is replaced: the new one is written beside it, then takes its name,
+    so a failed export leaves the earlier one as it was.
     """
     directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()):
+    replace = directory.exists() and any(directory.iterdir())
+    if replace:
         try:
             meta, _ = read_meta(directory)
         except CheckpointError:
@@ -105,9 +109,19 @@ def export_params(cfg, params, directory: str | Path, extra_meta: dict | None = 
         if meta.get("kind") != "params":
             raise CheckpointError(f"{str(directory)!r} is not empty and is not an exported model; refusing to "
                                   f"overwrite it — choose a new --out folder")
-    ckpt = Checkpointer(directory, keep=1)
+    target = directory.with_name(f".{directory.name}.export-{os.getpid()}") if replace else directory
+    ckpt = Checkpointer(target, keep=1)
     try:
         ckpt.save(0, {"params": params}, dict(extra_meta or {}, kind="params", config=cfglib.to_dict(cfg)))
+    except BaseException:
+        if replace:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
     finally:
         ckpt.close()
+    if replace:
+        old = directory.with_name(f".{directory.name}.replaced-{os.getpid()}")
+        directory.rename(old)
+        target.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
     return directory

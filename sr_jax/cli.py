@@ -18,8 +18,11 @@ DELEGATED = {"fit": "sr_jax.fit_cli", "bench": "sr_jax.bench_cli"}
 
 def _parser() -> OneLineParser:
     p = OneLineParser(prog="run.py sr", description="End-to-end symbolic regression with transformers",
-                                epilog="also: `run.py sr fit -h` (fit a formula to a CSV), `run.py sr bench -h`")
+                      epilog="each command's options: run.py sr COMMAND -h")
     sub = p.add_subparsers(dest="command", required=True)
+    # listed here, parsed by their own modules (``main`` hands them over before this parser runs)
+    sub.add_parser("fit", help="fit a formula to a CSV file (sr_jax.SymbolicTransformerRegressor)", add_help=False)
+    sub.add_parser("bench", help="the Feynman benchmark, optionally side by side with Operon", add_help=False)
     add_train_parser(sub, "an E2E model", "configs/sr_*.yaml", "train.steps=2000")
 
     d = sub.add_parser("describe", help="print a config's model size without training")

@@ -87,6 +87,12 @@ def test_solve_file_and_export_roundtrip(tiny_ckpt, tmp_path, capsys):
     capsys.readouterr()
     assert main(["solve", "--checkpoint", str(tmp_path / "exp"), "--file", str(problems), "7+8"]) == 0
     assert capsys.readouterr().out.strip().splitlines() == lines
+    # exporting again into the same folder replaces the earlier export (nothing else is left beside it)
+    assert main(["export", "--checkpoint", str(tiny_ckpt), "--out", str(tmp_path / "exp")]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "p.txt"]
+    assert main(["solve", "--checkpoint", str(tmp_path / "exp"), "--file", str(problems), "7+8"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == lines
 
 
 def test_abacus_offsets_flags(tiny_ckpt, tmp_path, capsys):

@@ -492,3 +492,14 @@ def test_commands_keep_ignoring_an_ignored_signal():
     finally:
         signal.signal(signal.SIGINT, old)
     assert seen["int"] is signal.SIG_IGN and callable(seen["term"]) and seen["term"] is not signal.SIG_DFL
+
+
+def test_a_warning_during_a_command_is_one_line(capsys):
+    import warnings
+
+    from core_jax.cli import run_command
+
+    shown = warnings.showwarning
+    assert run_command(lambda: warnings.warn("model.attention 'cudnn' runs on a GPU only;\n  using 'xla'")) == 0
+    assert capsys.readouterr().err == "warning: model.attention 'cudnn' runs on a GPU only; using 'xla'\n"
+    assert warnings.showwarning is shown  # restored after the command

@@ -103,3 +103,21 @@ def test_a_failed_export_leaves_no_folder(capsys, tmp_path):
     out = tmp_path / "new" / "model"
     err = one_line_error(capsys, main, ["export", "--checkpoint", str(arith_model), "--out", str(out)])
     assert f"checkpoint '{arith_model}'" in err and not (tmp_path / "new").exists()
+
+
+def test_help_lists_every_command():
+    """`run.py -h` names both packages (exit 0; no arguments: usage on stderr, exit 2), and `run.py sr -h` lists the
+    commands it hands to other modules (fit, bench) beside its own."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sr_jax.cli import _parser
+
+    root = Path(__file__).resolve().parents[2]
+    asked = subprocess.run([sys.executable, "run.py", "--help"], cwd=root, capture_output=True, text=True)
+    assert asked.returncode == 0 and "arith" in asked.stdout and "sr" in asked.stdout
+    bare = subprocess.run([sys.executable, "run.py"], cwd=root, capture_output=True, text=True)
+    assert bare.returncode == 2 and bare.stderr.startswith("usage: python run.py")
+    listed = _parser().format_help()
+    assert all(c in listed for c in ("fit", "bench", "train", "describe", "eval", "export"))

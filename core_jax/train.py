@@ -108,12 +108,15 @@ class _Pending(NamedTuple):
 
 class _MetricsLog:
     """metrics.jsonl of one run across restarts: rows past the restored step are dropped (they were trained again
-    after the resume), and `time_s`/`data_wait_s` continue from the last kept row. A failed write (disk full, ...)
-    raises `SaveError`; the file keeps every row written before it."""
+    after the resume), and `time_s`/`data_wait_s` continue from the restored checkpoint's (``saved``: its metadata's
+    seconds, which count the steps after the last logged row too), else from the last kept row. A failed write
+    (disk full, ...) raises `SaveError`; the file keeps every row written before it."""
 
-    def __init__(self, path: Path | None, start: int):
+    def __init__(self, path: Path | None, start: int, saved: dict | None = None):
         self.path, self.file = path, None
         self.time_offset = self.wait_offset = 0.0
+        self._saved = saved or {}
+        self._apply_saved()
         if path is None:
             return
         kept = []
@@ -127,6 +130,7 @@ class _MetricsLog:
                     kept.append(line)
                     self.time_offset = float(row.get("time_s", self.time_offset))
                     self.wait_offset = float(row.get("data_wait_s", self.wait_offset))
+            self._apply_saved()
             tmp = path.with_name(path.name + ".tmp")
             try:
                 tmp.write_text("".join(line + "\n" for line in kept))
@@ -138,6 +142,10 @@ class _MetricsLog:
             self.file = open(path, "a")
         except OSError as e:
             raise SaveError(str(path), write_reason(e)) from None
+
+    def _apply_saved(self) -> None:
+        self.time_offset = float(self._saved.get("time_s", self.time_offset))
+        self.wait_offset = float(self._saved.get("data_wait_s", self.wait_offset))
 
     def write(self, record: dict) -> None:
         if self.file:
@@ -245,10 +253,10 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
     meta = dict(meta or {}, train_steps=cfg.steps)
 
     ckpt = Checkpointer(Path(workdir) / "checkpoints", keep=cfg.keep_checkpoints) if workdir else None
-    resumed_from = None
+    resumed_from, saved_meta = None, {}
     if ckpt is not None and ckpt.latest_step() is not None:
         _check_same_task(ckpt, meta)
-        state, _, resumed_from = ckpt.restore(state)
+        state, saved_meta, resumed_from = ckpt.restore(state)
 
     start = int(state.step)
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
@@ -263,7 +271,7 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
         Path(workdir).mkdir(parents=True, exist_ok=True)
         log_path = Path(workdir) / "metrics.jsonl"
     try:
-        metrics_log = _MetricsLog(log_path, start)
+        metrics_log = _MetricsLog(log_path, start, saved_meta.get("elapsed"))
     except SaveError as e:
         hint = _resume_hint(ckpt)
         if ckpt is not None:
@@ -291,6 +299,10 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
             metrics_log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
 
+    def meta_now() -> dict:  # the seconds so far travel with the checkpoint: a resumed run's time_s continues
+        return dict(meta, elapsed=dict(time_s=round(metrics_log.time_offset + time.perf_counter() - t0, 3),
+                                       data_wait_s=round(metrics_log.wait_offset + data_wait_s, 3)))
+
     saved = start
     stop = _StopSignals()
     try:
@@ -312,12 +324,12 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
                 if ckpt is not None and (done % cfg.ckpt_every == 0 or done == end or stop.signum is not None):
                     while pending:
                         finish_oldest()
-                    ckpt.save(done, state, meta)
+                    ckpt.save(done, state, meta_now())
                     saved = done
             while pending:
                 finish_oldest()
             if ckpt is not None and stop.signum is not None and saved != int(state.step):
-                ckpt.save(int(state.step), state, meta)
+                ckpt.save(int(state.step), state, meta_now())
     except SaveError as e:  # disk full, folder removed, ...: say what survived and how to go on
         raise CheckpointError(f"{e}; {_resume_hint(ckpt)}") from None
     except KeyboardInterrupt:
@@ -325,7 +337,7 @@ def train(cfg: TrainConfig, workdir: str | Path | None, init_params: Callable, l
         # one (signals could not be caught here), save what is there unless the interrupt hit a step
         if ckpt is not None and stop.signum is None:
             try:
-                ckpt.save(int(state.step), state, meta)
+                ckpt.save(int(state.step), state, meta_now())
             except RuntimeError:  # interrupted inside a step: its input buffers were donated; keep the last save
                 pass
         raise

@@ -112,6 +112,27 @@ def test_metrics_after_resume_read_as_one_run(tmp_path):
     assert [r["time_s"] for r in rows] == sorted(r["time_s"] for r in rows)
 
 
+def test_time_continues_from_the_checkpoint_even_without_a_logged_row(tmp_path):
+    """A run stopped by SIGTERM before logging anything (log_every 100): the checkpoint carries the seconds so far,
+    so the resumed run's time_s starts from them, not from 0."""
+    from core_jax.checkpoint import read_meta
+
+    def slow_batches(step):
+        time.sleep(0.05)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batches(step)
+
+    cfg = toy(steps=30, log_every=100)
+    assert train(cfg, tmp_path, init_params, loss_fn, slow_batches, progress=False).interrupted_by == signal.SIGTERM
+    assert read_metrics(tmp_path) == []
+    meta, step = read_meta(tmp_path / "checkpoints")
+    assert step >= 3 and meta["elapsed"]["time_s"] >= 4 * 0.05
+    train(cfg, tmp_path, init_params, loss_fn, batches, progress=False)
+    (row,) = read_metrics(tmp_path)
+    assert row["step"] == 30 and row["time_s"] >= meta["elapsed"]["time_s"]
+
+
 def test_metrics_without_checkpoint_start_over(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0, "time_s": 9.0}) + "\n")
     train(toy(steps=2), tmp_path, init_params, loss_fn, batches, progress=False)

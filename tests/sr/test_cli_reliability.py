@@ -37,7 +37,8 @@ def csv_file(tmp_path):
     (b"", "needs a header row and at least one data row"),
     (b"a,y\n", "needs a header row and at least one data row"),
     (b"a,y\n1,one\n", "column 'y' is not numeric: 'one' on line 2"),
-    (b"\xff\xfe\x00a,y\n", "as CSV: 'utf-8' codec can't decode byte 0xff"),
+    (b"\xff\xfe\x00a,y\n", "is not UTF-8 text (it is UTF-16); save it as UTF-8"),
+    (b"a,y\n1,\xe9\n", "is not UTF-8 text (byte 0xe9 at offset 6); save it as UTF-8"),
 ])
 def test_fit_bad_csv_files(capsys, tmp_path, no_fit, content, message):
     path = tmp_path / "data.csv"

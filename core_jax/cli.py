@@ -165,6 +165,7 @@ def add_train_parser(sub, what: str, config_hint: str, example: str) -> argparse
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a config field, e.g. --set {example} (repeatable)")
     t.add_argument("--workdir", help="checkpoints and metrics (default: runs/<config name>); rerun to resume")
+    t.set_defaults(config_hint=config_hint)
     return t
 
 
@@ -219,10 +220,17 @@ def train_from_args(args, config_cls: type, run_training: Callable[[Any, Path], 
 
     Raises `Interrupted` when a signal stopped training (the caller skips any evaluation and exits with its status).
     """
-    from core_jax.config import load_config
+    from core_jax.config import ConfigError, load_config
     from core_jax.sharding import maybe_initialize_distributed
 
     maybe_initialize_distributed()
+    try:
+        load_config(config_cls, args.config)  # the file alone first: a key it does not know may mean another
+    except ConfigError as e:  # package's config (`run.py arith train --config configs/sr_tiny.yaml`)
+        if not str(e).startswith("unknown config key") or not getattr(args, "config_hint", None):
+            raise
+        raise ConfigError(f"{args.config}: {e}; if it is another command's config: this one trains from "
+                          f"{args.config_hint}") from None
     cfg = load_config(config_cls, args.config, args.set)
     workdir = Path(args.workdir or Path("runs") / cfg.name)
     check_writable_dir(workdir, "--workdir")

@@ -48,6 +48,8 @@ def test_error_paths_without_traceback(tmp_path, capsys):
         (["eval", "--checkpoint", str(tmp_path / "missing")], "not found"),
         (["train", "--config", str(tmp_path / "nope.yaml")], "not found"),
         (["train", "--config", TINY, "--set", "model.widht=3"], "unknown config key 'model.widht'"),
+        (["train", "--config", TINY.replace("arith_tiny", "sr_tiny")],
+         "if it is another command's config: this one trains from configs/arith_*.yaml"),
         (["train", "--config", TINY, "--set", "model.width=big"], "expects an integer"),
         (["train", "--config", TINY, "--set", "model.positions=[alibi]"], "unknown position kind"),
         (["train", "--config", TINY, "--set", "model.positions=[fire]", "--set", "eval.abacus_offsets=[0,3]"],

@@ -15,8 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
-from core_jax.cli import (Interrupted, OneLineParser, UsageError, add_train_parser, check_plot_path, decode_text,
-                          check_writable, check_writable_dir, int_at_least, int_list_at_least, run_command, signal_name,
+from core_jax.cli import (Interrupted, OneLineParser, UsageError, add_train_parser, check_plot_path, check_writable,
+                          check_writable_dir, decode_text, int_at_least, int_list_at_least, run_command, signal_name,
                           train_from_args)
 
 

@@ -215,6 +215,19 @@ def _signals_stop_the_command():
             signal.signal(sig, handler)
 
 
+def _check_config_keys(config_cls: type, path: str, hint: str) -> None:
+    """A config file with keys ``config_cls`` does not know (not an override's) may be another package's config
+    (`run.py arith train --config configs/sr_tiny.yaml`): say which configs the command trains from."""
+    from core_jax.config import ConfigError, load_config
+
+    try:
+        load_config(config_cls, path)
+    except ConfigError as e:
+        if str(e).startswith("unknown config key"):
+            raise ConfigError(f"{path}: {e}; if it is another command's config: this one trains from {hint}") \
+                from None
+
+
 def train_from_args(args, config_cls: type, run_training: Callable[[Any, Path], Any]) -> tuple[Any, Path, Any]:
     """Loads the config, trains (or resumes) into the workdir, reports; returns (config, workdir, result).
 
@@ -225,13 +238,11 @@ def train_from_args(args, config_cls: type, run_training: Callable[[Any, Path], 
 
     maybe_initialize_distributed()
     try:
-        load_config(config_cls, args.config)  # the file alone first: a key it does not know may mean another
-    except ConfigError as e:  # package's config (`run.py arith train --config configs/sr_tiny.yaml`)
-        if not str(e).startswith("unknown config key") or not getattr(args, "config_hint", None):
-            raise
-        raise ConfigError(f"{args.config}: {e}; if it is another command's config: this one trains from "
-                          f"{args.config_hint}") from None
-    cfg = load_config(config_cls, args.config, args.set)
+        cfg = load_config(config_cls, args.config, args.set)
+    except ConfigError as e:
+        if str(e).startswith("unknown config key") and getattr(args, "config_hint", None):
+            _check_config_keys(config_cls, args.config, args.config_hint)
+        raise
     workdir = Path(args.workdir or Path("runs") / cfg.name)
     check_writable_dir(workdir, "--workdir")
     print(f"training {cfg.name} into {workdir}", file=sys.stderr)

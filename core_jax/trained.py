@@ -122,6 +122,11 @@ def export_params(cfg, params, directory: str | Path, extra_meta: dict | None = 
     if replace:
         old = directory.with_name(f".{directory.name}.replaced-{os.getpid()}")
         directory.rename(old)
-        target.rename(directory)
+        try:
+            target.rename(directory)
+        except OSError:  # the earlier export goes back where it was
+            old.rename(directory)
+            shutil.rmtree(target, ignore_errors=True)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     return directory

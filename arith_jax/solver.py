@@ -74,6 +74,7 @@ class Solver:
     def solve(self, problems: list[str]) -> list[str]:
         """Answers in ordinary notation ("579"; "4,31,159" for sorting), or `INVALID` where the model wrote none.
         Raises ValueError naming the first problem that is malformed, too long or of another operation."""
+        problems = _problem_list(problems)
         parsed = []
         for text in problems:
             task, prompt = parse_problem(text, self.max_operand_len)
@@ -89,6 +90,10 @@ class Solver:
             log.warning("sorting %d numbers of up to %d digits is beyond the %d numbers of %d digits this model's "
                         "accuracy grid covers (trained on <= %d of <= %d); answers may be wrong", count, digits, grid,
                         grid, self.cfg.data.max_count, trained)
+        elif longest > trained and "abacus" in self.cfg.model.positions and self.cfg.model.abacus_max_k == 0:
+            # trained without id offsets: meant for its training lengths only (the shipped multiplication model)
+            log.warning("operands of %d digits are beyond the %d digits this model was trained on (without Abacus "
+                        "id offsets, so it does not generalise past them); answers may be wrong", longest, trained)
         elif longest > grid:
             log.warning("operands of %d digits are beyond the %d digits this model's accuracy grid covers (trained "
                         "on <= %d); answers may be wrong", longest, grid, trained)
@@ -120,6 +125,18 @@ class Solver:
         return digits, count
 
 
+def _problem_list(problems) -> list[str]:
+    """``solve``'s argument as a list of strings; a ValueError for one bare string or an item that is not a string."""
+    if isinstance(problems, (str, bytes)):
+        raise ValueError(f"solve takes a list of problems, e.g. solve([{problems!r}]), not one string")
+    problems = list(problems)
+    bad = next((i for i, text in enumerate(problems) if not isinstance(text, str)), None)
+    if bad is not None:
+        raise ValueError(f"problem {bad} is {type(problems[bad]).__name__} {problems[bad]!r}, not a string like "
+                         f"'123+456'")
+    return problems
+
+
 class ShippedSolver:
     """Any mix of problems, each answered by the shipped model of its operation (`SHIPPED_MODELS`):
     Solver.shipped().solve(["12+34", "7x8", "sort 42,24"]) -> ["46", "56", "24,42"].
@@ -148,6 +165,7 @@ class ShippedSolver:
     def solve(self, problems: list[str]) -> list[str]:
         """Answers in input order; raises ValueError naming the first malformed problem (before any model runs)
         or the first too long for its model."""
+        problems = _problem_list(problems)
         by_task: dict[str, list[int]] = {}
         for i, text in enumerate(problems):
             task, _ = parse_problem(text)

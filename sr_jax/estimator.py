@@ -395,6 +395,8 @@ class SymbolicTransformerRegressor:
         optionally a list of feature-name lists). Returns self."""
         t_start = time.perf_counter()
         sources, seed = self._check_params()
+        if isinstance(X, (list, tuple)) and len(X) == 0:
+            raise ValueError("X is empty: give an (N, D) array, or a non-empty list of them for a batched fit")
         batched = _is_batch(X)
         if batched:
             if not isinstance(y, (list, tuple)) or len(y) != len(X):
@@ -710,6 +712,9 @@ def _column_fn(expr: sympy.Expr, symbols: Sequence[sympy.Symbol], xp) -> Callabl
 
     def f(x):
         x = xp.asarray(x)
+        if x.ndim == 0 or x.shape[-1] != len(symbols):  # checked when traced: JAX would clamp a missing column
+            raise ValueError(f"X must have shape (..., {len(symbols)}): one column per feature the formula was fitted "
+                             f"on, got shape {tuple(x.shape)}")
         out = evaluate_sympy(expr, {s: x[..., k] for s, k in used}, xp)
         return xp.broadcast_to(xp.asarray(out, dtype=x.dtype), x.shape[:-1])
 

@@ -232,6 +232,7 @@ class Expression:
         pow2/pow3; any other power is ``pow``. Unary minus on a number gives a negative constant, on anything
         else ``mul(-1.0, e)``.
         """
+        _check_text(text, "from_infix")
         return cls(_InfixParser(text).parse())
 
     @classmethod
@@ -246,6 +247,7 @@ class Expression:
         behave as in ``from_infix``: ``\\frac{1}{a}`` is ``inv``, ``a^{2}`` / ``a^{3}`` are pow2/pow3. Implicit
         multiplication (``2x_0``) is rejected rather than guessed. Any nesting depth parses.
         """
+        _check_text(text, "from_latex")
         return cls(_LatexParser(text).parse())
 
 
@@ -354,6 +356,11 @@ def _prefix(tree: _Tree) -> list:
         else:
             out.extend(_num(t))
     return out
+
+
+def _check_text(text, what: str) -> None:
+    if not isinstance(text, str):
+        raise ValueError(f"Expression.{what} takes a string, got {type(text).__name__}: {text!r}")
 
 
 class _InfixParser:

@@ -159,5 +159,25 @@ def test_warns_beyond_the_evaluated_grid(shipped, caplog):
     too_many = ",".join(["7"] * (sort.cfg.eval.max_len + 1))
     with caplog.at_level("WARNING"):
         shipped.solve(["1" * (mul.cfg.eval.max_len + 1) + "x3", f"sort {too_many}"])
-    assert f"operands of {mul.cfg.eval.max_len + 1} digits are beyond the {mul.cfg.eval.max_len} digits" in caplog.text
     assert f"sorting {sort.cfg.eval.max_len + 1} numbers of up to 1 digits is beyond" in caplog.text
+    # the multiplication model was trained without Abacus id offsets: past its training length it says so at once
+    trained = mul.cfg.data.max_len
+    assert mul.cfg.model.abacus_max_k == 0 and trained < mul.cfg.eval.max_len
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        shipped.solve(["1" * trained + "x3"])
+    assert "beyond" not in caplog.text
+    with caplog.at_level("WARNING"):
+        shipped.solve(["1" * (trained + 1) + "x3"])
+    assert f"operands of {trained + 1} digits are beyond the {trained} digits this model was trained on" in caplog.text
+
+
+def test_solve_takes_a_list_of_strings(shipped):
+    for bad, message in [("12+34", "solve takes a list of problems, e.g. solve(['12+34']), not one string"),
+                         (["1+2", 5], "problem 1 is int 5, not a string like '123+456'"),
+                         ([b"1+2"], "problem 0 is bytes b'1+2', not a string")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            shipped.solve(bad)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            shipped.solver("add").solve(bad)
+    assert shipped.solve(("12+34", "7x8")) == ["46", "56"]

@@ -118,6 +118,9 @@ def test_jax_fn_matches_predict_and_is_differentiable(fitted):
     np.testing.assert_allclose(np.asarray(rows), fitted.predict(X1), rtol=1e-5, atol=1e-5)
     grads = jax.vmap(jax.grad(f))(jnp.asarray(X1, jnp.float32))[:, 0]
     np.testing.assert_allclose(np.asarray(grads), 2.5 * np.cos(X1[:, 0]) + 2 * X1[:, 0], rtol=1e-4, atol=1e-4)
+    for wrong in (X1[:, :-1], np.ones((3, X1.shape[1] + 1))):  # JAX would clamp a missing column's index
+        with pytest.raises(ValueError, match=rf"X must have shape \(\.\.\., {X1.shape[1]}\)"):
+            f(wrong)
 
 
 def test_noisy_data_tidying_keeps_the_fit():
@@ -268,6 +271,7 @@ BAD = [
     (X1[:10] * 1j, Y1[:10], "complex"),
     (X1[:10], Y1[:10] + 0j, "complex"),
     (X1[:10], np.ones((10, 2)), "one target"),
+    ([], [], "X is empty"),
 ]
 
 

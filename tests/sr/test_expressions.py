@@ -96,6 +96,13 @@ def test_parse_errors_name_the_problem(tokens, msg):
         Expression(tokens)
 
 
+def test_parsers_take_strings_only():
+    for parse in (Expression.from_infix, Expression.from_latex):
+        for bad in (None, 5, b"x_0"):
+            with pytest.raises(ValueError, match=f"{parse.__name__} takes a string, got {type(bad).__name__}"):
+                parse(bad)
+
+
 def test_infix_parse_error():
     with pytest.raises(ValueError, match="unknown symbol 'y'"):
         Expression.from_infix("x_0 + y")

@@ -166,7 +166,8 @@ class Expression:
             raise ValueError(f"x must have shape (N, D), got shape {x.shape}")
         need = self.n_variables_needed
         if need > x.shape[1]:
-            raise ValueError(f"expression uses x_{need - 1} but x has only {x.shape[1]} columns")
+            raise ValueError(f"expression uses x_{need - 1} but x has only {x.shape[1]} column"
+                             f"{'' if x.shape[1] == 1 else 's'}")
         n = x.shape[0]
 
         def leaf(t):

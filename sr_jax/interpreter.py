@@ -271,7 +271,8 @@ def _check_expressions(expressions, n_features: int, where: str = "") -> list[Ex
                 raise ValueError(f"expression {i}{where}: {err}") from None
         if e.n_variables_needed > n_features:
             raise ValueError(
-                f"expression {i}{where} uses x_{e.n_variables_needed - 1} but X has only {n_features} columns; "
+                f"expression {i}{where} uses x_{e.n_variables_needed - 1} but X has only {n_features} "
+                f"column{'' if n_features == 1 else 's'}; "
                 "pass X with more columns or drop the expression"
             )
         out.append(e)

@@ -84,7 +84,7 @@ def test_second_batch_of_same_bucket_does_not_recompile():
 @pytest.mark.parametrize("x, exprs, msg", [
     (np.array([[np.nan, 1.0]]), [["x_0"]], "NaN or inf"),
     (np.ones(5), [["x_0"]], "shape \\(N, D\\)"),
-    (np.ones((5, 1)), [["x_3"]], "uses x_3 but X has only 1 columns"),
+    (np.ones((5, 1)), [["x_3"]], "uses x_3 but X has only 1 column;"),
     (np.ones((5, 1)), [["sin", "q"]], "unknown symbol 'q'"),
     (np.ones((5, 1)), [], "no expressions"),
     (np.ones((5, 1)) * (2 - 1j), [["x_0"]], "X is complex .* pass X.real"),

@@ -218,14 +218,13 @@ def _signals_stop_the_command():
 def _check_config_keys(config_cls: type, path: str, hint: str) -> None:
     """A config file with keys ``config_cls`` does not know (not an override's) may be another package's config
     (`run.py arith train --config configs/sr_tiny.yaml`): say which configs the command trains from."""
-    from core_jax.config import ConfigError, load_config
+    from core_jax.config import UnknownConfigKey, load_config
 
     try:
         load_config(config_cls, path)
-    except ConfigError as e:
-        if str(e).startswith("unknown config key"):
-            raise ConfigError(f"{path}: {e}; if it is another command's config: this one trains from {hint}") \
-                from None
+    except UnknownConfigKey as e:
+        raise UnknownConfigKey(f"{path}: {e}; if it is another command's config: this one trains from {hint}") \
+            from None
 
 
 def train_from_args(args, config_cls: type, run_training: Callable[[Any, Path], Any]) -> tuple[Any, Path, Any]:
@@ -233,14 +232,14 @@ def train_from_args(args, config_cls: type, run_training: Callable[[Any, Path], 
 
     Raises `Interrupted` when a signal stopped training (the caller skips any evaluation and exits with its status).
     """
-    from core_jax.config import ConfigError, load_config
+    from core_jax.config import UnknownConfigKey, load_config
     from core_jax.sharding import maybe_initialize_distributed
 
     maybe_initialize_distributed()
     try:
         cfg = load_config(config_cls, args.config, args.set)
-    except ConfigError as e:
-        if str(e).startswith("unknown config key") and getattr(args, "config_hint", None):
+    except UnknownConfigKey:
+        if getattr(args, "config_hint", None):  # the file's own key, not an override's: say which configs fit
             _check_config_keys(config_cls, args.config, args.config_hint)
         raise
     workdir = Path(args.workdir or Path("runs") / cfg.name)

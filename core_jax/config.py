@@ -31,6 +31,10 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the config's schema."""
 
 
+class UnknownConfigKey(ConfigError):
+    """A config file or override names a key the config does not have."""
+
+
 def _decoded(data: bytes, what: str) -> str:
     try:
         return decode_text(data, what)
@@ -104,7 +108,7 @@ def _coerce_section(cls: type, data: Mapping[str, Any] | None, where: str) -> di
     fields = _init_fields(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
+        raise UnknownConfigKey(
             f"unknown config key {where + unknown[0]!r}; valid keys here: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     tree = {}

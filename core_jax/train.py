@@ -115,12 +115,8 @@ class _MetricsLog:
     def __init__(self, path: Path | None, start: int, saved: dict | None = None):
         self.path, self.file = path, None
         self.time_offset = self.wait_offset = 0.0
-        self._saved = saved or {}
-        self._apply_saved()
-        if path is None:
-            return
         kept = []
-        if path.exists():
+        if path is not None and path.exists():
             for line in path.read_text().splitlines():
                 try:
                     row = json.loads(line)
@@ -130,7 +126,6 @@ class _MetricsLog:
                     kept.append(line)
                     self.time_offset = float(row.get("time_s", self.time_offset))
                     self.wait_offset = float(row.get("data_wait_s", self.wait_offset))
-            self._apply_saved()
             tmp = path.with_name(path.name + ".tmp")
             try:
                 tmp.write_text("".join(line + "\n" for line in kept))
@@ -138,14 +133,15 @@ class _MetricsLog:
             except OSError as e:
                 tmp.unlink(missing_ok=True)
                 raise SaveError(str(path), write_reason(e)) from None
+        saved = saved or {}
+        self.time_offset = float(saved.get("time_s", self.time_offset))
+        self.wait_offset = float(saved.get("data_wait_s", self.wait_offset))
+        if path is None:
+            return
         try:
             self.file = open(path, "a")
         except OSError as e:
             raise SaveError(str(path), write_reason(e)) from None
-
-    def _apply_saved(self) -> None:
-        self.time_offset = float(self._saved.get("time_s", self.time_offset))
-        self.wait_offset = float(self._saved.get("data_wait_s", self.wait_offset))
 
     def write(self, record: dict) -> None:
         if self.file:

@@ -681,9 +681,10 @@ def _node_fn(expr: sympy.Expr, xp) -> Callable[[list], Any]:
 
 def sympy_evaluator(expr: sympy.Expr, fixed: dict, variables: Sequence[sympy.Basic]) -> Callable[[Sequence], Any]:
     """``values -> evaluate_sympy(expr, {**fixed, variables[k]: values[k]})`` (numpy). ``variables``: symbols, or
-    number atoms of ``expr`` (every occurrence of an equal number reads the value given for it). Every part of
-    ``expr`` that reads none of them is computed once, here. The same operations run in the same order as in
-    ``evaluate_sympy``, so the values are the same; for formulas evaluated at many values of a few constants."""
+    number atoms of ``expr`` (every occurrence of an equal number reads the value given for it, as if it were a
+    symbol). Every part of ``expr`` that reads none of them is computed once, here. The same operations run in the
+    same order as ``evaluate_sympy`` runs them on ``expr``, so the values are the same; for formulas evaluated at
+    many values of a few constants."""
     index = {v: k for k, v in enumerate(variables)}
     numbers = frozenset(v for v in variables if v.is_number)
 
